@@ -1,0 +1,70 @@
+"""Default recipe: a small ViT MAE on Fashion-MNIST, sized for a few minutes on 2 CPU cores.
+
+The paper's recipe (AdamW 0.9/0.95, wd 0.05, base lr 1.5e-4 scaled by batch/256, warmup
+then cosine, mask ratio 0.75, crop 0.2-1 + flip) at a scale that fits 28 x 28 images.
+Override any field: --config.model.depth=4 --config.batch_size=512.
+"""
+from ml_collections import config_dict
+
+
+def get_config():
+  c = config_dict.ConfigDict()
+  c.seed = 0
+
+  c.data = config_dict.ConfigDict()
+  c.data.name = "fashion_mnist"  # fashion_mnist | synthetic | folder | any TFDS image dataset
+  c.data.data_dir = config_dict.placeholder(str)    # IDX dir / TFDS data_dir / image folder
+  c.data.manual_dir = config_dict.placeholder(str)  # TFDS manual_dir (imagenet2012)
+  c.data.image_size = 28
+  c.data.channels = 1
+  c.data.augment = "crop_flip"  # none | crop | crop_flip
+  c.data.crop_scale = (0.2, 1.0)
+  c.data.num_workers = 0  # host decode workers (JPEG folders); 0 = in-process
+  c.data.synthetic_size = 4096
+
+  c.model = config_dict.ConfigDict()
+  c.model.variant = "Ti/4"  # SIZE/PATCH from models.SIZES; the fields below override it
+  c.model.width = 128
+  c.model.depth = 6
+  c.model.num_heads = 4
+  c.model.patch_size = config_dict.placeholder(int)  # None = the variant's patch
+  c.model.mlp_ratio = 4.0
+  c.model.decoder_width = 128
+  c.model.decoder_depth = 2
+  c.model.decoder_heads = 4
+  c.model.mask_ratio = 0.75
+  c.model.mask_strategy = "random"  # random | block | grid | center
+  # Pixel targets (not per-patch normalized) so reconstructions are images and the
+  # test MSE is in [0, 1] pixels; the ImageNet recipe turns it on, as the paper does.
+  c.model.norm_pix_loss = False
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+  c.model.remat = "none"     # none | full | dots
+  c.model.unroll = False
+  c.model.attn_impl = config_dict.placeholder(str)  # None (auto) | xla | cudnn
+
+  c.batch_size = 256  # global batch, over all devices and processes
+  c.num_epochs = 8.0
+  c.num_steps = config_dict.placeholder(int)  # overrides num_epochs when set
+
+  c.optim = config_dict.ConfigDict()
+  c.optim.base_lr = 1.5e-4  # lr = base_lr * batch_size / 256
+  c.optim.min_lr = 0.0
+  c.optim.warmup_epochs = 1.0
+  c.optim.warmup_steps = config_dict.placeholder(int)  # overrides warmup_epochs when set
+  c.optim.weight_decay = 0.05
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.grad_clip = config_dict.placeholder(float)
+
+  c.mesh = config_dict.ConfigDict()
+  c.mesh.data = -1  # -1 = all devices not used by the other axis
+  c.mesh.fsdp = 1
+
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.eval_batch_size = 500
+  c.num_vis_images = 8
+  c.smoke = False  # True: a tiny model and a few steps, for a quick check of any recipe
+  return c

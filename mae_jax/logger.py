@@ -1,0 +1,64 @@
+"""Run logging: a progress bar with ETA on a terminal, plain lines otherwise, and
+TensorBoard event files in the workdir. Only process 0 writes anything."""
+import sys
+import time
+
+import jax
+
+
+def _fmt_duration(seconds):
+  seconds = int(max(0, seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
+
+
+class Logger:
+  """Writes scalars to TensorBoard and reports progress of a run of `total_steps`."""
+
+  def __init__(self, workdir, total_steps, start_step=0, stream=None):
+    self.total_steps = total_steps
+    self.stream = stream or sys.stdout
+    self.is_main = jax.process_index() == 0
+    self.tty = self.stream.isatty()
+    self.writer = None
+    if self.is_main:
+      from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
+      self.writer = SummaryWriter(logdir=workdir, flush_secs=30)
+    self._t0, self._s0 = time.perf_counter(), start_step
+
+  def scalars(self, step, values, prefix="train"):
+    if self.writer:
+      for name, value in values.items():
+        self.writer.add_scalar(f"{prefix}/{name}", float(value), step)
+
+  def progress(self, step, metrics, images_per_step):
+    """One line (or a redrawn bar on a tty) with step, loss, lr, img/s and ETA."""
+    if not self.is_main:
+      return
+    elapsed = time.perf_counter() - self._t0
+    done = max(1, step - self._s0)
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (self.total_steps - step) / rate if rate else 0.0
+    text = (f"step {step}/{self.total_steps}  loss {metrics['loss']:.4f}  "
+            f"lr {metrics['lr']:.2e}  grad_norm {metrics['grad_norm']:.3f}  "
+            f"{rate * images_per_step:.0f} img/s  ETA {_fmt_duration(eta)}")
+    if self.tty:
+      width = 24
+      filled = int(width * step / max(1, self.total_steps))
+      bar = "#" * filled + "." * (width - filled)
+      end = "\n" if step >= self.total_steps else ""
+      self.stream.write(f"\r[{bar}] {text}" + end)
+    else:
+      self.stream.write(text + "\n")
+    self.stream.flush()
+
+  def info(self, message):
+    if self.is_main:
+      prefix = "\n" if self.tty else ""
+      self.stream.write(prefix + message + "\n")
+      self.stream.flush()
+
+  def close(self):
+    if self.writer:
+      self.writer.close()

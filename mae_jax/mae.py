@@ -1,0 +1,134 @@
+"""The Masked Autoencoder (He et al. 2021): encoder on visible patches, light decoder.
+
+`MaskedAutoencoder.__call__` reconstructs (pretraining); `encode` gives features of the
+whole unmasked image (evaluation). `mae_loss` is the per-patch MSE over masked patches.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mae_jax import masking, patches, posembed
+from mae_jax.vit import BlockStack, dense, layer_norm
+
+token_init = nn.initializers.normal(stddev=0.02)
+
+
+class MaskedAutoencoder(nn.Module):
+  """MAE over (B, H, W, C) normalized images; parameter names follow the reference."""
+  image_size: int = 224
+  patch_size: int = 16
+  channels: int = 3
+  width: int = 768           # encoder width
+  depth: int = 12            # encoder blocks
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  decoder_width: int = 512   # the paper's default decoder: 8 blocks x 512, 16 heads
+  decoder_depth: int = 8
+  decoder_heads: int = 16
+  mask_ratio: float = 0.75
+  mask_strategy: str = "random"
+  dtype: Any = jnp.float32        # compute dtype
+  param_dtype: Any = jnp.float32  # parameters stay float32
+  remat: str = "none"             # a vit.REMAT_POLICIES name
+  unroll: bool = False            # unroll the scanned block stacks
+  attn_impl: str | None = None    # jax.nn.dot_product_attention implementation
+
+  @property
+  def grid_size(self):
+    return (self.image_size // self.patch_size,) * 2
+
+  @property
+  def num_patches(self):
+    return self.grid_size[0] * self.grid_size[1]
+
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.patch_embed = dense(self.width, "patch_embed", **kw)
+    self.cls_token = self.param("cls_token", token_init, (1, 1, self.width), self.param_dtype)
+    self.blocks = self._stack(self.depth, self.num_heads, self.width)
+    self.norm = layer_norm("norm", **kw)
+    self.decoder_embed = dense(self.decoder_width, "decoder_embed", **kw)
+    self.mask_token = self.param("mask_token", token_init, (1, 1, self.decoder_width),
+                                 self.param_dtype)
+    self.decoder_blocks = self._stack(self.decoder_depth, self.decoder_heads,
+                                      self.decoder_width)
+    self.decoder_norm = layer_norm("decoder_norm", **kw)
+    self.decoder_pred = dense(self.patch_size**2 * self.channels, "decoder_pred", **kw)
+
+  def _stack(self, depth, heads, width):
+    return BlockStack(depth, heads, int(width * self.mlp_ratio), remat=self.remat,
+                      unroll=self.unroll, attn_impl=self.attn_impl, dtype=self.dtype,
+                      param_dtype=self.param_dtype)
+
+  def _embed_patches(self, images_BHWC):
+    """Patch embedding (a linear map of flattened patches) + fixed pos-embed: (B, N, D)."""
+    x = self.patch_embed(patches.patchify(images_BHWC.astype(self.dtype), self.patch_size))
+    pos_TD = posembed.sincos_2d(self.width, self.grid_size)
+    return x + pos_TD[1:].astype(self.dtype)
+
+  def _prepend_cls(self, x_BKD):
+    cls_pos = posembed.sincos_2d(self.width, self.grid_size)[:1]
+    cls = (self.cls_token + cls_pos).astype(self.dtype)
+    cls = jnp.broadcast_to(cls, (x_BKD.shape[0], 1, self.width))
+    return jnp.concatenate([cls, x_BKD], axis=1)
+
+  def _encoder_blocks(self, x_BTD):
+    return self.norm(self.blocks(x_BTD))
+
+  def encode_masked(self, images_BHWC, noise_BN=None):
+    """Encoder on the visible patches only.
+
+    Returns (latent (B, 1+K, D) with the cls token first, mask (B, N), restore_idx (B, N)).
+    Without `noise`, it is drawn from the 'mask' RNG stream by `mask_strategy`.
+    """
+    x_BND = self._embed_patches(images_BHWC)
+    if noise_BN is None:
+      noise_BN = masking.make_noise(self.mask_strategy, self.make_rng("mask"),
+                                    x_BND.shape[0], self.grid_size, self.mask_ratio)
+    num_keep = masking.num_visible(self.num_patches, self.mask_ratio)
+    keep_idx_BK, mask_BN, restore_idx_BN = masking.mask_from_noise(noise_BN, num_keep)
+    x_BKD = masking.gather_tokens(x_BND, keep_idx_BK)
+    return self._encoder_blocks(self._prepend_cls(x_BKD)), mask_BN, restore_idx_BN
+
+  def encode(self, images_BHWC):
+    """Features of the whole unmasked image: (B, 1+N, D), cls token first."""
+    return self._encoder_blocks(self._prepend_cls(self._embed_patches(images_BHWC)))
+
+  def decode(self, latent_BTD, restore_idx_BN):
+    """Decoder: embed, append mask tokens, unshuffle, + pos-embed, blocks -> (B, N, p*p*C)."""
+    b, n = restore_idx_BN.shape
+    x = self.decoder_embed(latent_BTD)
+    fill = jnp.broadcast_to(self.mask_token.astype(self.dtype),
+                            (b, n + 1 - x.shape[1], self.decoder_width))
+    x_BND = masking.gather_tokens(jnp.concatenate([x[:, 1:], fill], axis=1), restore_idx_BN)
+    x = jnp.concatenate([x[:, :1], x_BND], axis=1)
+    x = x + posembed.sincos_2d(self.decoder_width, self.grid_size).astype(self.dtype)
+    x = self.decoder_norm(self.decoder_blocks(x))
+    return self.decoder_pred(x)[:, 1:].astype(jnp.float32)
+
+  def __call__(self, images_BHWC, noise_BN=None):
+    """Reconstruct: returns {'pred': (B, N, p*p*C) float32, 'mask': (B, N), 'restore_idx'}."""
+    latent, mask_BN, restore_idx_BN = self.encode_masked(images_BHWC, noise_BN)
+    pred = self.decode(latent, restore_idx_BN)
+    return {"pred": pred, "mask": mask_BN, "restore_idx": restore_idx_BN}
+
+
+def patch_targets(images_BHWC, patch_size, norm_pix_loss):
+  """Reconstruction targets (B, N, p*p*C), float32.
+
+  With norm_pix_loss each patch is normalized by its own mean and (unbiased, as the
+  reference's torch.var) variance, eps 1e-6 (paper Sec. 3, "Reconstruction target").
+  """
+  target = patches.patchify(images_BHWC.astype(jnp.float32), patch_size)
+  if norm_pix_loss:
+    mean = target.mean(axis=-1, keepdims=True)
+    var = target.var(axis=-1, keepdims=True, ddof=1)
+    target = (target - mean) / (var + 1e-6)**0.5
+  return target
+
+
+def mae_loss(pred_BNP, target_BNP, mask_BN):
+  """Per-patch MSE averaged over masked patches only (float32 scalar)."""
+  per_patch_BN = jnp.mean(jnp.square(pred_BNP.astype(jnp.float32) - target_BNP), axis=-1)
+  return jnp.sum(per_patch_BN * mask_BN) / jnp.sum(mask_BN)

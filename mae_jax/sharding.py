@@ -1,0 +1,53 @@
+"""Device mesh (axes `data`, `fsdp`), parameter partitioning and global batches.
+
+The batch is split over both axes; with fsdp > 1 every parameter and optimizer-state
+leaf is also split over `fsdp` along its largest divisible dimension (ZeRO-3 style):
+XLA all-gathers it where it is used and reduce-scatters its gradient.
+"""
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mae_jax.config import mesh_shape
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(mesh_config, devices=None):
+  """A ("data", "fsdp") Mesh over all (or the given) devices."""
+  devices = np.asarray(devices if devices is not None else jax.devices())
+  shape = mesh_shape(mesh_config, devices.size)
+  return Mesh(devices.reshape(shape), ("data", "fsdp"))
+
+
+def batch_sharding(mesh):
+  """Leading (batch) dimension over every device."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh):
+  return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape, fsdp_size, min_size=2**12):
+  """Shard the largest dimension divisible by fsdp_size; small leaves stay replicated."""
+  if fsdp_size == 1 or np.prod(shape, dtype=np.int64) < min_size:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp_size == 0:
+      return P(*([None] * dim + ["fsdp"]))
+  return P()
+
+
+def state_shardings(abstract_state, mesh):
+  """NamedShardings for a pytree of ShapeDtypeStructs (params and optimizer state)."""
+  fsdp_size = mesh.shape["fsdp"]
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp_size)), abstract_state)
+
+
+def global_batch(local_batch, mesh):
+  """This process's numpy batch -> a global jax.Array sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)

@@ -1,0 +1,87 @@
+"""Pure training and evaluation steps: (state, batch, rng) -> (state, metrics).
+
+They are plain functions of their arguments, jitted once by the trainer with explicit
+shardings and the old state donated; tests call them without jit too.
+"""
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from mae_jax import mae, patches
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def init_state(model, tx, rng, image_shape):
+  """Initialize parameters (float32) and optimizer state for (H, W, C) images."""
+  params_rng, mask_rng = jax.random.split(rng)
+  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+  params = model.init({"params": params_rng, "mask": mask_rng}, dummy)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def normalize(images_BHWC, mean, std):
+  """uint8 [0, 255] -> float32, standardized per channel."""
+  x = images_BHWC.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def step_rngs(base_rng, step):
+  """Per-step RNG streams, a pure function of (seed key, step): resumable."""
+  return {"mask": jax.random.fold_in(jax.random.fold_in(base_rng, step), 0)}
+
+
+def loss_fn(params, model, images_BHWC, rngs, norm_pix_loss):
+  out = model.apply({"params": params}, images_BHWC, rngs=rngs)
+  target = mae.patch_targets(images_BHWC, model.patch_size, norm_pix_loss)
+  return mae.mae_loss(out["pred"], target, out["mask"]), out
+
+
+def train_step(state, batch, base_rng, *, model, tx, schedule, mean, std, norm_pix_loss):
+  """One AdamW step on the masked-patch MSE; returns (new state, metrics)."""
+  images = normalize(batch["image"], mean, std)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, _), grads = grad_fn(state.params, model, images, step_rngs(base_rng, state.step),
+                             norm_pix_loss)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      "loss": loss,
+      "lr": schedule(state.step),
+      "grad_norm": optax.global_norm(grads),
+      "param_norm": optax.global_norm(params),
+      "update_norm": optax.global_norm(updates),
+  }
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch, rng, *, model, mean, std, baseline_HWC):
+  """Masked-patch squared error on [0, 1] pixels for one batch, with the masks of `rng`.
+
+  Sums over masked pixels of valid examples, for the model and for `baseline_HWC` (a
+  fixed image on [0, 1], e.g. the training set's per-pixel mean), the masked-pixel count,
+  and the reconstructions (B, N, p*p*C) on [0, 1] pixels with their masks.
+  """
+  images = normalize(batch["image"], mean, std)
+  out = model.apply({"params": params}, images, rngs={"mask": rng})
+  p2 = model.patch_size**2
+  pred_pix = out["pred"] * jnp.tile(jnp.asarray(std, jnp.float32), p2) + jnp.tile(
+      jnp.asarray(mean, jnp.float32), p2)
+  true_pix = patches.patchify(batch["image"].astype(jnp.float32) / 255.0, model.patch_size)
+  base_pix = patches.patchify(jnp.asarray(baseline_HWC, jnp.float32)[None], model.patch_size)
+  mask_BN = out["mask"] * batch["valid"][:, None]
+
+  def masked_sum(x_BNP):
+    return jnp.sum(jnp.sum(jnp.square(x_BNP - true_pix), axis=-1) * mask_BN)
+
+  return {"sq_err": masked_sum(pred_pix), "baseline_sq_err": masked_sum(base_pix),
+          "count": jnp.sum(mask_BN) * pred_pix.shape[-1], "pred": pred_pix,
+          "mask": out["mask"]}

@@ -1,0 +1,234 @@
+"""The pretraining loop: data -> jitted sharded step -> metrics/log -> checkpoint -> eval."""
+import collections
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mae_jax import checkpoint, config as config_lib, data, models, optim, sharding
+from mae_jax import train_step as ts
+from mae_jax import visualize
+from mae_jax.logger import Logger
+from mae_jax.patches import unpatchify
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or infinite; the state of that step is never saved."""
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run wires together, built once before the loop."""
+  config: object
+  workdir: str
+  model: object
+  mesh: object
+  train_src: object
+  test_src: object
+  durations: config_lib.Durations
+  tx: object
+  schedule: object
+  state_shardings: object
+  num_params: int
+
+
+def build_run(config, workdir):
+  """Validate the config and build data sources, model, optimizer and mesh."""
+  if config.smoke:
+    config = config_lib.apply_smoke(config)
+  config_lib.validate(config)
+  train_src = data.load_source(config.data, "train")
+  test_src = data.load_source(config.data, "test")
+  dur = config_lib.durations(config, len(train_src))
+  model = models.build_model(config)
+  tx, schedule = optim.make_optimizer(config.optim, config.batch_size, dur.warmup_steps,
+                                      dur.total_steps)
+  mesh = sharding.make_mesh(config.mesh)
+  image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  abstract = jax.eval_shape(
+      functools.partial(ts.init_state, model, tx, image_shape=image_shape), jax.random.key(0))
+  num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+  return Run(config, workdir, model, mesh, train_src, test_src, dur, tx, schedule,
+             sharding.state_shardings(abstract, mesh), num_params)
+
+
+def initial_state(run, ckpt):
+  """The latest checkpoint's state if the workdir has one, else a fresh initialization."""
+  image_shape = (run.config.data.image_size,) * 2 + (run.config.data.channels,)
+  init = jax.jit(functools.partial(ts.init_state, run.model, run.tx, image_shape=image_shape),
+                 out_shardings=run.state_shardings)
+  state = init(jax.random.key(run.config.seed))
+  state, step = ckpt.restore_latest(state)
+  return state, step
+
+
+def compile_train_step(run):
+  """The train step jitted with explicit shardings, the old state donated."""
+  step = functools.partial(
+      ts.train_step, model=run.model, tx=run.tx, schedule=run.schedule,
+      mean=run.train_src.mean, std=run.train_src.std,
+      norm_pix_loss=run.config.model.norm_pix_loss)
+  repl = sharding.replicated(run.mesh)
+  batch_sh = {"image": sharding.batch_sharding(run.mesh),
+              "label": sharding.batch_sharding(run.mesh)}
+  return jax.jit(step, in_shardings=(run.state_shardings, batch_sh, repl),
+                 out_shardings=(run.state_shardings, repl), donate_argnums=0)
+
+
+def device_batches(run, start_step):
+  """Host batches for steps start_step.. as global arrays, two steps ahead."""
+  cfg = run.config
+  host = data.make_train_batches(
+      run.train_src, image_size=cfg.data.image_size, global_batch_size=cfg.batch_size,
+      seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      augment=cfg.data.augment, crop_scale=tuple(cfg.data.crop_scale), start_step=start_step,
+      num_workers=cfg.data.num_workers)
+  queue = collections.deque()
+  for batch in host:
+    queue.append(sharding.global_batch(batch, run.mesh))
+    if len(queue) == 2:
+      yield queue.popleft()
+
+
+def check_finite(step, metrics, ckpt):
+  loss = float(metrics["loss"])
+  if not np.isfinite(loss):
+    last = ckpt.latest_step()
+    raise NonFiniteLossError(
+        f"non-finite loss ({loss}) at step {step}; nothing of it was saved; "
+        f"last good checkpoint: {'none' if last is None else f'step {last}'}")
+  return loss
+
+
+def train_loop(run, state, ckpt, logger):
+  """Run steps until total_steps; metrics of step N are read after N+1 is dispatched."""
+  cfg, total = run.config, run.durations.total_steps
+  step_fn = compile_train_step(run)
+  base_rng = jax.random.key(cfg.seed)
+  start = int(state.step)
+  pending = None  # (step number after the update, metrics) not yet read on the host
+  loss = None
+  batches = device_batches(run, start)
+  for step in range(start + 1, total + 1):
+    state, metrics = step_fn(state, next(batches), base_rng)
+    if pending is not None:
+      loss = report(run, pending, ckpt, logger)
+    pending = (step, metrics)
+    if step % cfg.checkpoint_every_steps == 0 or step == total:
+      loss = report(run, pending, ckpt, logger)  # saved only once its loss is known finite
+      pending = None
+      ckpt.save(step, state, force=step == total)
+  return state, loss
+
+
+def report(run, pending, ckpt, logger):
+  """Fetch one step's metrics, stop on a non-finite loss, log at the interval."""
+  step, metrics = pending
+  metrics = jax.device_get(metrics)
+  loss = check_finite(step, metrics, ckpt)
+  if step % run.config.log_every_steps == 0 or step == run.durations.total_steps:
+    logger.scalars(step, metrics)
+    logger.progress(step, metrics, run.config.batch_size)
+  return loss
+
+
+def evaluate_reconstruction(run, params):
+  """Test-split masked-patch MSE on [0, 1] pixels, the per-pixel-mean baseline, and the
+  first batch's images and reconstructions for the picture."""
+  cfg = run.config
+  baseline = data.per_pixel_mean(run.train_src, cfg.data.image_size)
+  eval_fn = jax.jit(functools.partial(ts.eval_step, model=run.model, mean=run.train_src.mean,
+                                      std=run.train_src.std, baseline_HWC=baseline))
+  rng = jax.random.fold_in(jax.random.key(cfg.seed), -1 % (2**31))
+  sums = collections.Counter()
+  first = None
+  batches = data.make_eval_batches(run.test_src, image_size=cfg.data.image_size,
+                                   batch_size=cfg.eval_batch_size,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+  for i, batch in enumerate(batches):
+    out = eval_fn(params, sharding.global_batch(batch, run.mesh), jax.random.fold_in(rng, i))
+    for key in ("sq_err", "baseline_sq_err", "count"):
+      sums[key] += float(out[key])
+    if first is None:
+      first = (batch["image"], jax.device_get(out["pred"]), jax.device_get(out["mask"]))
+  return {"test_masked_mse": sums["sq_err"] / sums["count"],
+          "baseline_masked_mse": sums["baseline_sq_err"] / sums["count"]}, first
+
+
+def save_reconstructions(run, first, path):
+  images_u8, pred_BNP, mask_BN = first
+  n = min(run.config.num_vis_images, len(images_u8))
+  p, c = run.model.patch_size, run.config.data.channels
+  grid = run.model.grid_size
+  pred = np.asarray(unpatchify(pred_BNP[:n], p, grid, c))
+  mask_P = np.repeat(mask_BN[:n, :, None], p * p * c, axis=-1)
+  mask = np.asarray(unpatchify(mask_P, p, grid, c))
+  rows = visualize.reconstruction_rows(images_u8[:n].astype(np.float32) / 255.0, pred, mask)
+  return visualize.save_grid(rows, path)
+
+
+def write_summary(run, results, train_seconds, final_loss):
+  summary = dict(results, final_train_loss=final_loss, steps=run.durations.total_steps,
+                 train_seconds=round(train_seconds, 1), devices=jax.device_count(),
+                 model=models.model_kwargs(run.config.model, run.config.data.image_size,
+                                           run.config.data.channels))
+  summary["model"]["dtype"] = run.config.model.dtype
+  path = os.path.join(run.workdir, "summary.json")
+  with open(path, "w") as f:
+    json.dump(summary, f, indent=2, default=str)
+  return path
+
+
+def train_and_evaluate(config, workdir):
+  """Pretrain (resuming from `workdir` if it holds checkpoints), then evaluate."""
+  run = build_run(config, workdir)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 keep=run.config.keep_checkpoints,
+                                 every_steps=run.config.checkpoint_every_steps)
+  state, restored = initial_state(run, ckpt)
+  checkpoint.save_config(run.config, workdir)
+  logger = Logger(workdir, run.durations.total_steps, int(state.step))
+  logger.info(describe(run, restored))
+  t0 = time.perf_counter()
+  try:
+    state, final_loss = train_loop(run, state, ckpt, logger)
+  finally:
+    ckpt.wait()
+  train_seconds = time.perf_counter() - t0
+  results = finish(run, state, logger, train_seconds, final_loss)
+  ckpt.close()
+  logger.close()
+  return state, results
+
+
+def finish(run, state, logger, train_seconds, final_loss):
+  """Final evaluation, picture and summary (process 0 writes them)."""
+  results, first = evaluate_reconstruction(run, state.params)
+  if jax.process_index() == 0:
+    png = save_reconstructions(run, first, os.path.join(run.workdir, "reconstructions.png"))
+    summary = write_summary(run, results, train_seconds, final_loss)
+    logger.info(
+        f"test masked MSE {results['test_masked_mse']:.4f} (per-pixel-mean baseline "
+        f"{results['baseline_masked_mse']:.4f}) after {train_seconds:.0f} s of training\n"
+        f"  checkpoints:     {os.path.join(run.workdir, 'checkpoints')}\n"
+        f"  tensorboard:     tensorboard --logdir {run.workdir}\n"
+        f"  reconstructions: {png}\n  summary:         {summary}")
+  return results
+
+
+def describe(run, restored):
+  d = run.durations
+  head = (f"mae_jax: {run.num_params / 1e6:.2f}M-parameter MAE on {run.config.data.name} "
+          f"({len(run.train_src)} train images), "
+          f"{d.total_steps} steps of batch {run.config.batch_size} "
+          f"({d.steps_per_epoch} steps/epoch, warmup {d.warmup_steps}), "
+          f"{jax.device_count()} device(s), mesh {dict(run.mesh.shape)}")
+  resume = f"; resuming from step {restored}" if restored is not None else ""
+  return head + resume
+

@@ -1,0 +1,28 @@
+"""Pretrain a Masked Autoencoder.
+
+  python train.py --config configs/default.py --workdir workdirs/demo [--config.FIELD=VALUE ...]
+"""
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/default.py", "Recipe file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, logs and results go here.", required=True)
+
+
+def main(argv):
+  del argv
+  from mae_jax import trainer
+  from mae_jax.config import ConfigError
+  from mae_jax.data import DatasetError
+  try:
+    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ConfigError, DatasetError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
