@@ -56,9 +56,9 @@ def train_step(state, batch, base_rng, *, model, tx, schedule, mean, std, norm_p
   metrics = {
       "loss": loss,
       "lr": schedule(state.step),
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(params),
-      "update_norm": optax.global_norm(updates),
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(params),
+      "update_norm": optax.tree.norm(updates),
   }
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
