@@ -45,6 +45,9 @@ def get_config():
   c.batch_size = 256  # global batch, over all devices and processes
   c.num_epochs = 8.0
   c.num_steps = config_dict.placeholder(int)  # overrides num_epochs when set
+  # Leave after this many steps of this invocation (checkpoint saved), e.g. to fit a
+  # scheduler's time slice; running again resumes. None = run to the end.
+  c.stop_after_steps = config_dict.placeholder(int)
 
   c.optim = config_dict.ConfigDict()
   c.optim.base_lr = 1.5e-4  # lr = base_lr * batch_size / 256

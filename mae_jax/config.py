@@ -59,6 +59,8 @@ def validate(config, num_devices=None):
   _check(config.num_steps is not None or config.num_epochs > 0, "num_epochs",
          "must be positive (or set num_steps)")
   _check(config.num_steps is None or config.num_steps >= 1, "num_steps", "must be >= 1")
+  _check(config.stop_after_steps is None or config.stop_after_steps >= 1, "stop_after_steps",
+         "must be >= 1")
   _check(config.optim.base_lr > 0, "optim.base_lr", "must be positive")
   _check(config.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):

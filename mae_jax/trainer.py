@@ -111,18 +111,19 @@ def train_loop(run, state, ckpt, logger):
   step_fn = compile_train_step(run)
   base_rng = jax.random.key(cfg.seed)
   start = int(state.step)
+  last = total if cfg.stop_after_steps is None else min(total, start + cfg.stop_after_steps)
   pending = None  # (step number after the update, metrics) not yet read on the host
   loss = None
   batches = device_batches(run, start)
-  for step in range(start + 1, total + 1):
+  for step in range(start + 1, last + 1):
     state, metrics = step_fn(state, next(batches), base_rng)
     if pending is not None:
       loss = report(run, pending, ckpt, logger)
     pending = (step, metrics)
-    if step % cfg.checkpoint_every_steps == 0 or step == total:
+    if step % cfg.checkpoint_every_steps == 0 or step == last:
       loss = report(run, pending, ckpt, logger)  # saved only once its loss is known finite
       pending = None
-      ckpt.save(step, state, force=step == total)
+      ckpt.save(step, state, force=step == last)
   return state, loss
 
 
@@ -201,7 +202,11 @@ def train_and_evaluate(config, workdir):
   finally:
     ckpt.wait()
   train_seconds = time.perf_counter() - t0
-  results = finish(run, state, logger, train_seconds, final_loss)
+  results = None
+  if int(state.step) >= run.durations.total_steps:
+    results = finish(run, state, logger, train_seconds, final_loss)
+  else:
+    logger.info(f"stopped at step {int(state.step)} (stop_after_steps); run again to resume")
   ckpt.close()
   logger.close()
   return state, results

@@ -1,0 +1,38 @@
+# Two commands do all the set-up: `make demo` (default pretraining) and `make test`.
+# Each creates the virtual environment it needs in .venv and installs into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdirs/demo
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test fashion-mnist clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.runtime: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# The default dataset: Debian's Fashion-MNIST package where apt and root are available;
+# elsewhere the run falls back to a prepared TFDS fashion_mnist.
+fashion-mnist:
+	@if [ ! -d $(FASHION_MNIST_DIR) ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
+	  || echo "note: could not install dataset-fashion-mnist; using TFDS fashion_mnist"; \
+	fi
+
+demo: $(VENV)/.runtime fashion-mnist
+	$(PY) train.py --config configs/default.py --workdir $(WORKDIR)
+
+test: $(VENV)/.test fashion-mnist
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) workdirs
