@@ -4,7 +4,7 @@
 """
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -14,6 +14,7 @@ flags.DEFINE_string("workdir", None, "Checkpoints, logs and results go here.", r
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # keep library INFO chatter out of the run's output
   from mae_jax import trainer
   from mae_jax.config import ConfigError
   from mae_jax.data import DatasetError

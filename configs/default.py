@@ -23,13 +23,14 @@ def get_config():
   c.data.synthetic_size = 4096
 
   c.model = config_dict.ConfigDict()
-  c.model.variant = "Ti/4"  # SIZE/PATCH from models.SIZES; the fields below override it
-  c.model.width = 128
-  c.model.depth = 6
-  c.model.num_heads = 4
-  c.model.patch_size = config_dict.placeholder(int)  # None = the variant's patch
+  c.model.variant = "Mu/4"  # SIZE/PATCH from models.SIZES (Mu, Ti, S, B, L, H) or a preset
+  # Overrides of the variant's sizes; None = the variant's.
+  c.model.width = config_dict.placeholder(int)
+  c.model.depth = config_dict.placeholder(int)
+  c.model.num_heads = config_dict.placeholder(int)
+  c.model.patch_size = config_dict.placeholder(int)
   c.model.mlp_ratio = 4.0
-  c.model.decoder_width = 128
+  c.model.decoder_width = 64  # the paper's is 512 x 8 (configs/mae_imagenet.py)
   c.model.decoder_depth = 2
   c.model.decoder_heads = 4
   c.model.mask_ratio = 0.75

@@ -4,7 +4,9 @@ import jax.numpy as jnp
 from mae_jax.mae import MaskedAutoencoder
 
 # name -> (width, depth, heads); MLP ratio 4 throughout (ViT, Dosovitskiy et al. Table 1).
+# "Mu" is not from the paper: a micro encoder for CPU demos on 28 x 28 images.
 SIZES = {
+    "Mu": (128, 4, 4),
     "Ti": (192, 12, 3),
     "S": (384, 12, 6),
     "B": (768, 12, 12),
