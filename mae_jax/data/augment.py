@@ -1,0 +1,140 @@
+"""Crop boxes (random-resized, centre) computed for a whole batch in numpy; PIL resizes.
+
+A box is (top, left, height, width) in source pixels. Random boxes come from per-example
+uniform draws (B, NUM_DRAWS), so the caller decides what seeds them.
+"""
+import dataclasses
+
+import numpy as np
+from PIL import Image
+
+RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range (torchvision's default)
+ATTEMPTS = 10  # torchvision's tries before its centre-crop fallback
+EVAL_CROP = 0.875  # eval: resize the shorter side to size / 0.875, then centre-crop size
+RESAMPLE = Image.Resampling.BICUBIC  # as the official MAE recipe
+# Columns of the per-example draws (B, NUM_DRAWS), uniform on [0, 1).
+SCALE, LOG_RATIO = slice(0, ATTEMPTS), slice(ATTEMPTS, 2 * ATTEMPTS)
+TOP, LEFT, FLIP = 2 * ATTEMPTS, 2 * ATTEMPTS + 1, 2 * ATTEMPTS + 2
+NUM_DRAWS = 2 * ATTEMPTS + 3
+
+
+def random_resized_crop_boxes(sizes_B2: np.ndarray, draws_BD: np.ndarray,
+                              scale: tuple[float, float], ratio=RATIO) -> np.ndarray:
+  """torchvision's RandomResizedCrop.get_params, vectorised: int boxes (B, 4).
+
+  sizes_B2: (height, width) of each image. Per example, the first of ATTEMPTS (area, aspect)
+  draws that fits wins; where none fits, the centre crop clamped to `ratio`.
+  """
+  height, width = (sizes_B2[:, k:k + 1].astype(np.float64) for k in (0, 1))
+  area = height * width * (scale[0] + (scale[1] - scale[0]) * draws_BD[:, SCALE])
+  log_lo, log_hi = np.log(ratio[0]), np.log(ratio[1])
+  aspect = np.exp(log_lo + (log_hi - log_lo) * draws_BD[:, LOG_RATIO])
+  w_BA, h_BA = np.round(np.sqrt(area * aspect)), np.round(np.sqrt(area / aspect))
+  fits_BA = (w_BA > 0) & (w_BA <= width) & (h_BA > 0) & (h_BA <= height)
+  first, rows = fits_BA.argmax(1), np.arange(len(sizes_B2))
+  h, w = h_BA[rows, first], w_BA[rows, first]
+  height, width = height[:, 0], width[:, 0]
+  top = np.floor(draws_BD[:, TOP] * (height - h + 1))
+  left = np.floor(draws_BD[:, LEFT] * (width - w + 1))
+  fb_h, fb_w = fallback_crop(height, width, ratio)
+  found = fits_BA.any(1)
+  h, w = np.where(found, h, fb_h), np.where(found, w, fb_w)
+  top = np.where(found, top, (height - h) // 2)
+  left = np.where(found, left, (width - w) // 2)
+  return np.stack([top, left, h, w], 1).astype(np.int64)
+
+
+def fallback_crop(height, width, ratio):
+  """(h, w) of torchvision's fallback: the whole image, clamped to the aspect range."""
+  in_ratio = width / height
+  h = np.where(in_ratio < ratio[0], np.round(width / ratio[0]), height)  # too tall
+  w = np.where(in_ratio > ratio[1], np.round(height * ratio[1]), width)  # too wide
+  return h, w
+
+
+def center_boxes(sizes_B2: np.ndarray, image_size: int) -> np.ndarray:
+  """Deterministic float boxes (B, 4): images larger than image_size get the ImageNet eval
+  crop (shorter side -> image_size / EVAL_CROP, centre image_size square); the rest, whole."""
+  height, width = sizes_B2[:, 0].astype(np.float64), sizes_B2[:, 1].astype(np.float64)
+  large = np.minimum(height, width) > image_size
+  side = np.minimum(height, width) * EVAL_CROP
+  h, w = np.where(large, side, height), np.where(large, side, width)
+  return np.stack([(height - h) / 2, (width - w) / 2, h, w], 1)
+
+
+def crop_resize(image_HWC: np.ndarray, box, size: int) -> np.ndarray:
+  """uint8 (H, W, C) -> (size, size, C): the box (top, left, h, w) resized bicubically."""
+  top, left, h, w = (float(v) for v in box)
+  channels = image_HWC.shape[-1]
+  pil = Image.fromarray(image_HWC[..., 0] if channels == 1 else image_HWC)
+  out = np.asarray(pil.resize((size, size), RESAMPLE, box=(left, top, left + w, top + h)))
+  return out.reshape(size, size, channels)
+
+
+def cubic(x):
+  """PIL's bicubic kernel (a = -0.5), zero outside (-2, 2)."""
+  x = np.minimum(np.abs(x), 2)
+  return np.where(x < 1, (1.5 * x - 2.5) * x * x + 1, ((-0.5 * x + 2.5) * x - 4) * x + 2)
+
+
+def resize_weights(start_B, length_B, in_size: int, out_size: int) -> np.ndarray:
+  """(B, out_size, in_size) weights resampling [start, start + length) of each row to
+  out_size pixels, as PIL's antialiased bicubic resize (kernel widened when shrinking)."""
+  scale_B = (length_B / out_size).astype(np.float32)
+  widen_B11 = np.maximum(scale_B, 1)[:, None, None]
+  centers_BO = start_B[:, None].astype(np.float32) + (np.arange(out_size, dtype=np.float32)
+                                                      + 0.5) * scale_B[:, None]
+  pixels_I = np.arange(in_size, dtype=np.float32) + 0.5
+  w_BOI = cubic((pixels_I - centers_BO[..., None]) / widen_B11)
+  return w_BOI / w_BOI.sum(-1, keepdims=True)
+
+
+def crop_resize_array(images_BHWC: np.ndarray, boxes_B4: np.ndarray, size: int) -> np.ndarray:
+  """crop_resize for a batch of equal-size images at once (two batched matmuls, in float:
+  pixels may differ from PIL's fixed-point result by a level or two)."""
+  b, h, w, c = images_BHWC.shape
+  boxes = boxes_B4.astype(np.float64)
+  rows_BSH = resize_weights(boxes[:, 0], boxes[:, 2], h, size)
+  cols_BSW = resize_weights(boxes[:, 1], boxes[:, 3], w, size)
+  x = np.matmul(rows_BSH, images_BHWC.reshape(b, h, w * c).astype(np.float32))
+  x = np.matmul(x.reshape(b, size, w, c).transpose(0, 1, 3, 2), cols_BSW.transpose(0, 2, 1)[:, None])
+  return np.clip(np.rint(x.transpose(0, 1, 3, 2)), 0, 255).astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  """What data.augment does to a training image: crop box kind and flip."""
+  random_crop: bool
+  flip: bool
+
+
+AUGMENTS = {
+    "none": Augment(random_crop=False, flip=False),  # the deterministic eval resize
+    "crop": Augment(random_crop=True, flip=False),
+    "crop_flip": Augment(random_crop=True, flip=True),
+}
+
+
+def augment_batch(images, draws_BD: np.ndarray | None, augment: Augment, image_size: int,
+                  crop_scale: tuple[float, float] | None) -> np.ndarray:
+  """Images -> uint8 (B, image_size, image_size, C).
+
+  images: one uint8 (B, H, W, C) array (resized in numpy, vectorised) or a list of B uint8
+  (H_i, W_i, C) arrays of any sizes (resized one by one with PIL).
+  """
+  if isinstance(images, np.ndarray):
+    sizes_B2 = np.tile(np.array(images.shape[1:3]), (len(images), 1))
+  else:
+    sizes_B2 = np.array([image.shape[:2] for image in images], np.int64).reshape(-1, 2)
+  if augment.random_crop:
+    boxes = random_resized_crop_boxes(sizes_B2, draws_BD, crop_scale)
+  else:
+    boxes = center_boxes(sizes_B2, image_size)
+  if isinstance(images, np.ndarray):
+    out = crop_resize_array(images, boxes, image_size)
+  else:
+    out = np.stack([crop_resize(image, box, image_size) for image, box in zip(images, boxes)])
+  if augment.flip:
+    flip = draws_BD[:, FLIP] < 0.5
+    out[flip] = out[flip, :, ::-1]
+  return out

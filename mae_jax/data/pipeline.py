@@ -1,0 +1,155 @@
+"""Host batches: training (infinite, resumable, augmented) and evaluation (one padded pass).
+
+Exactness contract: the global batch of step s is a pure function of (seed, s). Epoch
+e = s // steps_per_epoch orders the examples by a permutation seeded by (seed, e); the
+global batch is its slice [b*G, (b+1)*G) and process p takes the contiguous part
+[p*L, (p+1)*L), L = G // process_count. Example k of the global batch is augmented with
+draws seeded by (seed, s) at row k, so nothing depends on the process or worker count, and
+starting at step k gives exactly what a run from step 0 gives from step k on.
+"""
+import dataclasses
+import functools
+import sys
+from typing import Iterator
+
+import grain
+import numpy as np
+
+from mae_jax.data import augment as augment_lib
+from mae_jax.data.source import DatasetError, Source, evenly_spaced
+
+ORDER_STREAM, AUGMENT_STREAM = 0, 1  # keep the two seed streams apart
+PAD_LABEL = -1  # label of eval padding (its 'valid' is False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSlice:
+  """This process's contiguous part of every global batch of global_batch_size."""
+  global_batch_size: int
+  process_index: int = 0
+  process_count: int = 1
+
+  def __post_init__(self):
+    g, p, n = self.global_batch_size, self.process_index, self.process_count
+    if not (isinstance(g, int) and g > 0 and n > 0 and g % n == 0):
+      raise ValueError(f"batch size {g} must be a positive multiple of process_count={n}")
+    if not 0 <= p < n:
+      raise ValueError(f"process_index={p} must be in [0, process_count={n})")
+
+  @property
+  def local(self) -> slice:
+    size = self.global_batch_size // self.process_count
+    return slice(self.process_index * size, (self.process_index + 1) * size)
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  """The order (num_examples,) of the examples in `epoch`: a permutation seeded by it."""
+  rng = np.random.default_rng([seed, ORDER_STREAM, epoch])
+  return rng.permutation(num_examples)
+
+
+def global_indices(seed: int, step: int, num_examples: int, global_batch_size: int):
+  """The example indices (G,) of the global batch of `step` (the epoch's remainder dropped)."""
+  epoch, b = divmod(step, num_examples // global_batch_size)
+  return epoch_order(seed, epoch, num_examples)[b * global_batch_size:(b + 1) * global_batch_size]
+
+
+def augment_draws(seed: int, step: int, global_batch_size: int) -> np.ndarray:
+  """Uniform draws (G, NUM_DRAWS) for step `step`; row k augments global example k."""
+  rng = np.random.default_rng([seed, AUGMENT_STREAM, step])
+  return rng.random((global_batch_size, augment_lib.NUM_DRAWS))
+
+
+def train_batch(step: int, *, source: Source, part: ProcessSlice, seed: int, image_size: int,
+                augment: augment_lib.Augment, crop_scale) -> dict:
+  """This process's part of the global batch of `step`: image uint8 (L, S, S, C), label (L,)."""
+  g = part.global_batch_size
+  indices = global_indices(seed, step, len(source), g)[part.local]
+  draws = augment_draws(seed, step, g)[part.local]
+  images, labels = source.batch(indices)
+  return {"image": augment_lib.augment_batch(images, draws, augment, image_size, crop_scale),
+          "label": labels}
+
+
+def check_train_args(source, image_size, global_batch_size, augment, crop_scale, start_step,
+                     num_workers) -> None:
+  """One clear line for each bad argument, before any work starts."""
+  if augment not in augment_lib.AUGMENTS:
+    raise DatasetError(f"data.augment={augment!r}: expected one of "
+                       f"{', '.join(augment_lib.AUGMENTS)}")
+  lo, hi = crop_scale
+  if not 0 < lo <= hi <= 1:
+    raise DatasetError(f"data.crop_scale={tuple(crop_scale)}: must satisfy 0 < min <= max <= 1")
+  if not (isinstance(image_size, int) and image_size > 0):
+    raise DatasetError(f"data.image_size={image_size!r}: must be a positive int")
+  if len(source) < global_batch_size:
+    raise DatasetError(f"batch_size={global_batch_size} is larger than the {len(source)} "
+                       "training examples (an epoch would have no full batch)")
+  if start_step < 0 or num_workers < 0:
+    raise ValueError(f"start_step={start_step} and num_workers={num_workers} must be >= 0")
+
+
+def iterate(steps: grain.MapDataset, num_workers: int) -> Iterator[dict]:
+  """Iterate in order; num_workers > 0 threads make batches ahead (PIL decodes without
+  the GIL), 0 makes each batch in the calling thread when it is asked for."""
+  options = grain.ReadOptions(num_threads=num_workers, prefetch_buffer_size=2 * num_workers)
+  return iter(steps.to_iter_dataset(options))
+
+
+def make_train_batches(source: Source, *, image_size: int, global_batch_size: int, seed: int,
+                       process_index: int = 0, process_count: int = 1,
+                       augment: str = "crop_flip", crop_scale=(0.2, 1.0), start_step: int = 0,
+                       num_workers: int = 0) -> Iterator[dict]:
+  """Infinite iterator of this process's batches from step start_step on.
+
+  Yields {'image': uint8 (G // process_count, S, S, C), 'label': int32 (G // process_count,)}.
+  """
+  check_train_args(source, image_size, global_batch_size, augment, crop_scale, start_step,
+                   num_workers)
+  part = ProcessSlice(global_batch_size, process_index, process_count)
+  make = functools.partial(train_batch, source=source, part=part, seed=int(seed) % 2**64,
+                           image_size=image_size, augment=augment_lib.AUGMENTS[augment],
+                           crop_scale=tuple(crop_scale))
+  return iterate(grain.MapDataset.range(start_step, sys.maxsize).map(make), num_workers)
+
+
+def eval_batch(b: int, *, source: Source, part: ProcessSlice, image_size: int) -> dict:
+  """Global batch b = examples [b*G, (b+1)*G), padded past the end; this process's part."""
+  g = part.global_batch_size
+  positions = np.arange(b * g, (b + 1) * g)[part.local]
+  valid = positions < len(source)
+  images, labels = source.batch(positions[valid])
+  out = {"image": np.zeros((len(positions), image_size, image_size, source.channels), np.uint8),
+         "label": np.full(len(positions), PAD_LABEL, np.int32), "valid": valid}
+  if len(images):
+    out["image"][valid] = augment_lib.augment_batch(images, None, augment_lib.AUGMENTS["none"],
+                                                    image_size, None)
+    out["label"][valid] = labels
+  return out
+
+
+def make_eval_batches(source: Source, *, image_size: int, batch_size: int,
+                      process_index: int = 0, process_count: int = 1,
+                      num_workers: int = 0) -> Iterator[dict]:
+  """One in-order pass: {'image': uint8 (B, S, S, C), 'label': int32 (B,), 'valid': bool (B,)},
+  B = batch_size // process_count; the last global batch padded (valid False there)."""
+  part = ProcessSlice(batch_size, process_index, process_count)
+  num_batches = -(-len(source) // batch_size)
+  make = functools.partial(eval_batch, source=source, part=part, image_size=image_size)
+  return iterate(grain.MapDataset.range(num_batches).map(make), num_workers)
+
+
+def per_pixel_mean(source: Source, image_size: int, max_examples: int | None = None,
+                   chunk: int = 1024) -> np.ndarray:
+  """The mean image float32 (S, S, C) on [0, 1] over (up to max_examples evenly spaced)
+  deterministically resized examples: the reconstruction baseline that ignores the input."""
+  indices = evenly_spaced(len(source), max_examples)
+  if len(indices) == 0:
+    raise DatasetError("per_pixel_mean of an empty split")
+  total = np.zeros((image_size, image_size, source.channels), np.float64)
+  for start in range(0, len(indices), chunk):
+    images, _ = source.batch(indices[start:start + chunk])
+    total += augment_lib.augment_batch(images, None, augment_lib.AUGMENTS["none"], image_size,
+                                       None).sum(0, dtype=np.float64)
+  return (total / (255.0 * len(indices))).astype(np.float32)

@@ -1,0 +1,149 @@
+"""Random-access sources: the common base, channel conversion and normalisation stats.
+
+A source is one split: `len(source)` examples, `source[i] -> {'image': uint8 (H, W, C),
+'label': int}` (label -1 where there is none), plus `num_classes`, `mean` and `std`
+(per-channel, on [0, 1] pixels).
+"""
+from typing import Callable
+
+import numpy as np
+
+# Normalisation stats in each dataset's own channels, on [0, 1] pixels: (mean, std).
+KNOWN_STATS = {
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+STATS_EXAMPLES = 2000  # images averaged where a dataset's stats are not known
+SPLITS = ("train", "test")
+
+
+class DatasetError(ValueError):
+  """A dataset, file or data field is missing or malformed (one line saying which)."""
+
+
+class Source:
+  """Base of all sources: subclasses define __len__ and get(i) -> (image_HWC, label).
+
+  Stats are `known_stats` where given, else estimated lazily from `stats_source()` (the
+  training split; None means this source itself).
+  """
+
+  def __init__(self, *, channels: int, num_classes: int | None,
+               known_stats: tuple | None = None,
+               stats_source: Callable[[], "Source"] | None = None):
+    self.channels = channels
+    self.num_classes = num_classes
+    self._stats = known_stats
+    self._stats_source = stats_source
+
+  def __len__(self) -> int:
+    raise NotImplementedError
+
+  def get(self, index: int) -> tuple[np.ndarray, int]:
+    raise NotImplementedError
+
+  def batch(self, indices) -> tuple[list[np.ndarray] | np.ndarray, np.ndarray]:
+    """Images of `indices` (a list of uint8 (H, W, C); ArraySource: one (B, H, W, C) array)
+    and their labels int32 (B,)."""
+    examples = [self.get(int(i)) for i in indices]
+    labels = np.array([label for _, label in examples], np.int32).reshape(len(examples))
+    return [image for image, _ in examples], labels
+
+  def __getitem__(self, index: int) -> dict:
+    if not -len(self) <= index < len(self):
+      raise IndexError(f"index {index} out of range for a source of {len(self)} examples")
+    image, label = self.get(int(index) % len(self))
+    return {"image": image, "label": label}
+
+  @property
+  def mean(self) -> tuple[float, ...]:
+    return self.stats()[0]
+
+  @property
+  def std(self) -> tuple[float, ...]:
+    return self.stats()[1]
+
+  def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel, estimated once on first use where not known."""
+    if self._stats is None:
+      source = self._stats_source() if self._stats_source else self
+      self._stats = estimate_stats(source)
+    return self._stats
+
+
+class ArraySource(Source):
+  """An in-memory split: images uint8 (N, H, W, C) already in the output channels."""
+
+  def __init__(self, images_NHWC: np.ndarray, labels_N: np.ndarray, **kwargs):
+    super().__init__(**kwargs)
+    if images_NHWC.dtype != np.uint8 or images_NHWC.ndim != 4:
+      raise DatasetError(f"in-memory images must be uint8 (N, H, W, C), got "
+                         f"{images_NHWC.dtype} {images_NHWC.shape}")
+    if len(labels_N) != len(images_NHWC):
+      raise DatasetError(f"{len(images_NHWC)} images but {len(labels_N)} labels")
+    self.images = images_NHWC
+    self.labels = np.asarray(labels_N, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def get(self, index):
+    return self.images[index], int(self.labels[index])
+
+  def batch(self, indices):
+    indices = np.asarray(indices, np.int64)
+    return self.images[indices], self.labels[indices].astype(np.int32)
+
+
+def convert_channels(image_HWC: np.ndarray, channels: int) -> np.ndarray:
+  """uint8 (..., H, W, c) -> (..., H, W, channels): alpha dropped, gray <-> RGB as PIL does."""
+  c = image_HWC.shape[-1]
+  if c in (2, 4):  # LA / RGBA: drop alpha, as PIL's convert does
+    image_HWC, c = image_HWC[..., :c - 1], c - 1
+  if c == channels:
+    return image_HWC
+  if c == 1 and channels == 3:
+    return np.repeat(image_HWC, 3, axis=-1)
+  if c == 3 and channels == 1:  # ITU-R 601-2 luma, PIL's fixed-point formula
+    rgb = image_HWC.astype(np.uint32)
+    luma = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
+    return luma.astype(np.uint8)[..., None]
+  raise DatasetError(f"cannot convert {image_HWC.shape[-1]}-channel images to {channels} "
+                     "channels (data.channels must be 1 or 3)")
+
+
+def stats_for(name: str, channels: int) -> tuple | None:
+  """Known (mean, std) of `name` in `channels` channels, or None (to be estimated)."""
+  if name not in KNOWN_STATS:
+    return None
+  mean, std = KNOWN_STATS[name]
+  if len(mean) == channels:
+    return mean, std
+  if len(mean) == 1:  # a gray image repeated to RGB has the same stats in every channel
+    return mean * channels, std * channels
+  return None  # RGB -> gray: the std is not a function of the RGB stats; estimate it
+
+
+def evenly_spaced(n: int, count: int | None) -> np.ndarray:
+  """min(n, count) indices spread evenly over range(n) (all of them where count is None)."""
+  count = n if count is None else min(n, count)
+  return np.arange(count, dtype=np.int64) * n // max(count, 1)
+
+
+def estimate_stats(source: Source, count: int = STATS_EXAMPLES):
+  """Per-channel mean and std over all pixels of up to `count` evenly spaced images."""
+  if len(source) == 0:
+    raise DatasetError("cannot estimate normalisation stats of an empty split")
+  sums = np.zeros(source.channels)
+  squares = np.zeros(source.channels)
+  pixels = 0
+  for i in evenly_spaced(len(source), count):
+    image = source[int(i)]["image"].reshape(-1, source.channels).astype(np.float64) / 255.0
+    sums += image.sum(0)
+    squares += np.square(image).sum(0)
+    pixels += len(image)
+  mean = sums / pixels
+  std = np.sqrt(np.maximum(squares / pixels - mean**2, 0.0))
+  std = np.maximum(std, 1 / 255)  # a constant channel must not divide by zero
+  return tuple(float(m) for m in mean), tuple(float(s) for s in std)
