@@ -96,9 +96,10 @@ def crop_resize_array(images_BHWC: np.ndarray, boxes_B4: np.ndarray, size: int) 
   boxes = boxes_B4.astype(np.float64)
   rows_BSH = resize_weights(boxes[:, 0], boxes[:, 2], h, size)
   cols_BSW = resize_weights(boxes[:, 1], boxes[:, 3], w, size)
-  x = np.matmul(rows_BSH, images_BHWC.reshape(b, h, w * c).astype(np.float32))
-  x = np.matmul(x.reshape(b, size, w, c).transpose(0, 1, 3, 2), cols_BSW.transpose(0, 2, 1)[:, None])
-  return np.clip(np.rint(x.transpose(0, 1, 3, 2)), 0, 255).astype(np.uint8)
+  x_BSWC = np.matmul(rows_BSH, images_BHWC.reshape(b, h, w * c).astype(np.float32)).reshape(
+      b, size, w, c)
+  x_BSCS = np.matmul(x_BSWC.transpose(0, 1, 3, 2), cols_BSW.transpose(0, 2, 1)[:, None])
+  return np.clip(np.rint(x_BSCS.transpose(0, 1, 3, 2)), 0, 255).astype(np.uint8)
 
 
 @dataclasses.dataclass(frozen=True)
