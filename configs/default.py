@@ -68,7 +68,7 @@ def get_config():
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
-  c.eval_batch_size = 500
+  c.eval_batch_size = 512  # global; divisible by the data-parallel devices
   c.num_vis_images = 8
   c.smoke = False  # True: a tiny model and a few steps, for a quick check of any recipe
   return c

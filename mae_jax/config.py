@@ -55,7 +55,6 @@ def validate(config, num_devices=None):
   _check_choice(config.data.augment, "data.augment", ["none", "crop", "crop_flip"])
   lo, hi = config.data.crop_scale
   _check(0 < lo <= hi <= 1, "data.crop_scale", f"{(lo, hi)} must satisfy 0 < min <= max <= 1")
-  _check(config.batch_size >= 1, "batch_size", f"{config.batch_size} must be positive")
   _check(config.num_steps is not None or config.num_epochs > 0, "num_epochs",
          "must be positive (or set num_steps)")
   _check(config.num_steps is None or config.num_steps >= 1, "num_steps", "must be >= 1")
@@ -67,10 +66,11 @@ def validate(config, num_devices=None):
     _check(config[field] >= 1, field, f"{config[field]} must be >= 1")
   mesh_shape(config.mesh, num_devices or jax.device_count())
   n = data_parallel_size(config.mesh, num_devices or jax.device_count())
-  _check(config.batch_size % n == 0, "batch_size",
-         f"{config.batch_size} is not divisible by the {n} data-parallel devices")
-  _check(config.batch_size % jax.process_count() == 0, "batch_size",
-         f"{config.batch_size} is not divisible by the {jax.process_count()} processes")
+  for field in ("batch_size", "eval_batch_size"):
+    _check(config[field] >= 1 and config[field] % n == 0, field,
+           f"{config[field]} is not a positive multiple of the {n} data-parallel devices")
+    _check(config[field] % jax.process_count() == 0, field,
+           f"{config[field]} is not divisible by the {jax.process_count()} processes")
 
 
 def mesh_shape(mesh_config, num_devices):
