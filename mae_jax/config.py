@@ -23,6 +23,10 @@ def _check_choice(value, field, valid):
 def validate_model(config):
   """Model fields: a known variant, consistent sizes, a mask that leaves patches visible."""
   m = config.model
+  _check_choice(m.mask_strategy, "model.mask_strategy", sorted(masking.STRATEGIES))
+  _check_choice(m.dtype, "model.dtype", sorted(models.DTYPES))
+  _check_choice(m.remat, "model.remat", sorted(vit.REMAT_POLICIES))
+  _check_choice(m.attn_impl, "model.attn_impl", [None, "xla", "cudnn"])
   try:
     kw = models.model_kwargs(m, config.data.image_size, config.data.channels)
   except ValueError as e:
@@ -42,10 +46,6 @@ def validate_model(config):
   num_patches = (kw["image_size"] // kw["patch_size"])**2
   _check(masking.num_visible(num_patches, m.mask_ratio) >= 1, "model.mask_ratio",
          f"{m.mask_ratio} leaves no visible patch out of {num_patches}")
-  _check_choice(m.mask_strategy, "model.mask_strategy", sorted(masking.STRATEGIES))
-  _check_choice(m.dtype, "model.dtype", sorted(models.DTYPES))
-  _check_choice(m.remat, "model.remat", sorted(vit.REMAT_POLICIES))
-  _check_choice(m.attn_impl, "model.attn_impl", [None, "xla", "cudnn"])
 
 
 def validate(config, num_devices=None):

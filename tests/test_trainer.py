@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
-from mae_jax import checkpoint, trainer
+from mae_jax import checkpoint, config as config_lib, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,18 +80,46 @@ def test_train_py_end_to_end(tmp_path):
   assert "step 4/4" in proc.stdout
 
 
+BAD_CONFIGS = [  # (overrides, the field the message must name)
+    (dict(image_size=30, patch_size=4), "data.image_size"),
+    (dict(mask_ratio=1.0), "model.mask_ratio"),
+    (dict(mask_ratio=0.99), "model.mask_ratio"),  # leaves no visible patch
+    (dict(batch_size=12), "batch_size"),  # conftest gives 8 devices
+    (dict(mesh_data=3), "mesh"),
+    (dict(variant="XL/16"), "model.variant"),
+    (dict(mask_strategy="spiral"), "model.mask_strategy"),
+    (dict(num_heads=5), "model.num_heads"),
+    (dict(dtype="float16"), "model.dtype"),
+    (dict(augment="rotate"), "data.augment"),
+]
+
+
+def apply_overrides(c, o):
+  with c.unlocked():
+    c.data.image_size = o.get("image_size", c.data.image_size)
+    c.data.augment = o.get("augment", c.data.augment)
+    c.batch_size = o.get("batch_size", c.batch_size)
+    c.mesh.data = o.get("mesh_data", c.mesh.data)
+    for f in ("patch_size", "mask_ratio", "variant", "mask_strategy", "num_heads", "dtype"):
+      if f in o:
+        c.model[f] = o[f]
+  return c
+
+
+@pytest.mark.parametrize("overrides,field", BAD_CONFIGS)
+def test_bad_config_names_the_field(overrides, field):
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(apply_overrides(get_config(), overrides))
+  message = str(e.value)
+  assert message.startswith(f"config.{field}") and "\n" not in message, message
+
+
 @pytest.mark.parametrize("flags,field", [
-    (["--config.data.image_size=30", "--config.model.patch_size=4"], "data.image_size"),
-    (["--config.model.mask_ratio=1.0"], "model.mask_ratio"),
-    (["--config.model.mask_ratio=0.99"], "model.mask_ratio"),  # leaves no visible patch
-    (["--config.batch_size=12"], "batch_size"),  # conftest gives 8 devices
-    (["--config.mesh.data=3"], "mesh"),
-    (["--config.model.variant=XL/16"], "model.variant"),
     (["--config.model.mask_strategy=spiral"], "model.mask_strategy"),
     (["--config.data.name=no_such_dataset_xyz"], "data.name"),
     (["--config.data.data_dir=/nonexistent/dir"], "data.data_dir"),
 ])
-def test_bad_config_is_one_clear_line(tmp_path, flags, field):
+def test_train_py_bad_input_is_one_line_exit_2(tmp_path, flags, field):
   proc = run_train(tmp_path, *flags)
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
