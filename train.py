@@ -17,10 +17,11 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # keep library INFO chatter out of the run's output
   from mae_jax import trainer
   from mae_jax.config import ConfigError
+  from mae_jax.convert import ConversionError
   from mae_jax.data import DatasetError
   try:
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ConfigError, DatasetError) as e:
+  except (ConfigError, DatasetError, ConversionError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -46,6 +46,9 @@ def get_config():
   c.batch_size = 256  # global batch, over all devices and processes
   c.num_epochs = 8.0
   c.num_steps = config_dict.placeholder(int)  # overrides num_epochs when set
+  # Start from the params of an imported checkpoint (python -m mae_jax.convert ...);
+  # ignored once the workdir has checkpoints of its own.
+  c.init_from = config_dict.placeholder(str)
   # Leave after this many steps of this invocation (checkpoint saved), e.g. to fit a
   # scheduler's time slice; running again resumes. None = run to the end.
   c.stop_after_steps = config_dict.placeholder(int)

@@ -64,7 +64,24 @@ def initial_state(run, ckpt):
                  out_shardings=run.state_shardings)
   state = init(jax.random.key(run.config.seed))
   state, step = ckpt.restore_latest(state)
+  if step is None and run.config.init_from:
+    state = state.replace(params=load_init_params(run, state.params))
   return state, step
+
+
+def load_init_params(run, params):
+  """Parameters of an imported checkpoint (python -m mae_jax.convert), checked against
+  this run's model; the optimizer state stays fresh."""
+  from mae_jax import convert  # imported only when asked: conversion is an optional extra
+  loaded, fields = convert.load_params(run.config.init_from, target=params)
+  ours = models.model_kwargs(run.config.model, run.config.data.image_size,
+                             run.config.data.channels)
+  differ = sorted(k for k, v in fields.items() if k in ours and ours[k] != v)
+  if differ:
+    raise config_lib.ConfigError(
+        f"config.init_from={run.config.init_from}: its model differs in "
+        + ", ".join(f"{k} ({fields[k]} there, {ours[k]} here)" for k in differ))
+  return loaded
 
 
 def compile_train_step(run):
