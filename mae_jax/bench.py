@@ -1,0 +1,319 @@
+"""Throughput benchmark of the real train step on synthetic images held in device memory.
+
+  python -m mae_jax.bench --variant B/16 --image_size 224 --batch_size 256 --dtype bfloat16
+
+`mae_jax.train_step.train_step` is jitted with the shardings of `mae_jax.sharding` and the
+state donated, as the trainer does. Reported: compile time, step time (median over
+`--steps` steps after `--warmup`, each ended by block_until_ready), images/s, the analytic
+training FLOPs/image of `mae_jax.flops` (3 x forward, remat recompute not counted),
+achieved TFLOP/s, MFU against `--peak_tflops` or PEAK_TFLOPS, and peak device memory
+where the device reports it. A table goes to stdout, then one JSON line; progress to stderr.
+"""
+import argparse
+import functools
+import importlib.util
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mae_jax import config as config_lib, flops, mae, masking, models, optim, posembed
+from mae_jax import sharding
+from mae_jax import train_step as ts
+
+# Dense bfloat16 peak TFLOP/s per chip, by a substring of device_kind; first match wins.
+PEAK_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100": 989.0,        # H100 SXM
+    "A100": 312.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,  # v5e
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v5": 459.0,       # v5p reports "TPU v5"
+}
+
+
+class AllTokensMAE(mae.MaskedAutoencoder):
+  """Benchmark-only variant whose encoder sees all 1 + N tokens (paper Table 2, "w/ [M]").
+
+  Masked patches enter the encoder as a learned mask token (+ pos-embed); the decoder gets
+  the encoder's N patch tokens in patch order. Same loss, masks and decoder as MAE, so the
+  step-time ratio against MaskedAutoencoder is the cost of not dropping masked tokens.
+  """
+
+  def setup(self):
+    super().setup()
+    self.encoder_mask_token = self.param("encoder_mask_token", mae.token_init,
+                                         (1, 1, self.width), self.param_dtype)
+
+  def __call__(self, images_BHWC, noise_BN=None):
+    x_BND = self._embed_patches(images_BHWC)
+    b, n = x_BND.shape[:2]
+    if noise_BN is None:
+      noise_BN = masking.make_noise(self.mask_strategy, self.make_rng("mask"), b,
+                                    self.grid_size, self.mask_ratio)
+    _, mask_BN, _ = masking.mask_from_noise(
+        noise_BN, masking.num_visible(n, self.mask_ratio))
+    pos_ND = posembed.sincos_2d(self.width, self.grid_size)[1:]
+    fill = (self.encoder_mask_token + pos_ND).astype(self.dtype)
+    x_BND = jnp.where(mask_BN[:, :, None] > 0, fill, x_BND)
+    latent = self._encoder_blocks(self._prepend_cls(x_BND))
+    identity_BN = jnp.broadcast_to(jnp.arange(n), (b, n))
+    return {"pred": self.decode(latent, identity_BN), "mask": mask_BN,
+            "restore_idx": identity_BN}
+
+
+# What the encoder processes -> the model class; keys match flops.ENCODER_TOKENS.
+ENCODERS = {"visible": mae.MaskedAutoencoder, "all": AllTokensMAE}
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="python -m mae_jax.bench", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", default="configs/default.py",
+                 help="recipe file; only its optimizer block is used")
+  p.add_argument("--variant", default="B/16", help="SIZE/PATCH, e.g. Ti/16, S/16, B/16, L/16")
+  for f in ("width", "depth", "num_heads", "patch_size"):
+    p.add_argument(f"--{f}", type=int, default=None, help="override the variant's value")
+  p.add_argument("--decoder_width", type=int, default=512, help="paper: 512")
+  p.add_argument("--decoder_depth", type=int, default=8, help="paper: 8")
+  p.add_argument("--decoder_heads", type=int, default=16, help="paper: 16")
+  p.add_argument("--mlp_ratio", type=float, default=4.0)
+  p.add_argument("--mask_ratio", type=float, default=0.75)
+  p.add_argument("--encoder_tokens", choices=sorted(ENCODERS), default="visible",
+                 help="visible = MAE; all = encoder on every token (mask tokens)")
+  p.add_argument("--image_size", type=int, default=224)
+  p.add_argument("--channels", type=int, default=3)
+  p.add_argument("--batch_size", type=int, default=64, help="global batch")
+  p.add_argument("--dtype", choices=sorted(models.DTYPES), default="float32")
+  p.add_argument("--remat", default="none", help="none | full | dots")
+  p.add_argument("--unroll", action="store_true", help="unroll the scanned block stacks")
+  p.add_argument("--attn_impl", default=None, help="None (auto) | xla | cudnn")
+  p.add_argument("--mesh_data", type=int, default=-1)
+  p.add_argument("--mesh_fsdp", type=int, default=1)
+  p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
+  p.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
+  p.add_argument("--peak_tflops", type=float, default=None,
+                 help="per-device peak for MFU; default: PEAK_TFLOPS by device kind")
+  p.add_argument("--seed", type=int, default=0)
+  return p.parse_args(argv)
+
+
+def load_recipe(path):
+  """get_config() of a recipe file."""
+  spec = importlib.util.spec_from_file_location("bench_recipe", path)
+  if spec is None:
+    raise config_lib.ConfigError(f"--config {path}: not a Python recipe file")
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except FileNotFoundError:
+    raise config_lib.ConfigError(f"--config {path}: no such file") from None
+  return module.get_config()
+
+
+def bench_config(args):
+  """The recipe with the benchmark's model, data, batch and mesh; validated."""
+  config = load_recipe(args.config)
+  with config.unlocked():
+    for f in ("variant", "width", "depth", "num_heads", "patch_size", "decoder_width",
+              "decoder_depth", "decoder_heads", "mlp_ratio", "mask_ratio", "dtype", "remat",
+              "unroll", "attn_impl"):
+      config.model[f] = getattr(args, f)
+    config.model.norm_pix_loss = True
+    config.data.update(name="synthetic", image_size=args.image_size, channels=args.channels)
+    config.batch_size = args.batch_size
+    config.mesh.update(data=args.mesh_data, fsdp=args.mesh_fsdp)
+  config_lib.validate(config)
+  return config
+
+
+def build_model(config, encoder_tokens="visible"):
+  kw = models.model_kwargs(config.model, config.data.image_size, config.data.channels)
+  return ENCODERS[encoder_tokens](**kw)
+
+
+_START = time.perf_counter()
+
+
+def log(message):
+  """A progress line on stderr, stamped with seconds since import."""
+  print(f"[bench {time.perf_counter() - _START:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def setup(config, encoder_tokens="visible", seed=0):
+  """(jitted train step, initial state, synthetic batch on device, rng, model)."""
+  model = build_model(config, encoder_tokens)
+  tx, schedule = optim.make_optimizer(config.optim, config.batch_size, 1, 10**6)
+  mesh = sharding.make_mesh(config.mesh)
+  image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  init = functools.partial(ts.init_state, model, tx, image_shape=image_shape)
+  state_sh = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
+  state = jax.jit(init, out_shardings=state_sh)(jax.random.key(seed))
+  step = functools.partial(ts.train_step, model=model, tx=tx, schedule=schedule,
+                           mean=(0.5,) * 3, std=(0.25,) * 3,
+                           norm_pix_loss=config.model.norm_pix_loss)
+  batch_sh = {"image": sharding.batch_sharding(mesh)}
+  step = jax.jit(step, in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
+                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+  images = np.random.default_rng(seed).integers(
+      0, 256, (config.batch_size, *image_shape), dtype=np.uint8)
+  batch = sharding.global_batch({"image": images}, mesh)
+  return step, state, batch, jax.random.key(seed), model
+
+
+def compile_step(step, state, batch, rng):
+  """(compiled executable, seconds spent tracing, lowering and compiling)."""
+  start = time.perf_counter()
+  compiled = step.lower(state, batch, rng).compile()
+  return compiled, time.perf_counter() - start
+
+
+def run_steps(compiled, state, batch, rng, num_steps, on_step=None):
+  """Run num_steps steps, each ended by block_until_ready; (state, seconds per step)."""
+  times = []
+  for i in range(num_steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - start)
+    if on_step:
+      on_step(i, times[-1])
+  return state, times
+
+
+def peak_tflops(device_kind, override=None):
+  """(per-device peak TFLOP/s or None, where it came from)."""
+  if override is not None:
+    return override, "--peak_tflops"
+  for key, value in PEAK_TFLOPS.items():
+    if key in device_kind:
+      return value, f"PEAK_TFLOPS[{key!r}] (dense bf16)"
+  return None, f"unknown device kind {device_kind!r}"
+
+
+def peak_memory_bytes(devices):
+  """Largest peak_bytes_in_use over the devices, or None where memory_stats has none."""
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
+  return None if None in peaks else max(peaks)
+
+
+def xla_memory_bytes(compiled):
+  """XLA's per-device estimate: arguments + outputs + temporaries - donated aliases."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+          - m.alias_size_in_bytes)
+
+
+def xla_flops_per_image(compiled, model, batch_size, num_devices):
+  """XLA's cost-analysis FLOPs / image, or None where it undercounts.
+
+  XLA counts a while-loop body once, so only unrolled or single-block stacks give the
+  full count; the count is per device (of the partitioned program), hence x num_devices.
+  """
+  if not (model.unroll or model.depth == model.decoder_depth == 1):
+    return None
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]) * num_devices / batch_size
+
+
+def summarize(args, config, model, compiled, compile_s, times_s):
+  """The result record (the JSON line)."""
+  devices = jax.devices()
+  kind = devices[0].device_kind
+  step_s = float(np.median(times_s))
+  images_per_s = config.batch_size / step_s
+  flops_per_image = flops.train_flops(model, args.encoder_tokens)
+  achieved = flops_per_image * images_per_s / 1e12
+  peak, peak_source = peak_tflops(kind, args.peak_tflops)
+  data, fsdp = config_lib.mesh_shape(config.mesh, len(devices))
+  return {
+      "variant": config.model.variant, "width": model.width, "depth": model.depth,
+      "num_heads": model.num_heads, "patch_size": model.patch_size,
+      "decoder": [model.decoder_width, model.decoder_depth, model.decoder_heads],
+      "encoder_tokens": args.encoder_tokens, "mask_ratio": model.mask_ratio,
+      "image_size": model.image_size, "batch_size": config.batch_size,
+      "dtype": config.model.dtype, "remat": model.remat, "unroll": model.unroll,
+      "attn_impl": model.attn_impl, "mesh": {"data": data, "fsdp": fsdp},
+      "platform": devices[0].platform, "device_kind": kind, "num_devices": len(devices),
+      "jax_version": jax.__version__, "compile_s": compile_s, "steps": len(times_s),
+      "step_time_s": step_s, "step_time_min_s": float(np.min(times_s)),
+      "images_per_s": images_per_s, "flops_per_image": flops_per_image,
+      "xla_flops_per_image": xla_flops_per_image(compiled, model, config.batch_size,
+                                                 len(devices)),
+      "achieved_tflops": achieved, "peak_tflops_per_device": peak,
+      "peak_tflops_source": peak_source,
+      "mfu": None if peak is None else achieved / (peak * len(devices)),
+      "peak_memory_bytes": peak_memory_bytes(devices),
+      "xla_memory_estimate_bytes": xla_memory_bytes(compiled),
+  }
+
+
+def _fmt(value):
+  if value is None:
+    return "n/a"
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  return str(value)
+
+
+TABLE_ROWS = (  # (label, key, scale)
+    ("model", "variant", None), ("image size", "image_size", None),
+    ("global batch", "batch_size", None), ("dtype", "dtype", None),
+    ("encoder tokens", "encoder_tokens", None), ("device", "device_kind", None),
+    ("devices", "num_devices", None), ("compile (s)", "compile_s", None),
+    ("step time, median (s)", "step_time_s", None), ("images/s", "images_per_s", None),
+    ("train GFLOP/image", "flops_per_image", 1e-9),
+    ("achieved TFLOP/s", "achieved_tflops", None), ("MFU", "mfu", None),
+    ("peak memory (GiB)", "peak_memory_bytes", 2**-30),
+    ("XLA memory estimate (GiB)", "xla_memory_estimate_bytes", 2**-30),
+)
+
+
+def format_table(result):
+  lines = []
+  for label, key, scale in TABLE_ROWS:
+    value = result[key]
+    if scale is not None and value is not None:
+      value = value * scale
+    lines.append(f"{label:<26} {_fmt(value)}")
+  return "\n".join(lines)
+
+
+def benchmark(args):
+  """Compile, warm up and time the train step; returns the result record."""
+  config = bench_config(args)
+  log(f"building {config.model.variant} at {args.image_size}px, batch {args.batch_size}, "
+      f"{jax.device_count()} x {jax.devices()[0].device_kind}")
+  step, state, batch, rng, model = setup(config, args.encoder_tokens, args.seed)
+  log("compiling the train step ...")
+  compiled, compile_s = compile_step(step, state, batch, rng)
+  log(f"compiled in {compile_s:.1f}s; {args.warmup} warm-up steps ...")
+  state, _ = run_steps(compiled, state, batch, rng, args.warmup)
+  every = max(1, args.steps // 5)
+  state, times = run_steps(
+      compiled, state, batch, rng, args.steps,
+      lambda i, t: (i + 1) % every == 0 and log(f"step {i + 1}/{args.steps}: {t:.3f}s"))
+  return summarize(args, config, model, compiled, compile_s, times)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  try:
+    result = benchmark(args)
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(format_table(result))
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,125 @@
+"""Analytic FLOPs agree with XLA's compiled cost analysis; `python -m mae_jax.bench` runs.
+
+XLA counts a while-loop (scanned block stack) body once, so the models here have one
+encoder and one decoder block; the analytic count covers matmuls only, XLA also counts
+norms, softmax, GELU, the loss and AdamW, hence a tolerance of 10 %.
+"""
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from mae_jax import bench, flops, mae
+from mae_jax import train_step as ts
+
+SIZES = {
+    "32px_p4_w192": dict(image_size=32, patch_size=4, width=192, num_heads=3,
+                         decoder_width=128, decoder_heads=4),
+    "64px_p8_w256": dict(image_size=64, patch_size=8, width=256, num_heads=4,
+                         decoder_width=128, decoder_heads=4),
+}
+BATCH = 8
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOLERANCE = 0.10
+
+
+def one_block_model(size, cls=mae.MaskedAutoencoder):
+  return cls(depth=1, decoder_depth=1, **SIZES[size])
+
+
+def xla_flops(compiled):
+  cost = compiled.cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+def xla_forward_flops_per_image(model):
+  images = jax.ShapeDtypeStruct((BATCH, model.image_size, model.image_size, 3), jnp.float32)
+  noise = jax.ShapeDtypeStruct((BATCH, model.num_patches), jnp.float32)
+  init = functools.partial(model.init, {"params": jax.random.key(0), "mask": jax.random.key(1)})
+  variables = jax.eval_shape(init, images, noise)
+  compiled = jax.jit(model.apply).lower(variables, images, noise).compile()
+  return xla_flops(compiled) / BATCH
+
+
+def assert_close(analytic, xla):
+  assert abs(xla / analytic - 1) < TOLERANCE, f"analytic {analytic:.4g} vs XLA {xla:.4g}"
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_forward_flops_match_xla(size):
+  model = one_block_model(size)
+  assert_close(flops.forward_flops(model), xla_forward_flops_per_image(model))
+
+
+def test_all_tokens_forward_flops_match_xla():
+  """The encoder-on-all-tokens benchmark variant computes what flops counts for it."""
+  model = one_block_model("32px_p4_w192", bench.AllTokensMAE)
+  xla = xla_forward_flops_per_image(model)
+  assert_close(flops.forward_flops(model, "all"), xla)
+  assert xla > 2 * flops.forward_flops(model)  # the masked-token encoder is far cheaper
+
+
+def test_train_step_flops_match_xla():
+  """The real train step with SGD (AdamW's many small kernels double the CPU compile
+  time; test_bench_cli_json_line checks a step with AdamW at the other size)."""
+  model = one_block_model("32px_p4_w192")
+  tx = optax.sgd(1e-3)
+  state = jax.eval_shape(functools.partial(ts.init_state, model, tx, image_shape=(32, 32, 3)),
+                         jax.random.key(0))
+  batch = {"image": jax.ShapeDtypeStruct((BATCH, 32, 32, 3), jnp.uint8)}
+  step = functools.partial(ts.train_step, model=model, tx=tx,
+                           schedule=optax.constant_schedule(1e-3), mean=(0.5,) * 3,
+                           std=(0.25,) * 3, norm_pix_loss=True)
+  compiled = jax.jit(step).lower(state, batch, jax.random.key(0)).compile()
+  assert_close(flops.train_flops(model), xla_flops(compiled) / BATCH)
+
+
+def test_flops_breakdown_by_hand():
+  """ViT-B/16 encoder on 1 + 49 tokens: the known per-block count, and 3x for training."""
+  model = mae.MaskedAutoencoder()  # B/16 at 224 px, paper decoder
+  parts = flops.forward_breakdown(model)
+  t, d = 50, 768
+  assert parts["encoder"] == 12 * (24 * t * d * d + 4 * t * t * d)
+  assert parts["patch_embed"] == 2 * 196 * 768 * 768
+  assert flops.train_flops(model) == 3 * sum(parts.values())
+  with pytest.raises(ValueError, match="encoder_tokens"):
+    flops.forward_flops(model, "some")
+
+
+BENCH_KEYS = {"compile_s", "step_time_s", "images_per_s", "flops_per_image",
+              "xla_flops_per_image", "achieved_tflops", "mfu", "peak_tflops_per_device",
+              "peak_memory_bytes", "device_kind", "num_devices", "mesh", "batch_size"}
+
+
+def test_bench_cli_json_line():
+  """A tiny run on the 8 simulated devices (data 4 x fsdp 2): its JSON line, whose XLA
+  train-step FLOPs (the second model size) agree with the analytic count."""
+  size = SIZES["64px_p8_w256"]
+  cmd = [sys.executable, "-m", "mae_jax.bench", "--variant", "Ti/8", "--depth", "1",
+         "--decoder_depth", "1", "--mesh_data", "4", "--mesh_fsdp", "2", "--batch_size", "16",
+         "--steps", "2", "--warmup", "1", "--peak_tflops", "1.0"]
+  for f in ("image_size", "width", "num_heads", "decoder_width", "decoder_heads"):
+    cmd += [f"--{f}", str(size[f])]
+  # Optimization level 0 halves the compile time and leaves the FLOP count as it is.
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+             + " --xla_backend_optimization_level=0")
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert BENCH_KEYS <= set(result)
+  assert result["num_devices"] == 8 and result["mesh"] == {"data": 4, "fsdp": 2}
+  assert result["mfu"] == pytest.approx(result["achieved_tflops"] / 8.0)
+  assert "compiling" in out.stderr
+  assert_close(result["flops_per_image"], result["xla_flops_per_image"])
+
+
+def test_bench_bad_flag_is_one_line():
+  out = subprocess.run([sys.executable, "-m", "mae_jax.bench", "--variant", "Q/16"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and "model.variant" in out.stderr
