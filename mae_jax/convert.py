@@ -33,6 +33,7 @@ import argparse
 import functools
 import json
 import os
+import pickle
 import re
 import sys
 
@@ -161,7 +162,10 @@ def infer_shapes(state, image_size=None):
 def _heads_from_variant(fields, variant):
   """Encoder heads from --variant (checked against the tensors), else the size table."""
   if variant:
-    kw = models.decode_variant(variant)
+    try:
+      kw = models.decode_variant(variant)
+    except ValueError as e:
+      raise ConversionError(f"--variant: {e}") from None
     got = {k: fields[k] for k in ("width", "depth", "patch_size")}
     if any(kw[k] != v for k, v in got.items()):
       raise ConversionError(f"--variant {variant} means {kw}, but the checkpoint has {got}")
@@ -427,9 +431,15 @@ def _to_numpy(value, name):
 
 
 def _torch_load(path):
+  """torch.load without running arbitrary pickled code (tensors, containers, and the
+  argparse.Namespace that training scripts save beside the weights)."""
   torch = _torch()
-  with torch.serialization.safe_globals([argparse.Namespace]):
-    return torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      return torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise ConversionError(f"{path}: holds objects other than tensors, refused for "
+                          f"safety; re-save just its state dict ({e})") from None
 
 
 def read_official(path):
