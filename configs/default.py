@@ -44,6 +44,9 @@ def get_config():
   c.model.attn_impl = config_dict.placeholder(str)  # None (auto) | xla | cudnn
 
   c.batch_size = 256  # global batch, over all devices and processes
+  # Split each step's batch into this many micro-batches (scanned, gradients averaged):
+  # the same update with less activation memory.
+  c.grad_accum_steps = 1
   c.num_epochs = 8.0
   c.num_steps = config_dict.placeholder(int)  # overrides num_epochs when set
   # Start from the params of an imported checkpoint (python -m mae_jax.convert ...);

@@ -89,6 +89,8 @@ def parse_args(argv):
   p.add_argument("--image_size", type=int, default=224)
   p.add_argument("--channels", type=int, default=3)
   p.add_argument("--batch_size", type=int, default=64, help="global batch")
+  p.add_argument("--grad_accum_steps", type=int, default=1,
+                 help="micro-batches per step (gradients accumulated inside the step)")
   p.add_argument("--dtype", choices=sorted(models.DTYPES), default="float32")
   p.add_argument("--remat", default="none", help="none | full | dots")
   p.add_argument("--unroll", action="store_true", help="unroll the scanned block stacks")
@@ -127,6 +129,7 @@ def bench_config(args):
     config.model.norm_pix_loss = True
     config.data.update(name="synthetic", image_size=args.image_size, channels=args.channels)
     config.batch_size = args.batch_size
+    config.grad_accum_steps = args.grad_accum_steps
     config.mesh.update(data=args.mesh_data, fsdp=args.mesh_fsdp)
   config_lib.validate(config)
   return config
@@ -156,7 +159,8 @@ def setup(config, encoder_tokens="visible", seed=0):
   state = jax.jit(init, out_shardings=state_sh)(jax.random.key(seed))
   step = functools.partial(ts.train_step, model=model, tx=tx, schedule=schedule,
                            mean=(0.5,) * 3, std=(0.25,) * 3,
-                           norm_pix_loss=config.model.norm_pix_loss)
+                           norm_pix_loss=config.model.norm_pix_loss,
+                           accum_steps=config.grad_accum_steps)
   batch_sh = {"image": sharding.batch_sharding(mesh)}
   step = jax.jit(step, in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
@@ -240,6 +244,7 @@ def summarize(args, config, model, compiled, compile_s, times_s):
       "decoder": [model.decoder_width, model.decoder_depth, model.decoder_heads],
       "encoder_tokens": args.encoder_tokens, "mask_ratio": model.mask_ratio,
       "image_size": model.image_size, "batch_size": config.batch_size,
+      "grad_accum_steps": config.grad_accum_steps,
       "dtype": config.model.dtype, "remat": model.remat, "unroll": model.unroll,
       "attn_impl": model.attn_impl, "mesh": {"data": data, "fsdp": fsdp},
       "platform": devices[0].platform, "device_kind": kind, "num_devices": len(devices),

@@ -71,6 +71,11 @@ def validate(config, num_devices=None):
            f"{config[field]} is not a positive multiple of the {n} data-parallel devices")
     _check(config[field] % jax.process_count() == 0, field,
            f"{config[field]} is not divisible by the {jax.process_count()} processes")
+  accum = config.grad_accum_steps
+  _check(isinstance(accum, int) and accum >= 1, "grad_accum_steps", f"{accum} must be >= 1")
+  _check(config.batch_size % (accum * n) == 0, "grad_accum_steps",
+         f"batch_size {config.batch_size} is not divisible into {accum} micro-batches "
+         f"over the {n} data-parallel devices")
 
 
 def mesh_shape(mesh_config, num_devices):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mae_jax import mae, patches
+from mae_jax import mae, masking, patches
 
 
 @flax.struct.dataclass
@@ -39,18 +39,59 @@ def step_rngs(base_rng, step):
   return {"mask": jax.random.fold_in(jax.random.fold_in(base_rng, step), 0)}
 
 
-def loss_fn(params, model, images_BHWC, rngs, norm_pix_loss):
-  out = model.apply({"params": params}, images_BHWC, rngs=rngs)
+def loss_fn(params, model, images_BHWC, noise_BN, norm_pix_loss):
+  out = model.apply({"params": params}, images_BHWC, noise_BN)
   target = mae.patch_targets(images_BHWC, model.patch_size, norm_pix_loss)
   return mae.mae_loss(out["pred"], target, out["mask"]), out
 
 
-def train_step(state, batch, base_rng, *, model, tx, schedule, mean, std, norm_pix_loss):
-  """One AdamW step on the masked-patch MSE; returns (new state, metrics)."""
-  images = normalize(batch["image"], mean, std)
+def mask_noise(model, rng, batch_size):
+  """The step's masking noise (B, N) for the whole global batch, by the model's strategy."""
+  return masking.make_noise(model.mask_strategy, rng, batch_size, model.grid_size,
+                            model.mask_ratio)
+
+
+def micro_batches(x, accum_steps):
+  """(B, ...) -> (accum_steps, B / accum_steps, ...); micro-batch i holds rows i, i + A, ...
+
+  Rows stay on the device that holds them (the batch axis is sharded in contiguous
+  blocks), so splitting needs no communication.
+  """
+  return jnp.swapaxes(x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 0, 1)
+
+
+def loss_and_grads(params, model, images_BHWC, noise_BN, norm_pix_loss, accum_steps=1):
+  """Mean loss and gradients over `accum_steps` micro-batches, scanned inside the step.
+
+  Every sample masks the same number of patches, so the mean of the micro-batch losses
+  is the full batch's loss and accumulation changes the result only by rounding.
+  """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, _), grads = grad_fn(state.params, model, images, step_rngs(base_rng, state.step),
-                             norm_pix_loss)
+  if accum_steps == 1:
+    (loss, _), grads = grad_fn(params, model, images_BHWC, noise_BN, norm_pix_loss)
+    return loss, grads
+
+  def one(carry, micro):
+    (loss, _), grads = grad_fn(params, model, micro[0], micro[1], norm_pix_loss)
+    return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  micro = (micro_batches(images_BHWC, accum_steps), micro_batches(noise_BN, accum_steps))
+  (loss, grads), _ = jax.lax.scan(one, zeros, micro)
+  return jax.tree.map(lambda x: x / accum_steps, (loss, grads))
+
+
+def train_step(state, batch, base_rng, *, model, tx, schedule, mean, std, norm_pix_loss,
+               accum_steps=1):
+  """One AdamW step on the masked-patch MSE; returns (new state, metrics).
+
+  With accum_steps > 1 the global batch is processed as that many micro-batches (less
+  activation memory) and their gradients averaged before the single update.
+  """
+  images = normalize(batch["image"], mean, std)
+  noise = mask_noise(model, step_rngs(base_rng, state.step)["mask"], images.shape[0])
+  loss, grads = loss_and_grads(state.params, model, images, noise, norm_pix_loss,
+                               accum_steps)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {

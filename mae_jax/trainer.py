@@ -89,7 +89,8 @@ def compile_train_step(run):
   step = functools.partial(
       ts.train_step, model=run.model, tx=run.tx, schedule=run.schedule,
       mean=run.train_src.mean, std=run.train_src.std,
-      norm_pix_loss=run.config.model.norm_pix_loss)
+      norm_pix_loss=run.config.model.norm_pix_loss,
+      accum_steps=run.config.grad_accum_steps)
   repl = sharding.replicated(run.mesh)
   batch_sh = {"image": sharding.batch_sharding(run.mesh),
               "label": sharding.batch_sharding(run.mesh)}

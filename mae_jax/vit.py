@@ -21,7 +21,10 @@ def dense(features, name, dtype, param_dtype):
 
 
 def layer_norm(name, dtype, param_dtype):
-  return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name)
+  """LayerNorm with the two-pass variance of the reference (torch): Flax's default
+  E[x^2] - E[x]^2 loses float32 precision on tokens whose mean dwarfs their spread."""
+  return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, dtype=dtype,
+                      param_dtype=param_dtype, name=name)
 
 
 class Attention(nn.Module):

@@ -20,8 +20,8 @@ def tiny_config(**mesh):
   return c
 
 
-def run_steps(config, devices, batches, steps):
-  """Train `steps` steps on a mesh over `devices`; returns (losses, params)."""
+def run_steps(config, devices, batches, steps, accum_steps=1):
+  """Train `steps` steps on a mesh over `devices`; returns (losses, params, state)."""
   model = models.build_model(config)
   tx, schedule = optim.make_optimizer(config.optim, config.batch_size, 2, max(steps, 10))
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -32,7 +32,8 @@ def run_steps(config, devices, batches, steps):
   state = jax.jit(functools.partial(ts.init_state, model, tx, image_shape=shape),
                   out_shardings=state_sh)(jax.random.key(0))
   step = jax.jit(functools.partial(ts.train_step, model=model, tx=tx, schedule=schedule,
-                                   mean=(0.5,) * 3, std=(0.25,) * 3, norm_pix_loss=True),
+                                   mean=(0.5,) * 3, std=(0.25,) * 3, norm_pix_loss=True,
+                                   accum_steps=accum_steps),
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
   losses = []
   for i in range(steps):
@@ -69,6 +70,37 @@ def test_eight_devices_match_one(one_device_run, mesh):
   assert len(kernel.sharding.device_set) == 8
   if mesh["fsdp"] > 1:  # parameters really are split over the fsdp axis
     assert kernel.addressable_shards[0].data.size == kernel.size // 4
+
+
+@pytest.mark.parametrize("accum_steps", [2, 4])
+def test_gradient_accumulation_matches_the_full_batch(one_device_run, accum_steps):
+  """Micro-batches see the full batch's masks, so the update is the same up to rounding,
+  on 8 devices (each micro-batch still split over all of them)."""
+  losses1, params1, _ = one_device_run
+  losses, params, _ = run_steps(tiny_config(data=8, fsdp=1), jax.devices(), make_batches(3),
+                                3, accum_steps=accum_steps)
+  np.testing.assert_allclose(losses, losses1, rtol=1e-5)
+  assert_trees_close(params, params1, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_accumulation_is_a_mean_over_micro_batches():
+  """The accumulated gradient equals the mean of the micro-batch gradients, each taken on
+  its own rows (i, i + A, ...) and masks: checks the split, not just the total."""
+  c = tiny_config(data=-1, fsdp=1)
+  model = models.build_model(c)
+  params = model.init({"params": jax.random.key(0), "mask": jax.random.key(1)},
+                      np.zeros((1, 16, 16, 3), np.float32))["params"]
+  images = np.random.default_rng(0).normal(size=(16, 16, 16, 3)).astype(np.float32)
+  noise = np.random.default_rng(1).uniform(size=(16, 16)).astype(np.float32)
+  loss4, grads4 = ts.loss_and_grads(params, model, images, noise, False, accum_steps=4)
+  parts = [ts.loss_and_grads(params, model, images[i::4], noise[i::4], False)
+           for i in range(4)]
+  np.testing.assert_allclose(loss4, np.mean([p[0] for p in parts]), rtol=1e-6)
+  mean_grads = jax.tree.map(lambda *g: sum(g) / 4, *[p[1] for p in parts])
+  assert_trees_close(grads4, mean_grads, rtol=1e-5, atol=1e-7)
+  # and a different split (first quarter, second quarter, ...) would not match
+  wrong = ts.loss_and_grads(params, model, images[:4], noise[:4], False)[0]
+  assert abs(float(wrong) - float(parts[0][0])) > 1e-4
 
 
 def test_step_is_deterministic_and_rng_depends_on_step():
