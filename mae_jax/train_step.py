@@ -18,6 +18,7 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  skipped: jax.Array  # int32 (): updates skipped as non-finite (skip_nonfinite), all steps
 
 
 def init_state(model, tx, rng, image_shape):
@@ -25,7 +26,13 @@ def init_state(model, tx, rng, image_shape):
   params_rng, mask_rng = jax.random.split(rng)
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
   params = model.init({"params": params_rng, "mask": mask_rng}, dummy)["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    skipped=jnp.zeros((), jnp.int32))
+
+
+def all_finite(tree):
+  """Whether every element of every leaf is finite (a norm could overflow where none is)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def normalize(images_BHWC, mean, std):
@@ -82,8 +89,12 @@ def loss_and_grads(params, model, images_BHWC, noise_BN, norm_pix_loss, accum_st
 
 
 def train_step(state, batch, base_rng, *, model, tx, schedule, mean, std, norm_pix_loss,
-               accum_steps=1):
+               accum_steps=1, skip_nonfinite=False):
   """One AdamW step on the masked-patch MSE; returns (new state, metrics).
+
+  metrics["nonfinite"] is 1 where the loss, a gradient or an updated parameter is not
+  finite. With skip_nonfinite such an update is dropped: parameters and optimizer state
+  stay as they were, the step still advances and state.skipped counts it.
 
   With accum_steps > 1 the global batch is processed as that many micro-batches (less
   activation memory) and their gradients averaged before the single update.
@@ -94,27 +105,51 @@ def train_step(state, batch, base_rng, *, model, tx, schedule, mean, std, norm_p
                                accum_steps)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(params)
+  skipped = state.skipped
+  if skip_nonfinite:
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
+    skipped = skipped + (~finite).astype(jnp.int32)
   metrics = {
       "loss": loss,
       "lr": schedule(state.step),
       "grad_norm": optax.tree.norm(grads),
       "param_norm": optax.tree.norm(params),
       "update_norm": optax.tree.norm(updates),
+      "nonfinite": (~finite).astype(jnp.int32),
+      "skipped": skipped,
   }
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                    skipped=skipped), metrics
 
 
-def eval_step(params, batch, rng, *, model, mean, std, baseline_HWC):
+def denormalize_pred(pred_BNP, images_BHWC, patch_size, norm_pix_loss):
+  """Predictions in the normalized-input space; a norm_pix_loss model's are per-patch
+  standardized, so they get back each true patch's mean and std (the usual way to show
+  such a model's reconstructions: structure from the model, the patch's level and
+  contrast from the image)."""
+  if not norm_pix_loss:
+    return pred_BNP
+  target = patches.patchify(images_BHWC.astype(jnp.float32), patch_size)
+  mean = target.mean(axis=-1, keepdims=True)
+  var = target.var(axis=-1, keepdims=True, ddof=1)
+  return pred_BNP * (var + 1e-6)**0.5 + mean
+
+
+def eval_step(params, batch, rng, *, model, mean, std, baseline_HWC, norm_pix_loss=False):
   """Masked-patch squared error on [0, 1] pixels for one batch, with the masks of `rng`.
 
   Sums over masked pixels of valid examples, for the model and for `baseline_HWC` (a
   fixed image on [0, 1], e.g. the training set's per-pixel mean), the masked-pixel count,
-  and the reconstructions (B, N, p*p*C) on [0, 1] pixels with their masks.
+  and the reconstructions (B, N, p*p*C) on [0, 1] pixels with their masks. A
+  norm_pix_loss model is judged after `denormalize_pred`.
   """
   images = normalize(batch["image"], mean, std)
   out = model.apply({"params": params}, images, rngs={"mask": rng})
+  pred = denormalize_pred(out["pred"], images, model.patch_size, norm_pix_loss)
   p2 = model.patch_size**2
-  pred_pix = out["pred"] * jnp.tile(jnp.asarray(std, jnp.float32), p2) + jnp.tile(
+  pred_pix = pred * jnp.tile(jnp.asarray(std, jnp.float32), p2) + jnp.tile(
       jnp.asarray(mean, jnp.float32), p2)
   true_pix = patches.patchify(batch["image"].astype(jnp.float32) / 255.0, model.patch_size)
   base_pix = patches.patchify(jnp.asarray(baseline_HWC, jnp.float32)[None], model.patch_size)

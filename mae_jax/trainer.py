@@ -14,7 +14,6 @@ from mae_jax import checkpoint, config as config_lib, data, models, optim, shard
 from mae_jax import train_step as ts
 from mae_jax import visualize
 from mae_jax.logger import Logger
-from mae_jax.patches import unpatchify
 
 
 class NonFiniteLossError(RuntimeError):
@@ -162,7 +161,8 @@ def evaluate_reconstruction(run, params):
   cfg = run.config
   baseline = data.per_pixel_mean(run.train_src, cfg.data.image_size)
   eval_fn = jax.jit(functools.partial(ts.eval_step, model=run.model, mean=run.train_src.mean,
-                                      std=run.train_src.std, baseline_HWC=baseline))
+                                      std=run.train_src.std, baseline_HWC=baseline,
+                                      norm_pix_loss=cfg.model.norm_pix_loss))
   rng = jax.random.fold_in(jax.random.key(cfg.seed), -1 % (2**31))
   sums = collections.Counter()
   first = None
@@ -183,13 +183,8 @@ def evaluate_reconstruction(run, params):
 def save_reconstructions(run, first, path):
   images_u8, pred_BNP, mask_BN = first
   n = min(run.config.num_vis_images, len(images_u8))
-  p, c = run.model.patch_size, run.config.data.channels
-  grid = run.model.grid_size
-  pred = np.asarray(unpatchify(pred_BNP[:n], p, grid, c))
-  mask_P = np.repeat(mask_BN[:n, :, None], p * p * c, axis=-1)
-  mask = np.asarray(unpatchify(mask_P, p, grid, c))
-  rows = visualize.reconstruction_rows(images_u8[:n].astype(np.float32) / 255.0, pred, mask)
-  return visualize.save_grid(rows, path)
+  return visualize.save_reconstructions(images_u8[:n], pred_BNP[:n], mask_BN[:n],
+                                        run.model.patch_size, path)
 
 
 def write_summary(run, results, train_seconds, final_loss):

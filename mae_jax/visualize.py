@@ -1,7 +1,23 @@
 """Reconstruction grids: rows = original, masked input, reconstruction, reconstruction
-with the visible patches pasted back (the paper's Figure 2 layout)."""
+with the visible patches pasted back (the paper's Figure 2 layout).
+
+  python -m mae_jax.visualize workdirs/demo --out recon.png             # its test images
+  python -m mae_jax.visualize out/mae_vis_large --images photos/ --out recon.png
+
+The model comes from a train.py workdir or a converted checkpoint (mae_jax.pretrained);
+images from files or folders given with --images (resized on the short side and centre
+cropped to the model's size), or, for a workdir, the first test images of its dataset.
+The mask is drawn with --seed; --mask_ratio overrides the model's.
+"""
+import argparse
+import functools
+import os
+import sys
+
 import numpy as np
 from PIL import Image
+
+from mae_jax.patches import unpatchify
 
 
 def reconstruction_rows(images_BHWC, pred_BHWC, mask_BHW1):
@@ -24,3 +40,95 @@ def save_grid(rows, path, scale=4, pad=2):
   image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
   image.save(path)
   return path
+
+
+def save_reconstructions(images_u8_BHWC, pred_BNP, mask_BN, patch_size, path, scale=None):
+  """The four-row grid of uint8 images, their reconstructions (B, N, p*p*C) on [0, 1]
+  pixels and masks (B, N; 1 = masked) as a PNG at `path`."""
+  b, h, w, c = images_u8_BHWC.shape
+  grid = (h // patch_size, w // patch_size)
+  pred = np.asarray(unpatchify(np.asarray(pred_BNP), patch_size, grid, c))
+  mask_BNP = np.repeat(np.asarray(mask_BN)[:, :, None], patch_size**2 * c, axis=-1)
+  mask = np.asarray(unpatchify(mask_BNP, patch_size, grid, c))
+  rows = reconstruction_rows(images_u8_BHWC.astype(np.float32) / 255.0, pred, mask)
+  if scale is None:  # small images are blown up for viewing, large ones kept as they are
+    scale = max(1, 112 // h)
+  return save_grid(rows, path, scale=scale)
+
+
+def image_source(paths, channels):
+  """A FolderSource over image files and (recursively) the images in folders."""
+  from mae_jax.data import folder
+  files = []
+  for path in paths:
+    if os.path.isdir(path):
+      files += folder.images_under(path)
+    elif os.path.isfile(path):
+      files.append(path)
+    else:
+      raise FileNotFoundError(f"--images {path}: no such file or directory")
+  if not files:
+    raise FileNotFoundError(f"--images {' '.join(paths)}: no image files there")
+  return folder.FolderSource(files, [-1] * len(files), channels=channels, num_classes=None,
+                             known_stats=((0.0,) * channels, (1.0,) * channels))
+
+
+def reconstruct(pre, images_u8_BHWC, seed=0, mask_ratio=None):
+  """(pred (B, N, p*p*C) on [0, 1] pixels, mask (B, N), masked-patch MSE on [0, 1])."""
+  import jax
+  from mae_jax import train_step as ts
+  model = pre.model if mask_ratio is None else pre.model.clone(mask_ratio=mask_ratio)
+  shape = images_u8_BHWC.shape[1:]
+  step = jax.jit(functools.partial(
+      ts.eval_step, model=model, mean=pre.mean, std=pre.std,
+      baseline_HWC=np.zeros(shape, np.float32), norm_pix_loss=pre.norm_pix_loss))
+  batch = {"image": images_u8_BHWC, "valid": np.ones(len(images_u8_BHWC), bool)}
+  out = jax.device_get(step(pre.params, batch, jax.random.key(seed)))
+  return out["pred"], out["mask"], float(out["sq_err"] / out["count"])
+
+
+def load_images(pre, paths, count):
+  """uint8 (B, S, S, C) at the model's size: from `paths`, else the workdir's test split."""
+  from mae_jax import data
+  size, channels = pre.model.image_size, pre.model.channels
+  if paths:
+    source = image_source(paths, channels)
+  elif pre.config is not None:
+    source = data.load_source(pre.config.data, "test")
+  else:
+    raise FileNotFoundError("a converted checkpoint has no dataset: pass --images")
+  count = min(count, len(source))
+  batch = next(data.make_eval_batches(source, image_size=size, batch_size=count))
+  return batch["image"]
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m mae_jax.visualize", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("path", help="train.py workdir or `mae_jax.convert import` output")
+  parser.add_argument("--images", nargs="*", default=None, help="image files or folders")
+  parser.add_argument("--out", default="reconstructions.png", help="PNG to write")
+  parser.add_argument("--num_images", type=int, default=8)
+  parser.add_argument("--mask_ratio", type=float, default=None, help="default: the model's")
+  parser.add_argument("--seed", type=int, default=0, help="seeds the mask")
+  parser.add_argument("--step", type=int, default=None, help="workdir checkpoint step")
+  args = parser.parse_args(argv)
+  from mae_jax import pretrained
+  if args.mask_ratio is not None and not 0 < args.mask_ratio < 1:
+    print(f"error: --mask_ratio {args.mask_ratio} must be in (0, 1)", file=sys.stderr)
+    return 2
+  try:
+    pre = pretrained.load(args.path, args.step)
+    images = load_images(pre, args.images, args.num_images)
+  except (pretrained.PretrainedError, FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  pred, mask, mse = reconstruct(pre, images, args.seed, args.mask_ratio)
+  save_reconstructions(images, pred, mask, pre.model.patch_size, args.out)
+  print(f"{pre.description}: {len(images)} images, masked-patch MSE {mse:.4f} on [0, 1] "
+        f"pixels -> {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
