@@ -123,3 +123,25 @@ def test_bench_bad_flag_is_one_line():
   out = subprocess.run([sys.executable, "-m", "mae_jax.bench", "--variant", "Q/16"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode == 2 and "model.variant" in out.stderr
+
+
+def test_pipeline_benchmark_runs_both_datasets(tmp_path):
+  """benchmarks/pipeline.py on a tiny case: a JSON line per (dataset, workers) whose batch
+  shapes it checked; the generated JPEGs are full size and decode as RGB."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  try:
+    import pipeline  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  pipeline.write_jpegs(str(tmp_path), 2, (120, 90))
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  with Image.open(tmp_path / "train" / "class_0" / "00000.jpg") as image:
+    assert image.size == (120, 90) and image.mode == "RGB" and image.format == "JPEG"
+  rows = pipeline.main(["--dataset", "jpeg_folder", "--dataset", "fashion_mnist",
+                        "--workers", "0", "--workers", "2", "--batch_size", "4", "--batches",
+                        "2", "--warmup", "1", "--num_images", "6", "--image_size", "32",
+                        "--jpeg_size", "64", "48"])
+  assert [(r["dataset"], r["workers"]) for r in rows] == [
+      ("jpeg_folder", 0), ("jpeg_folder", 2), ("fashion_mnist", 0), ("fashion_mnist", 2)]
+  assert [r["image_size"] for r in rows] == [32, 32, 28, 28]
+  assert all(r["images_per_s"] > 0 for r in rows)
