@@ -6,6 +6,7 @@ attention logits and softmax are float32.
 """
 from typing import Any
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,16 @@ def layer_norm(name, dtype, param_dtype):
                       param_dtype=param_dtype, name=name)
 
 
+def auto_attention(backend, dtype, head_dim):
+  """The attention kernel for implementation=None: cuDNN's fused attention on a GPU in
+  bfloat16 / float16 with a head dim it supports (a multiple of 8, at most 128), else XLA.
+  jax.nn.dot_product_attention's own None always means XLA."""
+  if (backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+      and head_dim % 8 == 0 and head_dim <= 128):
+    return "cudnn"
+  return "xla"
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (the reference layout)."""
   num_heads: int
@@ -40,8 +51,15 @@ class Attention(nn.Module):
     h = self.num_heads
     qkv = dense(3 * d, "qkv", self.dtype, self.param_dtype)(x_BTD)
     q, k, v = jnp.split(qkv.reshape(b, t, 3, h, d // h), 3, axis=2)
-    out_BTHK = jax.nn.dot_product_attention(
-        q[:, :, 0], k[:, :, 0], v[:, :, 0], implementation=self.implementation)
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+    impl = self.implementation or auto_attention(jax.default_backend(), q.dtype, d // h)
+    try:
+      out_BTHK = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    except (ValueError, NotImplementedError) as e:  # raised while tracing, before compiling
+      if self.implementation is not None:
+        raise
+      logging.warning("cuDNN attention does not apply here (%s); using XLA's", e)
+      out_BTHK = jax.nn.dot_product_attention(q, k, v, implementation="xla")
     return dense(d, "proj", self.dtype, self.param_dtype)(out_BTHK.reshape(b, t, d))
 
 
@@ -58,6 +76,14 @@ class Mlp(nn.Module):
     return dense(x_BTD.shape[-1], "fc2", self.dtype, self.param_dtype)(y)
 
 
+def drop_path(y_BTD, rate, rng):
+  """Stochastic depth: zero each example's residual branch with probability `rate` (a
+  traced scalar), scale the kept ones by 1 / (1 - rate)."""
+  keep = 1.0 - rate
+  keep_B11 = jax.random.bernoulli(rng, keep, (y_BTD.shape[0], 1, 1))
+  return jnp.where(keep_B11, y_BTD / keep.astype(y_BTD.dtype), jnp.zeros_like(y_BTD))
+
+
 class Block(nn.Module):
   """Pre-LN transformer block: x + attn(ln(x)); x + mlp(ln(x))."""
   num_heads: int
@@ -67,13 +93,16 @@ class Block(nn.Module):
   attn_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x_BTD, _=None):
+  def __call__(self, x_BTD, drop_rate=None):
+    """drop_rate: this block's drop-path rate (scanned in by BlockStack), None = none."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    branch = lambda y: y if drop_rate is None else drop_path(y, drop_rate,
+                                                              self.make_rng("dropout"))
     y = layer_norm("norm1", **kw)(x_BTD)
-    x_BTD = x_BTD + Attention(self.num_heads, implementation=self.attn_impl, name="attn",
-                              **kw)(y)
+    x_BTD = x_BTD + branch(Attention(self.num_heads, implementation=self.attn_impl,
+                                     name="attn", **kw)(y))
     y = layer_norm("norm2", **kw)(x_BTD)
-    x_BTD = x_BTD + Mlp(self.mlp_dim, name="mlp", **kw)(y)
+    x_BTD = x_BTD + branch(Mlp(self.mlp_dim, name="mlp", **kw)(y))
     return x_BTD, None
 
 
@@ -89,7 +118,9 @@ class BlockStack(nn.Module):
 
   The stack is an nn.scan (one compiled block, fast compiles); `unroll` unrolls it in
   the compiled program without changing the parameter layout. `remat` names a policy in
-  REMAT_POLICIES.
+  REMAT_POLICIES. `drop_path` > 0 drops residual branches when called with
+  deterministic=False (rates rising linearly from 0 at the first block to drop_path at
+  the last, as the reference's fine-tuning; needs a 'dropout' RNG).
   """
   depth: int
   num_heads: int
@@ -99,15 +130,20 @@ class BlockStack(nn.Module):
   remat: str = "none"
   unroll: bool = False
   attn_impl: str | None = None
+  drop_path: float = 0.0  # stochastic-depth rate of the last block; 0 = off
 
   @nn.compact
-  def __call__(self, x_BTD):
+  def __call__(self, x_BTD, deterministic=True):
     block = Block
     if self.remat != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+    stack = nn.scan(block, variable_axes={"params": 0},
+                    split_rngs={"params": True, "dropout": True},
                     length=self.depth, unroll=self.depth if self.unroll else 1)
+    rates_L = None  # per-block drop-path rates, scanned over with the parameters
+    if self.drop_path > 0 and not deterministic:
+      rates_L = jnp.linspace(0.0, self.drop_path, self.depth, dtype=jnp.float32)
     x_BTD, _ = stack(self.num_heads, self.mlp_dim, dtype=self.dtype,
                      param_dtype=self.param_dtype, attn_impl=self.attn_impl,
-                     name="layers")(x_BTD, None)
+                     name="layers")(x_BTD, rates_L)
     return x_BTD

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax import mae, models, patches, posembed
+from mae_jax import mae, models, patches, posembed, vit
 from mae_jax.mae import MaskedAutoencoder
 
 TINY = dict(image_size=16, patch_size=4, channels=3, width=32, depth=2, num_heads=4,
@@ -135,3 +135,13 @@ def test_scan_unroll_and_remat_give_same_output():
   for kw in (dict(unroll=True), dict(remat="full"), dict(remat="dots")):
     out = MaskedAutoencoder(**TINY, **kw).apply({"params": params}, x, noise)["pred"]
     np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,dtype,head_dim,expected", [
+    ("gpu", jnp.bfloat16, 64, "cudnn"), ("gpu", jnp.float16, 128, "cudnn"),
+    ("gpu", jnp.float32, 64, "xla"),     # cuDNN's fused attention is half precision only
+    ("gpu", jnp.bfloat16, 160, "xla"),   # head dim above 128
+    ("gpu", jnp.bfloat16, 36, "xla"),    # not a multiple of 8
+    ("cpu", jnp.bfloat16, 64, "xla"), ("tpu", jnp.bfloat16, 64, "xla")])
+def test_auto_attention_picks_cudnn_only_where_it_applies(backend, dtype, head_dim, expected):
+  assert vit.auto_attention(backend, dtype, head_dim) == expected
