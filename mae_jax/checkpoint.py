@@ -1,50 +1,260 @@
-"""Orbax checkpoints of the train state: async, keep-N, atomic, resumable.
+"""Orbax checkpoints of the train state: async, keep-N, atomic, verified, resumable.
 
-Orbax writes each step into a temporary directory and renames it when complete, so a
-step directory that exists is whole; `latest_step` only ever sees complete ones. The
-data position needs no saving: batches are a pure function of (seed, step).
+Orbax writes step N into `N.orbax-checkpoint-tmp` and renames it to `N` once every file is
+written, so a step directory that exists is whole and `latest_step` only sees complete
+ones; a temporary directory that a killed run left behind is noted (`notes`) and removed.
+Once a step is complete, process 0 writes a manifest of its files' sizes and CRC-32s into
+it (MANIFEST), and restore checks it first: a truncated or corrupted file is named instead
+of being read as garbage. Write failures (a full or unwritable disk) surface as one
+CheckpointError naming the directory; the previous complete checkpoint is never touched.
+The data position needs no saving: batches are a pure function of (seed, step).
 """
+import contextlib
 import json
 import os
+import re
+import shutil
+import sys
+import zlib
 
 import jax
 import orbax.checkpoint as ocp
+
+MANIFEST = "mae_manifest.json"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step still being written
+_CHUNK = 1 << 22
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint or workdir that cannot be written, read or trusted (one line naming it)."""
 
 
 class Checkpointer:
   """A CheckpointManager over `directory` holding TrainState pytrees."""
 
   def __init__(self, directory, *, keep, every_steps, async_save=True):
+    self.directory = os.path.abspath(directory)
+    check_writable(self.directory)
+    self.interrupted = interrupted_steps(self.directory)  # before Orbax removes them
+    self.notes = []  # what restore_latest skipped, for the run's log
+    ignore_late_callbacks()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=every_steps,
-        enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def step_dir(self, step):
+    return os.path.join(self.directory, str(step))
 
   def latest_step(self):
     return self.manager.latest_step()
 
   def save(self, step, state, force=False):
-    """Start saving `state` at `step` (if due, or `force`); returns whether it saves."""
-    return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    """Start saving `state` at `step` (if due, or `force`); returns whether it saves.
+
+    Raises CheckpointError if this save, or an earlier asynchronous one, cannot be written.
+    """
+    try:
+      saved = self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    except Exception as e:  # Orbax and TensorStore raise ValueError, OSError, ...
+      raise self._write_error(e) from e
+    self.write_manifests()  # the save above waited for the previous one to finish
+    return saved
 
   def restore(self, step, target):
     """Restore `step` onto the shapes, dtypes and shardings of `target` (a state pytree
-    of arrays or jax.ShapeDtypeStructs)."""
+    of arrays or jax.ShapeDtypeStructs), after checking its files against the manifest."""
+    step_dir = self.step_dir(step)
+    verify(step_dir, step, self._fallback(step))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    try:
+      return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:
+      raise CheckpointError(f"checkpoint step {step} cannot be restored: {short_reason(e)}; "
+                            f"{self._fallback(step)}") from e
 
   def restore_latest(self, target):
-    """(state, step) from the latest complete checkpoint, or (target, None) if none."""
+    """(state, step) from the latest complete checkpoint, or (target, None) if none.
+
+    Steps whose writing was interrupted are never candidates; each one newer than the
+    step restored is noted in `notes`.
+    """
     step = self.latest_step()
+    resumed = "starting from scratch" if step is None else f"resuming from step {step}"
+    for s, path in self.interrupted:
+      if step is None or s > step:
+        self.notes.append(f"checkpoint step {s} was interrupted mid-write "
+                          f"({os.path.basename(path)}): ignored, {resumed}")
     if step is None:
       return target, None
     return self.restore(step, target), step
 
+  def check_space(self, target):
+    """Raise CheckpointError if the disk cannot hold one checkpoint of `target`."""
+    check_space(self.directory, sum(x.nbytes for x in jax.tree.leaves(target)))
+
+  def write_manifests(self):
+    """Write the manifest of every complete step that has none (process 0 only)."""
+    if jax.process_index() != 0:
+      return
+    for step in complete_steps(self.directory):
+      if not os.path.exists(os.path.join(self.step_dir(step), MANIFEST)):
+        write_manifest(self.step_dir(step))
+
   def wait(self):
-    self.manager.wait_until_finished()
+    """Block until pending saves are on disk; CheckpointError if one could not be written."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._write_error(e) from e
+    self.write_manifests()
 
   def close(self):
+    self.wait()
     self.manager.close()
+
+  def _write_error(self, error):
+    steps = complete_steps(self.directory)
+    kept = (f"the last complete checkpoint, step {steps[-1]}, is intact" if steps
+            else "no checkpoint was completed")
+    return CheckpointError(f"cannot write a checkpoint in {self.directory}: "
+                           f"{short_reason(error)}; {kept}")
+
+  def _fallback(self, step):
+    earlier = [s for s in complete_steps(self.directory) if s < step]
+    after = f"resume from step {earlier[-1]}" if earlier else "start afresh"
+    return f"delete {self.step_dir(step)} to {after}"
+
+
+class _DropClosedLoopErrors:
+  """sys.unraisablehook that drops "Event loop is closed" and passes on everything else."""
+
+  def __init__(self, previous):
+    self.previous = previous
+
+  def __call__(self, unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      self.previous(unraisable)
+
+
+def ignore_late_callbacks():
+  """When a save fails, TensorStore still completes that save's other writes and calls back
+  into the event loop Orbax has closed; each call would print a traceback around the
+  one-line error. Such callbacks can no longer matter: drop them (process-wide, once)."""
+  if not isinstance(sys.unraisablehook, _DropClosedLoopErrors):
+    sys.unraisablehook = _DropClosedLoopErrors(sys.unraisablehook)
+
+
+def complete_steps(directory):
+  """Sorted steps whose directory Orbax finished (renamed from its temporary name)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+
+
+def interrupted_steps(directory):
+  """Sorted (step, path) of the temporary directories of saves that never finished."""
+  found = []
+  for name in os.listdir(directory):
+    match = re.fullmatch(r"(\d+)" + re.escape(TMP_SUFFIX) + r".*", name)
+    if match:
+      found.append((int(match.group(1)), os.path.join(directory, name)))
+  return sorted(found)
+
+
+def check_writable(directory):
+  """Raise CheckpointError unless `directory` exists (or can be made) and takes a file."""
+  probe = os.path.join(directory, f".write-probe-{jax.process_index()}-{os.getpid()}")
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with open(probe, "wb") as f:
+      f.write(b"\0" * 4096)
+      f.flush()
+      os.fsync(f.fileno())
+  except OSError as e:
+    where = f": {e.filename}" if e.filename and e.filename != probe else ""
+    raise CheckpointError(f"{directory}: cannot write checkpoints there ({e.strerror}{where}); "
+                          "choose another --workdir, or fix its permissions or free space"
+                          ) from None
+  finally:
+    with contextlib.suppress(OSError):
+      os.remove(probe)
+
+
+def check_space(directory, need_bytes):
+  """Raise CheckpointError if `directory`'s file system has less than `need_bytes` free."""
+  free = shutil.disk_usage(directory).free
+  if free < need_bytes:
+    raise CheckpointError(
+        f"{directory}: {free / 2**20:.1f} MiB free, but one checkpoint of this run needs "
+        f"{need_bytes / 2**20:.1f} MiB; free some space or choose another --workdir")
+
+
+def file_crc32(path):
+  crc = 0
+  with open(path, "rb") as f:
+    while chunk := f.read(_CHUNK):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def step_files(step_dir):
+  """Paths relative to `step_dir` of all its files but the manifest."""
+  return sorted(os.path.relpath(os.path.join(d, name), step_dir)
+                for d, _, names in os.walk(step_dir) for name in names
+                if not name.startswith(MANIFEST))
+
+
+def write_manifest(step_dir):
+  """Record {file: [size, crc32]} of a complete step directory, atomically."""
+  path = os.path.join(step_dir, MANIFEST)
+  try:
+    files = {rel: [os.path.getsize(os.path.join(step_dir, rel)),
+                   file_crc32(os.path.join(step_dir, rel))] for rel in step_files(step_dir)}
+    with open(path + ".tmp", "w") as f:
+      json.dump({"files": files}, f)
+    os.replace(path + ".tmp", path)
+  except FileNotFoundError:
+    pass  # Orbax deleted the step meanwhile (keep-N)
+
+
+def verify(step_dir, step, hint):
+  """Raise CheckpointError naming the first file of `step_dir` that is missing, truncated
+  or changed since its manifest was written; returns whether there was a manifest."""
+  path = os.path.join(step_dir, MANIFEST)
+  if not os.path.exists(path):
+    return False  # written before manifests, or killed between finishing and manifesting
+  try:
+    with open(path) as f:
+      files = json.load(f)["files"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"checkpoint step {step} is damaged: {path}: unreadable manifest "
+                          f"({e}); {hint}") from None
+  for rel, (size, crc) in sorted(files.items()):
+    file = os.path.join(step_dir, rel)
+    if not os.path.isfile(file):
+      problem = "is missing"
+    elif (actual := os.path.getsize(file)) != size:
+      problem = f"is truncated ({actual} of {size} bytes)" if actual < size else (
+          f"has {actual} bytes, not the {size} written")
+    elif file_crc32(file) != crc:
+      problem = "is corrupted (its CRC-32 differs from the one written)"
+    else:
+      continue
+    raise CheckpointError(f"checkpoint step {step} is damaged: {file} {problem}; {hint}")
+  return True
+
+
+def short_reason(error, limit=300):
+  """A long Orbax/TensorStore error in a phrase: the file it names, if any, and the cause."""
+  text = " ".join(str(error).split()) or type(error).__name__
+  files = re.findall(r'(?:local file|Failed writing:|Metadata file:?)\s*"?(/[^"\s,]+)', text)
+  cause = re.search(r":\s*([^:\[]+?)\s*\[os_error_code", text)
+  if files and cause:
+    return f"{files[-1]}: {cause.group(1)}"
+  return text[:limit] + ("..." if len(text) > limit else "")
 
 
 def save_config(config, workdir):
@@ -59,6 +269,12 @@ def save_config(config, workdir):
 
 
 def load_config_dict(workdir):
-  """The saved config of a workdir as a plain dict."""
-  with open(os.path.join(workdir, "config.json")) as f:
-    return json.load(f)
+  """The saved config of a workdir as a plain dict, or None where it has none."""
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path}: cannot read the saved config ({e})") from None

@@ -1,8 +1,10 @@
 """Config checks and derived quantities: everything decided before anything compiles."""
 import dataclasses
 import math
+import re
 
 import jax
+import ml_collections
 
 from mae_jax import masking, models, vit
 
@@ -20,6 +22,30 @@ def _check_choice(value, field, valid):
   _check(value in valid, field, f"{value!r} is not valid; valid values: {', '.join(map(str, valid))}")
 
 
+def _is_int(x):
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x):
+  """A finite int or float (not a bool, NaN or infinity)."""
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_int(value, field, minimum, optional=False):
+  _check((optional and value is None) or (_is_int(value) and value >= minimum), field,
+         f"{value!r} must be an int >= {minimum}" + (" (or None)" if optional else ""))
+
+
+def _check_number(value, field, minimum, *, strict=False, below=None, optional=False):
+  """A finite number >= minimum (> where strict), < below where given."""
+  ok = _is_number(value) and (value > minimum if strict else value >= minimum)
+  ok = ok and (below is None or value < below)
+  low = f"{'>' if strict else '>='} {minimum}"
+  expected = f"in [{minimum}, {below})" if below is not None else low
+  _check((optional and value is None) or ok, field,
+         f"{value!r} must be a finite number {expected}" + (" (or None)" if optional else ""))
+
+
 def validate_model(config):
   """Model fields: a known variant, consistent sizes, a mask that leaves patches visible."""
   m = config.model
@@ -31,7 +57,12 @@ def validate_model(config):
     kw = models.model_kwargs(m, config.data.image_size, config.data.channels)
   except ValueError as e:
     raise ConfigError(f"config.{e}") from None
-  _check(kw["image_size"] > 0 and kw["image_size"] % kw["patch_size"] == 0, "data.image_size",
+  for field in ("width", "depth", "num_heads", "patch_size", "decoder_width", "decoder_depth",
+                "decoder_heads"):
+    _check_int(kw[field], f"model.{field}", 1)
+  _check_int(kw["image_size"], "data.image_size", 1)
+  _check_number(m.mlp_ratio, "model.mlp_ratio", 0, strict=True)
+  _check(kw["image_size"] % kw["patch_size"] == 0, "data.image_size",
          f"{kw['image_size']} is not a positive multiple of the patch size {kw['patch_size']}")
   _check(kw["width"] % 4 == 0, "model.width", f"{kw['width']} must be divisible by 4 (2D sin-cos)")
   _check(kw["decoder_width"] % 4 == 0, "model.decoder_width",
@@ -40,34 +71,67 @@ def validate_model(config):
          f"{kw['num_heads']} does not divide width {kw['width']}")
   _check(kw["decoder_width"] % kw["decoder_heads"] == 0, "model.decoder_heads",
          f"{kw['decoder_heads']} does not divide decoder_width {kw['decoder_width']}")
-  _check(kw["depth"] >= 1 and kw["decoder_depth"] >= 1, "model.depth",
-         "encoder and decoder need at least one block")
-  _check(0 < m.mask_ratio < 1, "model.mask_ratio", f"{m.mask_ratio} must be in (0, 1)")
+  _check(_is_number(m.mask_ratio) and 0 < m.mask_ratio < 1, "model.mask_ratio",
+         f"{m.mask_ratio} must be in (0, 1)")
   num_patches = (kw["image_size"] // kw["patch_size"])**2
   _check(masking.num_visible(num_patches, m.mask_ratio) >= 1, "model.mask_ratio",
          f"{m.mask_ratio} leaves no visible patch out of {num_patches}")
 
 
+def validate_data(config):
+  """Data fields: a dataset name, channels, augmentation and its crop range."""
+  d = config.data
+  _check(isinstance(d.name, str) and d.name.strip() != "", "data.name",
+         f"{d.name!r} must name a dataset (fashion_mnist, synthetic, folder or a TFDS name)")
+  _check_choice(d.channels, "data.channels", [1, 3])
+  _check_choice(d.augment, "data.augment", ["none", "crop", "crop_flip"])
+  scale = d.crop_scale
+  _check(isinstance(scale, (tuple, list)) and len(scale) == 2
+         and all(_is_number(x) for x in scale) and 0 < scale[0] <= scale[1] <= 1,
+         "data.crop_scale", f"{scale!r} must be (min, max) with 0 < min <= max <= 1")
+  _check_int(d.num_workers, "data.num_workers", 0)
+  if d.name == "synthetic":
+    _check_int(d.synthetic_size, "data.synthetic_size", 1)
+
+
+def validate_optim(config):
+  """AdamW and schedule fields: finite, in range."""
+  o = config.optim
+  _check_number(o.base_lr, "optim.base_lr", 0, strict=True)
+  _check_number(o.min_lr, "optim.min_lr", 0)
+  _check_number(o.weight_decay, "optim.weight_decay", 0)
+  _check_number(o.b1, "optim.b1", 0, below=1)
+  _check_number(o.b2, "optim.b2", 0, below=1)
+  _check_number(o.eps, "optim.eps", 0, strict=True)
+  _check_number(o.warmup_epochs, "optim.warmup_epochs", 0)
+  _check_int(o.warmup_steps, "optim.warmup_steps", 0, optional=True)
+  _check_number(o.grad_clip, "optim.grad_clip", 0, strict=True, optional=True)
+
+
+def validate_run(config):
+  """Lengths and intervals of the run."""
+  if config.num_steps is None:
+    _check(_is_number(config.num_epochs) and config.num_epochs > 0, "num_epochs",
+           f"{config.num_epochs!r} must be a positive number (or set num_steps)")
+  _check_int(config.num_steps, "num_steps", 1, optional=True)
+  _check_int(config.stop_after_steps, "stop_after_steps", 1, optional=True)
+  for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    _check_int(config[field], field, 1)
+  _check_int(config.num_vis_images, "num_vis_images", 0)
+  _check_number(config.get("knn_every_epochs"), "knn_every_epochs", 0, strict=True,
+                optional=True)
+
+
 def validate(config, num_devices=None):
   """Raise ConfigError on the first field that cannot work."""
   validate_model(config)
-  _check_choice(config.data.channels, "data.channels", [1, 3])
-  _check_choice(config.data.augment, "data.augment", ["none", "crop", "crop_flip"])
-  lo, hi = config.data.crop_scale
-  _check(0 < lo <= hi <= 1, "data.crop_scale", f"{(lo, hi)} must satisfy 0 < min <= max <= 1")
-  _check(config.num_steps is not None or config.num_epochs > 0, "num_epochs",
-         "must be positive (or set num_steps)")
-  _check(config.num_steps is None or config.num_steps >= 1, "num_steps", "must be >= 1")
-  _check(config.stop_after_steps is None or config.stop_after_steps >= 1, "stop_after_steps",
-         "must be >= 1")
-  _check(config.optim.base_lr > 0, "optim.base_lr", "must be positive")
-  _check(config.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-  for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
-    _check(config[field] >= 1, field, f"{config[field]} must be >= 1")
+  validate_data(config)
+  validate_optim(config)
+  validate_run(config)
   mesh_shape(config.mesh, num_devices or jax.device_count())
   n = data_parallel_size(config.mesh, num_devices or jax.device_count())
   for field in ("batch_size", "eval_batch_size"):
-    _check(config[field] >= 1 and config[field] % n == 0, field,
+    _check(_is_int(config[field]) and config[field] >= 1 and config[field] % n == 0, field,
            f"{config[field]} is not a positive multiple of the {n} data-parallel devices")
     _check(config[field] % jax.process_count() == 0, field,
            f"{config[field]} is not divisible by the {jax.process_count()} processes")
@@ -132,3 +196,78 @@ def apply_smoke(config):
     config.eval_batch_size = 64
     config.data.synthetic_size = 128
   return config
+
+
+def check_data_size(config, num_train_examples):
+  """An epoch must hold at least one full global batch."""
+  _check(num_train_examples >= config.batch_size, "batch_size",
+         f"{config.batch_size} is larger than the {num_train_examples} training images of "
+         f"data.name={config.data.name!r} (expected at most {num_train_examples})")
+
+
+# Fields that fix the shapes of the saved parameters and optimizer state: model_kwargs key
+# -> config path.
+SHAPE_FIELDS = {
+    "width": "model.width", "depth": "model.depth", "num_heads": "model.num_heads",
+    "patch_size": "model.patch_size", "mlp_ratio": "model.mlp_ratio",
+    "decoder_width": "model.decoder_width", "decoder_depth": "model.decoder_depth",
+    "decoder_heads": "model.decoder_heads", "image_size": "data.image_size",
+    "channels": "data.channels",
+}
+
+
+def model_shape(config):
+  """{config path: value} of the SHAPE_FIELDS of a run config (a ConfigDict, or the dict of
+  a saved config.json), the variant decoded."""
+  if isinstance(config, dict):
+    config = ml_collections.ConfigDict(config)
+  kw = models.model_kwargs(config.model, config.data.image_size, config.data.channels)
+  return {path: kw[key] for key, path in SHAPE_FIELDS.items()}
+
+
+def check_resume(config, saved, workdir):
+  """Refuse to resume `workdir` when its saved config (a dict) describes other shapes."""
+  try:
+    theirs = model_shape(saved)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raise ConfigError(f"config: cannot compare with the run saved in {workdir}/config.json "
+                      f"({type(e).__name__}: {e}); use a new --workdir") from None
+  ours = model_shape(config)
+  differ = [path for path in ours if ours[path] != theirs[path]]
+  _check(not differ, differ[0] if differ else "", (
+      f"the checkpoints in {workdir} are of another model ("
+      + "; ".join(f"{p} {theirs[p]!r} there, {ours[p]!r} here" for p in differ)
+      + f"); resume with the values in {workdir}/config.json or use a new --workdir"))
+
+
+_FLAG_PROBLEMS = (  # fragments of absl / ml_collections parse errors -> what was expected
+    ("invalid literal for int()", "expected an int"),
+    ("could not convert string to float", "expected a float"),
+    ("Non-boolean argument", "expected true or false"),
+    ("is not a dict", "expected a field of it, e.g. --config.optim.base_lr=1e-4"),
+    ("as a ConfigDict", "it is a group of fields; set one, e.g. --config.optim.base_lr=1e-4"),
+)
+
+
+def flag_error(error, argv):
+  """One line for a bad --config, --config.FIELD or other flag: absl and ml_collections raise
+  several kinds of error, some of them multi-line or quoted twice."""
+  text = " ".join(str(error).replace("\\n", " ").replace("\\'", "'").split())
+  if isinstance(error, (KeyError, AttributeError)):  # an unknown --config.FIELD
+    key = re.search(r"'(\w+)'", text)
+    key = key.group(1) if key else text
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    flag = next((a.split("=", 1)[0] for a in argv
+                 if re.match(rf"--?config\.(\w+\.)*{re.escape(key)}(=|$)", a)), None)
+    where = (flag.lstrip("-") if flag else f"config.{key}")
+    return (f"{where}: unknown field {key!r}" + (f"; did you mean {hint.group(1)!r}?" if hint
+                                                 else "; see configs/default.py"))
+  match = re.match(r"flag --(config\.[\w.]+)=(.*?): (.*)", text)
+  if match:
+    field, value, problem = match.groups()
+    expected = next((e for fragment, e in _FLAG_PROBLEMS if fragment in problem), problem)
+    return f"{field}: {value!r} is not valid; {expected}"
+  errno = re.search(r"\[Errno \d+\].*", text)
+  if isinstance(error, OSError) and errno:
+    return f"--config: cannot load the recipe: {errno.group(0)}"
+  return text

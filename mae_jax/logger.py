@@ -1,5 +1,13 @@
-"""Run logging: a progress bar with ETA on a terminal, plain lines otherwise, and
-TensorBoard event files in the workdir. Only process 0 writes anything."""
+"""Run logging: a progress bar with ETA on a terminal, plain lines otherwise, TensorBoard
+event files and metrics.jsonl in the workdir. Only process 0 writes anything.
+
+metrics.jsonl gets one JSON object per logged step, {"step": s, "train/loss": ..., ...},
+appended with a single write each so a killed run never leaves half a record. A resumed
+run appends again from its checkpoint, so a step may appear more than once (with the
+same values: resume is exact); the last record of a step is the current one.
+"""
+import json
+import os
 import sys
 import time
 
@@ -13,6 +21,21 @@ def _fmt_duration(seconds):
   return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
 
 
+def summary_writer_class():
+  """tensorboardX's SummaryWriter, imported lazily (only process 0 writes) and without
+  torch: tensorboardX imports torch where installed only to accept torch tensors, which
+  costs seconds at every start."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # makes `import torch` raise ImportError for a moment
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class Logger:
   """Writes scalars to TensorBoard and reports progress of a run of `total_steps`."""
 
@@ -23,14 +46,17 @@ class Logger:
     self.tty = self.stream.isatty()
     self.writer = None
     if self.is_main:
-      from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
-      self.writer = SummaryWriter(logdir=workdir, flush_secs=30)
+      self.writer = summary_writer_class()(logdir=workdir, flush_secs=30)
+      self.jsonl = os.open(os.path.join(workdir, "metrics.jsonl"),
+                           os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     self._t0, self._s0 = time.perf_counter(), start_step
 
   def scalars(self, step, values, prefix="train"):
     if self.writer:
-      for name, value in values.items():
-        self.writer.add_scalar(f"{prefix}/{name}", float(value), step)
+      record = {f"{prefix}/{name}": float(value) for name, value in values.items()}
+      for name, value in record.items():
+        self.writer.add_scalar(name, value, step)
+      os.write(self.jsonl, (json.dumps({"step": int(step), **record}) + "\n").encode())
 
   def progress(self, step, metrics, images_per_step):
     """One line (or a redrawn bar on a tty) with step, loss, lr, img/s and ETA."""
@@ -62,3 +88,4 @@ class Logger:
   def close(self):
     if self.writer:
       self.writer.close()
+      os.close(self.jsonl)

@@ -6,7 +6,8 @@ checkpoint (`python -m mae_jax.convert import ...`).
   out = pre.model.apply({"params": pre.params}, normalized_images, rngs={"mask": rng})
 
 A workdir gives its model from config.json and the params of its latest (or a chosen)
-Orbax checkpoint; the optimizer state is not read into memory beyond what Orbax needs.
+Orbax checkpoint; only the params are read, never the optimizer state. With a `mesh`,
+params arrive in their training layout on it (split over fsdp where the run's would be).
 Converted checkpoints were trained on ImageNet, so their inputs use ImageNet's mean and
 std; a workdir's inputs use its dataset's.
 """
@@ -16,8 +17,10 @@ import os
 
 import jax
 import ml_collections
+import optax
+import orbax.checkpoint as ocp
 
-from mae_jax import checkpoint, data, models, optim
+from mae_jax import checkpoint, data, models, sharding
 from mae_jax import train_step as ts
 from mae_jax.data.source import KNOWN_STATS
 from mae_jax.mae import MaskedAutoencoder
@@ -49,41 +52,98 @@ def is_workdir(path):
   return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def load(path, step=None):
-  """The model, params and input statistics stored at `path` (see the module doc)."""
+def load(path, step=None, mesh=None):
+  """The model, params and input statistics stored at `path` (see the module doc).
+
+  mesh: restore the params straight into their training layout on this mesh (replicated,
+  or split over its fsdp axis); None: on the first device.
+  """
   if is_converted(path):
-    return load_converted(path)
+    return load_converted(path, mesh)
   if is_workdir(path):
-    return load_workdir(path, step)
+    return load_workdir(path, step, mesh)
   raise PretrainedError(f"{path}: neither a train.py workdir (config.json + checkpoints/) "
                         "nor a converted checkpoint (model.json + params/)")
 
 
-def load_converted(path):
+def model_of(path):
+  """(model, the run's config or None) stored at `path`, without reading any params."""
+  if is_converted(path):
+    from mae_jax import convert
+    return MaskedAutoencoder(**convert.read_meta(path)["model"]), None
+  if is_workdir(path):
+    config = ml_collections.ConfigDict(checkpoint.load_config_dict(path))
+    return models.build_model(config), config
+  raise PretrainedError(f"{path}: neither a train.py workdir (config.json + checkpoints/) "
+                        "nor a converted checkpoint (model.json + params/)")
+
+
+def init_params(model, rng):
+  """The params a pretraining run seeded with `rng` starts from (ts.init_state's)."""
+  image_shape = (model.image_size, model.image_size, model.channels)
+  return ts.init_state(model, optax.identity(), rng, image_shape).params
+
+
+def abstract_params(model, mesh=None):
+  """ShapeDtypeStructs of the model's params, with their training layout on `mesh` (the
+  first device where None)."""
+  abstract = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
+  if mesh is None:
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1}),
+                              jax.devices()[:1])
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, sharding.state_shardings(abstract, mesh))
+
+
+def random_params(model, seed, mesh=None):
+  """The step-0 params of a pretraining run with `seed`: the random-init baseline."""
+  target = abstract_params(model, mesh)
+  init = jax.jit(functools.partial(init_params, model),
+                 out_shardings=jax.tree.map(lambda a: a.sharding, target))
+  return init(jax.random.key(seed))
+
+
+def load_converted(path, mesh=None):
   from mae_jax import convert  # its readers are optional; loading our own format is not
-  params, fields = convert.load_params(path)
+  model, _ = model_of(path)
+  params, fields = convert.load_params(path, target=abstract_params(model, mesh))
   meta = convert.read_meta(path)
   mean, std = IMAGENET_STATS if fields["channels"] == 3 else ((0.5,), (0.5,))
-  return Pretrained(MaskedAutoencoder(**fields), params, mean, std,
-                    bool(meta.get("norm_pix_loss")), f"converted {meta.get('source')}")
+  return Pretrained(model, params, mean, std, bool(meta.get("norm_pix_loss")),
+                    f"converted {meta.get('source')}")
 
 
-def load_workdir(path, step=None):
-  config = ml_collections.ConfigDict(checkpoint.load_config_dict(path))
-  model = models.build_model(config)
-  tx, _ = optim.make_optimizer(config.optim, config.batch_size, 1, 2)  # only its structure
-  image_shape = (config.data.image_size,) * 2 + (config.data.channels,)
-  abstract = jax.eval_shape(functools.partial(ts.init_state, model, tx,
-                                              image_shape=image_shape), jax.random.key(0))
-  ckpt = checkpoint.Checkpointer(os.path.join(path, "checkpoints"), keep=1, every_steps=1,
-                                 async_save=False)
+def restore_params(path, model, step=None, mesh=None):
+  """(params, step) of a workdir's checkpoint (the latest where step is None).
+
+  Only the params are read (an Orbax partial restore), after the step's files are checked
+  against its manifest: the optimizer state, however large, never leaves the disk. The
+  manager is read-only, so a run still writing into the workdir is left alone.
+  """
+  directory = os.path.abspath(os.path.join(path, "checkpoints"))
+  steps = checkpoint.complete_steps(directory)
+  step = (steps[-1] if steps else None) if step is None else step
+  if step not in steps:
+    raise PretrainedError(f"{path}: no checkpoint of step {step} in {directory} (it has "
+                          f"{steps or 'none'})" if step is not None else
+                          f"{path}: the workdir has no checkpoint yet")
+  step_dir = os.path.join(directory, str(step))
+  checkpoint.verify(step_dir, step, f"evaluate another step or delete {step_dir}")
+  target = {"params": abstract_params(model, mesh)}
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True, create=False))
   try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise PretrainedError(f"{path}: the workdir has no checkpoint yet")
-    state = ckpt.restore(step, abstract)
+    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
   finally:
-    ckpt.close()
+    manager.close()
+  return restored["params"], step
+
+
+def load_workdir(path, step=None, mesh=None):
+  model, config = model_of(path)
+  params, step = restore_params(path, model, step, mesh)
   train = data.load_source(config.data, "train")
-  return Pretrained(model, state.params, tuple(train.mean), tuple(train.std),
+  return Pretrained(model, params, tuple(train.mean), tuple(train.std),
                     bool(config.model.norm_pix_loss), f"{path} at step {step}", config)

@@ -6,6 +6,7 @@ XLA all-gathers it where it is used and reduce-scatters its gradient.
 """
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mae_jax.config import mesh_shape
@@ -51,3 +52,11 @@ def global_batch(local_batch, mesh):
   sharding = batch_sharding(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def to_host(x):
+  """The whole of a global array as numpy on every process (a collective when the array
+  spans several processes, so every process must call it)."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax import checkpoint, config as config_lib, data, models, optim, sharding
+from mae_jax import checkpoint, config as config_lib, data, distributed, models, optim, sharding
 from mae_jax import train_step as ts
 from mae_jax import visualize
+from mae_jax.evaluation import knn
 from mae_jax.logger import Logger
 
 
@@ -43,14 +44,15 @@ def build_run(config, workdir):
   config_lib.validate(config)
   train_src = data.load_source(config.data, "train")
   test_src = data.load_source(config.data, "test")
+  config_lib.check_data_size(config, len(train_src))
   dur = config_lib.durations(config, len(train_src))
   model = models.build_model(config)
   tx, schedule = optim.make_optimizer(config.optim, config.batch_size, dur.warmup_steps,
                                       dur.total_steps)
   mesh = sharding.make_mesh(config.mesh)
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-  abstract = jax.eval_shape(
-      functools.partial(ts.init_state, model, tx, image_shape=image_shape), jax.random.key(0))
+  abstract = jax.eval_shape(  # the key made inside: shapes only, nothing compiles yet
+      lambda: ts.init_state(model, tx, jax.random.key(0), image_shape=image_shape))
   num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   return Run(config, workdir, model, mesh, train_src, test_src, dur, tx, schedule,
              sharding.state_shardings(abstract, mesh), num_params)
@@ -58,10 +60,14 @@ def build_run(config, workdir):
 
 def initial_state(run, ckpt):
   """The latest checkpoint's state if the workdir has one, else a fresh initialization."""
+  saved = checkpoint.load_config_dict(run.workdir)
+  if ckpt.latest_step() is not None and saved is not None:
+    config_lib.check_resume(run.config, saved, run.workdir)  # before anything compiles
   image_shape = (run.config.data.image_size,) * 2 + (run.config.data.channels,)
   init = jax.jit(functools.partial(ts.init_state, run.model, run.tx, image_shape=image_shape),
                  out_shardings=run.state_shardings)
   state = init(jax.random.key(run.config.seed))
+  ckpt.check_space(state)
   state, step = ckpt.restore_latest(state)
   if step is None and run.config.init_from:
     state = state.replace(params=load_init_params(run, state.params))
@@ -89,7 +95,7 @@ def compile_train_step(run):
       ts.train_step, model=run.model, tx=run.tx, schedule=run.schedule,
       mean=run.train_src.mean, std=run.train_src.std,
       norm_pix_loss=run.config.model.norm_pix_loss,
-      accum_steps=run.config.grad_accum_steps)
+      accum_steps=run.config.grad_accum_steps, skip_nonfinite=run.config.skip_nonfinite)
   repl = sharding.replicated(run.mesh)
   batch_sh = {"image": sharding.batch_sharding(run.mesh),
               "label": sharding.batch_sharding(run.mesh)}
@@ -112,18 +118,24 @@ def device_batches(run, start_step):
       yield queue.popleft()
 
 
-def check_finite(step, metrics, ckpt):
+def check_finite(step, metrics, ckpt, skip_nonfinite=False):
+  """Stop on a step whose loss, gradients or new parameters are not finite, unless the
+  step skipped that update (skip_nonfinite); nothing of such a step is ever saved."""
   loss = float(metrics["loss"])
-  if not np.isfinite(loss):
+  if metrics["nonfinite"] and not skip_nonfinite:
     last = ckpt.latest_step()
     raise NonFiniteLossError(
-        f"non-finite loss ({loss}) at step {step}; nothing of it was saved; "
-        f"last good checkpoint: {'none' if last is None else f'step {last}'}")
+        f"non-finite loss, gradients or update at step {step} (loss {loss}, grad_norm "
+        f"{float(metrics['grad_norm'])}); nothing of it was saved; last good checkpoint: "
+        f"{'none' if last is None else f'step {last} in {ckpt.directory}'}; "
+        "lower optim.base_lr, set optim.grad_clip, or set skip_nonfinite=True")
   return loss
 
 
-def train_loop(run, state, ckpt, logger):
-  """Run steps until total_steps; metrics of step N are read after N+1 is dispatched."""
+def train_loop(run, state, ckpt, logger, stop=None):
+  """Run steps until total_steps, or until `stop` (a distributed.GracefulStop) says all
+  processes reached the step a signal asks to save; metrics of step N are read after N+1
+  is dispatched."""
   cfg, total = run.config, run.durations.total_steps
   step_fn = compile_train_step(run)
   base_rng = jax.random.key(cfg.seed)
@@ -131,16 +143,22 @@ def train_loop(run, state, ckpt, logger):
   last = total if cfg.stop_after_steps is None else min(total, start + cfg.stop_after_steps)
   pending = None  # (step number after the update, metrics) not yet read on the host
   loss = None
+  monitor = knn.Monitor.for_run(run)  # None unless config.knn_every_epochs is set
   batches = device_batches(run, start)
   for step in range(start + 1, last + 1):
     state, metrics = step_fn(state, next(batches), base_rng)
     if pending is not None:
       loss = report(run, pending, ckpt, logger)
     pending = (step, metrics)
-    if step % cfg.checkpoint_every_steps == 0 or step == last:
+    stopping = stop is not None and stop.reached(step)
+    if step % cfg.checkpoint_every_steps == 0 or step == last or stopping:
       loss = report(run, pending, ckpt, logger)  # saved only once its loss is known finite
       pending = None
-      ckpt.save(step, state, force=step == last)
+      ckpt.save(step, state, force=step == last or stopping)
+    if monitor is not None and monitor.due(step):
+      monitor(step, state.params, logger)  # before the next step donates these params
+    if stopping:
+      break
   return state, loss
 
 
@@ -148,7 +166,7 @@ def report(run, pending, ckpt, logger):
   """Fetch one step's metrics, stop on a non-finite loss, log at the interval."""
   step, metrics = pending
   metrics = jax.device_get(metrics)
-  loss = check_finite(step, metrics, ckpt)
+  loss = check_finite(step, metrics, ckpt, run.config.skip_nonfinite)
   if step % run.config.log_every_steps == 0 or step == run.durations.total_steps:
     logger.scalars(step, metrics)
     logger.progress(step, metrics, run.config.batch_size)
@@ -175,7 +193,7 @@ def evaluate_reconstruction(run, params):
     for key in ("sq_err", "baseline_sq_err", "count"):
       sums[key] += float(out[key])
     if first is None:
-      first = (batch["image"], jax.device_get(out["pred"]), jax.device_get(out["mask"]))
+      first = (batch["image"], sharding.to_host(out["pred"]), sharding.to_host(out["mask"]))
   return {"test_masked_mse": sums["sq_err"] / sums["count"],
           "baseline_masked_mse": sums["baseline_sq_err"] / sums["count"]}, first
 
@@ -209,17 +227,21 @@ def train_and_evaluate(config, workdir):
   checkpoint.save_config(run.config, workdir)
   logger = Logger(workdir, run.durations.total_steps, int(state.step))
   logger.info(describe(run, restored))
+  for note in ckpt.notes:
+    logger.info(note)
   t0 = time.perf_counter()
-  try:
-    state, final_loss = train_loop(run, state, ckpt, logger)
-  finally:
-    ckpt.wait()
+  with distributed.GracefulStop() as stop:
+    try:
+      state, final_loss = train_loop(run, state, ckpt, logger, stop)
+    finally:
+      ckpt.wait()
   train_seconds = time.perf_counter() - t0
   results = None
   if int(state.step) >= run.durations.total_steps:
     results = finish(run, state, logger, train_seconds, final_loss)
   else:
-    logger.info(f"stopped at step {int(state.step)} (stop_after_steps); run again to resume")
+    why = stop.signal_name or "stop_after_steps"
+    logger.info(f"stopped at step {int(state.step)} ({why}); run again to resume")
   ckpt.close()
   logger.close()
   return state, results

@@ -1,12 +1,21 @@
 """A folder of images: root/<split>/<class>/*, root/<class>/*, or flat files.
 
 Labels are the index of the class folder in sorted order (-1 for flat files). Images are
-decoded with PIL lazily, one per `source[i]`, so worker threads decode in parallel.
+decoded with PIL lazily, one per `source[i]`, so worker threads decode in parallel. Any
+PIL mode is converted to data.channels: gray, RGB, RGBA (alpha dropped), palette, CMYK,
+and 16-bit images scaled down to 8 bits (PIL's own conversion would clip them).
+
+Bad files: zero-byte and unopenable ones are left out when the folder is listed; one that
+fails to decode is replaced by the next image that decodes (in index order, wrapping), so
+a batch stays a pure function of its step. Both are counted in `source.skipped` and
+logged; with data.strict the first one stops the run instead, naming the file.
 """
 import functools
 import os
+import threading
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from mae_jax.data.source import DatasetError, Source
@@ -14,27 +23,80 @@ from mae_jax.data.source import DatasetError, Source
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 SPLIT_DIRS = {"train": ("train",), "test": ("test", "val", "validation")}
 PIL_MODES = {1: "L", 3: "RGB"}  # data.channels -> PIL mode decoded to
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit gray (PIL: "I" from some PNGs)
 
 
 class FolderSource(Source):
-  """Image files decoded with PIL: paths (N,) and labels (N,)."""
+  """Image files decoded with PIL: paths (N,) and labels (N,).
 
-  def __init__(self, paths: list[str], labels: list[int], **kwargs):
+  skipped: {path: reason} of the files left out or replaced so far (shared by threads).
+  """
+
+  def __init__(self, paths: list[str], labels: list[int], *, strict: bool = False,
+               skipped: dict | None = None, **kwargs):
     super().__init__(**kwargs)
     self.paths = paths
     self.labels = labels
+    self.strict = strict
+    self.skipped = dict(skipped or {})
+    self._lock = threading.Lock()
 
   def __len__(self) -> int:
     return len(self.paths)
 
   def get(self, index):
-    path = self.paths[index]
-    try:
-      with Image.open(path) as image:
-        array = np.asarray(image.convert(PIL_MODES[self.channels]))
-    except OSError as e:
-      raise DatasetError(f"{path}: cannot decode image: {e}") from e
-    return (array[..., None] if array.ndim == 2 else array), self.labels[index]
+    """Image `index` as uint8 (H, W, channels), or the next one that decodes."""
+    for offset in range(len(self)):
+      i = (index + offset) % len(self)
+      if self.paths[i] in self.skipped:
+        continue
+      try:
+        return decode(self.paths[i], self.channels), self.labels[i]
+      except DatasetError as e:
+        if self.strict:
+          raise DatasetError(f"{e} (data.strict=True)") from e
+        self.skip(self.paths[i], str(e).split(": ", 1)[-1])
+    raise DatasetError(f"none of the {len(self)} images ({self.paths[0]}, ...) can be "
+                       "decoded")
+
+  def skip(self, path: str, reason: str) -> None:
+    with self._lock:
+      if path in self.skipped:
+        return
+      self.skipped[path] = reason
+      count = len(self.skipped)
+    logging.warning("%s: skipped (%s); %d unreadable image(s) skipped so far", path, reason,
+                    count)
+
+
+def decode(path: str, channels: int) -> np.ndarray:
+  """The image file at `path` as uint8 (H, W, channels); DatasetError naming it if it
+  cannot be decoded."""
+  try:
+    with Image.open(path) as image:
+      image.load()
+      if image.mode in WIDE_MODES:  # 16 bits -> 8 by scaling, as PIL's convert would clip
+        wide = np.asarray(image).astype(np.float64)
+        image = Image.fromarray(np.clip(np.round(wide / 257), 0, 255).astype(np.uint8))
+      elif image.mode == "F":  # float images taken to be on [0, 1]
+        image = Image.fromarray(
+            np.clip(np.round(np.asarray(image) * 255), 0, 255).astype(np.uint8))
+      array = np.asarray(image.convert(PIL_MODES[channels]))
+  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
+    raise DatasetError(f"{path}: cannot decode image: {type(e).__name__}: {e}") from e
+  return array[..., None] if array.ndim == 2 else array
+
+
+def unreadable(path: str) -> str | None:
+  """Why the file at `path` cannot be an image without decoding it (None: it may be)."""
+  try:
+    if os.stat(path).st_size == 0:
+      return "empty file (0 bytes)"
+  except OSError as e:
+    return e.strerror or type(e).__name__  # e.g. a broken symbolic link
+  if not os.access(path, os.R_OK):
+    return "permission denied"
+  return None
 
 
 def is_image(name: str) -> bool:
@@ -84,6 +146,25 @@ def load_folder(data_config, split: str) -> FolderSource:
   if not paths:
     raise DatasetError(f"data.data_dir={root}: no images ({', '.join(EXTENSIONS)}) in "
                        f"{directory} or its class folders")
+  strict = bool(data_config.get("strict", False))
+  paths, labels, skipped = drop_unreadable(paths, labels, strict)
+  if not paths:
+    raise DatasetError(f"data.data_dir={root}: none of the {len(skipped)} image files in "
+                       f"{directory} can be read (e.g. {next(iter(skipped.items()))})")
   train = None if split == "train" else functools.partial(load_folder, data_config, "train")
-  return FolderSource(paths, labels, channels=data_config.channels, num_classes=num_classes,
+  return FolderSource(paths, labels, strict=strict, skipped=skipped,
+                      channels=data_config.channels, num_classes=num_classes,
                       stats_source=train)
+
+
+def drop_unreadable(paths, labels, strict):
+  """(paths, labels, {path: reason}) without the files that cannot be opened."""
+  reasons = {p: r for p in paths if (r := unreadable(p)) is not None}
+  if reasons and strict:
+    path, reason = next(iter(reasons.items()))
+    raise DatasetError(f"{path}: cannot read image: {reason} (data.strict=True)")
+  if reasons:
+    logging.warning("skipping %d of %d image files that cannot be read, e.g. %s (%s)",
+                    len(reasons), len(paths), *next(iter(reasons.items())))
+  kept = [(p, label) for p, label in zip(paths, labels) if p not in reasons]
+  return [p for p, _ in kept], [label for _, label in kept], reasons

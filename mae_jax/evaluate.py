@@ -1,0 +1,280 @@
+"""Evaluate an MAE encoder: kNN, linear probe or fine-tuning (paper Sec. 4, A.2, A.3).
+
+  python -m mae_jax.evaluate --workdir DIR --mode knn,linprobe [--config configs/eval.py]
+      [--config.init=random] [--config.linprobe.features=pixels] [--config.FIELD=VALUE ...]
+  python -m mae_jax.evaluate --workdir DIR --mode finetune
+
+DIR is a pretraining workdir (config.json + checkpoints/ of train.py), or any directory
+with --config.params=IMPORT_DIR (an output of `python -m mae_jax.convert import`) and
+--config.data.name=.... Results go to DIR/eval_<name>.json and are printed; fine-tuning
+also saves its classifier to DIR/<name>/ (Orbax params + classifier.json). <name> is the
+mode, + _random (random-init encoder) / _scratch (fine-tuning from scratch) / _pixels.
+"""
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+
+from mae_jax import checkpoint, config as config_lib, data, pretrained, sharding
+from mae_jax.data import augment as data_augment
+from mae_jax.evaluation import classifier, features as features_lib, finetune, linprobe
+from mae_jax.evaluation import knn as knn_lib
+from mae_jax.logger import Logger
+from mae_jax.mae import MaskedAutoencoder
+
+MODES = ("knn", "linprobe", "finetune")
+INITS = ("pretrained", "random")
+
+
+@dataclasses.dataclass
+class Subject:
+  """The encoder under evaluation and the data it is evaluated on."""
+  model: MaskedAutoencoder
+  params: object
+  data_config: ml_collections.ConfigDict
+  description: str
+
+
+def log(message):
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def check(ok, field, message):
+  if not ok:
+    raise config_lib.ConfigError(f"config.{field}: {message}")
+
+
+def validate(config, modes, num_devices=None):
+  """One clear line for the first field that cannot work, before anything compiles."""
+  for mode in modes:
+    if mode not in MODES:
+      raise config_lib.ConfigError(f"--mode: {mode!r} is not valid; valid values: "
+                                   f"{', '.join(MODES)}")
+  check(config.init in INITS, "init", f"{config.init!r} is not valid; valid values: "
+        f"{', '.join(INITS)}")
+  for block in ("knn", "linprobe"):
+    check(config[block].features in features_lib.KINDS, f"{block}.features",
+          f"{config[block].features!r} is not valid; valid values: "
+          f"{', '.join(features_lib.KINDS)}")
+  check(config.knn.k >= 1, "knn.k", f"{config.knn.k} must be >= 1")
+  check(config.knn.temperature > 0, "knn.temperature", "must be positive")
+  ft = config.finetune
+  check(ft.pool in classifier.POOLS, "finetune.pool",
+        f"{ft.pool!r} is not valid; valid values: {', '.join(classifier.POOLS)}")
+  check(ft.augment in data_augment.AUGMENTS, "finetune.augment",
+        f"{ft.augment!r} is not valid; valid values: {', '.join(data_augment.AUGMENTS)}")
+  check(0 < ft.optim.layer_decay <= 1, "finetune.optim.layer_decay", "must be in (0, 1]")
+  check(0 <= ft.drop_path < 1, "finetune.drop_path", "must be in [0, 1)")
+  check(0 <= ft.label_smoothing < 1, "finetune.label_smoothing", "must be in [0, 1)")
+  check(ft.mixup >= 0 and ft.cutmix >= 0, "finetune.mixup", "mixup and cutmix must be >= 0")
+  check(ft.randaug_ops >= 0, "finetune.randaug_ops", "must be >= 0")
+  check(not ft.eval_every_epochs or ft.eval_every_epochs > 0, "finetune.eval_every_epochs",
+        "must be >= 0 (0: test only at the end)")
+  check(0 <= ft.randaug_magnitude <= 10, "finetune.randaug_magnitude", "must be in [0, 10]")
+  for block in ("linprobe", "finetune"):
+    check(config[block].optim.base_lr > 0, f"{block}.optim.base_lr", "must be positive")
+    check(config[block].num_steps is not None or config[block].num_epochs > 0,
+          f"{block}.num_epochs", "must be positive (or set num_steps)")
+  n = config_lib.data_parallel_size(config.mesh, num_devices or jax.device_count())
+  batch_sizes = {"eval_batch_size": config.eval_batch_size,
+                 "linprobe.batch_size": config.linprobe.batch_size,
+                 "finetune.batch_size": config.finetune.batch_size}
+  for field, value in batch_sizes.items():
+    check(value >= 1 and value % n == 0 and value % jax.process_count() == 0, field,
+          f"{value} is not a positive multiple of the {n} data-parallel devices and "
+          f"{jax.process_count()} processes")
+
+
+def data_config(base, overrides, model):
+  """The pretraining run's data block (or {}), overridden where the eval config sets a
+  field; image size and channels are the model's."""
+  merged = dict(base)
+  merged.update({k: v for k, v in overrides.items() if v is not None})
+  merged.update(image_size=model.image_size, channels=model.channels)
+  check(merged.get("name"), "data.name", "no dataset: the workdir has no config.json to "
+        "take it from; set --config.data.name")
+  merged.setdefault("num_workers", 0)
+  return ml_collections.ConfigDict(merged)
+
+
+def load_subject(config, workdir, mesh):
+  """The model, its params (pretrained or random) and the dataset to evaluate on.
+
+  The params come from config.params (a converted checkpoint) or the workdir's latest (or
+  checkpoint_step) checkpoint, restored straight into their training layout on `mesh`.
+  """
+  has_run = os.path.exists(os.path.join(workdir, "config.json"))
+  check(config.params or has_run, "params", f"{workdir} has no config.json (not a train.py "
+        "workdir); give an imported checkpoint with --config.params")
+  source = config.params or workdir
+  model, _ = pretrained.model_of(source)
+  run = checkpoint.load_config_dict(workdir) if has_run else None
+  dcfg = data_config(run["data"] if run else {}, config.data, model)
+  if config.init == "random":
+    return Subject(model, pretrained.random_params(model, config.seed, mesh), dcfg,
+                   f"random init (seed {config.seed})")
+  if config.params:
+    pre = pretrained.load_converted(config.params, mesh)
+    return Subject(model, pre.params, dcfg, pre.description)
+  params, step = pretrained.restore_params(workdir, model, config.checkpoint_step, mesh)
+  return Subject(model, params, dcfg, f"{os.path.abspath(workdir)} at step {step}")
+
+
+def result_name(mode, config):
+  kind = config[mode].get("features")
+  if kind == "pixels":
+    return f"{mode}_pixels"
+  if config.init == "random":
+    return mode + ("_scratch" if mode == "finetune" else "_random")
+  return mode
+
+
+class Evaluation:
+  """One subject, its splits and cached features, evaluated in any of the modes."""
+
+  def __init__(self, config, workdir):
+    self.config, self.workdir = config, workdir
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.subject = load_subject(config, workdir, self.mesh)
+    self.train_src = data.load_source(self.subject.data_config, "train")
+    self.test_src = data.load_source(self.subject.data_config, "test")
+    self.num_classes = self.train_src.num_classes
+    check(self.num_classes, "data.name", f"{self.subject.data_config.name}: the dataset has "
+          "no class labels to evaluate against")
+    self._features = {}
+
+  def features(self, kind):
+    """(train, test) pairs of (features, labels), computed once per kind."""
+    if kind not in self._features:
+      kw = dict(model=self.subject.model, kind=kind, mesh=self.mesh,
+                image_size=self.subject.model.image_size,
+                batch_size=self.config.eval_batch_size, log=log)
+      self._features[kind] = tuple(
+          features_lib.extract(self.subject.params, src, what=f"{kind} features ({split})",
+                               **kw)
+          for split, src in (("train", self.train_src), ("test", self.test_src)))
+    return self._features[kind]
+
+  def knn(self):
+    cfg = self.config.knn
+    train, test = self.features(cfg.features)
+    top1 = knn_lib.knn_top1(train, test, k=cfg.k, temperature=cfg.temperature,
+                        num_classes=self.num_classes, mesh=self.mesh,
+                        batch_size=self.config.eval_batch_size)
+    return {"top1": top1, "features": cfg.features, "k": cfg.k,
+            "temperature": cfg.temperature}
+
+  def linprobe(self):
+    cfg = self.config.linprobe
+    train, test = self.features(cfg.features)
+    dur = config_lib.durations(cfg, len(train[0]))
+    logger = Logger(self.logdir(result_name("linprobe", self.config)), dur.total_steps)
+    results = linprobe.train_and_test(train, test, cfg, num_classes=self.num_classes,
+                                      mesh=self.mesh, seed=self.config.seed, logger=logger,
+                                      eval_batch_size=self.config.eval_batch_size)
+    logger.close()
+    return dict(results, features=cfg.features)
+
+  def finetune(self):
+    cfg, name = self.config.finetune, result_name("finetune", self.config)
+    tuner = finetune.Finetuner(
+        self.subject.model, cfg, train_src=self.train_src, test_src=self.test_src,
+        mesh=self.mesh, seed=self.config.seed, image_size=self.subject.model.image_size,
+        eval_batch_size=self.config.eval_batch_size, num_classes=self.num_classes)
+    logger = Logger(self.logdir(name), tuner.dur.total_steps)
+    pretrained = self.subject.params if self.config.init == "pretrained" else None
+    results, params = tuner.run(pretrained, logger,
+                                num_workers=self.subject.data_config.num_workers)
+    logger.close()
+    path = finetune.save(os.path.join(self.workdir, name), params, tuner.model, results)
+    return dict(results, checkpoint=path, pool=cfg.pool)
+
+  def logdir(self, name):
+    return os.path.join(self.workdir, "eval", name)
+
+  def run(self, mode):
+    """Evaluate in `mode`; write DIR/eval_<name>.json and return the results."""
+    t0 = time.perf_counter()
+    name = result_name(mode, self.config)
+    batch_size = self.config[mode].get("batch_size")
+    check(batch_size is None or batch_size <= len(self.train_src), f"{mode}.batch_size",
+          f"{batch_size} is larger than the {len(self.train_src)} training images")
+    log(f"== {name}: {self.subject.description}, {self.subject.data_config.name} "
+        f"({len(self.train_src)} train / {len(self.test_src)} test), "
+        f"{jax.device_count()} device(s)")
+    results = getattr(self, mode)()
+    results = dict(results, mode=mode, name=name, init=self.config.init,
+                   subject=self.subject.description, dataset=self.subject.data_config.name,
+                   seconds=round(time.perf_counter() - t0, 1), devices=jax.device_count(),
+                   config=self.config[mode].to_dict())
+    path = os.path.join(self.workdir, f"eval_{name}.json")
+    if jax.process_index() == 0:
+      os.makedirs(self.workdir, exist_ok=True)  # a new directory for a converted checkpoint
+      with open(path, "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    log(f"{name}: top-1 {results['top1']:.4f} ({results['seconds']:.0f} s) -> {path}")
+    return results
+
+
+def evaluate(config, workdir, modes):
+  """Evaluate the workdir's encoder in each of `modes`; {mode: results}."""
+  modes = [m.strip() for m in modes] if not isinstance(modes, str) else [
+      m.strip() for m in modes.split(",")]
+  validate(config, modes)
+  evaluation = Evaluation(config, workdir)
+  return {mode: evaluation.run(mode) for mode in modes}
+
+
+def main(argv):
+  del argv
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
+  from mae_jax.convert import ConversionError  # pylint: disable=g-import-not-at-top
+  try:
+    evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.mode)
+  except (config_lib.ConfigError, data.DatasetError, ConversionError,
+          pretrained.PretrainedError, checkpoint.CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "configs", "eval.py")
+  config_flags.DEFINE_config_file("config", default, "Evaluation recipe.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Pretraining workdir; results go here.", required=True)
+  flags.DEFINE_string("mode", None, f"Comma-separated: {', '.join(MODES)}.", required=True)
+
+
+def flag_failure(error, argv):
+  """One `error:` line naming the flag and what it expects; exit 2."""
+  message = config_lib.flag_error(error, argv).replace("configs/default.py", "configs/eval.py")
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl's parsing, with a bad flag (or --config.FIELD) as one `error:` line and exit 2."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    argv = flags.FLAGS(argv)
+    flags.FLAGS.config  # the recipe file loads lazily; a failure to load it is a flag error
+    return argv
+  except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+    flag_failure(e, argv)
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  try:  # without --config, the recipe and its overrides load right here
+    define_flags()
+  except (AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+    flag_failure(e, sys.argv)
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,176 @@
+"""On-device augmentation for fine-tuning: RandAugment-style ops, mixup / cutmix, targets.
+
+Everything is jnp on a float batch, drawn from an explicit key, so it runs inside the
+jitted, sharded step with no host cost. `rand_augment` follows RandAugment (Cubuk et al.
+2019) as timm applies it: `num_ops` ops drawn uniformly per image, each applied with
+probability `prob` at `magnitude` (0..10) with a random sign. The geometric ops (rotate,
+shear, translate) are composed into one affine map and resampled once (bilinear, zero
+fill); equalize and invert are left out.
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def _identity(x, level, sign):
+  del level, sign
+  return x
+
+
+def _autocontrast(x, level, sign):
+  del level, sign
+  lo, hi = x.min(axis=(0, 1)), x.max(axis=(0, 1))
+  return jnp.where(hi > lo, (x - lo) / jnp.maximum(hi - lo, 1e-6), x)
+
+
+def _brightness(x, level, sign):
+  return jnp.clip(x * (1 + sign * 0.9 * level), 0, 1)
+
+
+def _contrast(x, level, sign):
+  mean = x.mean()
+  return jnp.clip(mean + (1 + sign * 0.9 * level) * (x - mean), 0, 1)
+
+
+def _sharpness(x, level, sign):
+  """Blend with PIL's SMOOTH filter (3x3, centre weight 5): factor > 1 sharpens."""
+  kernel = jnp.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], x.dtype) / 13
+  padded = jnp.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
+  h, w = x.shape[:2]
+  blurred = sum(kernel[i, j] * padded[i:i + h, j:j + w] for i in range(3) for j in range(3))
+  return jnp.clip(blurred + (1 + sign * 0.9 * level) * (x - blurred), 0, 1)
+
+
+def _solarize(x, level, sign):
+  del sign
+  return jnp.where(x >= 1 - level, 1 - x, x)
+
+
+def _posterize(x, level, sign):
+  """Keep 8 - round(4 * level) bits of each 8-bit pixel."""
+  del sign
+  step = 2.0**jnp.round(4 * level)
+  return jnp.floor(x * 255 / step) * step / 255
+
+
+COLOR_OPS = (_identity, _autocontrast, _brightness, _contrast, _sharpness, _solarize,
+             _posterize)
+
+
+def _rotate(level, sign, size):
+  del size
+  t = sign * level * math.radians(30)
+  return jnp.array([[jnp.cos(t), -jnp.sin(t), 0], [jnp.sin(t), jnp.cos(t), 0], [0, 0, 1]])
+
+
+def _shear_x(level, sign, size):
+  del size
+  return jnp.array([[1, sign * level * 0.3, 0], [0, 1, 0], [0, 0, 1]])
+
+
+def _shear_y(level, sign, size):
+  del size
+  return jnp.array([[1, 0, 0], [sign * level * 0.3, 1, 0], [0, 0, 1]])
+
+
+def _translate_x(level, sign, size):
+  return jnp.array([[1, 0, sign * level * 0.45 * size], [0, 1, 0], [0, 0, 1]])
+
+
+def _translate_y(level, sign, size):
+  return jnp.array([[1, 0, 0], [0, 1, sign * level * 0.45 * size], [0, 0, 1]])
+
+
+# Output -> input maps of (x, y, 1) about the image centre.
+GEOMETRIC_OPS = (_rotate, _shear_x, _shear_y, _translate_x, _translate_y)
+NUM_OPS = len(COLOR_OPS) + len(GEOMETRIC_OPS)
+
+
+def _geometric(op, level, sign, size):
+  """The affine map of op, (3, 3): the identity for the colour ops."""
+  matrices = jnp.stack([f(level, sign, size).astype(jnp.float32) for f in GEOMETRIC_OPS])
+  index = op - len(COLOR_OPS)
+  return jnp.where(index >= 0, matrices[jnp.maximum(index, 0)], jnp.eye(3))
+
+
+def warp(x_HWC, matrix_33):
+  """Resample x at matrix @ (x, y, 1) (centred output coordinates), bilinear, zero fill."""
+  h, w, _ = x_HWC.shape
+  cy, cx = (h - 1) / 2, (w - 1) / 2
+  ys, xs = jnp.meshgrid(jnp.arange(h) - cy, jnp.arange(w) - cx, indexing="ij")
+  src = jnp.einsum("ij,jhw->ihw", matrix_33,
+                   jnp.stack([xs, ys, jnp.ones_like(xs)]).astype(jnp.float32))
+  coords = [src[1] + cy, src[0] + cx]
+  channel = lambda c: jax.scipy.ndimage.map_coordinates(c, coords, order=1, mode="constant",
+                                                         cval=0.0)
+  return jax.vmap(channel, in_axes=-1, out_axes=-1)(x_HWC)
+
+
+def _augment_one(x_HWC, rng, *, num_ops, level, prob):
+  matrix = jnp.eye(3)
+  for _ in range(num_ops):
+    rng, k_op, k_sign, k_apply = jax.random.split(rng, 4)
+    op = jax.random.randint(k_op, (), 0, NUM_OPS)
+    op = jnp.where(jax.random.bernoulli(k_apply, prob), op, 0)  # 0: identity
+    sign = jnp.where(jax.random.bernoulli(k_sign), 1.0, -1.0)
+    color = jnp.where(op < len(COLOR_OPS), op, 0)
+    x_HWC = jax.lax.switch(color, COLOR_OPS, x_HWC, level, sign)
+    matrix = matrix @ _geometric(op, level, sign, x_HWC.shape[1])
+  return warp(x_HWC, matrix)
+
+
+def rand_augment(images_BHWC, rng, *, num_ops, magnitude, prob):
+  """RandAugment-style ops on float images on [0, 1], (B, H, W, C) -> same; each image gets
+  its own draws. magnitude: 0..10 (timm's scale); num_ops 0 returns the images as they are."""
+  if num_ops == 0:
+    return images_BHWC
+  fn = functools.partial(_augment_one, num_ops=num_ops, level=magnitude / 10, prob=prob)
+  return jax.vmap(fn)(images_BHWC, jax.random.split(rng, images_BHWC.shape[0]))
+
+
+def smooth_targets(labels_B, num_classes, smoothing):
+  """One-hot targets (B, C) with label smoothing: 1 - s + s / C on the label, s / C elsewhere."""
+  onehot = jax.nn.one_hot(labels_B, num_classes, dtype=jnp.float32)
+  return onehot * (1 - smoothing) + smoothing / num_classes
+
+
+def cutmix_box(rng, lam, height, width):
+  """A box mask (H, W) of area about (1 - lam) * H * W at a uniform centre (clipped at the
+  border), as the reference's rand_bbox."""
+  cut = jnp.sqrt(1 - lam)
+  ch, cw = (jnp.floor(height * cut) // 2).astype(jnp.int32), (jnp.floor(width * cut) // 2
+                                                              ).astype(jnp.int32)
+  ky, kx = jax.random.split(rng)
+  cy, cx = jax.random.randint(ky, (), 0, height), jax.random.randint(kx, (), 0, width)
+  rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
+  return ((rows >= cy - ch) & (rows < cy + ch) & (cols >= cx - cw) & (cols < cx + cw))
+
+
+def mixup_cutmix(images_BHWC, targets_BC, rng, *, mixup_alpha, cutmix_alpha, prob,
+                 switch_prob):
+  """timm's batch-mode Mixup: with probability `prob`, mix the batch with its reverse,
+  by mixup (lam ~ Beta(mixup_alpha)) or, with probability `switch_prob` where both are on,
+  cutmix (a box of the reversed batch pasted in; lam = the area left). Targets mix by lam."""
+  if mixup_alpha <= 0 and cutmix_alpha <= 0:
+    return images_BHWC, targets_BC
+  k_apply, k_switch, k_mix, k_cut, k_box = jax.random.split(rng, 5)
+  if cutmix_alpha <= 0 or mixup_alpha <= 0:
+    use_cutmix = cutmix_alpha > 0
+  else:
+    use_cutmix = jax.random.bernoulli(k_switch, switch_prob)
+  flipped = images_BHWC[::-1]
+  lam_mix = jax.random.beta(k_mix, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else 1.0
+  mixed = lam_mix * images_BHWC + (1 - lam_mix) * flipped
+  if cutmix_alpha > 0:
+    h, w = images_BHWC.shape[1:3]
+    box = cutmix_box(k_box, jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha), h, w)
+    cut = jnp.where(box[None, :, :, None], flipped, images_BHWC)
+    lam_cut = 1 - box.sum() / (h * w)
+    mixed = jnp.where(use_cutmix, cut, mixed)
+    lam_mix = jnp.where(use_cutmix, lam_cut, lam_mix)
+  apply = jax.random.bernoulli(k_apply, prob)
+  lam = jnp.where(apply, lam_mix, 1.0)
+  out = jnp.where(apply, mixed, images_BHWC)
+  return out, lam * targets_BC + (1 - lam) * targets_BC[::-1]

@@ -1,0 +1,67 @@
+"""Frozen features of a whole split, computed once in deterministic eval batches.
+
+Kinds: 'cls' (the encoder's cls token, after its final norm), 'avg' (the mean of its patch
+tokens) and 'pixels' (the normalized image flattened: the no-learning baseline). The
+encoder sees the whole unmasked image (`MaskedAutoencoder.encode`).
+"""
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mae_jax import data, pretrained, sharding
+from mae_jax import train_step as ts
+
+KINDS = ("cls", "avg", "pixels")
+
+
+def features_of(params, images_BHWC, *, model, kind, mean, std):
+  """uint8 images (B, H, W, C) -> float32 features (B, D)."""
+  x = ts.normalize(images_BHWC, mean, std)
+  if kind == "pixels":
+    return x.reshape(x.shape[0], -1)
+  tokens_BTD = model.apply({"params": params}, x, method=model.encode).astype(jnp.float32)
+  return tokens_BTD[:, 0] if kind == "cls" else tokens_BTD[:, 1:].mean(axis=1)
+
+
+@functools.lru_cache(maxsize=32)
+def compile_features(model, kind, mean, std, mesh):
+  """features_of jitted once per (model, kind, stats, mesh), so the train and test splits
+  and every kNN-monitor call share one compilation: the params in their training layout
+  on the mesh (pretrained.abstract_params), the batch split over it."""
+  fn = functools.partial(features_of, model=model, kind=kind, mean=mean, std=std)
+  params_sharding = jax.tree.map(lambda a: a.sharding, pretrained.abstract_params(model, mesh))
+  return jax.jit(fn, in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.batch_sharding(mesh))
+
+
+def extract(params, source, *, model, kind, mesh, image_size, batch_size, log=print,
+            what="features", log_every=20):
+  """(features float32 (N, D), labels int32 (N,)) of every example of `source`, in order.
+
+  params: the model's, in their training layout on `mesh` (as pretrained.load(..., mesh)
+  and the trainer give them).
+  Global eval batches of `batch_size` (the last one padded and the padding dropped), with
+  a progress line every `log_every` batches.
+  """
+  fn = compile_features(model, kind, tuple(source.mean), tuple(source.std), mesh)
+  batches = data.make_eval_batches(source, image_size=image_size, batch_size=batch_size,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+  num_batches = -(-len(source) // batch_size)
+  fetched, pending = [], None  # host (features, labels, valid) per batch; one batch behind
+  t0 = time.perf_counter()
+  for i, batch in enumerate(batches):
+    global_batch = sharding.global_batch(batch, mesh)
+    current = (fn(params, global_batch["image"]), global_batch["label"], global_batch["valid"])
+    if pending is not None:
+      fetched.append(tuple(map(sharding.to_host, pending)))
+    pending = current
+    if (i + 1) % log_every == 0 or i + 1 == num_batches:
+      rate = (i + 1) * batch_size / (time.perf_counter() - t0)
+      log(f"{what}: batch {i + 1}/{num_batches}  {rate:.0f} img/s")
+  fetched.append(tuple(map(sharding.to_host, pending)))
+  feats, labels, valid = (np.concatenate(x) for x in zip(*fetched))
+  return feats[valid], labels[valid].astype(np.int32)

@@ -1,0 +1,114 @@
+"""Weighted k-nearest-neighbour classification on frozen features (Wu et al. 2018, as
+used by DINO): cosine similarity to every training feature, the k most similar vote for
+their labels with weight exp(similarity / T), the heaviest class wins.
+
+`Monitor` runs it every few epochs during pretraining (config.knn_every_epochs).
+"""
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mae_jax import config as config_lib, sharding
+from mae_jax.evaluation import features as features_lib, loop
+
+# The monitor's vote (the evaluation's own values live in configs/eval.py).
+MONITOR_K, MONITOR_TEMPERATURE, MONITOR_FEATURES = 20, 0.07, "cls"
+
+
+def l2_normalize(x_ND, eps=1e-12):
+  return x_ND / jnp.maximum(jnp.linalg.norm(x_ND, axis=-1, keepdims=True), eps)
+
+
+def knn_votes(train_ND, train_labels_N, test_BD, *, k, temperature, num_classes):
+  """Class votes (B, num_classes) of the k training features most cosine-similar to each
+  test feature, each weighted exp(similarity / temperature)."""
+  sim_BN = l2_normalize(test_BD) @ l2_normalize(train_ND).T
+  top_sim_BK, top_idx_BK = jax.lax.top_k(sim_BN, k)
+  weights_BK = jnp.exp(top_sim_BK / temperature)
+  onehot_BKC = jax.nn.one_hot(train_labels_N[top_idx_BK], num_classes, dtype=jnp.float32)
+  return jnp.einsum("bk,bkc->bc", weights_BK, onehot_BKC)
+
+
+def knn_predict(train_ND, train_labels_N, test_BD, *, k, temperature, num_classes):
+  """Predicted labels (B,): the class with the largest weighted vote."""
+  return jnp.argmax(knn_votes(train_ND, train_labels_N, test_BD, k=k,
+                              temperature=temperature, num_classes=num_classes), axis=-1)
+
+
+def knn_top1(train, test, *, k, temperature, num_classes, mesh, batch_size):
+  """Top-1 accuracy of test (features (M, D), labels (M,)) against train (N, D), (N,).
+
+  The training features are replicated on every device; test features go in global
+  batches of `batch_size` split over the mesh (padding rows are not counted).
+  """
+  (train_ND, train_labels_N), (test_MD, test_labels_M) = train, test
+  predict = compile_predict(min(k, len(train_ND)), temperature, num_classes, mesh)
+  train_ND = jax.device_put(jnp.asarray(train_ND, jnp.float32), sharding.replicated(mesh))
+  train_labels_N = jax.device_put(jnp.asarray(train_labels_N), sharding.replicated(mesh))
+  correct = 0
+  for start in range(0, len(test_MD), batch_size):
+    feats = np.asarray(test_MD[start:start + batch_size], np.float32)
+    n = len(feats)
+    padded = np.zeros((batch_size, feats.shape[1]), np.float32)
+    padded[:n] = feats
+    pred = sharding.to_host(predict(train_ND, train_labels_N,
+                                        global_rows(padded, mesh)))[:n]
+    correct += int(np.sum(pred == test_labels_M[start:start + n]))
+  return correct / len(test_MD)
+
+
+@functools.lru_cache(maxsize=32)
+def compile_predict(k, temperature, num_classes, mesh):
+  """knn_predict jitted once per setting: the memory bank replicated, test rows split."""
+  return jax.jit(
+      functools.partial(knn_predict, k=k, temperature=temperature, num_classes=num_classes),
+      in_shardings=(sharding.replicated(mesh),) * 2 + (sharding.batch_sharding(mesh),),
+      out_shardings=sharding.batch_sharding(mesh))
+
+
+def global_rows(rows, mesh):
+  """A global batch of `rows` (the same on every process) split over the mesh."""
+  local = loop.process_slice(len(rows))
+  return sharding.global_batch(rows[local], mesh)
+
+
+class Monitor:
+  """kNN top-1 of the current encoder every `every_steps` pretraining steps, logged to
+  TensorBoard as eval/knn_top1 (training split as the memory bank, test split scored)."""
+
+  def __init__(self, run, every_steps):
+    self.run, self.every_steps = run, every_steps
+
+  @classmethod
+  def for_run(cls, run):
+    """A Monitor where config.knn_every_epochs is set, else None (and no cost at all)."""
+    every = run.config.get("knn_every_epochs")
+    if not every:
+      return None
+    if not run.train_src.num_classes:
+      raise config_lib.ConfigError(
+          f"config.knn_every_epochs: data.name={run.config.data.name!r} has no class labels "
+          "for the kNN monitor; leave knn_every_epochs unset")
+    return cls(run, max(1, round(every * run.durations.steps_per_epoch)))
+
+  def due(self, step):
+    return step % self.every_steps == 0
+
+  def __call__(self, step, params, logger):
+    run, t0 = self.run, time.perf_counter()
+    kw = dict(model=run.model, kind=MONITOR_FEATURES, mesh=run.mesh,
+              image_size=run.config.data.image_size, batch_size=run.config.eval_batch_size,
+              log=lambda _: None)
+    train = features_lib.extract(params, run.train_src, **kw)
+    test = features_lib.extract(params, run.test_src, **kw)
+    top1 = knn_top1(train, test, k=MONITOR_K, temperature=MONITOR_TEMPERATURE,
+                    num_classes=run.train_src.num_classes, mesh=run.mesh,
+                    batch_size=run.config.eval_batch_size)
+    logger.scalars(step, {"knn_top1": top1}, prefix="eval")
+    logger.info(f"step {step}: kNN top-1 {top1:.4f} (k={MONITOR_K}, T={MONITOR_TEMPERATURE}, "
+                f"{time.perf_counter() - t0:.0f} s)")
+    return top1
+

@@ -1,0 +1,114 @@
+"""Linear probing (paper Sec. A.2): a linear head on frozen features, trained with LARS.
+
+The head is BatchNorm without affine parameters (the features' scale does not matter)
+followed by a linear layer, as the reference. Features are computed once, without
+augmentation (`features.extract`), so an epoch over them costs almost nothing; the
+reference recomputes them each epoch under RandomResizedCrop + flip.
+"""
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mae_jax import config as config_lib, sharding
+from mae_jax.evaluation import loop, optimizers
+
+
+class LinearProbe(nn.Module):
+  """BatchNorm (no scale, no bias, eps 1e-6) -> Dense(num_classes), head std 0.01."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x_BD, train=False):
+    x_BD = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-6,
+                        use_bias=False, use_scale=False, use_fast_variance=False,
+                        name="bn")(x_BD)
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.truncated_normal(0.01),
+                    name="head")(x_BD)
+
+
+@flax.struct.dataclass
+class ProbeState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def init_probe(model, tx, rng, dim):
+  variables = model.init(rng, jnp.zeros((2, dim), jnp.float32))
+  params = variables["params"]
+  return ProbeState(jnp.zeros((), jnp.int32), params, variables["batch_stats"], tx.init(params))
+
+
+def probe_step(state, batch, base_rng, *, model, tx, schedule):
+  """One LARS step on the cross-entropy of a batch {'x': (B, D), 'label': (B,)}; the
+  BatchNorm running statistics advance with it."""
+  del base_rng  # nothing random inside the step
+
+  def loss_fn(params):
+    logits, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                   batch["x"], train=True, mutable=["batch_stats"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    return loss, (logits, new_vars["batch_stats"])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads),
+             "accuracy": (logits.argmax(-1) == batch["label"]).mean()}
+  return ProbeState(state.step + 1, params, batch_stats, opt_state), metrics
+
+
+def test_top1(state, model, test, mesh, batch_size):
+  """Top-1 of the probe (running BatchNorm statistics) on test = (features, labels)."""
+  feats_MD, labels_M = test
+
+  def correct(state, batch):
+    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                         batch["x"])
+    return loop.count_correct(logits, batch["label"], batch["valid"])
+
+  correct = jax.jit(correct, in_shardings=(sharding.replicated(mesh),
+                                           sharding.batch_sharding(mesh)))
+  total = 0
+  for start in range(0, len(feats_MD), batch_size):
+    rows = np.arange(start, start + batch_size)
+    valid = rows < len(feats_MD)
+    rows = np.where(valid, rows, 0)[loop.process_slice(batch_size)]
+    batch = {"x": feats_MD[rows], "label": labels_M[rows],
+             "valid": valid[loop.process_slice(batch_size)]}
+    total += int(correct(state, sharding.global_batch(batch, mesh)))
+  return total / len(feats_MD)
+
+
+def train_and_test(train, test, cfg, *, num_classes, mesh, seed, logger, eval_batch_size):
+  """Train the probe on train = (features (N, D), labels (N,)); test top-1 on test."""
+  feats_ND, labels_N = train
+  dur = config_lib.durations(cfg, len(feats_ND))
+  tx, schedule = optimizers.linprobe_optimizer(cfg.optim, cfg.batch_size, dur.warmup_steps,
+                                               dur.total_steps)
+  model = LinearProbe(num_classes)
+  state = jax.jit(functools.partial(init_probe, model, tx, dim=feats_ND.shape[1]),
+                  out_shardings=sharding.replicated(mesh))(jax.random.key(seed))
+  step_fn = jax.jit(functools.partial(probe_step, model=model, tx=tx, schedule=schedule),
+                    in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh),
+                                  sharding.replicated(mesh)),
+                    out_shardings=(sharding.replicated(mesh),) * 2, donate_argnums=0)
+  logger.info(f"linear probe: {dur.total_steps} LARS steps of batch {cfg.batch_size} "
+              f"({dur.steps_per_epoch}/epoch, warmup {dur.warmup_steps}) on "
+              f"{feats_ND.shape[1]}-dim features of {len(feats_ND)} examples")
+  host = loop.epoch_batches({"x": feats_ND, "label": labels_N}, cfg.batch_size, seed)
+  state, metrics = loop.run_steps(
+      step_fn, state, loop.device_batches(host, mesh), total_steps=dur.total_steps,
+      base_rng=jax.random.key(seed), logger=logger, log_every=cfg.log_every_steps,
+      images_per_step=cfg.batch_size)
+  top1 = test_top1(state, model, test, mesh, eval_batch_size)
+  return {"top1": top1, "final_train_loss": float(metrics["loss"]),
+          "steps": dur.total_steps}

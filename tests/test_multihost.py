@@ -1,0 +1,205 @@
+"""Real multi-process runs of train.py: two processes on localhost (CPU, gloo collectives),
+two devices each, against one process with four devices; checkpoints restored on other
+topologies; SIGTERM / SIGINT stop every process at one agreed step; a killed process makes
+the other fail within a bounded time instead of hanging."""
+import functools
+import re
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+from ml_collections import config_dict
+
+from configs.default import get_config
+from mae_jax import checkpoint, distributed, models, optim, sharding, train_step as ts
+from trainproc import (TINY, TrainProcess, checkpoint_steps, kill_started, launch_group,
+                       scalars, wait_all)
+
+# One program for every launch (the compile cache then serves all but the first); a
+# learning rate large enough that later losses depend on the earlier updates.
+LONG = {"num_steps": 5000, "checkpoint_every_steps": 1000, "optim.base_lr": 0.1,
+        "optim.eps": 1e-4}  # Adam's eps: no amplified rounding noise in near-zero gradients
+SHORT = dict(LONG, stop_after_steps=5)  # 5 steps, saved, no final evaluation
+HEARTBEAT = ["--heartbeat_timeout=5", "--shutdown_timeout=20", "--init_timeout=120"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory, monkeypatch_module):
+  monkeypatch_module.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+  monkeypatch_module.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+@pytest.fixture(autouse=True)
+def end_leftover_processes():
+  """A test that fails while waiting leaves no train.py running on."""
+  yield
+  kill_started()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+  with pytest.MonkeyPatch.context() as mp:
+    yield mp
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """5 steps of the same run on 2 processes x 2 devices and on 1 process x 4 devices."""
+  root = tmp_path_factory.mktemp("multihost")
+  two = launch_group(root / "two", root, 2, 2, SHORT, HEARTBEAT)
+  one = TrainProcess(root / "one", root, "one", devices=4, overrides=SHORT)
+  codes = wait_all(two + [one], timeout=240)
+  assert codes == [0, 0, 0], "\n".join(p.describe() for p in two + [one])
+  return root, two, one
+
+
+def test_two_processes_give_the_losses_of_one(runs):
+  root, (p0, p1), one = runs
+  losses2, losses1 = scalars(root / "two"), scalars(root / "one")
+  assert sorted(losses2) == sorted(losses1) == [1, 2, 3, 4, 5]
+  np.testing.assert_allclose([losses2[s] for s in range(1, 6)],
+                             [losses1[s] for s in range(1, 6)], rtol=1e-5)
+  assert len(set(losses2.values())) == 5  # really five different steps
+  assert "4 device(s)" in p0.stdout and "step 5/5000" in p0.stdout
+  # process 1 trained too, but logs, TensorBoard and the config come from process 0 only
+  assert "step " not in p1.stdout and "mae_jax:" not in p1.stdout, p1.describe()
+  assert len(list((root / "two").glob("events.out.tfevents.*"))) == 1
+  assert checkpoint_steps(root / "two") == [5]
+
+
+def abstract_run():
+  """(model, tx) of the SHORT run, built as the trainer builds them."""
+  c = get_config()
+  with c.unlocked():
+    for key, value in {**TINY, **SHORT}.items():
+      *parents, name = key.split(".")
+      functools.reduce(lambda d, k: d[k], parents, c)[name] = value
+  model = models.build_model(c)
+  tx, _ = optim.make_optimizer(c.optim, c.batch_size, c.optim.warmup_steps, c.num_steps)
+  return model, tx
+
+
+def restore_on(workdir, step, devices, data, fsdp):
+  """The checkpoint's state restored onto a (data, fsdp) mesh over `devices`."""
+  model, tx = abstract_run()
+  mesh = sharding.make_mesh(config_dict.ConfigDict(dict(data=data, fsdp=fsdp)), devices)
+  abstract = jax.eval_shape(functools.partial(ts.init_state, model, tx, image_shape=(16, 16, 1)),
+                            jax.random.key(0))
+  target = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                        abstract, sharding.state_shardings(abstract, mesh))
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=3, every_steps=1000)
+  try:
+    state = ckpt.restore(step, target)
+  finally:
+    ckpt.close()
+  for leaf in jax.tree.leaves(state):  # laid out as asked
+    assert leaf.sharding.mesh.devices.size == len(devices)
+  if fsdp > 1:  # the large kernels really are split
+    assert any(x.addressable_shards[0].data.size == x.size // fsdp
+               for x in jax.tree.leaves(state.params))
+  return jax.device_get(state)
+
+
+def test_checkpoint_of_two_processes_restores_on_other_topologies(runs):
+  root, _, _ = runs
+  devices = jax.devices()
+  on_4 = restore_on(root / "two", 5, devices[:4], 4, 1)
+  on_1 = restore_on(root / "two", 5, devices[:1], 1, 1)
+  on_4_fsdp = restore_on(root / "two", 5, devices[:4], 1, 4)
+  assert int(on_4.step) == int(on_1.step) == int(on_4_fsdp.step) == 5
+  for a, b, c in zip(jax.tree.leaves(on_4), jax.tree.leaves(on_1), jax.tree.leaves(on_4_fsdp)):
+    np.testing.assert_array_equal(a, b)  # identical, whatever the topology
+    np.testing.assert_array_equal(a, c)
+  # the trained state, as the one-process run has it (Adam's moments are not zero)
+  single = restore_on(root / "one", 5, devices[:4], 4, 1)
+  for a, b in zip(jax.tree.leaves(on_4), jax.tree.leaves(single)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  mu = jax.tree.leaves(on_4.opt_state)
+  assert sum(float(np.abs(x).sum()) for x in mu if np.ndim(x) > 0) > 0
+
+
+def stopped_step(proc, signal_name):
+  match = re.search(rf"stopped at step (\d+) \({signal_name}\)", proc.stdout)
+  assert match, proc.describe()
+  return int(match.group(1))
+
+
+def test_signals_stop_all_processes_at_one_step_and_the_next_launch_resumes(tmp_path):
+  workdir = tmp_path / "run"
+  # SIGTERM to process 1 alone: JAX's preemption service tells process 0, both save one step
+  p0, p1 = launch_group(workdir, tmp_path, 2, 2, LONG, HEARTBEAT, tag="a")
+  p0.wait_for(r"step 3/", timeout=180)
+  p1.signal(signal.SIGTERM)
+  codes = wait_all([p0, p1], timeout=90)
+  assert codes == [0, 0], p0.describe() + p1.describe()
+  first = stopped_step(p0, "SIGTERM")
+  assert 3 <= first < 5000 and checkpoint_steps(workdir) == [first]
+
+  # the next launch resumes there; Ctrl-C (SIGINT) to process 0 stops both the same way
+  p0, p1 = launch_group(workdir, tmp_path, 2, 2, LONG, HEARTBEAT, tag="b")
+  p0.wait_for(rf"resuming from step {first}\b", timeout=180)
+  p0.wait_for(rf"step {first + 2}/", timeout=120)
+  assert f"step {first}/" not in p0.stdout  # nothing before the saved step is redone
+  p0.signal(signal.SIGINT)
+  codes = wait_all([p0, p1], timeout=90)
+  assert codes == [0, 0], p0.describe() + p1.describe()
+  second = stopped_step(p0, "SIGINT")
+  assert second > first and checkpoint_steps(workdir) == [first, second]
+
+
+def test_killed_process_makes_the_other_fail_fast(tmp_path):
+  p0, p1 = launch_group(tmp_path / "run", tmp_path, 2, 2, LONG, HEARTBEAT, tag="k")
+  p0.wait_for(r"step 3/", timeout=180)
+  p1.kill()  # SIGKILL: no goodbye to the coordinator
+  t0 = time.monotonic()
+  code = p0.wait(timeout=90)
+  elapsed = time.monotonic() - t0
+  assert code != 0, p0.describe()
+  # either our message (a collective failed) or JAX's (heartbeats stopped), both name the cause
+  assert re.search(r"another (process|task) died", p0.stderr), p0.describe()
+  assert elapsed < 60, f"took {elapsed:.0f} s to notice (heartbeat timeout 5 s)"
+
+
+SRUN = {  # what srun sets in each of its tasks (here: task 3 of 8 on two nodes)
+    "SLURM_JOB_ID": "1234", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_NTASKS": "8",
+    "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}
+
+
+@pytest.mark.parametrize("options,env,kind", [
+    (distributed.Options(), {}, None),  # a lone process stays one: no distributed runtime
+    (distributed.Options(), SRUN, "slurm"),
+    (distributed.Options(), dict(SRUN, SLURM_NTASKS="1"), None),  # srun of one task
+    (distributed.Options(), {k: v for k, v in SRUN.items() if k != "SLURM_PROCID"}, None),
+    (distributed.Options(mode="off"), SRUN, None),
+    (distributed.Options(), {"OMPI_COMM_WORLD_SIZE": "4"}, "ompi"),
+    (distributed.Options(), {"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}, "tpu"),
+    (distributed.Options(coordinator_address="h0:1234", num_processes=2, process_id=1), {},
+     "flags"),
+    (distributed.Options(coordinator_address="h0:1234"), SRUN, "flags"),  # flags win
+    (distributed.Options(mode="on"), {}, "flags"),
+])
+def test_launch_kind_detects_how_the_run_was_started(options, env, kind):
+  assert distributed.launch_kind(options, env) == kind
+
+
+def test_a_lone_process_does_not_join_a_distributed_runtime():
+  assert distributed.initialize(distributed.Options(), env={}) is None
+  assert not jax.distributed.is_initialized() and jax.process_count() == 1
+
+
+@pytest.mark.parametrize("options,message", [
+    (distributed.Options(num_processes=0), "--num_processes=0: must be >= 1"),
+    (distributed.Options(num_processes=2, process_id=2),
+     "--process_id=2: must be in [0, --num_processes=2)"),
+    (distributed.Options(process_id=-1), "--process_id=-1: must be in [0,"),
+    (distributed.Options(coordinator_address="h0"), "--coordinator_address=h0: expected "
+     "host:port"),
+    (distributed.Options(init_timeout=0), "--init_timeout=0: must be >= 1 second"),
+])
+def test_bad_distributed_flags_fail_before_joining(options, message):
+  with pytest.raises(distributed.DistributedError) as e:
+    distributed.initialize(options, env={})
+  assert str(e.value).startswith(message)
+  assert not jax.distributed.is_initialized()
