@@ -158,7 +158,8 @@ def setup(config, encoder_tokens="visible", seed=0):
   state_sh = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
   state = jax.jit(init, out_shardings=state_sh)(jax.random.key(seed))
   step = functools.partial(ts.train_step, model=model, tx=tx, schedule=schedule,
-                           mean=(0.5,) * 3, std=(0.25,) * 3,
+                           mean=(0.5,) * config.data.channels,
+                           std=(0.25,) * config.data.channels,
                            norm_pix_loss=config.model.norm_pix_loss,
                            accum_steps=config.grad_accum_steps)
   batch_sh = {"image": sharding.batch_sharding(mesh)}
