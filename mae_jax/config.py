@@ -249,9 +249,10 @@ _FLAG_PROBLEMS = (  # fragments of absl / ml_collections parse errors -> what wa
 )
 
 
-def flag_error(error, argv):
+def flag_error(error, argv, recipe="configs/default.py"):
   """One line for a bad --config, --config.FIELD or other flag: absl and ml_collections raise
-  several kinds of error, some of them multi-line or quoted twice."""
+  several kinds of error, some of them multi-line or quoted twice. `recipe` is the file an
+  unknown field's message points to."""
   text = " ".join(str(error).replace("\\n", " ").replace("\\'", "'").split())
   if isinstance(error, (KeyError, AttributeError)):  # an unknown --config.FIELD
     key = re.search(r"'(\w+)'", text)
@@ -261,7 +262,7 @@ def flag_error(error, argv):
                  if re.match(rf"--?config\.(\w+\.)*{re.escape(key)}(=|$)", a)), None)
     where = (flag.lstrip("-") if flag else f"config.{key}")
     return (f"{where}: unknown field {key!r}" + (f"; did you mean {hint.group(1)!r}?" if hint
-                                                 else "; see configs/default.py"))
+                                                 else f"; see {recipe}"))
   match = re.match(r"flag --(config\.[\w.]+)=(.*?): (.*)", text)
   if match:
     field, value, problem = match.groups()

@@ -255,7 +255,7 @@ def define_flags():
 
 def flag_failure(error, argv):
   """One `error:` line naming the flag and what it expects; exit 2."""
-  message = config_lib.flag_error(error, argv).replace("configs/default.py", "configs/eval.py")
+  message = config_lib.flag_error(error, argv, recipe="configs/eval.py")
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
 

@@ -176,6 +176,16 @@ def wait_stopped(pid, timeout=30):
   raise AssertionError(f"process {pid} did not stop")
 
 
+def start_train(workdir, env, log_path):
+  """(train.py started on `workdir` with its output in `log_path`, the number of train
+  records the workdir already held)."""
+  first = len(train_records(workdir))
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen(train_cmd(workdir), env=env, cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+  return proc, first
+
+
 def run_and_kill(workdir, env, log_path, when, what, timeout=300):
   """Start train.py on `workdir` and SIGKILL it at the first moment `when(snapshot)` holds.
 
@@ -183,10 +193,7 @@ def run_and_kill(workdir, env, log_path, when, what, timeout=300):
   run continues with SIGCONT), so the kill lands exactly in a state the test has seen.
   Returns (that snapshot, the run's output so far).
   """
-  first = len(train_records(workdir))
-  with open(log_path, "w") as log:
-    proc = subprocess.Popen(train_cmd(workdir), env=env, cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
+  proc, first = start_train(workdir, env, log_path)
   deadline = time.monotonic() + timeout
   try:
     while time.monotonic() < deadline:
@@ -270,10 +277,7 @@ def run_and_stop(workdir, env, log_path, after_step, signum, timeout=300):
   freeze it, send `signum`, let it go on, and wait. Freezing first means the signal lands
   while the run is between the steps the test has seen, not after it has finished.
   Returns (return code, its output)."""
-  first = len(train_records(workdir))
-  with open(log_path, "w") as log:
-    proc = subprocess.Popen(train_cmd(workdir), env=env, cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
+  proc, first = start_train(workdir, env, log_path)
   deadline = time.monotonic() + timeout
   try:
     while snapshot(workdir, first).logged < after_step:
