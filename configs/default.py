@@ -21,6 +21,7 @@ def get_config():
   c.data.crop_scale = (0.2, 1.0)
   c.data.num_workers = 0  # host decode workers (JPEG folders); 0 = in-process
   c.data.synthetic_size = 4096
+  c.data.train_examples = config_dict.placeholder(int)  # evenly spaced subset; None = all
   # Image folders: False = skip (and count) files that cannot be decoded; True = stop at
   # the first one, naming it.
   c.data.strict = False
@@ -38,6 +39,9 @@ def get_config():
   c.model.decoder_heads = 4
   c.model.mask_ratio = 0.75
   c.model.mask_strategy = "random"  # random | block | grid | center
+  # visible: the encoder drops masked patches (MAE); all: masked patches enter the encoder
+  # as a learned mask token (the paper's "w/ [M]" ablation, slower).
+  c.model.encoder_tokens = "visible"
   # Pixel targets (not per-patch normalized) so reconstructions are images and the
   # test MSE is in [0, 1] pixels; the ImageNet recipe turns it on, as the paper does.
   c.model.norm_pix_loss = False

@@ -27,6 +27,9 @@ def get_config():
   c.data.manual_dir = config_dict.placeholder(str)
   c.data.num_workers = config_dict.placeholder(int)
   c.data.synthetic_size = config_dict.placeholder(int)
+  # Evaluate against this many evenly spaced training images (kNN memory bank, linear
+  # probe and fine-tuning set); None = the whole training split. The test split is whole.
+  c.data.train_examples = config_dict.placeholder(int)
 
   c.eval_batch_size = 512  # global: feature extraction and test batches
   c.mesh = config_dict.ConfigDict()

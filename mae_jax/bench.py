@@ -37,38 +37,9 @@ PEAK_TFLOPS = {
 }
 
 
-class AllTokensMAE(mae.MaskedAutoencoder):
-  """Benchmark-only variant whose encoder sees all 1 + N tokens (paper Table 2, "w/ [M]").
-
-  Masked patches enter the encoder as a learned mask token (+ pos-embed); the decoder gets
-  the encoder's N patch tokens in patch order. Same loss, masks and decoder as MAE, so the
-  step-time ratio against MaskedAutoencoder is the cost of not dropping masked tokens.
-  """
-
-  def setup(self):
-    super().setup()
-    self.encoder_mask_token = self.param("encoder_mask_token", mae.token_init,
-                                         (1, 1, self.width), self.param_dtype)
-
-  def __call__(self, images_BHWC, noise_BN=None):
-    x_BND = self._embed_patches(images_BHWC)
-    b, n = x_BND.shape[:2]
-    if noise_BN is None:
-      noise_BN = masking.make_noise(self.mask_strategy, self.make_rng("mask"), b,
-                                    self.grid_size, self.mask_ratio)
-    _, mask_BN, _ = masking.mask_from_noise(
-        noise_BN, masking.num_visible(n, self.mask_ratio))
-    pos_ND = posembed.sincos_2d(self.width, self.grid_size)[1:]
-    fill = (self.encoder_mask_token + pos_ND).astype(self.dtype)
-    x_BND = jnp.where(mask_BN[:, :, None] > 0, fill, x_BND)
-    latent = self._encoder_blocks(self._prepend_cls(x_BND))
-    identity_BN = jnp.broadcast_to(jnp.arange(n), (b, n))
-    return {"pred": self.decode(latent, identity_BN), "mask": mask_BN,
-            "restore_idx": identity_BN}
-
-
 # What the encoder processes -> the model class; keys match flops.ENCODER_TOKENS.
-ENCODERS = {"visible": mae.MaskedAutoencoder, "all": AllTokensMAE}
+ENCODERS = mae.ENCODERS
+AllTokensMAE = mae.AllTokensMAE
 
 
 def parse_args(argv):

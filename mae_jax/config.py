@@ -53,6 +53,8 @@ def validate_model(config):
   _check_choice(m.dtype, "model.dtype", sorted(models.DTYPES))
   _check_choice(m.remat, "model.remat", sorted(vit.REMAT_POLICIES))
   _check_choice(m.attn_impl, "model.attn_impl", [None, "xla", "cudnn"])
+  _check_choice(m.get("encoder_tokens", "visible"), "model.encoder_tokens",
+                sorted(models.ENCODERS))
   try:
     kw = models.model_kwargs(m, config.data.image_size, config.data.channels)
   except ValueError as e:

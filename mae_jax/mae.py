@@ -114,6 +114,41 @@ class MaskedAutoencoder(nn.Module):
     return {"pred": pred, "mask": mask_BN, "restore_idx": restore_idx_BN}
 
 
+class AllTokensMAE(MaskedAutoencoder):
+  """The paper's "w/ [M]" variant (Table 1c, 2): the encoder sees all 1 + N tokens.
+
+  Masked patches enter the encoder as a learned mask token (+ pos-embed); the decoder gets
+  the encoder's N patch tokens in patch order. Same loss, masks and decoder as MAE, so the
+  step-time ratio against MaskedAutoencoder is the cost of not dropping masked tokens.
+  `encode` (evaluation) is MaskedAutoencoder's: the whole image, no mask tokens.
+  """
+
+  def setup(self):
+    super().setup()
+    self.encoder_mask_token = self.param("encoder_mask_token", token_init,
+                                         (1, 1, self.width), self.param_dtype)
+
+  def __call__(self, images_BHWC, noise_BN=None):
+    x_BND = self._embed_patches(images_BHWC)
+    b, n = x_BND.shape[:2]
+    if noise_BN is None:
+      noise_BN = masking.make_noise(self.mask_strategy, self.make_rng("mask"), b,
+                                    self.grid_size, self.mask_ratio)
+    _, mask_BN, _ = masking.mask_from_noise(
+        noise_BN, masking.num_visible(n, self.mask_ratio))
+    pos_ND = posembed.sincos_2d(self.width, self.grid_size)[1:]
+    fill = (self.encoder_mask_token + pos_ND).astype(self.dtype)
+    x_BND = jnp.where(mask_BN[:, :, None] > 0, fill, x_BND)
+    latent = self._encoder_blocks(self._prepend_cls(x_BND))
+    identity_BN = jnp.broadcast_to(jnp.arange(n), (b, n))
+    return {"pred": self.decode(latent, identity_BN), "mask": mask_BN,
+            "restore_idx": identity_BN}
+
+
+# model.encoder_tokens -> the model class: what the encoder processes during pretraining.
+ENCODERS = {"visible": MaskedAutoencoder, "all": AllTokensMAE}
+
+
 def patch_targets(images_BHWC, patch_size, norm_pix_loss):
   """Reconstruction targets (B, N, p*p*C), float32.
 

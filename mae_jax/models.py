@@ -1,7 +1,7 @@
 """Model presets: one size table decodes "Ti/16", "S/16", "B/16", "L/16", "H/14"."""
 import jax.numpy as jnp
 
-from mae_jax.mae import MaskedAutoencoder
+from mae_jax.mae import ENCODERS
 
 # name -> (width, depth, heads); MLP ratio 4 throughout (ViT, Dosovitskiy et al. Table 1).
 # "Mu" is not from the paper: a micro encoder for CPU demos on 28 x 28 images.
@@ -50,6 +50,7 @@ def model_kwargs(model_config, image_size, channels):
 
 
 def build_model(config):
-  """The MaskedAutoencoder a full run config describes."""
-  return MaskedAutoencoder(**model_kwargs(config.model, config.data.image_size,
-                                          config.data.channels))
+  """The MaskedAutoencoder a full run config describes (AllTokensMAE where
+  model.encoder_tokens is "all")."""
+  cls = ENCODERS[config.model.get("encoder_tokens", "visible")]
+  return cls(**model_kwargs(config.model, config.data.image_size, config.data.channels))

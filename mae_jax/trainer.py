@@ -135,7 +135,9 @@ def check_finite(step, metrics, ckpt, skip_nonfinite=False):
 def train_loop(run, state, ckpt, logger, stop=None):
   """Run steps until total_steps, or until `stop` (a distributed.GracefulStop) says all
   processes reached the step a signal asks to save; metrics of step N are read after N+1
-  is dispatched."""
+  is dispatched.
+
+  Returns (state, last loss, images/s after the first step: compilation left out)."""
   cfg, total = run.config, run.durations.total_steps
   step_fn = compile_train_step(run)
   base_rng = jax.random.key(cfg.seed)
@@ -145,8 +147,12 @@ def train_loop(run, state, ckpt, logger, stop=None):
   loss = None
   monitor = knn.Monitor.for_run(run)  # None unless config.knn_every_epochs is set
   batches = device_batches(run, start)
+  t_compiled = None
   for step in range(start + 1, last + 1):
     state, metrics = step_fn(state, next(batches), base_rng)
+    if t_compiled is None:  # the first call compiled, then dispatched asynchronously
+      jax.block_until_ready(state.step)
+      t_compiled = time.perf_counter()
     if pending is not None:
       loss = report(run, pending, ckpt, logger)
     pending = (step, metrics)
@@ -159,7 +165,11 @@ def train_loop(run, state, ckpt, logger, stop=None):
       monitor(step, state.params, logger)  # before the next step donates these params
     if stopping:
       break
-  return state, loss
+  jax.block_until_ready(state.step)
+  steps_after_first = int(state.step) - start - 1
+  images_per_sec = (steps_after_first * cfg.batch_size / (time.perf_counter() - t_compiled)
+                    if steps_after_first > 0 else None)
+  return state, loss, images_per_sec
 
 
 def report(run, pending, ckpt, logger):
@@ -205,12 +215,17 @@ def save_reconstructions(run, first, path):
                                         run.model.patch_size, path)
 
 
-def write_summary(run, results, train_seconds, final_loss):
+def write_summary(run, results, train_seconds, final_loss, images_per_sec):
+  """summary.json: test MSEs, final loss, steps, this invocation's training seconds and
+  images/s (the train loop after its first step: host pipeline and checkpoints included,
+  compilation not), devices and model."""
   summary = dict(results, final_train_loss=final_loss, steps=run.durations.total_steps,
-                 train_seconds=round(train_seconds, 1), devices=jax.device_count(),
+                 train_seconds=round(train_seconds, 1),
+                 images_per_sec=images_per_sec and round(images_per_sec, 1), devices=jax.device_count(),
                  model=models.model_kwargs(run.config.model, run.config.data.image_size,
                                            run.config.data.channels))
-  summary["model"]["dtype"] = run.config.model.dtype
+  summary["model"].update(dtype=run.config.model.dtype,
+                          encoder_tokens=run.config.model.get("encoder_tokens", "visible"))
   path = os.path.join(run.workdir, "summary.json")
   with open(path, "w") as f:
     json.dump(summary, f, indent=2, default=str)
@@ -232,13 +247,13 @@ def train_and_evaluate(config, workdir):
   t0 = time.perf_counter()
   with distributed.GracefulStop() as stop:
     try:
-      state, final_loss = train_loop(run, state, ckpt, logger, stop)
+      state, final_loss, images_per_sec = train_loop(run, state, ckpt, logger, stop)
     finally:
       ckpt.wait()
   train_seconds = time.perf_counter() - t0
   results = None
   if int(state.step) >= run.durations.total_steps:
-    results = finish(run, state, logger, train_seconds, final_loss)
+    results = finish(run, state, logger, train_seconds, final_loss, images_per_sec)
   else:
     why = stop.signal_name or "stop_after_steps"
     logger.info(f"stopped at step {int(state.step)} ({why}); run again to resume")
@@ -247,12 +262,12 @@ def train_and_evaluate(config, workdir):
   return state, results
 
 
-def finish(run, state, logger, train_seconds, final_loss):
+def finish(run, state, logger, train_seconds, final_loss, images_per_sec):
   """Final evaluation, picture and summary (process 0 writes them)."""
   results, first = evaluate_reconstruction(run, state.params)
   if jax.process_index() == 0:
     png = save_reconstructions(run, first, os.path.join(run.workdir, "reconstructions.png"))
-    summary = write_summary(run, results, train_seconds, final_loss)
+    summary = write_summary(run, results, train_seconds, final_loss, images_per_sec)
     logger.info(
         f"test masked MSE {results['test_masked_mse']:.4f} (per-pixel-mean baseline "
         f"{results['baseline_masked_mse']:.4f}) after {train_seconds:.0f} s of training\n"

@@ -96,6 +96,27 @@ class ArraySource(Source):
     return self.images[indices], self.labels[indices].astype(np.int32)
 
 
+class Subset(Source):
+  """`count` evenly spaced examples of `base` (all of them where it has fewer); the
+  normalization stats stay the base split's."""
+
+  def __init__(self, base: Source, count: int):
+    super().__init__(channels=base.channels, num_classes=base.num_classes,
+                     stats_source=lambda: base)
+    self._stats = base._stats
+    self.base = base
+    self.indices = evenly_spaced(len(base), count)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def get(self, index):
+    return self.base.get(int(self.indices[index]))
+
+  def batch(self, indices):
+    return self.base.batch(self.indices[np.asarray(indices, np.int64)])
+
+
 def convert_channels(image_HWC: np.ndarray, channels: int) -> np.ndarray:
   """uint8 (..., H, W, c) -> (..., H, W, channels): alpha dropped, gray <-> RGB as PIL does."""
   c = image_HWC.shape[-1]

@@ -1,0 +1,310 @@
+"""A convolutional masked autoencoder: the baseline the ViT MAE is compared with.
+
+  python -m mae_jax.conv_mae --workdir DIR [--config configs/conv_mae.py]
+      [--mode knn,linprobe] [--eval_config configs/eval.py] [--config.FIELD=VALUE ...]
+
+Each pixel of the [0, 1] image is zeroed with probability model.mask_ratio (element-wise,
+independently per image, the same for every channel). The encoder is 3 x 3 convolutions of
+model.features channels (32-64-128) with ReLU and a 2 x 2 max-pool between them; the
+decoder mirrors it with nearest-neighbour upsampling and ends in a 3 x 3 convolution to
+the image channels and a sigmoid. The loss is the MSE over the whole image, masked and
+visible pixels alike.
+
+After training, DIR gets the files `train.py` + `python -m mae_jax.evaluate` write, so
+both models are read alike (python -m mae_jax.sweep):
+- summary.json: test_masked_mse (MSE on the masked pixels of the test split, [0, 1]
+  pixels; ViT MAE: on the masked patches), test_mse (whole image), final_train_loss,
+  steps, train_seconds, images_per_sec;
+- eval_knn.json, eval_linprobe.json: top-1 of the `--eval_config` recipe on the encoder's
+  features of the unmasked image, globally average-pooled (model.features[-1] dims).
+The run is short and not checkpointed: an interrupted run starts again from step 0.
+"""
+import functools
+import json
+import os
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mae_jax import config as config_lib, data, optim, sharding
+from mae_jax.evaluation import knn as knn_lib, linprobe
+from mae_jax.logger import Logger
+
+MODES = ("knn", "linprobe")
+
+
+class ConvMAE(nn.Module):
+  """Conv encoder (features[i] channels, 2x2 max-pool between) and its mirror image."""
+  features: tuple = (32, 64, 128)
+  channels: int = 1
+
+  def setup(self):
+    conv = lambda f, name: nn.Conv(f, (3, 3), padding="SAME", name=name)
+    self.encoder = [conv(f, f"enc_{i}") for i, f in enumerate(self.features)]
+    self.decoder = [conv(f, f"dec_{i}") for i, f in enumerate(self.features[-2::-1])]
+    self.head = conv(self.channels, "head")
+
+  def encode(self, x_BHWC):
+    """[0, 1] images -> feature maps (B, H / 2^(L-1), W / 2^(L-1), features[-1])."""
+    for i, layer in enumerate(self.encoder):
+      if i > 0:
+        x_BHWC = nn.max_pool(x_BHWC, (2, 2), strides=(2, 2))
+      x_BHWC = nn.relu(layer(x_BHWC))
+    return x_BHWC
+
+  def __call__(self, x_BHWC):
+    """Masked [0, 1] images -> reconstructed [0, 1] images of the same shape."""
+    z = self.encode(x_BHWC)
+    for layer in self.decoder:
+      z = jnp.repeat(jnp.repeat(z, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
+      z = nn.relu(layer(z))
+    return nn.sigmoid(self.head(z))
+
+
+def to_unit(images_u8):
+  return images_u8.astype(jnp.float32) / 255.0
+
+
+def pixel_mask(rng, images_BHWC, ratio):
+  """1.0 where a pixel is masked (probability `ratio`), shared by the channels: (B,H,W,1)."""
+  b, h, w, _ = images_BHWC.shape
+  return jax.random.bernoulli(rng, ratio, (b, h, w, 1)).astype(jnp.float32)
+
+
+def loss_fn(params, x_BHWC, mask_BHW1, model):
+  recon = model.apply({"params": params}, x_BHWC * (1.0 - mask_BHW1))
+  return jnp.mean(jnp.square(recon - x_BHWC)), recon
+
+
+def train_step(state, images_u8, rng, *, model, tx, schedule, ratio):
+  """One AdamW step on the whole-image MSE of a freshly masked batch."""
+  params, opt_state, step = state
+  x = to_unit(images_u8)
+  mask = pixel_mask(jax.random.fold_in(rng, step), x, ratio)
+  (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, mask, model)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  metrics = {"loss": loss, "lr": schedule(step), "grad_norm": optax.global_norm(grads)}
+  return (optax.apply_updates(params, updates), opt_state, step + 1), metrics
+
+
+def eval_sums(params, images_u8, valid_B, rng, *, model, ratio):
+  """Sums of squared error over masked pixels and over all pixels, and their counts."""
+  x = to_unit(images_u8)
+  mask = pixel_mask(rng, x, ratio)
+  _, recon = loss_fn(params, x, mask, model)
+  sq = jnp.square(recon - x) * valid_B[:, None, None, None]
+  masked = mask * valid_B[:, None, None, None]
+  return {"masked_sq": jnp.sum(sq * masked), "masked_count": jnp.sum(masked) * x.shape[-1],
+          "sq": jnp.sum(sq), "count": jnp.sum(valid_B) * x[0].size}
+
+
+def validate(config, modes):
+  """One line for the first field that cannot work, before anything compiles."""
+  m = config.model
+  config_lib._check(len(m.features) >= 1 and all(
+      config_lib._is_int(f) and f >= 1 for f in m.features), "model.features",
+                    f"{tuple(m.features)} must be positive integers")
+  config_lib._check(config_lib._is_number(m.mask_ratio) and 0 < m.mask_ratio < 1,
+                    "model.mask_ratio", f"{m.mask_ratio} must be in (0, 1)")
+  factor = 2**(len(m.features) - 1)
+  config_lib._check(config.data.image_size % factor == 0, "data.image_size",
+                    f"{config.data.image_size} is not a multiple of {factor} (one 2x2 "
+                    "max-pool between each of model.features)")
+  config_lib.validate_data(config)
+  config_lib.validate_optim(config)
+  config_lib._check_int(config.batch_size, "batch_size", 1)
+  for mode in modes:
+    if mode not in MODES:
+      raise config_lib.ConfigError(f"--mode: {mode!r} is not valid; valid values: "
+                                   f"{', '.join(MODES)}")
+
+
+def extract(params, source, *, model, mesh, image_size, batch_size):
+  """(avg-pooled encoder features (N, D) of the unmasked images, labels (N,))."""
+  fn = jax.jit(lambda p, x: model.apply({"params": p}, to_unit(x), method=model.encode)
+               .mean(axis=(1, 2)))
+  feats, labels = [], []
+  for batch in data.make_eval_batches(source, image_size=image_size, batch_size=batch_size,
+                                      process_index=jax.process_index(),
+                                      process_count=jax.process_count()):
+    g = sharding.global_batch(batch, mesh)
+    valid = sharding.to_host(g["valid"])
+    feats.append(sharding.to_host(fn(params, g["image"]))[valid])
+    labels.append(sharding.to_host(g["label"])[valid])
+  return np.concatenate(feats), np.concatenate(labels).astype(np.int32)
+
+
+def write_json(path, payload):
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(payload, f, indent=2, default=str)
+  return path
+
+
+def train(config, workdir):
+  """Train; returns (params, summary dict), summary.json written."""
+  train_src = data.load_source(config.data, "train")
+  test_src = data.load_source(config.data, "test")
+  config_lib.check_data_size(config, len(train_src))
+  dur = config_lib.durations(config, len(train_src))
+  model = ConvMAE(tuple(config.model.features), config.data.channels)
+  tx, schedule = optim.make_optimizer(config.optim, config.batch_size, dur.warmup_steps,
+                                      dur.total_steps)
+  mesh = sharding.make_mesh(config.mesh)
+  repl = sharding.replicated(mesh)
+  size = config.data.image_size
+  shape = (1, size, size, config.data.channels)
+
+  def init(rng):
+    params = model.init(rng, jnp.zeros(shape))["params"]
+    return params, tx.init(params), jnp.zeros((), jnp.int32)
+
+  state = jax.jit(init, out_shardings=repl)(jax.random.key(config.seed))
+  num_params = sum(x.size for x in jax.tree.leaves(state[0]))
+  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                                      ratio=config.model.mask_ratio),
+                    in_shardings=(repl, sharding.batch_sharding(mesh), repl),
+                    out_shardings=(repl, repl), donate_argnums=0)
+  os.makedirs(workdir, exist_ok=True)
+  logger = Logger(workdir, dur.total_steps)
+  logger.info(f"conv_mae: {num_params / 1e6:.2f}M-parameter conv MAE (features "
+              f"{tuple(config.model.features)}, pixel mask ratio {config.model.mask_ratio}) "
+              f"on {config.data.name} ({len(train_src)} train images), {dur.total_steps} "
+              f"steps of batch {config.batch_size}, {jax.device_count()} device(s)")
+  batches = data.make_train_batches(
+      train_src, image_size=size, global_batch_size=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      augment=config.data.augment, crop_scale=tuple(config.data.crop_scale),
+      num_workers=config.data.num_workers)
+  rng = jax.random.key(config.seed + 1)
+  t0, t_compiled, metrics = time.perf_counter(), None, None
+  for step in range(1, dur.total_steps + 1):
+    images = sharding.global_batch({"image": next(batches)["image"]}, mesh)["image"]
+    state, metrics = step_fn(state, images, rng)
+    if t_compiled is None:
+      jax.block_until_ready(state)
+      t_compiled = time.perf_counter()
+    if step % config.log_every_steps == 0 or step == dur.total_steps:
+      metrics = jax.device_get(metrics)
+      if not np.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"conv_mae: loss {metrics['loss']} at step {step}")
+      logger.scalars(step, metrics)
+      logger.progress(step, metrics, config.batch_size)
+  jax.block_until_ready(state)
+  t_end = time.perf_counter()
+  logger.close()
+  params = state[0]
+
+  sums_fn = jax.jit(functools.partial(eval_sums, model=model, ratio=config.model.mask_ratio))
+  totals = {"masked_sq": 0.0, "masked_count": 0.0, "sq": 0.0, "count": 0.0}
+  eval_rng = jax.random.key(config.seed + 2)
+  for i, batch in enumerate(data.make_eval_batches(
+      test_src, image_size=size, batch_size=config.eval_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count())):
+    g = sharding.global_batch({"image": batch["image"], "valid": batch["valid"]}, mesh)
+    out = sums_fn(params, g["image"], g["valid"].astype(jnp.float32),
+                  jax.random.fold_in(eval_rng, i))
+    for key in totals:
+      totals[key] += float(out[key])
+  steps_after_first = dur.total_steps - 1
+  summary = {
+      "test_masked_mse": totals["masked_sq"] / totals["masked_count"],
+      "test_mse": totals["sq"] / totals["count"],
+      "final_train_loss": float(metrics["loss"]),
+      "steps": dur.total_steps,
+      "train_seconds": round(t_end - t0, 1),
+      "images_per_sec": (round(steps_after_first * config.batch_size / (t_end - t_compiled), 1)
+                         if steps_after_first > 0 else None),
+      "devices": jax.device_count(),
+      "model": {"kind": "conv_mae", "features": list(config.model.features),
+                "mask_ratio": config.model.mask_ratio, "image_size": size,
+                "channels": config.data.channels, "num_params": int(num_params)},
+  }
+  write_json(os.path.join(workdir, "summary.json"), summary)
+  print(f"test masked-pixel MSE {summary['test_masked_mse']:.4f} (whole image "
+        f"{summary['test_mse']:.4f}) after {summary['train_seconds']:.0f} s", flush=True)
+  return model, params, mesh, (train_src, test_src)
+
+
+def evaluate(model, params, mesh, sources, eval_config, workdir, modes, *, image_size):
+  """kNN / linear probe on the avg-pooled encoder features; eval_<mode>.json each."""
+  if not modes:
+    return {}
+  data_cfg = eval_config.data
+  train_src, test_src = sources
+  if data_cfg.get("train_examples"):
+    train_src = data.Subset(train_src, data_cfg.train_examples)
+  num_classes = train_src.num_classes
+  config_lib._check(num_classes, "data.name", "the dataset has no class labels to "
+                    "evaluate against")
+  t0 = time.perf_counter()
+  kw = dict(model=model, mesh=mesh, image_size=image_size, batch_size=eval_config.eval_batch_size)
+  train, test = extract(params, train_src, **kw), extract(params, test_src, **kw)
+  feature_seconds = time.perf_counter() - t0
+  results = {}
+  for mode in modes:
+    t0 = time.perf_counter()
+    if mode == "knn":
+      cfg = eval_config.knn
+      out = {"top1": knn_lib.knn_top1(train, test, k=cfg.k, temperature=cfg.temperature,
+                                      num_classes=num_classes, mesh=mesh,
+                                      batch_size=eval_config.eval_batch_size),
+             "k": cfg.k, "temperature": cfg.temperature}
+    else:
+      cfg = eval_config.linprobe
+      dur = config_lib.durations(cfg, len(train[0]))
+      logger = Logger(os.path.join(workdir, "eval", "linprobe"), dur.total_steps)
+      out = linprobe.train_and_test(train, test, cfg, num_classes=num_classes, mesh=mesh,
+                                    seed=eval_config.seed, logger=logger,
+                                    eval_batch_size=eval_config.eval_batch_size)
+      logger.close()
+    out = dict(out, mode=mode, name=mode, features="avg", subject="conv_mae",
+               train_examples=len(train[0]),
+               seconds=round(time.perf_counter() - t0 + feature_seconds, 1),
+               devices=jax.device_count(), config=eval_config[mode].to_dict())
+    write_json(os.path.join(workdir, f"eval_{mode}.json"), out)
+    print(f"{mode}: top-1 {out['top1']:.4f}", flush=True)
+    results[mode] = out
+  return results
+
+
+def run(config, eval_config, workdir, modes):
+  """Train, then evaluate in `modes`; (summary, {mode: results})."""
+  validate(config, modes)
+  model, params, mesh, sources = train(config, workdir)
+  evaluate(model, params, mesh, sources, eval_config, workdir, modes,
+           image_size=config.data.image_size)
+  with open(os.path.join(workdir, "summary.json")) as f:
+    return json.load(f)
+
+
+def main(argv):
+  del argv
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
+  modes = [m.strip() for m in flags.FLAGS.mode.split(",") if m.strip()]
+  try:
+    run(flags.FLAGS.config, flags.FLAGS.eval_config, flags.FLAGS.workdir, modes)
+  except (config_lib.ConfigError, data.DatasetError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config_flags.DEFINE_config_file("config", os.path.join(root, "configs", "conv_mae.py"),
+                                  "Conv MAE recipe.", lock_config=True)
+  config_flags.DEFINE_config_file("eval_config", os.path.join(root, "configs", "eval.py"),
+                                  "Evaluation recipe (knn, linprobe blocks).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Results go here.", required=True)
+  flags.DEFINE_string("mode", "knn,linprobe", "Comma-separated evaluations: knn, linprobe; "
+                      "empty for none.")
+  app.run(main)

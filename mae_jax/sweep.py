@@ -1,0 +1,403 @@
+"""Run an ablation sweep: one pretraining + evaluation per point, then a table and plots.
+
+  python -m mae_jax.sweep configs/ablations/mask_ratio.py --workdir workdirs/ablations
+  python -m mae_jax.sweep configs/ablations/mask_ratio.py --workdir DIR --commands
+  python -m mae_jax.sweep configs/ablations/mask_ratio.py --workdir DIR --collect
+
+A sweep file defines get_sweep() -> dict:
+  name          the sweep's name: its outputs go to DIR/<name>/
+  base          pretraining recipe of the ViT points (default configs/default.py)
+  conv_base     recipe of the conv points (default configs/conv_mae.py)
+  overrides     {config field: value} for every ViT point (e.g. the budget: num_steps)
+  conv_overrides  the same for conv points
+  eval_config   evaluation recipe (default configs/eval.py)
+  eval_overrides  {field: value} of the evaluation recipe, for every point
+  evals         evaluations per point: "knn,linprobe" (add ",finetune" for fine-tuning)
+  axes          {config field: [values]}: every combination is a point, or
+  points        [{"label": str, "program": "mae" | "conv", "overrides": {...}}, ...]
+  plot_x        the field on the plots' x axis (default: the first axis)
+
+Each point runs in DIR/points/<label>-<hash>/ (hash of its commands, so sweeps sharing a
+DIR share identical points) as subprocesses: `train.py` then `python -m mae_jax.evaluate`
+(ViT MAE) or `python -m mae_jax.conv_mae` (conv baseline); their output goes to the
+point's log.txt. A point whose results exist is not run again, a ViT point's interrupted
+pretraining resumes from its checkpoint, so running the same command again resumes the
+sweep. --commands writes DIR/<name>/commands.sh instead, one line per point, for a cluster
+scheduler; run this command with --collect afterwards for the table.
+
+Outputs in DIR/<name>/: results.csv, results.md (a markdown table) and one PNG per metric
+against plot_x (a line for numeric values, bars for names).
+"""
+import argparse
+import csv
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROGRAMS = ("mae", "conv")
+EVALS = ("knn", "linprobe", "finetune")
+# Result columns: (name, header in the markdown table, formatter).
+METRICS = (
+    ("final_train_loss", "train loss", "{:.4f}"),
+    ("test_masked_mse", "test masked MSE", "{:.4f}"),
+    ("knn_top1", "kNN top-1", "{:.1%}"),
+    ("linprobe_top1", "lin. probe top-1", "{:.1%}"),
+    ("finetune_top1", "fine-tune top-1", "{:.1%}"),
+    ("images_per_sec", "img/s", "{:.0f}"),
+    ("wall_seconds", "wall s", "{:.0f}"),
+)
+PLOTTED = ("knn_top1", "linprobe_top1", "finetune_top1", "test_masked_mse", "images_per_sec")
+
+
+class SweepError(ValueError):
+  """A sweep file that cannot run (one line saying why)."""
+
+
+def load_sweep(path):
+  """get_sweep() of a sweep file, checked, with defaults filled in."""
+  spec = importlib.util.spec_from_file_location("sweep_file", path)
+  if spec is None or not os.path.isfile(path):
+    raise SweepError(f"{path}: no such sweep file")
+  module = importlib.util.module_from_spec(spec)
+  if ROOT not in sys.path:  # sweep files share settings through `configs.ablations`
+    sys.path.insert(0, ROOT)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_sweep"):
+    raise SweepError(f"{path}: defines no get_sweep()")
+  sweep = dict(module.get_sweep())
+  unknown = set(sweep) - {"name", "base", "conv_base", "overrides", "conv_overrides",
+                          "eval_config", "eval_overrides", "evals", "axes", "points", "plot_x"}
+  if unknown:
+    raise SweepError(f"{path}: unknown sweep keys {sorted(unknown)}")
+  if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(sweep.get("name", ""))):
+    raise SweepError(f"{path}: 'name' must be a non-empty file name ([A-Za-z0-9_.-])")
+  if bool(sweep.get("axes")) == bool(sweep.get("points")):
+    raise SweepError(f"{path}: give exactly one of 'axes' and 'points'")
+  sweep.setdefault("base", "configs/default.py")
+  sweep.setdefault("conv_base", "configs/conv_mae.py")
+  sweep.setdefault("eval_config", "configs/eval.py")
+  for key in ("overrides", "conv_overrides", "eval_overrides"):
+    sweep[key] = dict(sweep.get(key) or {})
+  evals = sweep.setdefault("evals", "knn,linprobe")
+  for e in filter(None, evals.split(",")):
+    if e not in EVALS:
+      raise SweepError(f"{path}: evals: {e!r} is not one of {', '.join(EVALS)}")
+  return sweep
+
+
+def expand_points(sweep):
+  """[{"label", "program", "overrides", "values"}]: `values` are the point's axis values."""
+  if sweep.get("axes"):
+    fields = list(sweep["axes"])
+    points = []
+    for combo in itertools.product(*(sweep["axes"][f] for f in fields)):
+      values = dict(zip(fields, combo))
+      label = ",".join(f"{f.split('.')[-1]}={fmt_value(v)}" for f, v in values.items())
+      points.append({"label": label, "program": "mae", "overrides": values,
+                     "values": values})
+    return points
+  points = []
+  for i, p in enumerate(sweep["points"]):
+    p = dict(p)
+    if "label" not in p:
+      raise SweepError(f"points[{i}] has no 'label'")
+    program = p.setdefault("program", "mae")
+    if program not in PROGRAMS:
+      raise SweepError(f"points[{i}]: program {program!r} is not one of {PROGRAMS}")
+    p["overrides"] = dict(p.get("overrides") or {})
+    p["values"] = {"point": p["label"]}
+    points.append(p)
+  labels = [p["label"] for p in points]
+  if len(set(labels)) != len(labels):
+    raise SweepError("point labels must be unique")
+  return points
+
+
+def fmt_value(value):
+  """A config value as ml_collections' --config.FIELD=VALUE parses it."""
+  if isinstance(value, (tuple, list)):
+    return "(" + ",".join(fmt_value(v) for v in value) + (",)" if len(value) == 1 else ")")
+  return str(value)
+
+
+def flags(prefix, overrides):
+  return [f"--{prefix}.{k}={fmt_value(v)}" for k, v in sorted(overrides.items())]
+
+
+def resolve(path):
+  """A recipe path as given (relative to the working directory) or in the repository."""
+  if os.path.exists(path) or os.path.isabs(path):
+    return os.path.abspath(path)
+  return os.path.join(ROOT, path)
+
+
+def recipe(path):
+  """get_config() of a recipe file."""
+  spec = importlib.util.spec_from_file_location("sweep_recipe", path)
+  if spec is None or not os.path.isfile(path):
+    raise SweepError(f"{path}: no such recipe file")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def without_defaults(recipe_path, overrides):
+  """The overrides that change the recipe (values equal to its own are dropped, so a
+  point is the same point in every sweep that contains it); unknown fields are errors."""
+  config = recipe(recipe_path)
+  kept = {}
+  for field, value in overrides.items():
+    node = config
+    try:
+      for part in field.split("."):
+        node = node[part]
+    except (KeyError, AttributeError, TypeError):
+      raise SweepError(f"{field}: no such field in {recipe_path}") from None
+    same = (list(node) == list(value) if isinstance(value, (list, tuple))
+            and isinstance(node, (list, tuple)) else node == value and type(node) is type(value))
+    if not same:
+      kept[field] = value
+  return kept
+
+
+def point_commands(sweep, point, point_dir):
+  """The subprocess argv lists that produce a point's results in point_dir."""
+  py, evals = sys.executable, sweep["evals"]
+  eval_cfg = resolve(sweep["eval_config"])
+  eval_flags = flags("config", without_defaults(eval_cfg, sweep["eval_overrides"]))
+  if point["program"] == "conv":
+    base = resolve(sweep["conv_base"])
+    overrides = without_defaults(base, dict(sweep["conv_overrides"], **point["overrides"]))
+    return [[py, "-m", "mae_jax.conv_mae", "--config", base,
+             "--workdir", point_dir, *flags("config", overrides),
+             "--eval_config", eval_cfg,
+             *flags("eval_config", without_defaults(eval_cfg, sweep["eval_overrides"])),
+             "--mode", ",".join(e for e in evals.split(",") if e != "finetune")]]
+  base = resolve(sweep["base"])
+  overrides = without_defaults(base, dict(sweep["overrides"], **point["overrides"]))
+  commands = [[py, os.path.join(ROOT, "train.py"), "--config", base,
+               "--workdir", point_dir, *flags("config", overrides)]]
+  if evals:
+    commands.append([py, "-m", "mae_jax.evaluate", "--workdir", point_dir, "--mode", evals,
+                     "--config", eval_cfg, *eval_flags])
+  return commands
+
+
+def point_dir(workdir, commands):
+  """DIR/points/<hash of the commands (the interpreter and the point's own directory left
+  out)>: a point shared by several sweeps runs once."""
+  key = json.dumps([c[1:] for c in commands])
+  return os.path.join(workdir, "points", hashlib.sha256(key.encode()).hexdigest()[:12])
+
+
+def plan(sweep, workdir):
+  """[(point, its directory, its commands)] in sweep order."""
+  planned = []
+  for point in expand_points(sweep):
+    template = point_commands(sweep, point, "__DIR__")
+    directory = point_dir(workdir, template)
+    commands = [[directory if a == "__DIR__" else a for a in c] for c in template]
+    planned.append((point, directory, commands))
+  return planned
+
+
+def read_json(path):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def collect(sweep, point, directory):
+  """The point's row from the files its commands wrote; None if any is missing."""
+  summary = read_json(os.path.join(directory, "summary.json"))
+  if summary is None:
+    return None
+  row = {"label": point["label"], "program": point["program"], **point["values"],
+         "final_train_loss": summary.get("final_train_loss"),
+         "test_masked_mse": summary.get("test_masked_mse"),
+         "images_per_sec": summary.get("images_per_sec")}
+  evals = [e for e in sweep["evals"].split(",") if e]
+  if point["program"] == "conv":
+    evals = [e for e in evals if e != "finetune"]
+  for e in evals:
+    result = read_json(os.path.join(directory, f"eval_{e}.json"))
+    if result is None:
+      return None
+    row[f"{e}_top1"] = result["top1"]
+  return row
+
+
+def run_point(point, directory, commands, log, index, total):
+  """Run a point's commands (a finished pretraining is not run again); the seconds they
+  took, or None if one failed."""
+  os.makedirs(directory, exist_ok=True)
+  wall = 0.0
+  with open(os.path.join(directory, "log.txt"), "a") as out:
+    for argv in commands:
+      is_train = os.path.basename(argv[1]) == "train.py"
+      if is_train and read_json(os.path.join(directory, "summary.json")):
+        continue  # pretraining finished earlier; only the evaluation is left
+      what = os.path.basename(argv[1]) if argv[1] != "-m" else argv[2]
+      log(f"[{index}/{total}] {point['label']}: {what} ...")
+      out.write(f"$ {shlex.join(argv)}\n")
+      out.flush()
+      t0 = time.perf_counter()
+      code = subprocess.call(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+      wall += time.perf_counter() - t0
+      if code != 0:
+        log(f"[{index}/{total}] {point['label']}: FAILED ({what} exit {code}); see "
+            f"{os.path.join(directory, 'log.txt')}")
+        return None
+  return wall
+
+
+def format_cell(value, formatter):
+  if value is None or value == "":
+    return "—"
+  if isinstance(value, str):
+    return value
+  return formatter.format(value)
+
+
+def write_table(rows, columns, path_csv, path_md, title):
+  """results.csv (raw values) and results.md (formatted) of the rows, in sweep order."""
+  metrics = [m for m in METRICS if any(r.get(m[0]) is not None for r in rows)]
+  with open(path_csv, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["label", "program", *columns, *(m[0] for m in metrics)])
+    for r in rows:
+      writer.writerow([r["label"], r["program"], *(r.get(c, "") for c in columns),
+                       *("" if r.get(m[0]) is None else r[m[0]] for m in metrics)])
+  header = [c.split(".")[-1] for c in columns] + [m[1] for m in metrics]
+  lines = [f"**{title}**", "", "| " + " | ".join(header) + " |",
+           "|" + "---|" * len(header)]
+  for r in rows:
+    cells = [format_cell(r.get(c), "{}") for c in columns]
+    cells += [format_cell(r.get(m[0]), m[2]) for m in metrics]
+    lines.append("| " + " | ".join(cells) + " |")
+  with open(path_md, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return "\n".join(lines)
+
+
+def write_plots(rows, x_field, outdir, title):
+  """One PNG per metric present: metric against x_field; returns the paths."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = [r for r in rows if r.get(x_field) is not None]
+  xs = [r[x_field] for r in rows]
+  numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+  paths = []
+  for name in PLOTTED:
+    header = dict((m[0], m[1]) for m in METRICS)[name]
+    pts = [(x, r[name]) for x, r in zip(xs, rows) if r.get(name) is not None]
+    if not pts:
+      continue
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    if numeric:
+      pts.sort()
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+    else:
+      ax.bar(range(len(pts)), [p[1] for p in pts])
+      ax.set_xticks(range(len(pts)), [str(p[0]) for p in pts], rotation=20)
+    if name.endswith("top1"):
+      ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.set_xlabel(x_field.split(".")[-1])
+    ax.set_ylabel(header)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(outdir, f"{name}.png")
+    fig.savefig(path)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, log=print):
+  """Run (or write the commands of) every point, then the table and plots; the rows."""
+  outdir = os.path.join(workdir, sweep["name"])
+  os.makedirs(outdir, exist_ok=True)
+  planned = plan(sweep, workdir)
+  if commands_only:
+    path = os.path.join(outdir, "commands.sh")
+    with open(path, "w") as f:
+      f.write(f"# {sweep['name']}: one line per point; then: python -m mae_jax.sweep ... "
+              "--collect\n")
+      for _, directory, commands in planned:
+        f.write(f"mkdir -p {shlex.quote(directory)} && cd {shlex.quote(ROOT)} && "
+                + " && ".join(shlex.join(c) for c in commands) + "\n")
+    log(f"{len(planned)} commands -> {path}")
+    return []
+  rows, failed = [], []
+  for i, (point, directory, commands) in enumerate(planned, 1):
+    row = collect(sweep, point, directory)
+    done = read_json(os.path.join(directory, "point.json"))
+    if collect_only or (row is not None and done is not None):
+      if row is None:
+        log(f"[{i}/{len(planned)}] {point['label']}: no results in {directory}")
+        failed.append(point["label"])
+        continue
+      row["wall_seconds"] = (done or {}).get("wall_seconds")
+      rows.append(row)
+      if not collect_only:
+        log(f"[{i}/{len(planned)}] {point['label']}: done before, skipped")
+      continue
+    wall = run_point(point, directory, commands, log, i, len(planned))
+    row = collect(sweep, point, directory) if wall is not None else None
+    if row is None:
+      failed.append(point["label"])
+      continue
+    row["wall_seconds"] = round(wall, 1)
+    with open(os.path.join(directory, "point.json"), "w") as f:
+      json.dump(row, f, indent=2)
+    rows.append(row)
+    log(f"[{i}/{len(planned)}] {point['label']}: " + ", ".join(
+        f"{m[1]} {format_cell(row.get(m[0]), m[2])}" for m in METRICS
+        if row.get(m[0]) is not None))
+  columns = list(sweep["axes"]) if sweep.get("axes") else ["point"]
+  title = f"{sweep['name']}"
+  table = write_table(rows, columns, os.path.join(outdir, "results.csv"),
+                      os.path.join(outdir, "results.md"), title)
+  plots = write_plots(rows, sweep.get("plot_x") or columns[0], outdir, title) if rows else []
+  log(table)
+  log(f"results: {os.path.join(outdir, 'results.csv')}, results.md"
+      + (f", {len(plots)} plots" if plots else ""))
+  if failed:
+    raise SweepError(f"{len(failed)} point(s) without results: {', '.join(failed)}")
+  return rows
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog="python -m mae_jax.sweep", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("sweep", help="a sweep file (configs/ablations/*.py)")
+  p.add_argument("--workdir", required=True, help="points and results go here")
+  group = p.add_mutually_exclusive_group()
+  group.add_argument("--commands", action="store_true",
+                     help="write DIR/<name>/commands.sh (one line per point) and stop")
+  group.add_argument("--collect", action="store_true",
+                     help="run nothing: tabulate the points that have results")
+  args = p.parse_args(argv)
+  try:
+    sweep = load_sweep(args.sweep)
+    run_sweep(sweep, os.path.abspath(args.workdir), commands_only=args.commands,
+              collect_only=args.collect, log=lambda m: print(m, flush=True))
+  except SweepError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  main()

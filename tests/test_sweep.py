@@ -1,0 +1,265 @@
+"""The ablation runner (python -m mae_jax.sweep), the conv MAE baseline and what they use:
+a real 2-point sweep of real subprocesses (train.py + evaluate, conv_mae), its resume, its
+table, commands file and errors."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import config_dict
+
+from mae_jax import config as config_lib, conv_mae, data, mae, models, sweep
+from configs.default import get_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TOY_SWEEP = '''
+VIT = {"data.name": "synthetic", "data.synthetic_size": 64, "data.image_size": 16,
+       "model.width": 32, "model.depth": 1, "model.num_heads": 2, "model.patch_size": 4,
+       "model.decoder_width": 32, "model.decoder_depth": 1, "model.decoder_heads": 2,
+       "batch_size": 16, "num_steps": 4, "optim.warmup_steps": 1, "eval_batch_size": 32,
+       "log_every_steps": 2, "checkpoint_every_steps": 2}
+CONV = {"data.name": "synthetic", "data.synthetic_size": 64, "data.image_size": 16,
+        "model.features": (8, 16), "batch_size": 16, "num_steps": 4,
+        "optim.warmup_steps": 1, "eval_batch_size": 32, "log_every_steps": 2}
+EVAL = {"eval_batch_size": 32, "data.train_examples": 48, "linprobe.batch_size": 16,
+        "linprobe.num_steps": 30, "linprobe.optim.warmup_steps": 3}
+
+
+def get_sweep():
+  return dict(name=NAME, overrides=VIT, conv_overrides=CONV, eval_overrides=EVAL,
+              evals="knn,linprobe", SPEC)
+'''
+
+
+def write_sweep(path, name, spec):
+  path.write_text(TOY_SWEEP.replace("NAME", repr(name)).replace("SPEC", spec))
+  return str(path)
+
+
+def run_cli(*args):
+  return subprocess.run([sys.executable, "-m", "mae_jax.sweep", *args], capture_output=True,
+                        text=True, cwd=ROOT, timeout=900)
+
+
+def test_toy_sweep_runs_resumes_and_shares_points(tmp_path):
+  """A ViT point and a conv point run as subprocesses and give a row each (losses, MSE,
+  kNN / probe top-1 on the synthetic classes, img/s, wall time); running again runs
+  nothing; another sweep containing the same ViT point reuses it."""
+  workdir = tmp_path / "sweeps"
+  first = write_sweep(tmp_path / "toy.py", "toy", 'points=[{"label": "vit_mae", '
+                      '"overrides": {"model.mask_ratio": 0.5}}, '
+                      '{"label": "conv_mae", "program": "conv"}]')
+  proc = run_cli(first, "--workdir", str(workdir))
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  rows = list(csv.DictReader(open(workdir / "toy" / "results.csv")))
+  assert [r["label"] for r in rows] == ["vit_mae", "conv_mae"]
+  assert [r["program"] for r in rows] == ["mae", "conv"]
+  for r in rows:
+    for key in ("knn_top1", "linprobe_top1"):
+      assert 0.0 <= float(r[key]) <= 1.0
+    assert 0.0 < float(r["test_masked_mse"]) < 1.0
+    assert float(r["images_per_sec"]) > 0 and float(r["wall_seconds"]) > 0
+    assert np.isfinite(float(r["final_train_loss"]))
+  # Each row is what the point's own result files say.
+  vit_dir = [d for d in (workdir / "points").iterdir()
+             if (d / "eval_knn.json").exists() and (d / "checkpoints").exists()]
+  assert len(vit_dir) == 1
+  summary = json.loads((vit_dir[0] / "summary.json").read_text())
+  knn = json.loads((vit_dir[0] / "eval_knn.json").read_text())
+  assert float(rows[0]["test_masked_mse"]) == pytest.approx(summary["test_masked_mse"])
+  assert float(rows[0]["knn_top1"]) == pytest.approx(knn["top1"])
+  assert summary["model"]["mask_ratio"] == 0.5
+  table = (workdir / "toy" / "results.md").read_text()
+  assert "| point | train loss | test masked MSE | kNN top-1 |" in table
+  assert sorted(p.name for p in (workdir / "toy").glob("*.png")) == [
+      "images_per_sec.png", "knn_top1.png", "linprobe_top1.png", "test_masked_mse.png"]
+
+  stamps = {p: p.stat().st_mtime_ns for p in (workdir / "points").rglob("summary.json")}
+  again = run_cli(first, "--workdir", str(workdir))
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.count("done before, skipped") == 2
+  assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+  assert list(csv.DictReader(open(workdir / "toy" / "results.csv"))) == rows
+
+  second = write_sweep(tmp_path / "ratio.py", "ratio",
+                       'axes={"model.mask_ratio": [0.5]}')
+  shared = run_cli(second, "--workdir", str(workdir))
+  assert shared.returncode == 0, shared.stderr[-3000:]
+  assert "done before, skipped" in shared.stdout
+  ratio_rows = list(csv.DictReader(open(workdir / "ratio" / "results.csv")))
+  assert ratio_rows[0]["model.mask_ratio"] == "0.5"
+  assert ratio_rows[0]["knn_top1"] == rows[0]["knn_top1"]
+
+
+def test_commands_file_has_one_line_per_point_and_runs_nothing(tmp_path):
+  path = write_sweep(tmp_path / "grid.py", "grid",
+                     'axes={"model.mask_ratio": [0.25, 0.75], "model.decoder_depth": [1, 2]}')
+  rows = sweep.run_sweep(sweep.load_sweep(path), str(tmp_path / "w"), commands_only=True,
+                         log=lambda m: None)
+  assert rows == []
+  lines = (tmp_path / "w" / "grid" / "commands.sh").read_text().splitlines()[1:]
+  assert len(lines) == 4
+  assert all("train.py" in l and "-m mae_jax.evaluate" in l for l in lines)
+  assert "--config.model.mask_ratio=0.25" in lines[0]
+  assert "--config.model.decoder_depth=1" in lines[0]
+  # 2 is the recipe's own value: the toy's decoder_depth=1 is dropped, not passed as 2.
+  assert "decoder_depth" not in lines[1] and "--config.model.mask_ratio=0.25" in lines[1]
+  assert not (tmp_path / "w" / "points").exists() or not any(
+      (tmp_path / "w" / "points").rglob("summary.json"))
+
+
+def test_a_default_value_is_the_same_point_in_every_sweep(tmp_path):
+  """mask_ratio=0.75 (the recipe's own value) and decoder_depth=1 (the toy's) name the
+  same pretraining; a changed value does not."""
+  a = write_sweep(tmp_path / "a.py", "a", 'axes={"model.mask_ratio": [0.75, 0.5]}')
+  b = write_sweep(tmp_path / "b.py", "b", 'axes={"model.decoder_depth": [1]}')
+  (p75, d75, _), (p50, d50, _) = sweep.plan(sweep.load_sweep(a), str(tmp_path))
+  ((_, d1, c1),) = sweep.plan(sweep.load_sweep(b), str(tmp_path))
+  assert d75 == d1 and d50 != d75
+  assert not any("mask_ratio" in arg for arg in c1[0])
+  assert p75["label"] == "mask_ratio=0.75"
+
+
+def test_results_table_format(tmp_path):
+  rows = [
+      {"label": "mask_ratio=0.5", "program": "mae", "model.mask_ratio": 0.5,
+       "final_train_loss": 0.31234, "test_masked_mse": 0.04171, "knn_top1": 0.7951,
+       "linprobe_top1": 0.763, "images_per_sec": 163.4, "wall_seconds": 125.2},
+      {"label": "mask_ratio=0.9", "program": "mae", "model.mask_ratio": 0.9,
+       "final_train_loss": 0.5, "test_masked_mse": 0.06, "knn_top1": None,
+       "linprobe_top1": 0.7, "images_per_sec": 200.0, "wall_seconds": 99.0},
+  ]
+  md = sweep.write_table(rows, ["model.mask_ratio"], tmp_path / "r.csv", tmp_path / "r.md",
+                         "mask ratio")
+  assert md.splitlines() == [
+      "**mask ratio**", "",
+      "| mask_ratio | train loss | test masked MSE | kNN top-1 | lin. probe top-1 | img/s "
+      "| wall s |",
+      "|---|---|---|---|---|---|---|",
+      "| 0.5 | 0.3123 | 0.0417 | 79.5% | 76.3% | 163 | 125 |",
+      "| 0.9 | 0.5000 | 0.0600 | — | 70.0% | 200 | 99 |",
+  ]
+  csv_rows = list(csv.reader(open(tmp_path / "r.csv")))
+  assert csv_rows[0] == ["label", "program", "model.mask_ratio", "final_train_loss",
+                         "test_masked_mse", "knn_top1", "linprobe_top1", "images_per_sec",
+                         "wall_seconds"]
+  assert csv_rows[2][5] == ""  # missing stays empty, not a made-up number
+
+
+@pytest.mark.parametrize("spec, message", [
+    ('axes={"model.mask_ratio": [0.5]}, points=[{"label": "x"}]', "exactly one of"),
+    ('axes={"model.no_such_field": [1]}', "model.no_such_field: no such field"),
+    ('points=[{"label": "x", "program": "tf"}]', "program 'tf'"),
+    ('points=[{"label": "x"}, {"label": "x"}]', "unique"),
+    ('axes={"model.mask_ratio": [0.5]}#probe', "'probe' is not one of"),
+])
+def test_bad_sweep_is_one_line_exit_2(tmp_path, spec, message):
+  path = write_sweep(tmp_path / "bad.py", "bad", spec.split("#")[0])
+  if spec.endswith("#probe"):
+    (tmp_path / "bad.py").write_text((tmp_path / "bad.py").read_text().replace(
+        'evals="knn,linprobe"', 'evals="knn,probe"'))
+  proc = run_cli(path, "--workdir", str(tmp_path / "w"))
+  assert proc.returncode == 2
+  assert proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_every_shipped_ablation_sweep_loads_and_plans(tmp_path):
+  """configs/ablations/*.py: each loads, every override names a real field, and the
+  default point (ratio 0.75, decoder 2 x 64, random, pixels, visible, crop_flip) is one
+  directory for all of them."""
+  files = sorted(f for f in os.listdir(os.path.join(ROOT, "configs", "ablations"))
+                 if f.endswith(".py") and f not in ("__init__.py", "common.py"))
+  assert len(files) == 8
+  default_dirs = set()
+  for f in files:
+    planned = sweep.plan(sweep.load_sweep(os.path.join(ROOT, "configs", "ablations", f)),
+                         str(tmp_path))
+    assert len(planned) >= 2
+    for point, directory, commands in planned:
+      if point["program"] == "mae" and not any(
+          a.startswith("--config.model.") or a.startswith("--config.data.augment")
+          for a in commands[0]):
+        default_dirs.add(directory)
+  assert len(default_dirs) == 1
+
+
+def test_conv_mae_masks_pixels_and_reconstructs_the_image_shape():
+  model = conv_mae.ConvMAE((8, 16, 32), channels=1)
+  x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
+  params = model.init(jax.random.key(1), x)["params"]
+  assert sorted(params) == ["dec_0", "dec_1", "enc_0", "enc_1", "enc_2", "head"]
+  out = model.apply({"params": params}, x)
+  assert out.shape == x.shape and float(out.min()) > 0 and float(out.max()) < 1  # sigmoid
+  assert model.apply({"params": params}, x, method=model.encode).shape == (4, 7, 7, 32)
+  mask = conv_mae.pixel_mask(jax.random.key(2), jnp.zeros((64, 28, 28, 3)), 0.5)
+  assert mask.shape == (64, 28, 28, 1) and abs(float(mask.mean()) - 0.5) < 0.01
+  # The loss reconstructs from the masked input (masked pixels zeroed) and scores the
+  # whole original image.
+  m = conv_mae.pixel_mask(jax.random.key(4), x, 0.5)
+  loss, recon = conv_mae.loss_fn(params, x, m, model)
+  np.testing.assert_allclose(recon, model.apply({"params": params}, x * (1 - m)), rtol=1e-6)
+  assert not np.allclose(recon, out, atol=1e-3)
+  np.testing.assert_allclose(loss, jnp.mean((recon - x)**2), rtol=1e-6)
+
+
+def test_conv_mae_bad_config_is_one_line():
+  config = config_dict.ConfigDict(conv_config())
+  with config.unlocked():
+    config.data.image_size = 30
+  with pytest.raises(config_lib.ConfigError, match="data.image_size: 30 is not a multiple"):
+    conv_mae.validate(config, ["knn"])
+  with pytest.raises(config_lib.ConfigError, match="--mode: 'finetune'"):
+    conv_mae.validate(conv_config(), ["finetune"])
+
+
+def conv_config():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("c", os.path.join(ROOT, "configs",
+                                                                   "conv_mae.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_encoder_tokens_picks_the_w_mask_token_model():
+  config = get_config()
+  assert type(models.build_model(config)) is mae.MaskedAutoencoder
+  with config.unlocked():
+    config.model.encoder_tokens = "all"
+  model = models.build_model(config)
+  assert type(model) is mae.AllTokensMAE
+  params = model.init({"params": jax.random.key(0), "mask": jax.random.key(1)},
+                      jnp.zeros((2, 28, 28, 1)))["params"]
+  assert params["encoder_mask_token"].shape == (1, 1, 128)
+  with config.unlocked():
+    config.model.encoder_tokens = "some"
+  with pytest.raises(config_lib.ConfigError, match="model.encoder_tokens"):
+    config_lib.validate(config)
+
+
+def test_train_examples_keeps_an_evenly_spaced_subset_with_the_split_stats():
+  c = get_config()
+  with c.unlocked():
+    c.data.update(name="synthetic", synthetic_size=100, image_size=16)
+  full = data.load_source(c.data, "train")
+  with c.unlocked():
+    c.data.train_examples = 10
+  sub = data.load_source(c.data, "train")
+  assert len(sub) == 10 and sub.stats() == full.stats()
+  for i, j in enumerate(range(0, 100, 10)):
+    np.testing.assert_array_equal(sub.get(i)[0], full.get(j)[0])
+  images, labels = sub.batch([0, 3])
+  np.testing.assert_array_equal(labels, [full.get(0)[1], full.get(30)[1]])
+  assert len(data.load_source(c.data, "test")) == len(
+      data.load_source(config_dict.ConfigDict(dict(c.data, train_examples=None)), "test"))
+  with c.unlocked():
+    c.data.train_examples = 0
+  with pytest.raises(data.DatasetError, match="train_examples=0"):
+    data.load_source(c.data, "train")
