@@ -17,12 +17,13 @@ A sweep file defines get_sweep() -> dict:
   points        [{"label": str, "program": "mae" | "conv", "overrides": {...}}, ...]
   plot_x        the field on the plots' x axis (default: the first axis)
 
-Each point runs in DIR/points/<label>-<hash>/ (hash of its commands, so sweeps sharing a
-DIR share identical points) as subprocesses: `train.py` then `python -m mae_jax.evaluate`
+Each point runs in DIR/points/<hash of its pretraining command>/ (sweeps sharing a DIR
+share identical points; overrides equal to the recipe's own values are dropped first) as
+subprocesses: `train.py` then `python -m mae_jax.evaluate`
 (ViT MAE) or `python -m mae_jax.conv_mae` (conv baseline); their output goes to the
-point's log.txt. A point whose results exist is not run again, a ViT point's interrupted
-pretraining resumes from its checkpoint, so running the same command again resumes the
-sweep. --commands writes DIR/<name>/commands.sh instead, one line per point, for a cluster
+point's log.txt. A point whose results exist is not run again, a finished pretraining is
+not redone when only the evaluation settings changed, and an interrupted one resumes from
+its checkpoint: running the same command again resumes the sweep. --commands writes DIR/<name>/commands.sh instead, one line per point, for a cluster
 scheduler; run this command with --collect afterwards for the table.
 
 Outputs in DIR/<name>/: results.csv, results.md (a markdown table) and one PNG per metric
@@ -191,11 +192,22 @@ def point_commands(sweep, point, point_dir):
   return commands
 
 
+def digest(commands):
+  """Hash of argv lists, the interpreter left out."""
+  return hashlib.sha256(json.dumps([c[1:] for c in commands]).encode()).hexdigest()[:12]
+
+
 def point_dir(workdir, commands):
-  """DIR/points/<hash of the commands (the interpreter and the point's own directory left
-  out)>: a point shared by several sweeps runs once."""
-  key = json.dumps([c[1:] for c in commands])
-  return os.path.join(workdir, "points", hashlib.sha256(key.encode()).hexdigest()[:12])
+  """DIR/points/<hash of the pretraining command (the point's own directory left out)>:
+  a point shared by several sweeps pretrains once, and changed evaluation settings reuse
+  the pretraining."""
+  return os.path.join(workdir, "points", digest(commands[:1]))
+
+
+def is_done(directory, commands):
+  """Whether point.json records a finished run of exactly these commands."""
+  done = read_json(os.path.join(directory, "point.json"))
+  return done if done is not None and done.get("commands") == digest(commands) else None
 
 
 def plan(sweep, workdir):
@@ -226,6 +238,7 @@ def collect(sweep, point, directory):
          "final_train_loss": summary.get("final_train_loss"),
          "test_masked_mse": summary.get("test_masked_mse"),
          "images_per_sec": summary.get("images_per_sec")}
+  wall = summary.get("train_seconds") or 0.0
   evals = [e for e in sweep["evals"].split(",") if e]
   if point["program"] == "conv":
     evals = [e for e in evals if e != "finetune"]
@@ -234,6 +247,10 @@ def collect(sweep, point, directory):
     if result is None:
       return None
     row[f"{e}_top1"] = result["top1"]
+    wall += result.get("seconds") or 0.0
+  # Pretraining loop + evaluations, as their own files record them (process start-up and
+  # the final reconstruction test left out): the same whichever run produced them.
+  row["wall_seconds"] = round(wall, 1)
   return row
 
 
@@ -343,13 +360,12 @@ def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, log=pr
   rows, failed = [], []
   for i, (point, directory, commands) in enumerate(planned, 1):
     row = collect(sweep, point, directory)
-    done = read_json(os.path.join(directory, "point.json"))
+    done = is_done(directory, commands)
     if collect_only or (row is not None and done is not None):
       if row is None:
         log(f"[{i}/{len(planned)}] {point['label']}: no results in {directory}")
         failed.append(point["label"])
         continue
-      row["wall_seconds"] = (done or {}).get("wall_seconds")
       rows.append(row)
       if not collect_only:
         log(f"[{i}/{len(planned)}] {point['label']}: done before, skipped")
@@ -359,9 +375,9 @@ def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, log=pr
     if row is None:
       failed.append(point["label"])
       continue
-    row["wall_seconds"] = round(wall, 1)
     with open(os.path.join(directory, "point.json"), "w") as f:
-      json.dump(row, f, indent=2)
+      json.dump(dict(row, commands=digest(commands), run_seconds=round(wall, 1)), f,
+                indent=2)
     rows.append(row)
     log(f"[{i}/{len(planned)}] {point['label']}: " + ", ".join(
         f"{m[1]} {format_cell(row.get(m[0]), m[2])}" for m in METRICS
