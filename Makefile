@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/demo
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test fashion-mnist clean
+.PHONY: demo test ablations fashion-mnist clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ fashion-mnist:
 
 demo: $(VENV)/.runtime fashion-mnist
 	$(PY) train.py --config configs/default.py --workdir $(WORKDIR)
+
+# Every sweep in configs/ablations (docs/ablations.md): about an hour on 2 CPU cores.
+# Points are shared between sweeps and finished ones are skipped: rerunning resumes.
+ABLATIONS ?= baselines mask_ratio decoder_depth decoder_width mask_strategy target \
+             mask_tokens augmentation
+ablations: $(VENV)/.runtime fashion-mnist
+	set -e; for s in $(ABLATIONS); do \
+	  $(PY) -m mae_jax.sweep configs/ablations/$$s.py --workdir workdirs/ablations; done
 
 test: $(VENV)/.test fashion-mnist
 	$(PY) -m pytest -q

@@ -263,9 +263,9 @@ def evaluate(model, params, mesh, sources, eval_config, workdir, modes, *, image
                                     seed=eval_config.seed, logger=logger,
                                     eval_batch_size=eval_config.eval_batch_size)
       logger.close()
+    seconds = time.perf_counter() - t0 + (feature_seconds if not results else 0.0)
     out = dict(out, mode=mode, name=mode, features="avg", subject="conv_mae",
-               train_examples=len(train[0]),
-               seconds=round(time.perf_counter() - t0 + feature_seconds, 1),
+               train_examples=len(train[0]), seconds=round(seconds, 1),
                devices=jax.device_count(), config=eval_config[mode].to_dict())
     write_json(os.path.join(workdir, f"eval_{mode}.json"), out)
     print(f"{mode}: top-1 {out['top1']:.4f}", flush=True)

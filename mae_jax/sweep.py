@@ -26,8 +26,8 @@ not redone when only the evaluation settings changed, and an interrupted one res
 its checkpoint: running the same command again resumes the sweep. --commands writes DIR/<name>/commands.sh instead, one line per point, for a cluster
 scheduler; run this command with --collect afterwards for the table.
 
-Outputs in DIR/<name>/: results.csv, results.md (a markdown table) and one PNG per metric
-against plot_x (a line for numeric values, bars for names).
+Outputs in DIR/<name>/: results.csv, results.md (a markdown table), one PNG per metric
+against plot_x (a line for numeric values, bars for names) and summary.png (all of them).
 """
 import argparse
 import csv
@@ -308,22 +308,24 @@ def write_table(rows, columns, path_csv, path_md, title):
 
 
 def write_plots(rows, x_field, outdir, title):
-  """One PNG per metric present: metric against x_field; returns the paths."""
+  """One PNG per metric present (<metric>.png: the metric against x_field; a line for
+  numbers, bars for names) and summary.png with all of them side by side; the paths."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   rows = [r for r in rows if r.get(x_field) is not None]
   xs = [r[x_field] for r in rows]
   numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
-  paths = []
+  headers = {m[0]: m[1] for m in METRICS}
+  series = {}
   for name in PLOTTED:
-    header = dict((m[0], m[1]) for m in METRICS)[name]
     pts = [(x, r[name]) for x, r in zip(xs, rows) if r.get(name) is not None]
-    if not pts:
-      continue
-    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    if pts:
+      series[name] = sorted(pts) if numeric else pts
+
+  def draw(ax, name):
+    pts = series[name]
     if numeric:
-      pts.sort()
       ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
     else:
       ax.bar(range(len(pts)), [p[1] for p in pts])
@@ -331,14 +333,28 @@ def write_plots(rows, x_field, outdir, title):
     if name.endswith("top1"):
       ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax.set_xlabel(x_field.split(".")[-1])
-    ax.set_ylabel(header)
-    ax.set_title(title, fontsize=9)
+    ax.set_ylabel(headers[name])
     ax.grid(alpha=0.3)
+
+  paths = []
+  for name in series:
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    draw(ax, name)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path = os.path.join(outdir, f"{name}.png")
-    fig.savefig(path)
+    paths.append(os.path.join(outdir, f"{name}.png"))
+    fig.savefig(paths[-1])
     plt.close(fig)
-    paths.append(path)
+  if series:
+    fig, axes = plt.subplots(1, len(series), figsize=(3.3 * len(series), 3.0), dpi=110,
+                             squeeze=False)
+    for ax, name in zip(axes[0], series):
+      draw(ax, name)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    paths.append(os.path.join(outdir, "summary.png"))
+    fig.savefig(paths[-1])
+    plt.close(fig)
   return paths
 
 

@@ -78,7 +78,8 @@ def test_toy_sweep_runs_resumes_and_shares_points(tmp_path):
   table = (workdir / "toy" / "results.md").read_text()
   assert "| point | train loss | test masked MSE | kNN top-1 |" in table
   assert sorted(p.name for p in (workdir / "toy").glob("*.png")) == [
-      "images_per_sec.png", "knn_top1.png", "linprobe_top1.png", "test_masked_mse.png"]
+      "images_per_sec.png", "knn_top1.png", "linprobe_top1.png", "summary.png",
+      "test_masked_mse.png"]
 
   stamps = {p: p.stat().st_mtime_ns for p in (workdir / "points").rglob("summary.json")}
   again = run_cli(first, "--workdir", str(workdir))
