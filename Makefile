@@ -33,7 +33,7 @@ demo: $(VENV)/.runtime fashion-mnist
 
 # Every sweep in configs/ablations (docs/ablations.md): about an hour on 2 CPU cores.
 # Points are shared between sweeps and finished ones are skipped: rerunning resumes.
-ABLATIONS ?= baselines mask_ratio decoder_depth decoder_width mask_strategy target \
+ABLATIONS ?= baselines seed mask_ratio decoder_depth decoder_width mask_strategy target \
              mask_tokens augmentation
 ablations: $(VENV)/.runtime fashion-mnist
 	set -e; for s in $(ABLATIONS); do \

@@ -62,6 +62,10 @@ class SweepError(ValueError):
   """A sweep file that cannot run (one line saying why)."""
 
 
+class PointsFailedError(RuntimeError):
+  """Some points ran but left no results (their log.txt says why)."""
+
+
 def load_sweep(path):
   """get_sweep() of a sweep file, checked, with defaults filled in."""
   spec = importlib.util.spec_from_file_location("sweep_file", path)
@@ -407,7 +411,7 @@ def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, log=pr
   log(f"results: {os.path.join(outdir, 'results.csv')}, results.md"
       + (f", {len(plots)} plots" if plots else ""))
   if failed:
-    raise SweepError(f"{len(failed)} point(s) without results: {', '.join(failed)}")
+    raise PointsFailedError(f"{len(failed)} point(s) without results: {', '.join(failed)}")
   return rows
 
 
@@ -429,6 +433,9 @@ def main(argv=None):
   except SweepError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except PointsFailedError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ def test_every_shipped_ablation_sweep_loads_and_plans(tmp_path):
   directory for all of them."""
   files = sorted(f for f in os.listdir(os.path.join(ROOT, "configs", "ablations"))
                  if f.endswith(".py") and f not in ("__init__.py", "common.py"))
-  assert len(files) == 8
+  assert len(files) == 9
   default_dirs = set()
   for f in files:
     planned = sweep.plan(sweep.load_sweep(os.path.join(ROOT, "configs", "ablations", f)),
@@ -264,3 +264,17 @@ def test_train_examples_keeps_an_evenly_spaced_subset_with_the_split_stats():
     c.data.train_examples = 0
   with pytest.raises(data.DatasetError, match="train_examples=0"):
     data.load_source(c.data, "train")
+
+
+def test_a_failing_point_is_reported_and_the_sweep_exits_1(tmp_path):
+  """train.py refuses the point's config (exit 2): the runner names the point and its log,
+  writes the (empty) table and exits 1."""
+  path = write_sweep(tmp_path / "fail.py", "fail",
+                     'points=[{"label": "no_visible", "overrides": {"model.mask_ratio": 0.99}}]')
+  proc = run_cli(path, "--workdir", str(tmp_path / "w"))
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  assert "no_visible: FAILED (train.py exit 2)" in proc.stdout
+  assert proc.stderr.strip() == "error: 1 point(s) without results: no_visible"
+  (log,) = (tmp_path / "w" / "points").rglob("log.txt")
+  assert "model.mask_ratio" in log.read_text()
+  assert (tmp_path / "w" / "fail" / "results.csv").read_text().startswith("label,program")
