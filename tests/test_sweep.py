@@ -173,8 +173,8 @@ def test_bad_sweep_is_one_line_exit_2(tmp_path, spec, message):
 
 def test_every_shipped_ablation_sweep_loads_and_plans(tmp_path):
   """configs/ablations/*.py: each loads, every override names a real field, and the
-  default point (ratio 0.75, decoder 2 x 64, random, pixels, visible, crop_flip) is one
-  directory for all of them."""
+  default point (ratio 0.75, decoder 2 x 64, random, pixels, visible, crop_flip, seed 0)
+  is one directory for all of them."""
   files = sorted(f for f in os.listdir(os.path.join(ROOT, "configs", "ablations"))
                  if f.endswith(".py") and f not in ("__init__.py", "common.py"))
   assert len(files) == 9
@@ -185,7 +185,7 @@ def test_every_shipped_ablation_sweep_loads_and_plans(tmp_path):
     assert len(planned) >= 2
     for point, directory, commands in planned:
       if point["program"] == "mae" and not any(
-          a.startswith("--config.model.") or a.startswith("--config.data.augment")
+          a.startswith(("--config.model.", "--config.data.augment", "--config.seed="))
           for a in commands[0]):
         default_dirs.add(directory)
   assert len(default_dirs) == 1
