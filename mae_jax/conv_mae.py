@@ -146,6 +146,23 @@ def write_json(path, payload):
   return path
 
 
+def test_errors(params, test_src, *, model, config, mesh):
+  """Summed squared errors (masked pixels, all pixels) and their counts over the test
+  split, with fixed masks (seed + 2)."""
+  sums_fn = jax.jit(functools.partial(eval_sums, model=model, ratio=config.model.mask_ratio))
+  totals = {"masked_sq": 0.0, "masked_count": 0.0, "sq": 0.0, "count": 0.0}
+  eval_rng = jax.random.key(config.seed + 2)
+  for i, batch in enumerate(data.make_eval_batches(
+      test_src, image_size=config.data.image_size, batch_size=config.eval_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count())):
+    g = sharding.global_batch({"image": batch["image"], "valid": batch["valid"]}, mesh)
+    out = sums_fn(params, g["image"], g["valid"].astype(jnp.float32),
+                  jax.random.fold_in(eval_rng, i))
+    for key in totals:
+      totals[key] += float(out[key])
+  return totals
+
+
 def train(config, workdir):
   """Train; returns (params, summary dict), summary.json written."""
   train_src = data.load_source(config.data, "train")
@@ -200,17 +217,7 @@ def train(config, workdir):
   logger.close()
   params = state[0]
 
-  sums_fn = jax.jit(functools.partial(eval_sums, model=model, ratio=config.model.mask_ratio))
-  totals = {"masked_sq": 0.0, "masked_count": 0.0, "sq": 0.0, "count": 0.0}
-  eval_rng = jax.random.key(config.seed + 2)
-  for i, batch in enumerate(data.make_eval_batches(
-      test_src, image_size=size, batch_size=config.eval_batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count())):
-    g = sharding.global_batch({"image": batch["image"], "valid": batch["valid"]}, mesh)
-    out = sums_fn(params, g["image"], g["valid"].astype(jnp.float32),
-                  jax.random.fold_in(eval_rng, i))
-    for key in totals:
-      totals[key] += float(out[key])
+  totals = test_errors(params, test_src, model=model, config=config, mesh=mesh)
   steps_after_first = dur.total_steps - 1
   summary = {
       "test_masked_mse": totals["masked_sq"] / totals["masked_count"],
