@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import transformers
 
-from mae_jax import bench, flops
+from mae_jax import bench, flops, vit
 
 # name -> the bench flags of one MAE configuration (and its global batch).
 CASES = {
@@ -51,8 +51,11 @@ def parse_args(argv):
   p.add_argument("--no_all_tokens", action="store_true",
                  help="skip the encoder-on-all-tokens runner")
   p.add_argument("--threads", type=int, default=os.cpu_count())
-  p.add_argument("--scan", action="store_true",
-                 help="keep mae_jax's block stacks scanned (default: --unroll, faster on CPU)")
+  p.add_argument("--unroll", action="store_true",
+                 help="unroll mae_jax's block stacks (default: scanned, faster on this CPU)")
+  p.add_argument("--remat", choices=sorted(vit.REMAT_POLICIES), default="full",
+                 help="mae_jax's remat policy (default full: the fastest on this CPU, see "
+                      "docs/benchmarks.md)")
   return p.parse_args(argv)
 
 
@@ -103,9 +106,9 @@ def torch_runner(model_jax, batch_size, compiled):
   return step, settings
 
 
-def jax_runner(case, encoder_tokens, unroll):
+def jax_runner(case, encoder_tokens, unroll, remat):
   """A closure running one mae_jax train step (blocking), the model, and compile seconds."""
-  args = bench.parse_args(CASES[case] + ["--encoder_tokens", encoder_tokens]
+  args = bench.parse_args(CASES[case] + ["--encoder_tokens", encoder_tokens, "--remat", remat]
                           + ["--unroll"] * unroll)
   config = bench.bench_config(args)
   step, state, batch, rng, model = bench.setup(config, encoder_tokens)
@@ -161,10 +164,10 @@ def interleave(runners, rounds, steps_per_round):
 def run_case(case, args):
   """Time torch, mae_jax and mae_jax with all tokens in the encoder on one case."""
   bench.log(f"{case}: compiling mae_jax ...")
-  jax_fn, model, compile_s = jax_runner(case, "visible", not args.scan)
+  jax_fn, model, compile_s = jax_runner(case, "visible", args.unroll, args.remat)
   runners = {"jax": jax_fn}
   if not args.no_all_tokens:
-    runners["jax_all_tokens"], _, _ = jax_runner(case, "all", not args.scan)
+    runners["jax_all_tokens"], _, _ = jax_runner(case, "all", args.unroll, args.remat)
   for fn in runners.values():
     timed(fn, args.warmup)
   batch_size = int(CASES[case][CASES[case].index("--batch_size") + 1])
@@ -176,7 +179,7 @@ def run_case(case, args):
   step_s = {name: float(np.median(t)) for name, t in times.items()}
   result = {
       "case": case, "batch_size": batch_size, "jax_compile_s": compile_s,
-      "jax_unroll": model.unroll,
+      "jax_unroll": model.unroll, "jax_remat": model.remat,
       "step_time_s": step_s,
       "images_per_s": {name: batch_size / s for name, s in step_s.items()},
       "jax_over_torch": step_s["torch"] / step_s["jax"],
