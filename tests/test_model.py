@@ -13,7 +13,8 @@ TINY = dict(image_size=16, patch_size=4, channels=3, width=32, depth=2, num_head
 
 def init(model, batch=2, seed=0):
   x = jnp.zeros((batch, model.image_size, model.image_size, model.channels))
-  return model.init({"params": jax.random.key(seed), "mask": jax.random.key(1)}, x)["params"]
+  return jax.jit(model.init)({"params": jax.random.key(seed), "mask": jax.random.key(1)},
+                             x)["params"]
 
 
 def test_patchify_roundtrip_and_layout():

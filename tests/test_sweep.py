@@ -236,8 +236,8 @@ def test_encoder_tokens_picks_the_w_mask_token_model():
     config.model.encoder_tokens = "all"
   model = models.build_model(config)
   assert type(model) is mae.AllTokensMAE
-  params = model.init({"params": jax.random.key(0), "mask": jax.random.key(1)},
-                      jnp.zeros((2, 28, 28, 1)))["params"]
+  params = jax.jit(model.init)({"params": jax.random.key(0), "mask": jax.random.key(1)},
+                               jnp.zeros((2, 28, 28, 1)))["params"]
   assert params["encoder_mask_token"].shape == (1, 1, 128)
   with config.unlocked():
     config.model.encoder_tokens = "some"

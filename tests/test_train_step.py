@@ -105,18 +105,19 @@ def test_gradient_accumulation_is_a_mean_over_micro_batches():
   its own rows (i, i + A, ...) and masks: checks the split, not just the total."""
   c = tiny_config(data=-1, fsdp=1)
   model = models.build_model(c)
-  params = model.init({"params": jax.random.key(0), "mask": jax.random.key(1)},
-                      np.zeros((1, 16, 16, 3), np.float32))["params"]
+  params = jax.jit(model.init)({"params": jax.random.key(0), "mask": jax.random.key(1)},
+                               np.zeros((1, 16, 16, 3), np.float32))["params"]
   images = np.random.default_rng(0).normal(size=(16, 16, 16, 3)).astype(np.float32)
   noise = np.random.default_rng(1).uniform(size=(16, 16)).astype(np.float32)
-  loss4, grads4 = ts.loss_and_grads(params, model, images, noise, False, accum_steps=4)
-  parts = [ts.loss_and_grads(params, model, images[i::4], noise[i::4], False)
+  loss_and_grads = jax.jit(ts.loss_and_grads, static_argnums=(1, 4, 5))
+  loss4, grads4 = loss_and_grads(params, model, images, noise, False, 4)
+  parts = [loss_and_grads(params, model, images[i::4], noise[i::4], False, 1)
            for i in range(4)]
   np.testing.assert_allclose(loss4, np.mean([p[0] for p in parts]), rtol=1e-6)
   mean_grads = jax.tree.map(lambda *g: sum(g) / 4, *[p[1] for p in parts])
   assert_trees_close(grads4, mean_grads, rtol=1e-5, atol=1e-7)
   # and a different split (first quarter, second quarter, ...) would not match
-  wrong = ts.loss_and_grads(params, model, images[:4], noise[:4], False)[0]
+  wrong = loss_and_grads(params, model, images[:4], noise[:4], False, 1)[0]
   assert abs(float(wrong) - float(parts[0][0])) > 1e-4
 
 
