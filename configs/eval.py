@@ -66,6 +66,9 @@ def get_config():
   c.finetune.num_steps = config_dict.placeholder(int)
   c.finetune.eval_every_epochs = 1.0  # test top-1 every N epochs (0: only at the end)
   c.finetune.log_every_steps = 50
+  # Remat policy of the classifier's blocks (none | full | dots); None = the pretraining
+  # model's. Compute only: the result is the same.
+  c.finetune.remat = config_dict.placeholder(str)
   c.finetune.drop_path = 0.1
   c.finetune.label_smoothing = 0.1
   c.finetune.mixup = 0.8  # Beta(alpha, alpha); 0 = off

@@ -22,6 +22,7 @@ def get_config():
   c.model.decoder_heads = 16
   c.model.norm_pix_loss = True
   c.model.dtype = "bfloat16"
+  c.model.remat = "none"  # accelerators: no recompute; dots or full if memory is short
 
   c.batch_size = 4096
   c.num_epochs = 800.0

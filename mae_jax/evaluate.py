@@ -19,7 +19,7 @@ import time
 import jax
 import ml_collections
 
-from mae_jax import checkpoint, config as config_lib, data, pretrained, sharding
+from mae_jax import checkpoint, config as config_lib, data, pretrained, sharding, vit
 from mae_jax.data import augment as data_augment
 from mae_jax.evaluation import classifier, features as features_lib, finetune, linprobe
 from mae_jax.evaluation import knn as knn_lib
@@ -66,6 +66,8 @@ def validate(config, modes, num_devices=None):
   ft = config.finetune
   check(ft.pool in classifier.POOLS, "finetune.pool",
         f"{ft.pool!r} is not valid; valid values: {', '.join(classifier.POOLS)}")
+  check(ft.remat is None or ft.remat in vit.REMAT_POLICIES, "finetune.remat",
+        f"{ft.remat!r} is not valid; valid values: {', '.join(sorted(vit.REMAT_POLICIES))}")
   check(ft.augment in data_augment.AUGMENTS, "finetune.augment",
         f"{ft.augment!r} is not valid; valid values: {', '.join(data_augment.AUGMENTS)}")
   check(0 < ft.optim.layer_decay <= 1, "finetune.optim.layer_decay", "must be in (0, 1]")
@@ -192,7 +194,7 @@ class Evaluation:
                                 num_workers=self.subject.data_config.num_workers)
     logger.close()
     path = finetune.save(os.path.join(self.workdir, name), params, tuner.model, results)
-    return dict(results, checkpoint=path, pool=cfg.pool)
+    return dict(results, checkpoint=path, pool=cfg.pool, remat=tuner.model.remat)
 
   def logdir(self, name):
     return os.path.join(self.workdir, "eval", name)

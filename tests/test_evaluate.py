@@ -175,10 +175,12 @@ def test_knn_of_a_converted_checkpoint_into_a_new_directory(run_dir, tmp_path):
 
 
 def test_finetune_end_to_end_saves_a_loadable_classifier(run_dir):
-  """Fine-tuning (mixup, cutmix, RandAugment, drop path, layer decay all on) reaches well
-  above chance; the saved classifier loads and scores the reported top-1 on the test split."""
-  results = evaluate.evaluate(eval_config(), str(run_dir), "finetune")["finetune"]
+  """Fine-tuning (mixup, cutmix, RandAugment, drop path, layer decay all on, blocks under
+  the remat policy that overrides the pretraining model's) reaches well above chance; the
+  saved classifier loads and scores the reported top-1 on the test split."""
+  results = evaluate.evaluate(eval_config(remat="dots"), str(run_dir), "finetune")["finetune"]
   assert results["name"] == "finetune" and results["top1"] >= 0.7, results
+  assert results["remat"] == "dots"
   assert [h["step"] for h in results["history"]] == [16, 24]
   assert read_json(run_dir / "eval_finetune.json")["top1"] == results["top1"]
   model, params = finetune.load(results["checkpoint"])
@@ -220,6 +222,7 @@ def test_result_names():
     ("knn.k", 0), ("knn.features", "patch"), ("linprobe.optim.base_lr", 0.0),
     ("finetune.optim.layer_decay", 1.5), ("finetune.pool", "max"), ("eval_batch_size", 12),
     ("finetune.drop_path", 1.0), ("finetune.eval_every_epochs", -1.0),
+    ("finetune.remat", "some"),
 ])
 def test_bad_eval_config_names_the_field(field, value):
   c = get_eval_config()

@@ -77,6 +77,8 @@ class Finetuner:
     self.train_src, self.test_src = train_src, test_src
     self.image_size, self.eval_batch_size = image_size, eval_batch_size
     self.model = classifier.from_mae(mae_model, num_classes, cfg.pool, cfg.drop_path)
+    if cfg.remat is not None:
+      self.model = self.model.clone(remat=cfg.remat)
     self.dur = config_lib.durations(cfg, len(train_src))
     self.image_shape = (image_size, image_size, mae_model.channels)
 
