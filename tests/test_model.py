@@ -1,4 +1,5 @@
 """Model invariants: patches, position embeddings, encoder/decoder shapes and masking."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,3 +147,37 @@ def test_scan_unroll_and_remat_give_same_output():
     ("cpu", jnp.bfloat16, 64, "xla"), ("tpu", jnp.bfloat16, 64, "xla")])
 def test_auto_attention_picks_cudnn_only_where_it_applies(backend, dtype, head_dim, expected):
   assert vit.auto_attention(backend, dtype, head_dim) == expected
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 5, 8), jnp.float32), ((7, 8), jnp.float32),
+                                         ((3, 5, 8), jnp.bfloat16)])
+def test_token_matmul_gradients_are_autodiffs(shape, dtype):
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=shape), dtype)
+  w = jnp.asarray(rng.normal(size=(8, 6)), dtype)
+  probe = jnp.asarray(rng.normal(size=shape[:-1] + (6,)), jnp.float32)
+  loss = lambda f: lambda x, w: (jnp.sin(f(x, w).astype(jnp.float32)) * probe).sum()
+  ours = jax.grad(loss(vit.token_matmul), argnums=(0, 1))(x, w)
+  ref = jax.grad(loss(jnp.dot), argnums=(0, 1))(x, w)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for a, b in zip(ours, ref):
+    assert a.dtype == b.dtype == dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=tol, atol=tol)
+
+
+def test_dense_matches_flax_dense():
+  """Same parameter tree, init, output and gradients as nn.Dense (checkpoints and the
+  converter rely on the names)."""
+  x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 5, 8)), jnp.float32)
+  ours = vit.Dense(6, bias_init=nn.initializers.normal(1.0))
+  ref = nn.Dense(6, kernel_init=vit.xavier, bias_init=nn.initializers.normal(1.0))
+  params = ours.init(jax.random.key(0), x)
+  ref_params = ref.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref_params)
+  np.testing.assert_array_equal(params["params"]["kernel"], ref_params["params"]["kernel"])
+  loss = lambda m: lambda p: (jnp.tanh(m.apply(p, x)) ** 2).sum()
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), atol=1e-6)
+  g, g_ref = jax.grad(loss(ours))(params), jax.grad(loss(ref))(params)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from mae_jax import patches, posembed
 from mae_jax.mae import token_init
-from mae_jax.vit import BlockStack, dense, layer_norm
+from mae_jax.vit import BlockStack, Dense, dense, layer_norm
 
 POOLS = ("avg", "cls")
 ENCODER_LEAVES = ("patch_embed", "cls_token", "blocks")  # + "norm" with pool="cls"
@@ -48,9 +48,9 @@ class ViTClassifier(nn.Module):
       self.norm = layer_norm("norm", **kw)
     else:
       self.fc_norm = layer_norm("fc_norm", **kw)
-    self.head = nn.Dense(self.num_classes,
-                         kernel_init=nn.initializers.truncated_normal(self.head_init_std),
-                         dtype=self.dtype, param_dtype=self.param_dtype, name="head")
+    self.head = Dense(self.num_classes,
+                      kernel_init=nn.initializers.truncated_normal(self.head_init_std),
+                      dtype=self.dtype, param_dtype=self.param_dtype, name="head")
 
   def features(self, images_BHWC, train=False):
     """Pooled, normalized encoder features (B, width): what the head sees."""
