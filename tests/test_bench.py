@@ -145,3 +145,22 @@ def test_pipeline_benchmark_runs_both_datasets(tmp_path):
       ("jpeg_folder", 0), ("jpeg_folder", 2), ("fashion_mnist", 0), ("fashion_mnist", 2)]
   assert [r["image_size"] for r in rows] == [32, 32, 28, 28]
   assert all(r["images_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("extra", [[], ["--classifier"]])
+def test_dense_grad_benchmark_runs(extra):
+  """benchmarks/dense_grad.py times both programs (train step, classifier grad) and
+  restores the library's matmul afterwards."""
+  from mae_jax import vit  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  try:
+    import dense_grad  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  library_matmul = vit.token_matmul
+  medians = dense_grad.main(["--variant", "Ti/8", "--depth", "1", "--decoder_depth", "1",
+                             "--image_size", "16", "--batch_size", "8", "--steps", "2",
+                             "--rounds", "2", *extra])
+  assert set(medians) == {"autodiff jnp.dot", "token_matmul"}
+  assert all(s > 0 for s in medians.values())
+  assert vit.token_matmul is library_matmul

@@ -181,3 +181,21 @@ def test_dense_matches_flax_dense():
   g, g_ref = jax.grad(loss(ours))(params), jax.grad(loss(ref))(params)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_mae_gradients_with_token_matmul_equal_xla_autodiff(monkeypatch):
+  """The whole MAE loss gradient is the same through token_matmul (the CPU path) as
+  through XLA's autodiff of jnp.dot."""
+  x = jnp.asarray(np.random.default_rng(7).normal(size=(2, 16, 16, 3)), jnp.float32)
+  noise = jnp.asarray(np.random.default_rng(8).uniform(size=(2, 16)), jnp.float32)
+  model = MaskedAutoencoder(**TINY)
+  params = init(model)
+  def loss(p):
+    out = model.apply({"params": p}, x, noise)
+    return mae.mae_loss(out["pred"], mae.patch_targets(x, 4, True), out["mask"])
+  grad = lambda: jax.grad(loss)(params)
+  ours = grad()
+  monkeypatch.setattr(vit, "token_matmul", jnp.dot)
+  ref = grad()
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
