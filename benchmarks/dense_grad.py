@@ -24,7 +24,7 @@ from mae_jax.evaluation import classifier
 
 
 def mae_step(config):
-  """A callable running one train step (state carried inside), and the images per call."""
+  """A callable running one train step (the state carried inside)."""
   step, state, batch, rng, _ = bench.setup(config)
   compiled, _ = bench.compile_step(step, state, batch, rng)
   holder = [state]
@@ -37,11 +37,11 @@ def mae_step(config):
 
 def classifier_grad(config):
   """A callable running the classifier's forward + backward pass on a fixed batch."""
-  c = config.data.channels
+  d = config.data
   model = classifier.from_mae(bench.build_model(config), num_classes=10)
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(config.batch_size, config.data.image_size,
-                                   config.data.image_size, c)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(config.batch_size, d.image_size, d.image_size,
+                                   d.channels)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 10, config.batch_size))
   params = model.init(jax.random.key(0), x[:1])["params"]
 
@@ -61,12 +61,14 @@ def main(argv):
   build = classifier_grad if extra.classifier else mae_step
   library_matmul = vit.token_matmul
   runners = {}
-  for name, matmul in (("autodiff jnp.dot", jnp.dot), ("token_matmul", library_matmul)):
-    vit.token_matmul = matmul  # read by vit.Dense while tracing
-    runners[name] = build(config)
-    for _ in range(2):  # compile + warm up
-      runners[name]()
-  vit.token_matmul = library_matmul
+  try:
+    for name, matmul in (("autodiff jnp.dot", jnp.dot), ("token_matmul", library_matmul)):
+      vit.token_matmul = matmul  # read by vit.Dense while tracing
+      runners[name] = build(config)
+      for _ in range(2):  # compile + warm up
+        runners[name]()
+  finally:
+    vit.token_matmul = library_matmul
   times = {name: [] for name in runners}
   per_round = max(1, args.steps // extra.rounds)
   for _ in range(extra.rounds):

@@ -5,6 +5,7 @@ encoder and one decoder block; the analytic count covers matmuls only, XLA also 
 norms, softmax, GELU, the loss and AdamW, hence a tolerance of 10 %.
 """
 import functools
+import importlib
 import json
 import os
 import subprocess
@@ -125,14 +126,19 @@ def test_bench_bad_flag_is_one_line():
   assert out.returncode == 2 and "model.variant" in out.stderr
 
 
+def load_benchmark(name):
+  """A script of benchmarks/ imported as a module."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  try:
+    return importlib.import_module(name)
+  finally:
+    sys.path.pop(0)
+
+
 def test_pipeline_benchmark_runs_both_datasets(tmp_path):
   """benchmarks/pipeline.py on a tiny case: a JSON line per (dataset, workers) whose batch
   shapes it checked; the generated JPEGs are full size and decode as RGB."""
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  try:
-    import pipeline  # pylint: disable=import-outside-toplevel
-  finally:
-    sys.path.pop(0)
+  pipeline = load_benchmark("pipeline")
   pipeline.write_jpegs(str(tmp_path), 2, (120, 90))
   from PIL import Image  # pylint: disable=import-outside-toplevel
   with Image.open(tmp_path / "train" / "class_0" / "00000.jpg") as image:
@@ -152,11 +158,7 @@ def test_dense_grad_benchmark_runs(extra):
   """benchmarks/dense_grad.py times both programs (train step, classifier grad) and
   restores the library's matmul afterwards."""
   from mae_jax import vit  # pylint: disable=import-outside-toplevel
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  try:
-    import dense_grad  # pylint: disable=import-outside-toplevel
-  finally:
-    sys.path.pop(0)
+  dense_grad = load_benchmark("dense_grad")
   library_matmul = vit.token_matmul
   medians = dense_grad.main(["--variant", "Ti/8", "--depth", "1", "--decoder_depth", "1",
                              "--image_size", "16", "--batch_size", "8", "--steps", "2",
