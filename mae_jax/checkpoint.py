@@ -248,12 +248,16 @@ def verify(step_dir, step, hint):
 
 
 def short_reason(error, limit=300):
-  """A long Orbax/TensorStore error in a phrase: the file it names, if any, and the cause."""
+  """A long Orbax/TensorStore error in a phrase: the file it names, if any, and the cause.
+
+  The cause is the OS error named by TensorStore's `[os_error_code=N]`, as os.strerror
+  words it: the text before the code varies with where the write failed.
+  """
   text = " ".join(str(error).split()) or type(error).__name__
   files = re.findall(r'(?:local file|Failed writing:|Metadata file:?)\s*"?(/[^"\s,]+)', text)
-  cause = re.search(r":\s*([^:\[]+?)\s*\[os_error_code", text)
-  if files and cause:
-    return f"{files[-1]}: {cause.group(1)}"
+  code = re.search(r"\[os_error_code='?(\d+)", text)
+  if files and code:
+    return f"{files[-1]}: {os.strerror(int(code.group(1)))}"
   return text[:limit] + ("..." if len(text) > limit else "")
 
 
