@@ -14,6 +14,7 @@ import collections
 import glob
 import gzip
 import json
+import os
 import re
 import sys
 
@@ -27,7 +28,9 @@ WRAPPERS = ("ThunkExecutor", "$", "PjitFunction", "SlinkyThreadPool")
 
 def op_totals(trace_dir):
   """{op kind: (total microseconds, count)} over the Perfetto trace in trace_dir."""
-  path = glob.glob(f"{trace_dir}/**/*perfetto_trace.json.gz", recursive=True)[0]
+  # The newest trace: jax.profiler adds a run directory per trace and keeps the old ones.
+  path = max(glob.glob(f"{trace_dir}/**/*perfetto_trace.json.gz", recursive=True),
+             key=os.path.getmtime)
   events = json.load(gzip.open(path))
   events = events["traceEvents"] if isinstance(events, dict) else events
   totals, counts = collections.Counter(), collections.Counter()
