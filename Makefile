@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/demo
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test ablations fashion-mnist clean
+.PHONY: demo test ablations fashion-mnist gpu-wheels clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ ablations: $(VENV)/.runtime fashion-mnist
 
 test: $(VENV)/.test fashion-mnist
 	$(PY) -m pytest -q
+
+# Wheels for a GPU machine without network (Python 3.12): what its image lacks for the
+# benchmarks; benchmarks/gpu_targets.py installs them from ./wheels.
+gpu-wheels: | $(VENV)/bin/python
+	$(PY) -m pip download -q -d wheels --python-version 3.12 --only-binary=:all: --no-deps \
+	  ml-collections
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -1,12 +1,15 @@
 """mae_jax vs the PyTorch reference: one MAE train step, timed side by side in one process.
 
-  python benchmarks/vs_pytorch.py --case Ti/4@32 --case S/16@224
+  python benchmarks/vs_pytorch.py --case Ti/4@32 --case S/16@224   # CPU, float32
+  python benchmarks/vs_pytorch.py --case B/16@224 --case L/16@224   # GPU, bfloat16
 
 PyTorch: Hugging Face ViTMAEForPreTraining from a ViTMAEConfig (random init, the same
 sizes, norm_pix_loss, mask ratio 0.75, LayerNorm eps 1e-6), torch.optim.AdamW (betas
 0.9/0.95, weight decay 0.05 on weight matrices only, fused where available), forward +
-backward + optimizer step, float32, torch.set_num_threads(cores). torch.compile is tried
-(--torch_compile auto) and kept only if it is faster on the warm-up steps.
+backward + optimizer step. CPU cases: float32, torch.set_num_threads(cores). GPU cases
+(CUDA for both frameworks): float32 parameters with bfloat16 autocast and SDPA attention
+for PyTorch, `--dtype bfloat16` for mae_jax. torch.compile is tried (--torch_compile auto)
+and kept only if it is faster on the warm-up steps.
 mae_jax: the jitted, donated train step of `mae_jax.bench` (the real train step), and the
 same step with an encoder that processes all tokens (`bench.AllTokensMAE`, paper Table 2).
 
@@ -35,7 +38,16 @@ CASES = {
     # ViT-Ti at CIFAR size, patch 4 (64 patches, 16 visible), decoder 4 blocks x 128.
     "Ti/4@32": ["--variant", "Ti/4", "--image_size", "32", "--batch_size", "64",
                 "--decoder_width", "128", "--decoder_depth", "4", "--decoder_heads", "4"],
+    # The GPU targets' configurations (paper decoder), bfloat16 compute.
+    "B/16@224": ["--variant", "B/16", "--image_size", "224", "--batch_size", "256",
+                 "--dtype", "bfloat16"],
+    "L/16@224": ["--variant", "L/16", "--image_size", "224", "--batch_size", "256",
+                 "--dtype", "bfloat16"],
 }
+GPU_CASES = ("B/16@224", "L/16@224")
+# mae_jax's remat policy where --remat is not given: full is the fastest on the CPU
+# (docs/benchmarks.md), none on accelerators (the recipe configs/mae_imagenet.py).
+DEFAULT_REMAT = {"cpu": "full", "gpu": "none"}
 NO_DECAY = ("bias", "layernorm", "cls_token", "mask_token", "position_embeddings")
 
 
@@ -53,10 +65,27 @@ def parse_args(argv):
   p.add_argument("--threads", type=int, default=os.cpu_count())
   p.add_argument("--unroll", action="store_true",
                  help="unroll mae_jax's block stacks (default: scanned, faster on this CPU)")
-  p.add_argument("--remat", choices=sorted(vit.REMAT_POLICIES), default="full",
-                 help="mae_jax's remat policy (default full: the fastest on this CPU, see "
-                      "docs/benchmarks.md)")
+  p.add_argument("--remat", choices=sorted(vit.REMAT_POLICIES), default=None,
+                 help="mae_jax's remat policy (default: full on CPU, the fastest there, see "
+                      "docs/benchmarks.md; none on GPU)")
   return p.parse_args(argv)
+
+
+def platform_of(case):
+  return "gpu" if case in GPU_CASES else "cpu"
+
+
+def check_platforms(cases):
+  """None, or why the cases cannot run here (GPU cases need CUDA in JAX and in torch)."""
+  gpu_cases = [c for c in cases if platform_of(c) == "gpu"]
+  cpu_cases = [c for c in cases if platform_of(c) == "cpu"]
+  have_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+  if gpu_cases and not have_gpu:
+    return (f"{', '.join(gpu_cases)} need a CUDA GPU for JAX and torch (JAX backend: "
+            f"{jax.default_backend()}, torch.cuda.is_available(): {torch.cuda.is_available()})")
+  if cpu_cases and jax.default_backend() != "cpu":
+    return f"{', '.join(cpu_cases)} are CPU cases; JAX_PLATFORMS=cpu runs them here"
+  return None
 
 
 def hf_config(model):
@@ -85,23 +114,28 @@ def torch_adamw(module):
     return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), foreach=True), "foreach"
 
 
-def torch_runner(model_jax, batch_size, compiled):
-  """A closure running one torch train step, and its settings."""
+def torch_runner(model_jax, batch_size, compiled, device):
+  """A closure running one torch train step (blocking), and its settings."""
   torch.manual_seed(0)
-  model = transformers.ViTMAEForPreTraining(hf_config(model_jax)).train()
+  model = transformers.ViTMAEForPreTraining(hf_config(model_jax)).train().to(device)
   opt, opt_impl = torch_adamw(model)
   forward = torch.compile(model) if compiled else model
   size = model_jax.image_size
-  images = torch.randn(batch_size, model_jax.channels, size, size)
+  images = torch.randn(batch_size, model_jax.channels, size, size, device=device)
 
   def step():
     opt.zero_grad(set_to_none=True)
-    loss = forward(pixel_values=images).loss
+    # bfloat16 compute with float32 parameters on the GPU, as mae_jax's --dtype bfloat16.
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+      loss = forward(pixel_values=images).loss
     loss.backward()
     opt.step()
+    if device == "cuda":
+      torch.cuda.synchronize()
     return loss.item()
 
-  settings = {"torch_compile": compiled, "adamw": opt_impl,
+  settings = {"torch_compile": compiled, "adamw": opt_impl, "device": device,
+              "autocast": "bfloat16" if device == "cuda" else None,
               "attn_implementation": model.config._attn_implementation}
   return step, settings
 
@@ -131,15 +165,15 @@ def timed(fn, n):
   return out
 
 
-def pick_torch(model_jax, batch_size, mode, warmup):
+def pick_torch(model_jax, batch_size, mode, warmup, device):
   """The torch runner: eager, compiled, or (auto) whichever is faster after warm-up."""
   if mode != "auto":
-    step, settings = torch_runner(model_jax, batch_size, mode == "on")
+    step, settings = torch_runner(model_jax, batch_size, mode == "on", device)
     timed(step, warmup)
     return step, settings
   candidates = {}
   for use_compile in (False, True):
-    step, settings = torch_runner(model_jax, batch_size, use_compile)
+    step, settings = torch_runner(model_jax, batch_size, use_compile, device)
     start = time.perf_counter()
     timed(step, 1)  # compiles when compiled
     settings["first_step_s"] = time.perf_counter() - start
@@ -163,17 +197,19 @@ def interleave(runners, rounds, steps_per_round):
 
 def run_case(case, args):
   """Time torch, mae_jax and mae_jax with all tokens in the encoder on one case."""
+  remat = args.remat or DEFAULT_REMAT[platform_of(case)]
   bench.log(f"{case}: compiling mae_jax ...")
-  jax_fn, model, compile_s = jax_runner(case, "visible", args.unroll, args.remat)
+  jax_fn, model, compile_s = jax_runner(case, "visible", args.unroll, remat)
   runners = {"jax": jax_fn}
   if not args.no_all_tokens:
-    runners["jax_all_tokens"], _, _ = jax_runner(case, "all", args.unroll, args.remat)
+    runners["jax_all_tokens"], _, _ = jax_runner(case, "all", args.unroll, remat)
   for fn in runners.values():
     timed(fn, args.warmup)
   batch_size = int(CASES[case][CASES[case].index("--batch_size") + 1])
   bench.log(f"{case}: building torch (compile={args.torch_compile}) ...")
+  device = "cuda" if platform_of(case) == "gpu" else "cpu"
   runners["torch"], torch_settings = pick_torch(model, batch_size, args.torch_compile,
-                                                args.warmup)
+                                                args.warmup, device)
   load_before = os.getloadavg()
   times = interleave(runners, args.rounds, args.steps_per_round)
   step_s = {name: float(np.median(t)) for name, t in times.items()}
@@ -200,7 +236,9 @@ def environment():
   return {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__,
           "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
           "torch": torch.__version__, "transformers": transformers.__version__,
-          "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS")}
+          "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS"),
+          "jax_device": jax.devices()[0].device_kind,
+          "torch_gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def print_result(r):
@@ -220,7 +258,13 @@ def main(argv=None):
   torch.set_num_threads(args.threads)
   env = environment()
   bench.log(f"{env}")
-  results = [run_case(case, args) for case in (args.case or sorted(CASES))]
+  cases = args.case or [c for c in sorted(CASES)
+                        if platform_of(c) == ("gpu" if jax.default_backend() == "gpu" else "cpu")]
+  problem = check_platforms(cases)
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    return 2
+  results = [run_case(case, args) for case in cases]
   for r in results:
     print_result(r)
   print(json.dumps({"environment": env, "results": results}), flush=True)

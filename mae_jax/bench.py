@@ -13,6 +13,7 @@ import argparse
 import functools
 import importlib.util
 import json
+import re
 import sys
 import time
 
@@ -28,6 +29,7 @@ from mae_jax import train_step as ts
 PEAK_TFLOPS = {
     "H100 PCIe": 756.0,
     "H100": 989.0,        # H100 SXM
+    "H200": 989.0,        # H200 SXM: the H100 SXM's compute, more memory
     "A100": 312.0,
     "TPU v4": 275.0,
     "TPU v5 lite": 197.0,  # v5e
@@ -200,6 +202,12 @@ def xla_flops_per_image(compiled, model, batch_size, num_devices):
   return float(cost["flops"]) * num_devices / batch_size
 
 
+def fused_attention_calls(compiled):
+  """The fused-attention custom calls in the compiled program (cuDNN's `__cudnn$fmha...`
+  forward and backward kernels); empty where attention is plain XLA ops."""
+  return sorted(set(re.findall(r'custom_call_target="([^"]*fmha[^"]*)"', compiled.as_text())))
+
+
 def summarize(args, config, model, compiled, compile_s, times_s):
   """The result record (the JSON line)."""
   devices = jax.devices()
@@ -218,7 +226,8 @@ def summarize(args, config, model, compiled, compile_s, times_s):
       "image_size": model.image_size, "batch_size": config.batch_size,
       "grad_accum_steps": config.grad_accum_steps,
       "dtype": config.model.dtype, "remat": model.remat, "unroll": model.unroll,
-      "attn_impl": model.attn_impl, "mesh": {"data": data, "fsdp": fsdp},
+      "attn_impl": model.attn_impl, "fused_attention_calls": fused_attention_calls(compiled),
+      "mesh": {"data": data, "fsdp": fsdp},
       "platform": devices[0].platform, "device_kind": kind, "num_devices": len(devices),
       "jax_version": jax.__version__, "compile_s": compile_s, "steps": len(times_s),
       "step_time_s": step_s, "step_time_min_s": float(np.min(times_s)),
@@ -238,6 +247,8 @@ def _fmt(value):
     return "n/a"
   if isinstance(value, float):
     return f"{value:.4g}"
+  if isinstance(value, list):
+    return ", ".join(map(str, value)) or "none"
   return str(value)
 
 
@@ -245,6 +256,7 @@ TABLE_ROWS = (  # (label, key, scale)
     ("model", "variant", None), ("image size", "image_size", None),
     ("global batch", "batch_size", None), ("dtype", "dtype", None),
     ("encoder tokens", "encoder_tokens", None), ("device", "device_kind", None),
+    ("fused attention calls", "fused_attention_calls", None),
     ("devices", "num_devices", None), ("compile (s)", "compile_s", None),
     ("step time, median (s)", "step_time_s", None), ("images/s", "images_per_s", None),
     ("train GFLOP/image", "flops_per_image", 1e-9),

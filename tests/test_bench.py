@@ -95,7 +95,8 @@ def test_flops_breakdown_by_hand():
 
 BENCH_KEYS = {"compile_s", "step_time_s", "images_per_s", "flops_per_image",
               "xla_flops_per_image", "achieved_tflops", "mfu", "peak_tflops_per_device",
-              "peak_memory_bytes", "device_kind", "num_devices", "mesh", "batch_size"}
+              "peak_memory_bytes", "device_kind", "num_devices", "mesh", "batch_size",
+              "fused_attention_calls"}
 
 
 def test_bench_cli_json_line():
@@ -115,6 +116,7 @@ def test_bench_cli_json_line():
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert BENCH_KEYS <= set(result)
   assert result["num_devices"] == 8 and result["mesh"] == {"data": 4, "fsdp": 2}
+  assert result["fused_attention_calls"] == []  # XLA's attention on the CPU
   assert result["mfu"] == pytest.approx(result["achieved_tflops"] / 8.0)
   assert "compiling" in out.stderr
   assert_close(result["flops_per_image"], result["xla_flops_per_image"])
@@ -166,3 +168,40 @@ def test_dense_grad_benchmark_runs(extra):
   assert set(medians) == {"autodiff jnp.dot", "token_matmul"}
   assert all(s > 0 for s in medians.values())
   assert vit.token_matmul is library_matmul
+
+
+def test_vs_pytorch_times_both_frameworks(capsys):
+  """One interleaved round of the Ti/4@32 case: both runners timed, the ratio theirs."""
+  vs_pytorch = load_benchmark("vs_pytorch")
+  assert vs_pytorch.main(["--case", "Ti/4@32", "--rounds", "1", "--steps_per_round", "1",
+                          "--warmup", "1", "--torch_compile", "off", "--no_all_tokens"]) is None
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  (r,) = out["results"]
+  assert set(r["step_time_s"]) == {"jax", "torch"} and r["jax_remat"] == "full"
+  assert r["jax_over_torch"] == pytest.approx(r["step_time_s"]["torch"] / r["step_time_s"]["jax"])
+  assert r["torch"]["device"] == "cpu" and r["torch"]["autocast"] is None
+
+
+def test_vs_pytorch_gpu_case_needs_a_gpu(capsys):
+  vs_pytorch = load_benchmark("vs_pytorch")
+  assert vs_pytorch.main(["--case", "B/16@224"]) == 2
+  assert "need a CUDA GPU" in capsys.readouterr().err
+
+
+def test_gpu_targets_driver_runs_and_reports_failures(tmp_path, monkeypatch, capsys):
+  """benchmarks/gpu_targets.py's plumbing on a tiny CPU config: each run a subprocess,
+  its JSON kept, a failing run reported in the table and the exit code."""
+  gpu_targets = load_benchmark("gpu_targets")
+  monkeypatch.setattr(gpu_targets, "BENCH", ["--image_size", "16", "--batch_size", "8",
+                                             "--depth", "1", "--decoder_depth", "1",
+                                             "--steps", "2", "--warmup", "1"])
+  monkeypatch.setattr(gpu_targets, "BENCH_RUNS", {
+      "tiny": (["--variant", "Ti/8"], ""),
+      "bad": (["--variant", "Q/8"], "")})
+  monkeypatch.setenv("OUT", str(tmp_path))
+  assert gpu_targets.main(["--part", "bench", "--timeout", "200"]) == 1
+  records = json.loads((tmp_path / "gpu_targets_bench.json").read_text())
+  assert set(records) == {"tiny"} and records["tiny"]["fused_attention_calls"] == []
+  table = capsys.readouterr().out.splitlines()
+  assert any(l.startswith("tiny ") and "none" in l for l in table)
+  assert any(l.startswith("bad ") and "failed" in l for l in table)

@@ -1,0 +1,131 @@
+"""Every GPU measurement of the throughput targets in one call, with a table at the end.
+
+  python3 benchmarks/gpu_targets.py --part bench   # mae_jax alone: B/16, L/16, attention, flags
+  python3 benchmarks/gpu_targets.py --part torch   # side by side with PyTorch on the same GPU
+
+Meant for a lent GPU machine with a time limit per command: each part fits in about ten
+minutes. Every run is a subprocess (so XLA_FLAGS can differ and one failure does not end
+the rest) with its own timeout; its JSON line is kept, its last lines of output are
+printed when it fails. Results go to $OUT/gpu_targets_<part>.json when OUT is set (else
+to the working directory), the table to stdout.
+
+`--part bench` runs `python -m mae_jax.bench`, bfloat16, global batch 256, on:
+  B/16 @ 224 (attention picked automatically: cuDNN's fused kernel where it applies),
+  B/16 with --attn_impl xla, B/16 with the latency-hiding scheduler flag, and L/16 @ 224.
+The `fused attention` column lists the cuDNN custom calls found in the compiled program,
+which shows whether cuDNN's kernel is the one that runs.
+`--part torch` runs benchmarks/vs_pytorch.py on B/16@224 and L/16@224.
+
+The machine's image has JAX, flax, optax and torch but not ml_collections: when it is
+missing, this installs it from ./wheels (`make gpu-wheels` here downloads it there).
+"""
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = ["--image_size", "224", "--batch_size", "256", "--dtype", "bfloat16",
+         "--steps", "20", "--warmup", "3"]
+# name -> (bench flags, extra XLA_FLAGS)
+BENCH_RUNS = {
+    "B/16": (["--variant", "B/16"], ""),
+    "B/16 xla attention": (["--variant", "B/16", "--attn_impl", "xla"], ""),
+    "B/16 latency-hiding scheduler": (["--variant", "B/16"],
+                                      "--xla_gpu_enable_latency_hiding_scheduler=true"),
+    "L/16": (["--variant", "L/16"], ""),
+}
+TORCH_CASES = ("B/16@224", "L/16@224")
+
+
+def ensure_ml_collections():
+  if importlib.util.find_spec("ml_collections") is None:
+    wheels = os.path.join(ROOT, "wheels")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index",
+                    "--find-links", wheels, "ml-collections"], check=True)
+
+
+def run(cmd, xla_flags, timeout):
+  """(the last JSON line of stdout or None, seconds, output tail)."""
+  env = dict(os.environ)
+  if xla_flags:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
+  start = time.perf_counter()
+  try:
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    text, ok = out.stdout + out.stderr, out.returncode == 0
+  except subprocess.TimeoutExpired as e:
+    text, ok = f"{e.stdout or ''}{e.stderr or ''}\ntimed out after {timeout}s", False
+  seconds = time.perf_counter() - start
+  lines = [l for l in (text if ok else "").splitlines() if l.startswith("{")]
+  return (json.loads(lines[-1]) if lines else None), seconds, "\n".join(text.splitlines()[-15:])
+
+
+def bench_part(timeout):
+  rows, records = [], {}
+  for name, (flags, xla_flags) in BENCH_RUNS.items():
+    record, seconds, tail = run([sys.executable, "-m", "mae_jax.bench", *flags, *BENCH],
+                                xla_flags, timeout)
+    print(f"[{seconds:5.0f}s] {name}: {'ok' if record else 'FAILED'}", flush=True)
+    if record is None:
+      print(tail, flush=True)
+      rows.append((name, "failed", "", "", "", ""))
+      continue
+    records[name] = record
+    mfu = record["mfu"]
+    rows.append((name, f"{record['images_per_s']:.0f}", f"{record['step_time_s'] * 1e3:.1f}",
+                 "n/a" if mfu is None else f"{mfu:.1%}", f"{record['compile_s']:.0f}",
+                 ", ".join(record["fused_attention_calls"]) or "none"))
+  header = ("run", "img/s", "step ms", "MFU", "compile s", "fused attention")
+  return records, header, rows
+
+
+def torch_part(timeout):
+  rows, records = [], {}
+  for case in TORCH_CASES:
+    cmd = [sys.executable, os.path.join("benchmarks", "vs_pytorch.py"), "--case", case,
+           "--rounds", "3", "--steps_per_round", "5", "--no_all_tokens"]
+    record, seconds, tail = run(cmd, "", timeout)
+    print(f"[{seconds:5.0f}s] {case}: {'ok' if record else 'FAILED'}", flush=True)
+    if record is None:
+      print(tail, flush=True)
+      rows.append((case, "failed", "", "", ""))
+      continue
+    (r,) = record["results"]
+    records[case] = record
+    ips = r["images_per_s"]
+    rows.append((case, f"{ips['jax']:.0f}", f"{ips['torch']:.0f}", f"{r['jax_over_torch']:.2f}x",
+                 f"compile={r['torch']['torch_compile']}"))
+  header = ("case", "mae_jax img/s", "PyTorch img/s", "ratio", "PyTorch")
+  return records, header, rows
+
+
+def print_table(header, rows):
+  widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+  for row in (header, *rows):
+    print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--part", choices=["bench", "torch"], required=True)
+  p.add_argument("--timeout", type=int, default=240, help="seconds per run")
+  args = p.parse_args(argv)
+  ensure_ml_collections()
+  part = bench_part if args.part == "bench" else torch_part
+  records, header, rows = part(args.timeout)
+  path = os.path.join(os.environ.get("OUT", "."), f"gpu_targets_{args.part}.json")
+  with open(path, "w") as f:
+    json.dump(records, f, indent=1)
+  print(f"\nrecords: {path}")
+  print_table(header, rows)
+  return 0 if all(r[1] != "failed" for r in rows) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
