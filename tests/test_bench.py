@@ -205,3 +205,19 @@ def test_gpu_targets_driver_runs_and_reports_failures(tmp_path, monkeypatch, cap
   table = capsys.readouterr().out.splitlines()
   assert any(l.startswith("tiny ") and "none" in l for l in table)
   assert any(l.startswith("bad ") and "failed" in l for l in table)
+
+
+def test_profile_step_matmul_table_counts_the_steps_flops(tmp_path):
+  """benchmarks/profile_step.py --by_matmul: the matrix products it finds in the trace and
+  the compiled HLO add up to the analytic training FLOPs of the step (no remat, unrolled:
+  every product runs once per step)."""
+  profile_step = load_benchmark("profile_step")
+  flags = ["--variant", "Ti/8", "--depth", "2", "--decoder_depth", "1", "--image_size", "32",
+           "--batch_size", "8", "--unroll", "--remat", "none"]
+  totals, rows = profile_step.main(["--trace_dir", str(tmp_path), "--profile_steps", "2",
+                                    "--by_matmul", *flags])
+  assert totals and rows
+  assert {r[3] for r in rows} <= {"xnnpack", "eigen"} and {r[4] for r in rows} == {"fwd", "bwd"}
+  config = bench.bench_config(bench.parse_args(flags))
+  expected = flops.train_flops(bench.build_model(config)) * 8 / 1e9
+  assert sum(r[2] for r in rows) == pytest.approx(expected, rel=0.1)
