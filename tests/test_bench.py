@@ -221,3 +221,10 @@ def test_profile_step_matmul_table_counts_the_steps_flops(tmp_path):
   config = bench.bench_config(bench.parse_args(flags))
   expected = flops.train_flops(bench.build_model(config)) * 8 / 1e9
   assert sum(r[2] for r in rows) == pytest.approx(expected, rel=0.1)
+
+
+@pytest.mark.parametrize("transpose", [[], ["--transpose_b"]])
+def test_matmul_solo_benchmark_runs(transpose):
+  matmul_solo = load_benchmark("matmul_solo")
+  rates = matmul_solo.main(["--shape", "64x32x48", "--repeats", "3", *transpose])
+  assert set(rates) == {"64x32x48"} and all(r > 0 for r in rates["64x32x48"])
