@@ -205,6 +205,10 @@ def test_gpu_targets_driver_runs_and_reports_failures(tmp_path, monkeypatch, cap
   table = capsys.readouterr().out.splitlines()
   assert any(l.startswith("tiny ") and "none" in l for l in table)
   assert any(l.startswith("bad ") and "failed" in l for l in table)
+  # No time left: every run skipped, none started.
+  assert gpu_targets.main(["--part", "torch", "--budget", "0"]) == 1
+  assert json.loads((tmp_path / "gpu_targets_torch.json").read_text()) == {}
+  assert capsys.readouterr().out.count("skipped: budget spent") == len(gpu_targets.TORCH_CASES)
 
 
 def test_profile_step_matmul_table_counts_the_steps_flops(tmp_path):
