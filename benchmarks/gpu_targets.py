@@ -70,8 +70,10 @@ def run(cmd, xla_flags, timeout):
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=timeout)
     text, ok = out.stdout + out.stderr, out.returncode == 0
-  except subprocess.TimeoutExpired as e:
-    text, ok = f"{e.stdout or ''}{e.stderr or ''}\ntimed out after {timeout}s", False
+  except subprocess.TimeoutExpired as e:  # its partial output comes as bytes
+    partial = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+                      for x in (e.stdout, e.stderr))
+    text, ok = f"{partial}\ntimed out after {timeout}s", False
   seconds = time.perf_counter() - start
   lines = [l for l in (text if ok else "").splitlines() if l.startswith("{")]
   return (json.loads(lines[-1]) if lines else None), seconds, "\n".join(text.splitlines()[-15:])
