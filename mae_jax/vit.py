@@ -109,6 +109,16 @@ class Attention(nn.Module):
     return dense(d, "proj", self.dtype, self.param_dtype)(out_BTHK.reshape(b, t, d))
 
 
+def gelu(x):
+  """Exact GELU as the reference computes it: x / 2 * (1 + erf(x / sqrt(2))).
+
+  jax.nn.gelu(approximate=False) takes the erfc form, which XLA's CPU backend evaluates
+  more slowly: with this one train steps on 2 cores ran 0.98 to 1.10x as fast, about 1.05x
+  typically (docs/benchmarks.md). Within 1e-6 of the float64 values in float32.
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.5 ** 0.5, x.dtype)))
+
+
 class Mlp(nn.Module):
   """fc1 -> exact GELU -> fc2."""
   hidden_dim: int
@@ -118,7 +128,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BTD):
     y = dense(self.hidden_dim, "fc1", self.dtype, self.param_dtype)(x_BTD)
-    y = nn.gelu(y, approximate=False)
+    y = gelu(y)
     return dense(x_BTD.shape[-1], "fc2", self.dtype, self.param_dtype)(y)
 
 

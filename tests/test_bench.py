@@ -155,19 +155,20 @@ def test_pipeline_benchmark_runs_both_datasets(tmp_path):
   assert all(r["images_per_s"] > 0 for r in rows)
 
 
-@pytest.mark.parametrize("extra", [[], ["--classifier"]])
-def test_dense_grad_benchmark_runs(extra):
-  """benchmarks/dense_grad.py times both programs (train step, classifier grad) and
-  restores the library's matmul afterwards."""
+@pytest.mark.parametrize("extra", [["--path", "matmul"], ["--path", "matmul", "--classifier"],
+                                   ["--path", "gelu"]])
+def test_cpu_paths_benchmark_runs(extra):
+  """benchmarks/cpu_paths.py times both programs (train step, classifier grad) and puts
+  the library's function back afterwards."""
   from mae_jax import vit  # pylint: disable=import-outside-toplevel
-  dense_grad = load_benchmark("dense_grad")
-  library_matmul = vit.token_matmul
-  medians = dense_grad.main(["--variant", "Ti/8", "--depth", "1", "--decoder_depth", "1",
-                             "--image_size", "16", "--batch_size", "8", "--steps", "2",
-                             "--rounds", "2", *extra])
-  assert set(medians) == {"autodiff jnp.dot", "token_matmul"}
+  cpu_paths = load_benchmark("cpu_paths")
+  library = (vit.token_matmul, vit.gelu)
+  medians = cpu_paths.main(["--variant", "Ti/8", "--depth", "1", "--decoder_depth", "1",
+                            "--image_size", "16", "--batch_size", "8", "--steps", "2",
+                            "--rounds", "2", *extra])
+  assert set(medians) == set(cpu_paths.PATHS[extra[1]][2])
   assert all(s > 0 for s in medians.values())
-  assert vit.token_matmul is library_matmul
+  assert (vit.token_matmul, vit.gelu) == library
 
 
 def test_vs_pytorch_times_both_frameworks(capsys):

@@ -199,3 +199,19 @@ def test_mae_gradients_with_token_matmul_equal_xla_autodiff(monkeypatch):
   ref = grad()
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
+def test_gelu_is_the_exact_gelu(dtype, tol):
+  """Values against the float64 erf formula, gradients against jax.nn.gelu's exact form."""
+  import math  # pylint: disable=import-outside-toplevel
+  xs = jnp.asarray(np.linspace(-12, 12, 4001), dtype)
+  ref = np.array([v / 2 * (1 + math.erf(v / math.sqrt(2))) for v in np.asarray(xs, np.float64)])
+  out = vit.gelu(xs)
+  assert out.dtype == dtype
+  np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=tol, atol=tol)
+  exact = lambda v: jax.nn.gelu(v, approximate=False)
+  grad = jax.vmap(jax.grad(lambda v: vit.gelu(v).astype(jnp.float32)))(xs)
+  grad_ref = jax.vmap(jax.grad(lambda v: exact(v).astype(jnp.float32)))(xs)
+  np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(grad_ref, np.float32),
+                             rtol=tol, atol=tol)

@@ -1,11 +1,14 @@
-"""The CPU weight-gradient matmul (`vit.token_matmul`) against XLA's own autodiff of jnp.dot.
+"""The library's CPU code paths against the plain formulation, in one process.
 
-  python benchmarks/dense_grad.py --variant Ti/4 --image_size 32 --batch_size 64 \
-      --decoder_width 128 --decoder_depth 4 --decoder_heads 4 --remat full
+  python benchmarks/cpu_paths.py --path matmul --variant Ti/4 --image_size 32 \
+      --batch_size 64 --decoder_width 128 --decoder_depth 4 --decoder_heads 4 --remat full
+  python benchmarks/cpu_paths.py --path gelu ...   # the same model flags
 
 Takes `python -m mae_jax.bench`'s flags and compiles the MAE train step twice: as the
-library builds it (on CPU, every Dense layer's backward pass through `token_matmul`) and
-with `vit.token_matmul` replaced by plain `jnp.dot`, whose gradient XLA derives itself.
+library builds it, and with one path swapped for the plain one. `--path matmul`: every
+Dense layer's product through `vit.token_matmul` (its backward pass written for the CPU)
+against plain `jnp.dot`, whose gradient XLA derives itself. `--path gelu`: `vit.gelu`
+(the erf form) against `jax.nn.gelu(approximate=False)` (the erfc form).
 `--classifier` times the fine-tuning classifier's forward + backward pass instead (the
 encoder of the same flags, 10 classes, no optimizer). The two programs run in interleaved
 rounds, so load from other processes hits both alike; medians of the pooled step times.
@@ -51,24 +54,42 @@ def classifier_grad(config):
   return lambda: jax.block_until_ready(grad(params))
 
 
+def jax_gelu(x):
+  return jax.nn.gelu(x, approximate=False)
+
+
+# --path -> (module attribute read while tracing, the plain version, names of both programs)
+PATHS = {"matmul": ("token_matmul", jnp.dot, ("autodiff jnp.dot", "token_matmul")),
+         "gelu": ("gelu", jax_gelu, ("jax.nn.gelu erfc", "vit.gelu erf"))}
+
+
+def build_pair(path, config, build):
+  """{name: step callable}, the plain program first; each compiled and warmed up, and the
+  library's function back in place afterwards."""
+  attr, plain_fn, names = PATHS[path]
+  library_fn = getattr(vit, attr)
+  runners = {}
+  try:
+    for name, fn in zip(names, (plain_fn, library_fn)):
+      setattr(vit, attr, fn)
+      runners[name] = build(config)
+      for _ in range(2):  # compile + warm up
+        runners[name]()
+  finally:
+    setattr(vit, attr, library_fn)
+  return runners
+
+
 def main(argv):
   p = argparse.ArgumentParser(add_help=False)
+  p.add_argument("--path", choices=sorted(PATHS), default="matmul")
   p.add_argument("--classifier", action="store_true")
   p.add_argument("--rounds", type=int, default=5)
   extra, rest = p.parse_known_args(argv)
   args = bench.parse_args(rest)
   config = bench.bench_config(args)
   build = classifier_grad if extra.classifier else mae_step
-  library_matmul = vit.token_matmul
-  runners = {}
-  try:
-    for name, matmul in (("autodiff jnp.dot", jnp.dot), ("token_matmul", library_matmul)):
-      vit.token_matmul = matmul  # read by vit.Dense while tracing
-      runners[name] = build(config)
-      for _ in range(2):  # compile + warm up
-        runners[name]()
-  finally:
-    vit.token_matmul = library_matmul
+  runners = build_pair(extra.path, config, build)
   times = {name: [] for name in runners}
   per_round = max(1, args.steps // extra.rounds)
   for _ in range(extra.rounds):
@@ -80,8 +101,9 @@ def main(argv):
   medians = {name: float(np.median(t)) for name, t in times.items()}
   for name, s in medians.items():
     print(f"{name:18s} {s:.3f} s/step  {config.batch_size / s:8.1f} images/s")
-  print(f"speedup {medians['autodiff jnp.dot'] / medians['token_matmul']:.2f}x "
-        f"({len(times['token_matmul'])} steps each, {extra.rounds} rounds)")
+  plain, library = PATHS[extra.path][2]
+  print(f"speedup {medians[plain] / medians[library]:.2f}x "
+        f"({len(times[library])} steps each, {extra.rounds} rounds)")
   return medians
 
 
