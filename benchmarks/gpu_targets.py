@@ -6,8 +6,9 @@
 Meant for a lent GPU machine with a time limit per command: each part ends within
 --budget seconds (default 540), skipping the runs that no longer fit. Every run is a
 subprocess (so XLA_FLAGS can differ and one failure does not end the rest) with its own
-timeout; its JSON line is kept, its last lines of output are printed when it fails. Results go to $OUT/gpu_targets_<part>.json when OUT is set (else
-to the working directory), the table to stdout.
+timeout; its JSON line is kept, its last lines of output are printed when it fails.
+Results go to $OUT/gpu_targets_<part>.json when OUT is set (else to the working
+directory), the table to stdout.
 
 `--part bench` runs `python -m mae_jax.bench`, bfloat16, global batch 256, on:
   B/16 @ 224 (attention picked automatically: cuDNN's fused kernel where it applies),
@@ -79,54 +80,57 @@ def run(cmd, xla_flags, timeout):
   return (json.loads(lines[-1]) if lines else None), seconds, "\n".join(text.splitlines()[-15:])
 
 
-def bench_part(budget):
-  rows, records = [], {}
-  for name, (flags, xla_flags) in BENCH_RUNS.items():
+def run_all(jobs, budget, row_of):
+  """Run each (name, cmd, xla_flags) job within the budget: ({name: record}, table rows).
+  A row is (name, *row_of(record)), or the name and why there is no record."""
+  records, rows = {}, []
+  for name, cmd, xla_flags in jobs:
     timeout = budget.next_timeout()
     if timeout is None:
-      rows.append((name, "skipped: budget spent", "", "", "", ""))
+      rows.append((name, "skipped: budget spent"))
       continue
-    record, seconds, tail = run([sys.executable, "-m", "mae_jax.bench", *flags, *BENCH],
-                                xla_flags, timeout)
+    record, seconds, tail = run(cmd, xla_flags, timeout)
     print(f"[{seconds:5.0f}s] {name}: {'ok' if record else 'FAILED'}", flush=True)
     if record is None:
       print(tail, flush=True)
-      rows.append((name, "failed", "", "", "", ""))
+      rows.append((name, "failed"))
       continue
     records[name] = record
-    mfu = record["mfu"]
-    rows.append((name, f"{record['images_per_s']:.0f}", f"{record['step_time_s'] * 1e3:.1f}",
-                 "n/a" if mfu is None else f"{mfu:.1%}", f"{record['compile_s']:.0f}",
-                 ", ".join(record["fused_attention_calls"]) or "none"))
-  header = ("run", "img/s", "step ms", "MFU", "compile s", "fused attention")
-  return records, header, rows
+    rows.append((name, *row_of(record)))
+  return records, rows
+
+
+def bench_row(record):
+  mfu = record["mfu"]
+  return (f"{record['images_per_s']:.0f}", f"{record['step_time_s'] * 1e3:.1f}",
+          "n/a" if mfu is None else f"{mfu:.1%}", f"{record['compile_s']:.0f}",
+          ", ".join(record["fused_attention_calls"]) or "none")
+
+
+def torch_row(record):
+  (r,) = record["results"]
+  ips = r["images_per_s"]
+  return (f"{ips['jax']:.0f}", f"{ips['torch']:.0f}", f"{r['jax_over_torch']:.2f}x",
+          f"compile={r['torch']['torch_compile']}")
+
+
+def bench_part(budget):
+  jobs = [(name, [sys.executable, "-m", "mae_jax.bench", *flags, *BENCH], xla_flags)
+          for name, (flags, xla_flags) in BENCH_RUNS.items()]
+  records, rows = run_all(jobs, budget, bench_row)
+  return records, ("run", "img/s", "step ms", "MFU", "compile s", "fused attention"), rows
 
 
 def torch_part(budget):
-  rows, records = [], {}
-  for case in TORCH_CASES:
-    timeout = budget.next_timeout()
-    if timeout is None:
-      rows.append((case, "skipped: budget spent", "", "", ""))
-      continue
-    cmd = [sys.executable, os.path.join("benchmarks", "vs_pytorch.py"), "--case", case,
-           "--rounds", "3", "--steps_per_round", "5", "--no_all_tokens"]
-    record, seconds, tail = run(cmd, "", timeout)
-    print(f"[{seconds:5.0f}s] {case}: {'ok' if record else 'FAILED'}", flush=True)
-    if record is None:
-      print(tail, flush=True)
-      rows.append((case, "failed", "", "", ""))
-      continue
-    (r,) = record["results"]
-    records[case] = record
-    ips = r["images_per_s"]
-    rows.append((case, f"{ips['jax']:.0f}", f"{ips['torch']:.0f}", f"{r['jax_over_torch']:.2f}x",
-                 f"compile={r['torch']['torch_compile']}"))
-  header = ("case", "mae_jax img/s", "PyTorch img/s", "ratio", "PyTorch")
-  return records, header, rows
+  jobs = [(case, [sys.executable, os.path.join("benchmarks", "vs_pytorch.py"), "--case", case,
+                  "--rounds", "3", "--steps_per_round", "5", "--no_all_tokens"], "")
+          for case in TORCH_CASES]
+  records, rows = run_all(jobs, budget, torch_row)
+  return records, ("case", "mae_jax img/s", "PyTorch img/s", "ratio", "PyTorch"), rows
 
 
 def print_table(header, rows):
+  rows = [tuple(row) + ("",) * (len(header) - len(row)) for row in rows]
   widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
   for row in (header, *rows):
     print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
@@ -147,7 +151,7 @@ def main(argv=None):
     json.dump(records, f, indent=1)
   print(f"\nrecords: {path}")
   print_table(header, rows)
-  return 0 if all(r[1] != "failed" and not r[1].startswith("skipped") for r in rows) else 1
+  return 0 if len(records) == len(rows) else 1
 
 
 if __name__ == "__main__":

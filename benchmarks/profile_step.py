@@ -82,7 +82,7 @@ def hlo_matmuls(hlo_text):
     if op == "fusion" and name.startswith("ynn_fusion"):
       called = re.search(r"calls=(%[\w.\-]+)", line).group(1)
       found, kernel = dot_of(computations.get(called, "")), "xnnpack"
-    elif op == "dot" and "dot(" in line:
+    elif op == "dot":
       found, kernel = dot_of(line), "eigen"
     else:
       continue

@@ -258,8 +258,8 @@ def main(argv=None):
   torch.set_num_threads(args.threads)
   env = environment()
   bench.log(f"{env}")
-  cases = args.case or [c for c in sorted(CASES)
-                        if platform_of(c) == ("gpu" if jax.default_backend() == "gpu" else "cpu")]
+  here = "gpu" if jax.default_backend() == "gpu" else "cpu"
+  cases = args.case or [c for c in sorted(CASES) if platform_of(c) == here]
   problem = check_platforms(cases)
   if problem:
     print(f"error: {problem}", file=sys.stderr)
