@@ -68,13 +68,12 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   from mae_jax import trainer
-  from mae_jax.checkpoint import CheckpointError
+  from mae_jax.checkpoint import CheckpointError, ParamsError
   from mae_jax.config import ConfigError
-  from mae_jax.convert import ConversionError
   from mae_jax.data import DatasetError
   try:
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ConfigError, DatasetError, ConversionError) as e:
+  except (ConfigError, DatasetError, ParamsError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except CheckpointError as e:

@@ -52,6 +52,7 @@ def get_config():
   c.model.remat = "full"
   c.model.unroll = False
   c.model.attn_impl = config_dict.placeholder(str)  # None (auto) | xla | cudnn
+  c.model.matmul = "auto"  # Dense kernels: auto (by the devices' platform) | xla | cpu
 
   c.batch_size = 128  # global batch, over all devices and processes
   # Split each step's batch into this many micro-batches (scanned, gradients averaged):

@@ -18,10 +18,9 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from mae_jax import config as config_lib, flops, mae, masking, models, optim, posembed
+from mae_jax import config as config_lib, flops, kernels, mae, models, optim
 from mae_jax import sharding
 from mae_jax import train_step as ts
 
@@ -68,6 +67,7 @@ def parse_args(argv):
   p.add_argument("--remat", default="none", help="none | full | dots")
   p.add_argument("--unroll", action="store_true", help="unroll the scanned block stacks")
   p.add_argument("--attn_impl", default=None, help="None (auto) | xla | cudnn")
+  p.add_argument("--matmul", default="auto", help="Dense kernels: auto | xla | cpu")
   p.add_argument("--mesh_data", type=int, default=-1)
   p.add_argument("--mesh_fsdp", type=int, default=1)
   p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
@@ -97,7 +97,7 @@ def bench_config(args):
   with config.unlocked():
     for f in ("variant", "width", "depth", "num_heads", "patch_size", "decoder_width",
               "decoder_depth", "decoder_heads", "mlp_ratio", "mask_ratio", "dtype", "remat",
-              "unroll", "attn_impl"):
+              "unroll", "attn_impl", "matmul"):
       config.model[f] = getattr(args, f)
     config.model.norm_pix_loss = True
     config.data.update(name="synthetic", image_size=args.image_size, channels=args.channels)
@@ -108,8 +108,9 @@ def bench_config(args):
   return config
 
 
-def build_model(config, encoder_tokens="visible"):
-  kw = models.model_kwargs(config.model, config.data.image_size, config.data.channels)
+def build_model(config, platform, encoder_tokens="visible"):
+  kw = models.model_kwargs(config.model, config.data.image_size, config.data.channels,
+                           platform)
   return ENCODERS[encoder_tokens](**kw)
 
 
@@ -123,9 +124,9 @@ def log(message):
 
 def setup(config, encoder_tokens="visible", seed=0):
   """(jitted train step, initial state, synthetic batch on device, rng, model)."""
-  model = build_model(config, encoder_tokens)
-  tx, schedule = optim.make_optimizer(config.optim, config.batch_size, 1, 10**6)
   mesh = sharding.make_mesh(config.mesh)
+  model = build_model(config, sharding.platform(mesh), encoder_tokens)
+  tx, schedule = optim.make_optimizer(config.optim, config.batch_size, 1, 10**6)
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
   init = functools.partial(ts.init_state, model, tx, image_shape=image_shape)
   state_sh = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
@@ -226,7 +227,9 @@ def summarize(args, config, model, compiled, compile_s, times_s):
       "image_size": model.image_size, "batch_size": config.batch_size,
       "grad_accum_steps": config.grad_accum_steps,
       "dtype": config.model.dtype, "remat": model.remat, "unroll": model.unroll,
-      "attn_impl": model.attn_impl, "fused_attention_calls": fused_attention_calls(compiled),
+      "attn_impl": model.attn_impl,
+      "matmul": kernels.resolve_matmul(model.matmul, model.platform),
+      "fused_attention_calls": fused_attention_calls(compiled),
       "mesh": {"data": data, "fsdp": fsdp},
       "platform": devices[0].platform, "device_kind": kind, "num_devices": len(devices),
       "jax_version": jax.__version__, "compile_s": compile_s, "steps": len(times_s),

@@ -17,7 +17,9 @@ import shutil
 import sys
 import zlib
 
+import flax
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 MANIFEST = "mae_manifest.json"
@@ -282,3 +284,78 @@ def load_config_dict(workdir):
     return None
   except (OSError, ValueError) as e:
     raise CheckpointError(f"{path}: cannot read the saved config ({e})") from None
+
+
+# ---------------------------------------------------------------------------
+# Parameter directories: mae_jax's format for weights without a training state (imported
+# official / Hugging Face weights, exports of a run): DIR/params/ (Orbax
+# StandardCheckpointer, the params pytree) + DIR/model.json ({"model": MaskedAutoencoder
+# fields, ...}).
+
+PARAMS_DIR = "params"
+META_FILE = "model.json"
+
+
+class ParamsError(ValueError):
+  """A parameter directory that is missing, already taken, or does not fit its target."""
+
+
+def is_params_dir(path):
+  return os.path.isfile(os.path.join(path, META_FILE))
+
+
+def save_params(directory, params, meta):
+  """Write DIR/params and DIR/model.json (meta); never overwrites an existing DIR."""
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory):
+    raise ParamsError(f"{directory} already exists; choose a new output directory")
+  os.makedirs(directory)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(directory, PARAMS_DIR), params)
+  with open(os.path.join(directory, META_FILE), "w") as f:
+    json.dump(meta, f, indent=2)
+  return directory
+
+
+def read_meta(directory):
+  """The model.json of a parameter directory, as a dict."""
+  if not is_params_dir(directory):
+    raise ParamsError(f"{directory}: no {META_FILE}; expected a parameter directory "
+                      "(`python -m mae_jax.convert import` writes one)")
+  with open(os.path.join(directory, META_FILE)) as f:
+    return json.load(f)
+
+
+def shape_mismatches(tree, reference, complete=True):
+  """'path (shape) vs (reference shape)' for each leaf of `tree` that differs from
+  `reference`, plus the reference's leaves `tree` lacks when `complete`."""
+  got = {p: tuple(np.shape(v)) for p, v in flax.traverse_util.flatten_dict(tree).items()}
+  want = {p: tuple(np.shape(v))
+          for p, v in flax.traverse_util.flatten_dict(reference).items()}
+  bad = [f"{'/'.join(p)} {s} vs {want.get(p, 'absent')}" for p, s in got.items()
+         if want.get(p) != s]
+  return bad + ([f"{'/'.join(p)} absent vs {s}" for p, s in want.items() if p not in got]
+                if complete else [])
+
+
+def load_params(path, target=None):
+  """(params, model fields) of a parameter directory; MaskedAutoencoder(**fields) is the
+  model they belong to.
+
+  target: optional pytree of arrays / jax.ShapeDtypeStruct (with shardings) to restore
+  onto, e.g. jax.eval_shape of the model's init with the trainer's shardings; stored
+  shapes that differ from it are listed in the error.
+  """
+  meta = read_meta(path)
+  params_path = os.path.join(os.path.abspath(path), PARAMS_DIR)
+  with ocp.StandardCheckpointer() as checkpointer:
+    if target is not None:
+      target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+      stored = checkpointer.metadata(params_path).item_metadata.tree
+      bad = shape_mismatches(stored, target)
+      if bad:
+        shown = "; ".join(bad[:20]) + (f"; ... ({len(bad)} in all)" if len(bad) > 20 else "")
+        raise ParamsError(f"{path} holds params of {meta['model']}, which do not fit the "
+                          f"target (stored vs target): {shown}")
+    params = checkpointer.restore(params_path, target)
+  return params, meta["model"]

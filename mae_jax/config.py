@@ -6,7 +6,7 @@ import re
 import jax
 import ml_collections
 
-from mae_jax import masking, models, vit
+from mae_jax import kernels, masking, models, sharding, vit
 
 
 class ConfigError(ValueError):
@@ -53,6 +53,7 @@ def validate_model(config):
   _check_choice(m.dtype, "model.dtype", sorted(models.DTYPES))
   _check_choice(m.remat, "model.remat", sorted(vit.REMAT_POLICIES))
   _check_choice(m.attn_impl, "model.attn_impl", [None, "xla", "cudnn"])
+  _check_choice(m.matmul, "model.matmul", list(kernels.MATMULS))
   _check_choice(m.get("encoder_tokens", "visible"), "model.encoder_tokens",
                 sorted(models.ENCODERS))
   try:
@@ -145,20 +146,11 @@ def validate(config, num_devices=None):
 
 
 def mesh_shape(mesh_config, num_devices):
-  """(data, fsdp) sizes; one of them may be -1 = the devices the other leaves."""
-  data, fsdp = mesh_config.data, mesh_config.fsdp
-  _check(not (data == -1 and fsdp == -1), "mesh", "at most one axis may be -1")
-  if data == -1:
-    _check(fsdp >= 1 and num_devices % fsdp == 0, "mesh.fsdp",
-           f"{fsdp} does not divide the {num_devices} devices")
-    data = num_devices // fsdp
-  if fsdp == -1:
-    _check(data >= 1 and num_devices % data == 0, "mesh.data",
-           f"{data} does not divide the {num_devices} devices")
-    fsdp = num_devices // data
-  _check(data * fsdp == num_devices, "mesh",
-         f"data={data} x fsdp={fsdp} does not cover the {num_devices} devices")
-  return data, fsdp
+  """(data, fsdp) sizes of config.mesh over `num_devices`, checked (sharding.mesh_shape)."""
+  try:
+    return sharding.mesh_shape(mesh_config.data, mesh_config.fsdp, num_devices)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from None
 
 
 def data_parallel_size(mesh_config, num_devices):

@@ -20,8 +20,8 @@ An import writes a directory:
   OUT/params/      Orbax StandardCheckpointer checkpoint of the params pytree (float32)
   OUT/model.json   {"model": MaskedAutoencoder fields, "source": where it came from,
                     "decoder_from_checkpoint": bool, "norm_pix_loss": bool | null}
-`load_params(OUT)` gives back (params, model_fields); MaskedAutoencoder(**model_fields)
-is the model they belong to.
+`checkpoint.load_params(OUT)` gives back (params, model_fields);
+MaskedAutoencoder(**model_fields) is the model they belong to.
 
   python -m mae_jax.convert import mae_visualize_vit_large.pth out/mae_vis_large
   python -m mae_jax.convert import mae_pretrain_vit_base.pth out/mae_base --variant B/16
@@ -41,13 +41,11 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
-from mae_jax import models, posembed
+from mae_jax import checkpoint, models, posembed
+from mae_jax.checkpoint import load_params, read_meta, save_params, shape_mismatches
 from mae_jax.mae import MaskedAutoencoder
 
-META_FILE = "model.json"
-PARAMS_DIR = "params"
 POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")
 STACKS = ("blocks", "decoder_blocks")  # official names of the scanned block stacks
 DECODER_TOP = ("mask_token", "decoder_pos_embed", "decoder_embed", "decoder_blocks",
@@ -598,18 +596,6 @@ def init_decoder(fields, seed):
   return _init_decoder(tuple(sorted(fields.items())), jax.random.key(seed))
 
 
-def shape_mismatches(tree, reference, complete=True):
-  """'path (shape) vs (reference shape)' for each leaf of `tree` that differs from
-  `reference`, plus the reference's leaves `tree` lacks when `complete`."""
-  got = {p: tuple(np.shape(v)) for p, v in flax.traverse_util.flatten_dict(tree).items()}
-  want = {p: tuple(np.shape(v))
-          for p, v in flax.traverse_util.flatten_dict(reference).items()}
-  bad = [f"{'/'.join(p)} {s} vs {want.get(p, 'absent')}" for p, s in got.items()
-         if want.get(p) != s]
-  return bad + ([f"{'/'.join(p)} absent vs {s}" for p, s in want.items() if p not in got]
-                if complete else [])
-
-
 def convert_state(state, fields, seed=0, check_pos=True):
   """Official state dict -> (params, decoder_from_checkpoint).
 
@@ -629,50 +615,6 @@ def convert_state(state, fields, seed=0, check_pos=True):
         f"{fields['decoder_width']}, {fields['decoder_heads']} heads) and mask token are "
         f"freshly initialized with seed {seed}, not loaded")
   return params, False
-
-
-# ---------------------------------------------------------------------------
-# The import output: an Orbax checkpoint of the params + model.json.
-
-
-def save_params(directory, params, meta):
-  """Write OUT/params (Orbax StandardCheckpointer) and OUT/model.json; never overwrites."""
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory):
-    raise ConversionError(f"{directory} already exists; choose a new output directory")
-  os.makedirs(directory)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(directory, PARAMS_DIR), params)
-  with open(os.path.join(directory, META_FILE), "w") as f:
-    json.dump(meta, f, indent=2)
-  return directory
-
-
-def read_meta(directory):
-  path = os.path.join(directory, META_FILE)
-  if not os.path.exists(path):
-    raise ConversionError(f"{directory}: no {META_FILE}; expected the output of "
-                          "`python -m mae_jax.convert import`")
-  with open(path) as f:
-    return json.load(f)
-
-
-def load_params(path, target=None):
-  """(params, model_fields) from an import's output; MaskedAutoencoder(**model_fields).
-
-  target: optional pytree of arrays / jax.ShapeDtypeStruct (with shardings) to restore
-  onto, e.g. jax.eval_shape of the model's init with the trainer's shardings.
-  """
-  meta = read_meta(path)
-  if target is not None:
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    bad = shape_mismatches(abstract_params(meta["model"]), target)
-    if bad:
-      raise ConversionError(f"{path} holds params of {meta['model']}, which do not fit "
-                            f"the target (stored vs target): {_listing(bad)}")
-  with ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(os.path.join(os.path.abspath(path), PARAMS_DIR), target)
-  return params, meta["model"]
 
 
 # ---------------------------------------------------------------------------
@@ -715,7 +657,7 @@ def import_checkpoint(src, out, fmt=None, *, variant=None, seed=0, check_pos=Tru
           "decoder_init_seed": None if from_checkpoint else seed,
           "norm_pix_loss": norm_pix_loss}
   out = save_params(out, params, meta)
-  print(f"wrote {out}/{PARAMS_DIR} (Orbax) and {out}/{META_FILE}")
+  print(f"wrote {out}/{checkpoint.PARAMS_DIR} (Orbax) and {out}/{checkpoint.META_FILE}")
   return params, meta
 
 
@@ -796,7 +738,7 @@ def main(argv=None):
   args = _parser().parse_args(argv)
   try:
     args.run(args)
-  except (ConversionError, FileNotFoundError) as e:
+  except (ConversionError, checkpoint.ParamsError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -114,7 +114,7 @@ def load_subject(config, workdir, mesh):
   check(config.params or has_run, "params", f"{workdir} has no config.json (not a train.py "
         "workdir); give an imported checkpoint with --config.params")
   source = config.params or workdir
-  model, _ = pretrained.model_of(source)
+  model, _ = pretrained.model_of(source, sharding.platform(mesh))
   run = checkpoint.load_config_dict(workdir) if has_run else None
   dcfg = data_config(run["data"] if run else {}, config.data, model)
   if config.init == "random":
@@ -236,10 +236,9 @@ def main(argv):
   del argv
   from absl import flags, logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
-  from mae_jax.convert import ConversionError  # pylint: disable=g-import-not-at-top
   try:
     evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.mode)
-  except (config_lib.ConfigError, data.DatasetError, ConversionError,
+  except (config_lib.ConfigError, data.DatasetError, checkpoint.ParamsError,
           pretrained.PretrainedError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -9,9 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mae_jax import masking, patches, posembed
-from mae_jax.vit import BlockStack, dense, layer_norm
-
-token_init = nn.initializers.normal(stddev=0.02)
+from mae_jax.vit import BlockStack, dense, encoder_of, layer_norm, token_init
 
 
 class MaskedAutoencoder(nn.Module):
@@ -33,6 +31,8 @@ class MaskedAutoencoder(nn.Module):
   remat: str = "none"             # a vit.REMAT_POLICIES name
   unroll: bool = False            # unroll the scanned block stacks
   attn_impl: str | None = None    # jax.nn.dot_product_attention implementation
+  platform: str | None = None     # the platform compiled for ("cpu", "gpu", "tpu")
+  matmul: str = "auto"            # Dense kernels: kernels.MATMULS, "auto" by platform
 
   @property
   def grid_size(self):
@@ -44,37 +44,17 @@ class MaskedAutoencoder(nn.Module):
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.patch_embed = dense(self.width, "patch_embed", **kw)
-    self.cls_token = self.param("cls_token", token_init, (1, 1, self.width), self.param_dtype)
-    self.blocks = self._stack(self.depth, self.num_heads, self.width)
-    self.norm = layer_norm("norm", **kw)
-    self.decoder_embed = dense(self.decoder_width, "decoder_embed", **kw)
+    ops = dict(kw, platform=self.platform, matmul=self.matmul)
+    self.encoder = encoder_of(self)
+    nn.share_scope(self, self.encoder)  # the encoder's parameters at the top level
+    self.decoder_embed = dense(self.decoder_width, "decoder_embed", **ops)
     self.mask_token = self.param("mask_token", token_init, (1, 1, self.decoder_width),
                                  self.param_dtype)
-    self.decoder_blocks = self._stack(self.decoder_depth, self.decoder_heads,
-                                      self.decoder_width)
+    self.decoder_blocks = BlockStack(
+        self.decoder_depth, self.decoder_heads, int(self.decoder_width * self.mlp_ratio),
+        remat=self.remat, unroll=self.unroll, attn_impl=self.attn_impl, **ops)
     self.decoder_norm = layer_norm("decoder_norm", **kw)
-    self.decoder_pred = dense(self.patch_size**2 * self.channels, "decoder_pred", **kw)
-
-  def _stack(self, depth, heads, width):
-    return BlockStack(depth, heads, int(width * self.mlp_ratio), remat=self.remat,
-                      unroll=self.unroll, attn_impl=self.attn_impl, dtype=self.dtype,
-                      param_dtype=self.param_dtype)
-
-  def _embed_patches(self, images_BHWC):
-    """Patch embedding (a linear map of flattened patches) + fixed pos-embed: (B, N, D)."""
-    x = self.patch_embed(patches.patchify(images_BHWC.astype(self.dtype), self.patch_size))
-    pos_TD = posembed.sincos_2d(self.width, self.grid_size)
-    return x + pos_TD[1:].astype(self.dtype)
-
-  def _prepend_cls(self, x_BKD):
-    cls_pos = posembed.sincos_2d(self.width, self.grid_size)[:1]
-    cls = (self.cls_token + cls_pos).astype(self.dtype)
-    cls = jnp.broadcast_to(cls, (x_BKD.shape[0], 1, self.width))
-    return jnp.concatenate([cls, x_BKD], axis=1)
-
-  def _encoder_blocks(self, x_BTD):
-    return self.norm(self.blocks(x_BTD))
+    self.decoder_pred = dense(self.patch_size**2 * self.channels, "decoder_pred", **ops)
 
   def encode_masked(self, images_BHWC, noise_BN=None):
     """Encoder on the visible patches only.
@@ -82,18 +62,18 @@ class MaskedAutoencoder(nn.Module):
     Returns (latent (B, 1+K, D) with the cls token first, mask (B, N), restore_idx (B, N)).
     Without `noise`, it is drawn from the 'mask' RNG stream by `mask_strategy`.
     """
-    x_BND = self._embed_patches(images_BHWC)
+    x_BND = self.encoder.embed(images_BHWC)
     if noise_BN is None:
       noise_BN = masking.make_noise(self.mask_strategy, self.make_rng("mask"),
                                     x_BND.shape[0], self.grid_size, self.mask_ratio)
     num_keep = masking.num_visible(self.num_patches, self.mask_ratio)
     keep_idx_BK, mask_BN, restore_idx_BN = masking.mask_from_noise(noise_BN, num_keep)
     x_BKD = masking.gather_tokens(x_BND, keep_idx_BK)
-    return self._encoder_blocks(self._prepend_cls(x_BKD)), mask_BN, restore_idx_BN
+    return self.encoder(self.encoder.prepend_cls(x_BKD)), mask_BN, restore_idx_BN
 
   def encode(self, images_BHWC):
     """Features of the whole unmasked image: (B, 1+N, D), cls token first."""
-    return self._encoder_blocks(self._prepend_cls(self._embed_patches(images_BHWC)))
+    return self.encoder(self.encoder.prepend_cls(self.encoder.embed(images_BHWC)))
 
   def decode(self, latent_BTD, restore_idx_BN):
     """Decoder: embed, append mask tokens, unshuffle, + pos-embed, blocks -> (B, N, p*p*C)."""
@@ -129,17 +109,17 @@ class AllTokensMAE(MaskedAutoencoder):
                                          (1, 1, self.width), self.param_dtype)
 
   def __call__(self, images_BHWC, noise_BN=None):
-    x_BND = self._embed_patches(images_BHWC)
+    x_BND = self.encoder.embed(images_BHWC)
     b, n = x_BND.shape[:2]
     if noise_BN is None:
       noise_BN = masking.make_noise(self.mask_strategy, self.make_rng("mask"), b,
                                     self.grid_size, self.mask_ratio)
     _, mask_BN, _ = masking.mask_from_noise(
         noise_BN, masking.num_visible(n, self.mask_ratio))
-    pos_ND = posembed.sincos_2d(self.width, self.grid_size)[1:]
+    pos_ND = self.encoder.position_table()[1:]
     fill = (self.encoder_mask_token + pos_ND).astype(self.dtype)
     x_BND = jnp.where(mask_BN[:, :, None] > 0, fill, x_BND)
-    latent = self._encoder_blocks(self._prepend_cls(x_BND))
+    latent = self.encoder(self.encoder.prepend_cls(x_BND))
     identity_BN = jnp.broadcast_to(jnp.arange(n), (b, n))
     return {"pred": self.decode(latent, identity_BN), "mask": mask_BN,
             "restore_idx": identity_BN}

@@ -36,21 +36,24 @@ def decode_variant(variant):
   return dict(width=width, depth=depth, num_heads=heads, patch_size=int(patch))
 
 
-def model_kwargs(model_config, image_size, channels):
-  """The MaskedAutoencoder fields for a config: the variant, then each set override."""
+def model_kwargs(model_config, image_size, channels, platform=None):
+  """The MaskedAutoencoder fields for a config: the variant, then each set override;
+  `platform` is that of the devices the model will be compiled for."""
   kw = decode_variant(model_config.variant)
   for field in ("width", "depth", "num_heads", "patch_size"):
     if model_config.get(field) is not None:
       kw[field] = model_config[field]
   for field in ("mlp_ratio", "decoder_width", "decoder_depth", "decoder_heads",
-                "mask_ratio", "mask_strategy", "remat", "unroll", "attn_impl"):
+                "mask_ratio", "mask_strategy", "remat", "unroll", "attn_impl", "matmul"):
     kw[field] = model_config[field]
   kw["dtype"] = DTYPES[model_config.dtype]
-  return dict(kw, image_size=image_size, channels=channels)
+  return dict(kw, image_size=image_size, channels=channels, platform=platform)
 
 
-def build_model(config):
+def build_model(config, platform):
   """The MaskedAutoencoder a full run config describes (AllTokensMAE where
-  model.encoder_tokens is "all")."""
+  model.encoder_tokens is "all"), for devices of `platform` ("cpu", "gpu", "tpu": e.g.
+  `mesh.devices.flat[0].platform`), which picks its kernels where the config says "auto"."""
   cls = ENCODERS[config.model.get("encoder_tokens", "visible")]
-  return cls(**model_kwargs(config.model, config.data.image_size, config.data.channels))
+  return cls(**model_kwargs(config.model, config.data.image_size, config.data.channels,
+                            platform))

@@ -1,6 +1,5 @@
 """AdamW with the paper's weight-decay exclusions, the lr scaling rule and warmup-cosine."""
 import flax
-import jax
 import optax
 
 # Leaves that never get weight decay: biases and norm scales by leaf name, tokens by name.

@@ -44,8 +44,7 @@ class Pretrained:
 
 
 def is_converted(path):
-  from mae_jax import convert
-  return os.path.isfile(os.path.join(path, convert.META_FILE))
+  return checkpoint.is_params_dir(path)
 
 
 def is_workdir(path):
@@ -66,14 +65,16 @@ def load(path, step=None, mesh=None):
                         "nor a converted checkpoint (model.json + params/)")
 
 
-def model_of(path):
-  """(model, the run's config or None) stored at `path`, without reading any params."""
+def model_of(path, platform=None):
+  """(model, the run's config or None) stored at `path`, without reading any params; its
+  kernels are those of `platform` (None: the platform of jax.devices())."""
+  platform = platform or jax.devices()[0].platform
   if is_converted(path):
-    from mae_jax import convert
-    return MaskedAutoencoder(**convert.read_meta(path)["model"]), None
+    fields = checkpoint.read_meta(path)["model"]
+    return MaskedAutoencoder(**dict(fields, platform=platform)), None
   if is_workdir(path):
     config = ml_collections.ConfigDict(checkpoint.load_config_dict(path))
-    return models.build_model(config), config
+    return models.build_model(config, platform), config
   raise PretrainedError(f"{path}: neither a train.py workdir (config.json + checkpoints/) "
                         "nor a converted checkpoint (model.json + params/)")
 
@@ -103,11 +104,14 @@ def random_params(model, seed, mesh=None):
   return init(jax.random.key(seed))
 
 
+def _platform(mesh):
+  return sharding.platform(mesh) if mesh is not None else None
+
+
 def load_converted(path, mesh=None):
-  from mae_jax import convert  # its readers are optional; loading our own format is not
-  model, _ = model_of(path)
-  params, fields = convert.load_params(path, target=abstract_params(model, mesh))
-  meta = convert.read_meta(path)
+  model, _ = model_of(path, _platform(mesh))
+  params, fields = checkpoint.load_params(path, target=abstract_params(model, mesh))
+  meta = checkpoint.read_meta(path)
   mean, std = IMAGENET_STATS if fields["channels"] == 3 else ((0.5,), (0.5,))
   return Pretrained(model, params, mean, std, bool(meta.get("norm_pix_loss")),
                     f"converted {meta.get('source')}")
@@ -142,7 +146,7 @@ def restore_params(path, model, step=None, mesh=None):
 
 
 def load_workdir(path, step=None, mesh=None):
-  model, config = model_of(path)
+  model, config = model_of(path, _platform(mesh))
   params, step = restore_params(path, model, step, mesh)
   train = data.load_source(config.data, "train")
   return Pretrained(model, params, tuple(train.mean), tuple(train.std),

@@ -9,16 +9,40 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mae_jax.config import mesh_shape
-
 BATCH_AXES = ("data", "fsdp")
 
 
+def mesh_shape(data, fsdp, num_devices):
+  """(data, fsdp) axis sizes over `num_devices`; one of them may be -1 = the devices the
+  other leaves. A size that cannot work raises ValueError("mesh[.axis]: why")."""
+  if data == -1 and fsdp == -1:
+    raise ValueError("mesh: at most one axis may be -1")
+  if data == -1:
+    if not (isinstance(fsdp, int) and fsdp >= 1 and num_devices % fsdp == 0):
+      raise ValueError(f"mesh.fsdp: {fsdp} does not divide the {num_devices} devices")
+    data = num_devices // fsdp
+  if fsdp == -1:
+    if not (isinstance(data, int) and data >= 1 and num_devices % data == 0):
+      raise ValueError(f"mesh.data: {data} does not divide the {num_devices} devices")
+    fsdp = num_devices // data
+  if data * fsdp != num_devices:
+    raise ValueError(f"mesh: data={data} x fsdp={fsdp} does not cover the {num_devices} "
+                     "devices")
+  return data, fsdp
+
+
 def make_mesh(mesh_config, devices=None):
-  """A ("data", "fsdp") Mesh over all (or the given) devices."""
+  """A ("data", "fsdp") Mesh over all (or the given) devices; mesh_config has the axis
+  sizes `data` and `fsdp` (-1: the rest)."""
   devices = np.asarray(devices if devices is not None else jax.devices())
-  shape = mesh_shape(mesh_config, devices.size)
+  shape = mesh_shape(mesh_config.data, mesh_config.fsdp, devices.size)
   return Mesh(devices.reshape(shape), ("data", "fsdp"))
+
+
+def platform(mesh):
+  """The platform of the mesh's devices ("cpu", "gpu", "tpu"): what its programs are
+  compiled for, and what picks the model's platform-specific kernels."""
+  return mesh.devices.flat[0].platform
 
 
 def batch_sharding(mesh):

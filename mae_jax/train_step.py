@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from mae_jax import mae, masking, patches
+from mae_jax.data.normalize import normalize
 
 
 @flax.struct.dataclass
@@ -33,12 +34,6 @@ def init_state(model, tx, rng, image_shape):
 def all_finite(tree):
   """Whether every element of every leaf is finite (a norm could overflow where none is)."""
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def normalize(images_BHWC, mean, std):
-  """uint8 [0, 255] -> float32, standardized per channel."""
-  x = images_BHWC.astype(jnp.float32) / 255.0
-  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def step_rngs(base_rng, step):

@@ -6,15 +6,20 @@ import json
 import os
 import time
 
+import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
+import ml_collections
+import optax
 
 from mae_jax import checkpoint, config as config_lib, data, distributed, models, optim, sharding
 from mae_jax import train_step as ts
 from mae_jax import visualize
 from mae_jax.evaluation import knn
 from mae_jax.logger import Logger
+
+
+# fold_in data of the evaluation's masks: apart from every training step's (0, 1, 2, ...).
+EVAL_RNG_STREAM = 2**31 - 1
 
 
 class NonFiniteLossError(RuntimeError):
@@ -24,16 +29,16 @@ class NonFiniteLossError(RuntimeError):
 @dataclasses.dataclass
 class Run:
   """Everything a run wires together, built once before the loop."""
-  config: object
+  config: ml_collections.ConfigDict
   workdir: str
-  model: object
-  mesh: object
-  train_src: object
-  test_src: object
+  model: nn.Module
+  mesh: jax.sharding.Mesh
+  train_src: data.Source
+  test_src: data.Source
   durations: config_lib.Durations
-  tx: object
-  schedule: object
-  state_shardings: object
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_shardings: ts.TrainState  # a NamedSharding per leaf of the state
   num_params: int
 
 
@@ -46,10 +51,10 @@ def build_run(config, workdir):
   test_src = data.load_source(config.data, "test")
   config_lib.check_data_size(config, len(train_src))
   dur = config_lib.durations(config, len(train_src))
-  model = models.build_model(config)
+  mesh = sharding.make_mesh(config.mesh)
+  model = models.build_model(config, sharding.platform(mesh))
   tx, schedule = optim.make_optimizer(config.optim, config.batch_size, dur.warmup_steps,
                                       dur.total_steps)
-  mesh = sharding.make_mesh(config.mesh)
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
   abstract = jax.eval_shape(  # the key made inside: shapes only, nothing compiles yet
       lambda: ts.init_state(model, tx, jax.random.key(0), image_shape=image_shape))
@@ -77,8 +82,7 @@ def initial_state(run, ckpt):
 def load_init_params(run, params):
   """Parameters of an imported checkpoint (python -m mae_jax.convert), checked against
   this run's model; the optimizer state stays fresh."""
-  from mae_jax import convert  # imported only when asked: conversion is an optional extra
-  loaded, fields = convert.load_params(run.config.init_from, target=params)
+  loaded, fields = checkpoint.load_params(run.config.init_from, target=params)
   ours = models.model_kwargs(run.config.model, run.config.data.image_size,
                              run.config.data.channels)
   differ = sorted(k for k, v in fields.items() if k in ours and ours[k] != v)
@@ -191,7 +195,7 @@ def evaluate_reconstruction(run, params):
   eval_fn = jax.jit(functools.partial(ts.eval_step, model=run.model, mean=run.train_src.mean,
                                       std=run.train_src.std, baseline_HWC=baseline,
                                       norm_pix_loss=cfg.model.norm_pix_loss))
-  rng = jax.random.fold_in(jax.random.key(cfg.seed), -1 % (2**31))
+  rng = jax.random.fold_in(jax.random.key(cfg.seed), EVAL_RNG_STREAM)
   sums = collections.Counter()
   first = None
   batches = data.make_eval_batches(run.test_src, image_size=cfg.data.image_size,

@@ -1,4 +1,5 @@
-"""Vision Transformer parts (Linen): attention, MLP, pre-LN block and a block stack.
+"""Vision Transformer parts (Linen): attention, MLP, pre-LN block, a block stack and the
+encoder that the MAE and the classifier share.
 
 Initialization follows the reference MAE: xavier-uniform kernels, zero biases,
 LayerNorm eps 1e-6. Compute runs in `dtype`, parameters stay in `param_dtype`;
@@ -8,63 +9,23 @@ from typing import Any
 
 from absl import logging
 import flax.linen as nn
-from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 
+from mae_jax import kernels, patches, posembed
+
 Dtype = Any
 xavier = nn.initializers.xavier_uniform()
+token_init = nn.initializers.normal(stddev=0.02)  # cls and mask tokens
 LN_EPS = 1e-6
 
 
-@jax.custom_vjp
-def token_matmul(x_BTI, w_IO):
-  """x @ w over the last axis of x, with a backward pass shaped for XLA's CPU backend.
-
-  Autodiff's weight gradient contracts the (batch, tokens) axes of the input and the output
-  gradient as they are; XLA CPU then transposes the larger operand and runs a generic dot.
-  Flattening to (batch * tokens, features) and contracting x^T @ g keeps every product on
-  its fast matmul kernel: train steps are 1.13 to 1.17x faster on 2 cores
-  (docs/benchmarks.md). The values are the autodiff ones.
-  """
-  return jnp.dot(x_BTI, w_IO)
-
-
-def _token_matmul_fwd(x_BTI, w_IO):
-  return jnp.dot(x_BTI, w_IO), (x_BTI, w_IO)
-
-
-def _token_matmul_bwd(res, g_BTO):
-  x_BTI, w_IO = res
-  x_MI = x_BTI.reshape(-1, x_BTI.shape[-1])
-  g_MO = g_BTO.reshape(-1, g_BTO.shape[-1])
-  return jnp.dot(g_BTO, w_IO.T), jnp.dot(x_MI.T, g_MO)
-
-
-token_matmul.defvjp(_token_matmul_fwd, _token_matmul_bwd)
-
-
-class Dense(nn.Module):
-  """nn.Dense's parameters (`kernel` (in, out), `bias`) and values; on the CPU backend the
-  product is `token_matmul`, elsewhere XLA's own dot and its autodiff."""
-  features: int
-  kernel_init: Any = xavier
-  bias_init: Any = nn.initializers.zeros
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
-                        self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-    matmul = token_matmul if jax.default_backend() == "cpu" else jnp.dot
-    return matmul(x, kernel) + bias
-
-
-def dense(features, name, dtype, param_dtype):
-  return Dense(features, dtype=dtype, param_dtype=param_dtype, name=name)
+def dense(features, name, dtype, param_dtype, platform=None, matmul="auto",
+          kernel_init=xavier):
+  """Flax's nn.Dense (xavier-uniform kernel, zero bias) with the platform's matmul kernel
+  (`kernels.dot_general_for`)."""
+  return nn.Dense(features, kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype,
+                  dot_general=kernels.dot_general_for(matmul, platform), name=name)
 
 
 def layer_norm(name, dtype, param_dtype):
@@ -90,15 +51,19 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   implementation: str | None = None  # jax.nn.dot_product_attention: None (auto), "xla", "cudnn"
+  platform: str | None = None        # the target devices' platform: picks the auto kernels
+  matmul: str = "auto"               # kernels.MATMULS
 
   @nn.compact
   def __call__(self, x_BTD):
     b, t, d = x_BTD.shape
     h = self.num_heads
-    qkv = dense(3 * d, "qkv", self.dtype, self.param_dtype)(x_BTD)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform,
+              matmul=self.matmul)
+    qkv = dense(3 * d, "qkv", **kw)(x_BTD)
     q, k, v = jnp.split(qkv.reshape(b, t, 3, h, d // h), 3, axis=2)
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-    impl = self.implementation or auto_attention(jax.default_backend(), q.dtype, d // h)
+    impl = self.implementation or auto_attention(self.platform, q.dtype, d // h)
     try:
       out_BTHK = jax.nn.dot_product_attention(q, k, v, implementation=impl)
     except (ValueError, NotImplementedError) as e:  # raised while tracing, before compiling
@@ -106,7 +71,7 @@ class Attention(nn.Module):
         raise
       logging.warning("cuDNN attention does not apply here (%s); using XLA's", e)
       out_BTHK = jax.nn.dot_product_attention(q, k, v, implementation="xla")
-    return dense(d, "proj", self.dtype, self.param_dtype)(out_BTHK.reshape(b, t, d))
+    return dense(d, "proj", **kw)(out_BTHK.reshape(b, t, d))
 
 
 def gelu(x):
@@ -124,12 +89,15 @@ class Mlp(nn.Module):
   hidden_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  platform: str | None = None
+  matmul: str = "auto"
 
   @nn.compact
   def __call__(self, x_BTD):
-    y = dense(self.hidden_dim, "fc1", self.dtype, self.param_dtype)(x_BTD)
-    y = gelu(y)
-    return dense(x_BTD.shape[-1], "fc2", self.dtype, self.param_dtype)(y)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform,
+              matmul=self.matmul)
+    y = gelu(dense(self.hidden_dim, "fc1", **kw)(x_BTD))
+    return dense(x_BTD.shape[-1], "fc2", **kw)(y)
 
 
 def drop_path(y_BTD, rate, rng):
@@ -147,18 +115,21 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attn_impl: str | None = None
+  platform: str | None = None
+  matmul: str = "auto"
 
   @nn.compact
   def __call__(self, x_BTD, drop_rate=None):
     """drop_rate: this block's drop-path rate (scanned in by BlockStack), None = none."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    ops = dict(kw, platform=self.platform, matmul=self.matmul)
     branch = lambda y: y if drop_rate is None else drop_path(y, drop_rate,
                                                               self.make_rng("dropout"))
     y = layer_norm("norm1", **kw)(x_BTD)
     x_BTD = x_BTD + branch(Attention(self.num_heads, implementation=self.attn_impl,
-                                     name="attn", **kw)(y))
+                                     name="attn", **ops)(y))
     y = layer_norm("norm2", **kw)(x_BTD)
-    x_BTD = x_BTD + branch(Mlp(self.mlp_dim, name="mlp", **kw)(y))
+    x_BTD = x_BTD + branch(Mlp(self.mlp_dim, name="mlp", **ops)(y))
     return x_BTD, None
 
 
@@ -187,6 +158,8 @@ class BlockStack(nn.Module):
   unroll: bool = False
   attn_impl: str | None = None
   drop_path: float = 0.0  # stochastic-depth rate of the last block; 0 = off
+  platform: str | None = None
+  matmul: str = "auto"
 
   @nn.compact
   def __call__(self, x_BTD, deterministic=True):
@@ -201,5 +174,97 @@ class BlockStack(nn.Module):
       rates_L = jnp.linspace(0.0, self.drop_path, self.depth, dtype=jnp.float32)
     x_BTD, _ = stack(self.num_heads, self.mlp_dim, dtype=self.dtype,
                      param_dtype=self.param_dtype, attn_impl=self.attn_impl,
-                     name="layers")(x_BTD, rates_L)
+                     platform=self.platform, matmul=self.matmul, name="layers")(x_BTD, rates_L)
     return x_BTD
+
+
+# The fields an owner (MAE, classifier) passes on to its Encoder.
+ENCODER_FIELDS = ("image_size", "patch_size", "channels", "width", "depth", "num_heads",
+                  "mlp_ratio", "dtype", "param_dtype", "remat", "unroll", "attn_impl",
+                  "platform", "matmul")
+
+
+class Encoder(nn.Module):
+  """The ViT encoder: patch embedding, cls token, position embedding, blocks, final norm.
+
+  One module for the MAE, its all-token variant and the fine-tuning classifier. Owners
+  attach it with `nn.share_scope`, so its parameters sit at the owner's top level under
+  the reference's names (`patch_embed`, `cls_token`, `blocks`, `norm`, and `pos_embed`
+  when learned): the names the converter and existing checkpoints use. Parameters are
+  created only by the methods called, so a classifier that pools without `norm` has none.
+  """
+  image_size: int
+  patch_size: int
+  channels: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0          # stochastic depth of the last block (fine-tuning)
+  learned_pos_embed: bool = False  # a trained `pos_embed`, initialized from the sin-cos table
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: str = "none"
+  unroll: bool = False
+  attn_impl: str | None = None
+  platform: str | None = None
+  matmul: str = "auto"
+
+  @property
+  def grid_size(self):
+    return (self.image_size // self.patch_size,) * 2
+
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.patch_embed = dense(self.width, "patch_embed", platform=self.platform,
+                             matmul=self.matmul, **kw)
+    self.cls_token = self.param("cls_token", token_init, (1, 1, self.width), self.param_dtype)
+    if self.learned_pos_embed:
+      table = lambda _, shape, dtype: self.sincos_table().reshape(shape).astype(dtype)
+      self.pos_embed = self.param("pos_embed", table, (1, self.num_tokens, self.width),
+                                  self.param_dtype)
+    self.blocks = BlockStack(self.depth, self.num_heads, int(self.width * self.mlp_ratio),
+                             remat=self.remat, unroll=self.unroll, attn_impl=self.attn_impl,
+                             drop_path=self.drop_path, platform=self.platform,
+                             matmul=self.matmul, **kw)
+    self.norm = layer_norm("norm", **kw)
+
+  @property
+  def num_tokens(self):
+    return 1 + self.grid_size[0] * self.grid_size[1]
+
+  def sincos_table(self):
+    """The fixed 2D sin-cos position embedding (1 + N, D), cls position first."""
+    return posembed.sincos_2d(self.width, self.grid_size)
+
+  def position_table(self):
+    """The position embedding in use (1 + N, D): learned, or the fixed table."""
+    return self.pos_embed[0] if self.learned_pos_embed else self.sincos_table()
+
+  def embed(self, images_BHWC):
+    """Patch embedding (a linear map of flattened patches) + position embedding: (B, N, D)."""
+    x_BND = self.patch_embed(patches.patchify(images_BHWC.astype(self.dtype), self.patch_size))
+    return x_BND + self.position_table()[1:].astype(self.dtype)
+
+  def prepend_cls(self, x_BKD):
+    """(B, K, D) -> (B, 1 + K, D) with the cls token (+ its position embedding) first."""
+    cls = (self.cls_token + self.position_table()[:1]).astype(self.dtype)
+    return jnp.concatenate([jnp.broadcast_to(cls, (x_BKD.shape[0], 1, self.width)), x_BKD],
+                           axis=1)
+
+  def transform(self, x_BTD, deterministic=True):
+    """The transformer blocks, without the final norm: (B, T, D) -> (B, T, D)."""
+    return self.blocks(x_BTD, deterministic=deterministic)
+
+  def __call__(self, x_BTD, deterministic=True):
+    """Blocks then the final norm over a token sequence (B, T, D)."""
+    return self.norm(self.transform(x_BTD, deterministic))
+
+
+def encoder_of(owner, **overrides):
+  """An Encoder with `owner`'s ENCODER_FIELDS. The owner's setup assigns it and shares its
+  scope, so the parameter names stay flat:
+      self.encoder = encoder_of(self)
+      nn.share_scope(self, self.encoder)
+  """
+  return Encoder(**{f: getattr(owner, f) for f in ENCODER_FIELDS}, **overrides)

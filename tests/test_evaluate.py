@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from configs.eval import get_config as get_eval_config
-from mae_jax import config as config_lib, convert, data, evaluate, pretrained, sharding
+from mae_jax import checkpoint, config as config_lib, data, evaluate, pretrained, sharding
 from mae_jax import trainer, vit
 from mae_jax import train_step as ts
 from mae_jax.data.source import ArraySource
@@ -164,7 +164,7 @@ def test_knn_of_a_converted_checkpoint_into_a_new_directory(run_dir, tmp_path):
   pre = pretrained.load(str(run_dir))
   fields = ("image_size", "patch_size", "channels", "width", "depth", "num_heads",
             "mlp_ratio", "decoder_width", "decoder_depth", "decoder_heads", "mask_ratio")
-  convert.save_params(str(tmp_path / "conv"), jax.device_get(pre.params),
+  checkpoint.save_params(str(tmp_path / "conv"), jax.device_get(pre.params),
                       {"model": {f: getattr(pre.model, f) for f in fields}, "source": "test"})
   config = eval_config()
   config.params = str(tmp_path / "conv")
@@ -190,7 +190,7 @@ def test_finetune_end_to_end_saves_a_loadable_classifier(run_dir):
   images, labels = test.batch(np.arange(len(test)))
   train = data.load_source(ml_collections.ConfigDict(
       {"name": "folder", "data_dir": str(run_dir.parent / "data"), "channels": 1}), "train")
-  logits = model.apply({"params": params}, ts.normalize(np.stack(images), train.mean,
+  logits = model.apply({"params": params}, data.normalize(np.stack(images), train.mean,
                                                          train.std))
   assert np.mean(np.argmax(logits, -1) == labels) == pytest.approx(results["top1"])
 
@@ -390,7 +390,7 @@ def test_encode_features_do_not_depend_on_the_batch_split():
   params = pretrained.random_params(TINY, 0)
   rng = np.random.default_rng(1)
   images = rng.integers(0, 256, (20, SIZE, SIZE, 1), np.uint8)
-  encode = jax.jit(lambda x: TINY.apply({"params": params}, ts.normalize(x, (0.5,), (0.25,)),
+  encode = jax.jit(lambda x: TINY.apply({"params": params}, data.normalize(x, (0.5,), (0.25,)),
                                         method=TINY.encode))
   whole = np.asarray(encode(images[:8]))
   halves = np.concatenate([encode(images[:4]), encode(images[4:8])])

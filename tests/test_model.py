@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax import mae, models, patches, posembed, vit
+from mae_jax import kernels, mae, models, patches, posembed, vit
 from mae_jax.mae import MaskedAutoencoder
 
 TINY = dict(image_size=16, patch_size=4, channels=3, width=32, depth=2, num_heads=4,
@@ -157,7 +157,7 @@ def test_token_matmul_gradients_are_autodiffs(shape, dtype):
   w = jnp.asarray(rng.normal(size=(8, 6)), dtype)
   probe = jnp.asarray(rng.normal(size=shape[:-1] + (6,)), jnp.float32)
   loss = lambda f: lambda x, w: (jnp.sin(f(x, w).astype(jnp.float32)) * probe).sum()
-  ours = jax.grad(loss(vit.token_matmul), argnums=(0, 1))(x, w)
+  ours = jax.grad(loss(kernels.token_matmul), argnums=(0, 1))(x, w)
   ref = jax.grad(loss(jnp.dot), argnums=(0, 1))(x, w)
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
   for a, b in zip(ours, ref):
@@ -166,16 +166,21 @@ def test_token_matmul_gradients_are_autodiffs(shape, dtype):
                                rtol=tol, atol=tol)
 
 
-def test_dense_matches_flax_dense():
-  """Same parameter tree, init, output and gradients as nn.Dense (checkpoints and the
-  converter rely on the names)."""
+@pytest.mark.parametrize("matmul,platform,expected", [
+    ("auto", "cpu", "cpu"), ("auto", "gpu", "xla"), ("auto", "tpu", "xla"),
+    ("auto", None, "xla"), ("xla", "cpu", "xla"), ("cpu", "tpu", "cpu")])
+def test_matmul_kernel_follows_the_platform(matmul, platform, expected):
+  assert kernels.resolve_matmul(matmul, platform) == expected
+
+
+def test_cpu_dense_matches_xla_dense():
+  """nn.Dense with the CPU kernel: same parameters, outputs and gradients as with XLA's."""
   x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 5, 8)), jnp.float32)
-  ours = vit.Dense(6, bias_init=nn.initializers.normal(1.0))
-  ref = nn.Dense(6, kernel_init=vit.xavier, bias_init=nn.initializers.normal(1.0))
+  layer = lambda matmul: vit.dense(6, "d", jnp.float32, jnp.float32, platform="cpu",
+                                   matmul=matmul)
+  ours, ref = layer("cpu"), layer("xla")
   params = ours.init(jax.random.key(0), x)
-  ref_params = ref.init(jax.random.key(0), x)
-  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref_params)
-  np.testing.assert_array_equal(params["params"]["kernel"], ref_params["params"]["kernel"])
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref.init(jax.random.key(0), x))
   loss = lambda m: lambda p: (jnp.tanh(m.apply(p, x)) ** 2).sum()
   np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), atol=1e-6)
   g, g_ref = jax.grad(loss(ours))(params), jax.grad(loss(ref))(params)
@@ -183,21 +188,35 @@ def test_dense_matches_flax_dense():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_mae_gradients_with_token_matmul_equal_xla_autodiff(monkeypatch):
+def custom_vjp_calls(model, params, x, noise):
+  """How many custom-VJP products the traced program of `model` holds."""
+  jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, noise)["pred"])(params)
+  return str(jaxpr).count("custom_vjp_call")
+
+
+def test_model_kernels_are_chosen_by_its_platform_field():
+  """The same model takes token_matmul for platform="cpu" and XLA's dot for "tpu", whatever
+  the host: the choice is in the traced program, not in the backend."""
+  x = jnp.zeros((2, 16, 16, 3))
+  noise = jnp.asarray(np.random.default_rng(8).uniform(size=(2, 16)), jnp.float32)
+  params = init(MaskedAutoencoder(**TINY))
+  assert custom_vjp_calls(MaskedAutoencoder(**TINY, platform="cpu"), params, x, noise) > 0
+  assert custom_vjp_calls(MaskedAutoencoder(**TINY, platform="tpu"), params, x, noise) == 0
+
+
+def test_mae_gradients_with_the_cpu_kernel_equal_xla_autodiff():
   """The whole MAE loss gradient is the same through token_matmul (the CPU path) as
   through XLA's autodiff of jnp.dot."""
   x = jnp.asarray(np.random.default_rng(7).normal(size=(2, 16, 16, 3)), jnp.float32)
   noise = jnp.asarray(np.random.default_rng(8).uniform(size=(2, 16)), jnp.float32)
-  model = MaskedAutoencoder(**TINY)
-  params = init(model)
-  def loss(p):
-    out = model.apply({"params": p}, x, noise)
-    return mae.mae_loss(out["pred"], mae.patch_targets(x, 4, True), out["mask"])
-  grad = lambda: jax.grad(loss)(params)
-  ours = grad()
-  monkeypatch.setattr(vit, "token_matmul", jnp.dot)
-  ref = grad()
-  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+  params = init(MaskedAutoencoder(**TINY))
+  def grad(matmul):
+    model = MaskedAutoencoder(**TINY, matmul=matmul)
+    def loss(p):
+      out = model.apply({"params": p}, x, noise)
+      return mae.mae_loss(out["pred"], mae.patch_targets(x, 4, True), out["mask"])
+    return jax.grad(loss)(params)
+  for a, b in zip(jax.tree.leaves(grad("cpu")), jax.tree.leaves(grad("xla"))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 

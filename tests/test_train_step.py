@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
-from mae_jax import config as config_lib, models, optim, sharding, train_step as ts
+from mae_jax import models, optim, sharding, train_step as ts
 
 
 STEPS = 5  # steps of the mesh comparisons

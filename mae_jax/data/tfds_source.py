@@ -42,7 +42,7 @@ def open_builder(name: str, data_dir: str | None):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     return tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
+  except tfds.core.registered.DatasetNotFoundError:
     raise UnknownDatasetError(
         f"data.name={name!r}: unknown dataset; no TFDS builder of that name is registered "
         f"or prepared in data.data_dir={data_dir}") from None

@@ -12,14 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from mae_jax import data, pretrained, sharding
-from mae_jax import train_step as ts
 
 KINDS = ("cls", "avg", "pixels")
 
 
 def features_of(params, images_BHWC, *, model, kind, mean, std):
   """uint8 images (B, H, W, C) -> float32 features (B, D)."""
-  x = ts.normalize(images_BHWC, mean, std)
+  x = data.normalize(images_BHWC, mean, std)
   if kind == "pixels":
     return x.reshape(x.shape[0], -1)
   tokens_BTD = model.apply({"params": params}, x, method=model.encode).astype(jnp.float32)

@@ -18,7 +18,6 @@ import optax
 import orbax.checkpoint as ocp
 
 from mae_jax import config as config_lib, data, sharding
-from mae_jax import train_step as ts
 from mae_jax.evaluation import augment, classifier, loop, optimizers
 
 
@@ -53,7 +52,7 @@ def finetune_step(state, batch, base_rng, *, model, tx, schedule, mean, std, aug
 
 
 def correct_in_batch(params, batch, *, model, mean, std):
-  logits = model.apply({"params": params}, ts.normalize(batch["image"], mean, std))
+  logits = model.apply({"params": params}, data.normalize(batch["image"], mean, std))
   return loop.count_correct(logits, batch["label"], batch["valid"])
 
 
