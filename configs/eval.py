@@ -70,6 +70,9 @@ def get_config():
   # model's. Compute only: the result is the same.
   c.finetune.remat = config_dict.placeholder(str)
   c.finetune.drop_path = 0.1
+  # learned: a trained pos_embed initialized from the sin-cos table (the reference's
+  # fine-tuning, no weight decay, layer 0 of the lr decay) | fixed: the table as pretrained
+  c.finetune.pos_embed = "learned"
   c.finetune.label_smoothing = 0.1
   c.finetune.mixup = 0.8  # Beta(alpha, alpha); 0 = off
   c.finetune.cutmix = 1.0  # 0 = off

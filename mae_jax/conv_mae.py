@@ -164,7 +164,8 @@ def test_errors(params, test_src, *, model, config, mesh):
 
 
 def train(config, workdir):
-  """Train; returns (params, summary dict), summary.json written."""
+  """Train and write summary.json; returns (model, params, mesh, (train_src, test_src)),
+  what `evaluate` takes."""
   train_src = data.load_source(config.data, "train")
   test_src = data.load_source(config.data, "test")
   config_lib.check_data_size(config, len(train_src))

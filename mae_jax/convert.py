@@ -28,6 +28,13 @@ MaskedAutoencoder(**model_fields) is the model they belong to.
   python -m mae_jax.convert import hf_dir/ out/from_hf
   python -m mae_jax.convert export out/mae_base mae_base.pth
   python -m mae_jax.convert export out/mae_base hf_out/ --format hf
+
+Fine-tuned classifiers (the official fine-tuning's .pth: `fc_norm` + `head` for global
+pooling, `norm` + `head` for the cls token, a trained `pos_embed`) import into the
+classifier directory that fine-tuning writes (params/ + classifier.json; read with
+`evaluation.finetune.load`), and such a directory exports back to the official .pth:
+  python -m mae_jax.convert import mae_finetuned_vit_base.pth out/ft_base --variant B/16
+  python -m mae_jax.convert export workdirs/demo/finetune ft.pth
 """
 import argparse
 import functools
@@ -174,8 +181,13 @@ def _heads_from_variant(fields, variant):
   return None, None
 
 
-def resolve_heads(fields, num_heads=None, decoder_heads=None, variant=None):
-  """Fill num_heads / decoder_heads, which shapes cannot tell; prints what it assumed."""
+def _check_heads(heads, width, flag):
+  if width % heads:
+    raise ConversionError(f"{flag}={heads} does not divide the width {width}")
+
+
+def encoder_heads(fields, num_heads=None, variant=None):
+  """(encoder heads, where they came from): given, from --variant or the size table."""
   source = "given"
   if num_heads is None:
     num_heads, source = _heads_from_variant(fields, variant)
@@ -183,13 +195,17 @@ def resolve_heads(fields, num_heads=None, decoder_heads=None, variant=None):
     raise ConversionError(
         f"cannot infer the number of heads of a {fields['width']}-wide, "
         f"{fields['depth']}-deep encoder: pass --num_heads or --variant (e.g. B/16)")
+  _check_heads(num_heads, fields["width"], "num_heads")
+  return num_heads, source
+
+
+def resolve_heads(fields, num_heads=None, decoder_heads=None, variant=None):
+  """Fill num_heads / decoder_heads, which shapes cannot tell; prints what it assumed."""
+  num_heads, source = encoder_heads(fields, num_heads, variant)
   dec_source = "given"
   if decoder_heads is None:
     decoder_heads, dec_source = OFFICIAL_DECODER_HEADS, "the official MAE decoder"
-  for width, heads, flag in ((fields["width"], num_heads, "num_heads"),
-                             (fields["decoder_width"], decoder_heads, "decoder_heads")):
-    if width % heads:
-      raise ConversionError(f"{flag}={heads} does not divide the width {width}")
+  _check_heads(decoder_heads, fields["decoder_width"], "decoder_heads")
   fields.update(num_heads=num_heads, decoder_heads=decoder_heads)
   print(f"encoder: {fields['depth']} blocks x {fields['width']}, {num_heads} heads "
         f"(heads: {source}); decoder: {fields['decoder_depth']} blocks x "
@@ -241,10 +257,13 @@ def _from_jax_leaf(path, value, fields):
 def official_to_params(state, fields):
   """Official state dict (pos embeds allowed, ignored) -> params pytree of what it holds."""
   check_keys(state, official_shapes(fields, has_decoder(state)))
+  return _state_to_params({k: v for k, v in state.items() if k not in POS_EMBED_KEYS})
+
+
+def _state_to_params(state):
+  """Official names -> the params pytree, block tensors stacked on a layer axis."""
   flat, stacked = {}, {}
   for name, value in state.items():
-    if name in POS_EMBED_KEYS:
-      continue
     path, layer, value = _to_jax_leaf(name, np.asarray(value, np.float32))
     if layer is None:
       flat[path] = value
@@ -257,10 +276,19 @@ def official_to_params(state, fields):
 
 def params_to_official(params, fields, with_decoder=True):
   """Params pytree -> official state dict (with the sin-cos pos embeds), file order."""
+  if not with_decoder:
+    params = {k: v for k, v in params.items() if k not in DECODER_TOP}
+  state = _params_to_state(params, fields)
+  state.update(sincos_tables(fields, with_decoder))
+  shapes = official_shapes(fields, with_decoder)
+  check_keys(state, shapes, optional=(), what="exported state")
+  return {k: np.ascontiguousarray(state[k]) for k in shapes}
+
+
+def _params_to_state(params, fields):
+  """Inverse of _state_to_params: the params pytree -> official names (no order)."""
   state = {}
   for path, value in flax.traverse_util.flatten_dict(params).items():
-    if path[0] in DECODER_TOP and not with_decoder:
-      continue
     value = np.asarray(value, np.float32)
     if path[0] in STACKS:
       for i, layer_value in enumerate(value):
@@ -269,9 +297,59 @@ def params_to_official(params, fields, with_decoder=True):
     else:
       name, v = _from_jax_leaf(path, value, fields)
       state[name] = v
-  state.update(sincos_tables(fields, with_decoder))
-  shapes = official_shapes(fields, with_decoder)
-  check_keys(state, shapes, optional=(), what="exported state")
+  return state
+
+
+# ---------------------------------------------------------------------------
+# Fine-tuned classifiers: the official fine-tuning's ViT (global-pool `fc_norm` + `head`,
+# or the cls token after `norm` + `head`; a trained `pos_embed`) <-> the classifier
+# directories of `evaluation.finetune` (params/ + classifier.json).
+
+CLASSIFIER_FIELDS = ("num_classes", "image_size", "patch_size", "channels", "width", "depth",
+                     "num_heads", "mlp_ratio", "pool", "learned_pos_embed")
+
+
+def is_classifier(state):
+  return "head.weight" in state
+
+
+def classifier_shapes(fields):
+  """Official fine-tuned ViT name -> shape for classifier `fields`, in file order."""
+  shapes = official_shapes(fields, with_decoder=False)
+  d = fields["width"]
+  if fields["pool"] == "avg":  # the encoder's final norm is replaced by fc_norm after pooling
+    del shapes["norm.weight"], shapes["norm.bias"]
+    shapes.update({"fc_norm.weight": (d,), "fc_norm.bias": (d,)})
+  shapes.update({"head.weight": (fields["num_classes"], d), "head.bias": (fields["num_classes"],)})
+  return shapes
+
+
+def classifier_fields(state, hints, variant=None):
+  """ViTClassifier fields of a fine-tuned state dict: shapes, heads from hints/variant,
+  the pool from which norm it holds."""
+  fields = infer_shapes(state, hints.get("image_size"))
+  fields["num_heads"], _ = encoder_heads(fields, hints.get("num_heads"), variant)
+  fields.update(num_classes=int(np.shape(state["head.weight"])[0]),
+                pool="avg" if "fc_norm.weight" in state else "cls",
+                learned_pos_embed=True)
+  print(f"classifier: {fields['depth']} blocks x {fields['width']}, {fields['num_heads']} "
+        f"heads, {fields['num_classes']} classes, {fields['pool']} pooling")
+  return {k: fields[k] for k in CLASSIFIER_FIELDS}
+
+
+def classifier_to_params(state, fields):
+  """Fine-tuned state dict -> ViTClassifier params (pos_embed kept as the trained table)."""
+  check_keys(state, classifier_shapes(fields), optional=(), what="fine-tuned checkpoint")
+  return _state_to_params(state)
+
+
+def params_to_classifier(params, fields):
+  """ViTClassifier params -> the official fine-tuned state dict, file order; a classifier
+  with a fixed position embedding writes the sin-cos table it used."""
+  state = _params_to_state(params, fields)
+  state.setdefault("pos_embed", sincos_tables(fields, with_decoder=False)["pos_embed"])
+  shapes = classifier_shapes(fields)
+  check_keys(state, shapes, optional=(), what="exported classifier")
   return {k: np.ascontiguousarray(state[k]) for k in shapes}
 
 
@@ -650,6 +728,8 @@ def import_checkpoint(src, out, fmt=None, *, variant=None, seed=0, check_pos=Tru
   fmt = fmt or guess_format(src)
   state, file_hints, norm_pix_loss = READERS[fmt](src)
   file_hints.update({k: v for k, v in hints.items() if v is not None})
+  if is_classifier(state):
+    return import_classifier(state, out, file_hints, variant, src)
   fields = model_fields(state, file_hints, variant)
   params, from_checkpoint = convert_state(state, fields, seed, check_pos)
   meta = {"model": fields, "source": {"format": fmt, "path": os.path.abspath(src)},
@@ -659,6 +739,34 @@ def import_checkpoint(src, out, fmt=None, *, variant=None, seed=0, check_pos=Tru
   out = save_params(out, params, meta)
   print(f"wrote {out}/{checkpoint.PARAMS_DIR} (Orbax) and {out}/{checkpoint.META_FILE}")
   return params, meta
+
+
+def import_classifier(state, out, hints, variant, src):
+  """A fine-tuned state dict -> a classifier directory (`finetune.load` reads it)."""
+  from mae_jax.evaluation import classifier, finetune  # pylint: disable=g-import-not-at-top
+  fields = classifier_fields(state, hints, variant)
+  params = classifier_to_params(state, fields)
+  if os.path.exists(out):
+    raise checkpoint.ParamsError(f"{os.path.abspath(out)} already exists; choose a new "
+                                 "output directory")
+  source = {"format": "official", "path": os.path.abspath(src)}
+  finetune.save(out, params, classifier.ViTClassifier(**fields), {"source": source})
+  print(f"wrote {out}/params (Orbax) and {out}/classifier.json")
+  return params, {"model": fields, "source": source}
+
+
+def export_classifier(directory, out, fmt, overwrite):
+  """A classifier directory (fine-tuning's output or an import) -> an official .pth."""
+  from mae_jax.evaluation import finetune  # pylint: disable=g-import-not-at-top
+  if fmt != "official":
+    raise ConversionError(f"{directory} holds a classifier: it exports to the official "
+                          ".pth format only (--format official)")
+  model, params = finetune.load(directory)
+  _check_new_output(out, overwrite)
+  state = params_to_classifier(params, {f: getattr(model, f) for f in CLASSIFIER_FIELDS})
+  write_official(state, out)
+  print(f"wrote {out} (official, fine-tuned classifier, {model.num_classes} classes)")
+  return state
 
 
 def _write_official(state, fields, out, norm_pix_loss):
@@ -677,8 +785,12 @@ def _check_new_output(out, overwrite):
 
 def export_checkpoint(params_dir, out, fmt=None, with_decoder=None, overwrite=False):
   """Write an import directory (or any load_params output) as an official .pth or an HF
-  directory. with_decoder=None: only a decoder that came from a checkpoint."""
+  directory, or a classifier directory as an official .pth. with_decoder=None: only a
+  decoder that came from a checkpoint."""
   fmt = fmt or guess_format(out)
+  from mae_jax.evaluation import finetune  # pylint: disable=g-import-not-at-top
+  if os.path.isfile(os.path.join(params_dir, finetune.CLASSIFIER_FILE)):
+    return export_classifier(params_dir, out, fmt, overwrite)
   meta = read_meta(params_dir)
   params, fields = load_params(params_dir)
   if with_decoder is None:

@@ -66,6 +66,8 @@ def validate(config, modes, num_devices=None):
   ft = config.finetune
   check(ft.pool in classifier.POOLS, "finetune.pool",
         f"{ft.pool!r} is not valid; valid values: {', '.join(classifier.POOLS)}")
+  check(ft.pos_embed in classifier.POS_EMBEDS, "finetune.pos_embed",
+        f"{ft.pos_embed!r} is not valid; valid values: {', '.join(classifier.POS_EMBEDS)}")
   check(ft.remat is None or ft.remat in vit.REMAT_POLICIES, "finetune.remat",
         f"{ft.remat!r} is not valid; valid values: {', '.join(sorted(vit.REMAT_POLICIES))}")
   check(ft.augment in data_augment.AUGMENTS, "finetune.augment",

@@ -2,8 +2,9 @@
 import flax
 import optax
 
-# Leaves that never get weight decay: biases and norm scales by leaf name, tokens by name.
-NO_DECAY_LEAVES = ("bias", "scale", "cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
+# Leaves that never get weight decay: biases and norm scales by leaf name, tokens and the
+# fine-tuning classifier's learned position embedding by name.
+NO_DECAY_LEAVES = ("bias", "scale", "cls_token", "mask_token", "pos_embed")
 
 
 def scaled_lr(base_lr, global_batch_size):

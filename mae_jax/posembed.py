@@ -1,11 +1,9 @@
-"""Fixed 2D sin-cos position embeddings (MAE paper, Sec. A.1) and their resizing.
+"""Fixed 2D sin-cos position embeddings (MAE paper, Sec. A.1).
 
 Half of the width encodes the patch's row, half its column; each half is the 1D
 transformer encoding [sin(pos * w_k), cos(pos * w_k)] with w_k = 1 / 10000^(k / (D/4)).
 The first slot is the cls token's, all zeros, as in the reference implementation.
 """
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -34,17 +32,3 @@ def sincos_2d(embed_dim, grid_size, cls_token=True):
   if cls_token:
     table = np.concatenate([np.zeros((1, embed_dim)), table], axis=0)
   return table.astype(np.float32)
-
-
-def resize(pos_embed_TD, new_grid, old_grid=None, num_prefix=1):
-  """Bicubic resize of a (num_prefix + gh*gw, D) table to new_grid = (gh', gw').
-
-  Used for learned or imported tables at another resolution; prefix (cls) rows are kept.
-  """
-  prefix, grid = pos_embed_TD[:num_prefix], pos_embed_TD[num_prefix:]
-  if old_grid is None:
-    side = int(round(grid.shape[0]**0.5))
-    old_grid = (side, side)
-  grid = grid.reshape(*old_grid, -1)
-  resized = jax.image.resize(grid, (*new_grid, grid.shape[-1]), method="bicubic")
-  return jnp.concatenate([prefix, resized.reshape(-1, grid.shape[-1])], axis=0)

@@ -283,3 +283,52 @@ def test_command_line_entry_point(tmp_path):
   assert "decoder: 2 blocks x 16, 2 heads" in run.stdout
   assert json.load(open(tmp_path / "out" / "model.json"))["model"] == FIELDS
   assert os.path.isdir(tmp_path / "out" / "params")
+
+
+def finetuned_state(pool, num_classes=5, seed=3):
+  """A random official fine-tuned ViT state dict (the reference's models_vit.py names)."""
+  fields = dict(FIELDS, num_classes=num_classes, pool=pool)
+  rng = np.random.default_rng(seed)
+  return {k: rng.standard_normal(s).astype(np.float32)
+          for k, s in convert.classifier_shapes(fields).items()}
+
+
+@pytest.mark.parametrize("pool", ["avg", "cls"])
+def test_finetuned_classifier_import_export_round_trip(tmp_path, pool):
+  """An official fine-tuned checkpoint imports into a classifier directory that
+  finetune.load reads (trained pos_embed and head kept, the right pool), computes what its
+  tensors say, and exports back to the same tensors."""
+  from mae_jax.evaluation import finetune  # pylint: disable=import-outside-toplevel
+  state = finetuned_state(pool)
+  src = save_pth(state, tmp_path / "ft.pth")
+  assert convert.main(["import", src, str(tmp_path / "ft"), "--num_heads", "4"]) == 0
+  model, params = finetune.load(str(tmp_path / "ft"))
+  assert (model.pool, model.num_classes, model.learned_pos_embed) == (pool, 5, True)
+  np.testing.assert_array_equal(params["pos_embed"], state["pos_embed"])
+  np.testing.assert_array_equal(params["head"]["kernel"], state["head.weight"].T)
+  np.testing.assert_array_equal(params["blocks"]["layers"]["mlp"]["fc2"]["bias"][1],
+                                state["blocks.1.mlp.fc2.bias"])
+  # the pooled features by hand: mean of patch tokens + fc_norm, or the normed cls token
+  x = np.random.default_rng(4).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  logits = model.apply({"params": params}, x)
+  features = model.apply({"params": params}, x, method=model.features)
+  np.testing.assert_allclose(logits, features @ state["head.weight"].T + state["head.bias"],
+                             rtol=1e-5, atol=1e-5)
+  out = tmp_path / "back.pth"
+  assert convert.main(["export", str(tmp_path / "ft"), str(out)]) == 0
+  assert_same_tensors(load_pth(out), state)
+
+
+def test_classifier_export_of_a_fixed_pos_embed_writes_the_table(tmp_path):
+  """A classifier fine-tuned with the fixed table exports that table as its pos_embed."""
+  from mae_jax.evaluation import classifier, finetune  # pylint: disable=import-outside-toplevel
+  fields = {k: FIELDS[k] for k in ("image_size", "patch_size", "channels", "width", "depth",
+                                    "num_heads", "mlp_ratio")}
+  model = classifier.ViTClassifier(num_classes=3, **fields)
+  params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
+  finetune.save(str(tmp_path / "ft"), params["params"], model, {})
+  state = convert.export_checkpoint(str(tmp_path / "ft"), str(tmp_path / "ft.pth"))
+  np.testing.assert_allclose(state["pos_embed"], convert.sincos_tables(FIELDS)["pos_embed"])
+  assert "fc_norm.weight" in state and "norm.weight" not in state
+  with pytest.raises(convert.ConversionError, match="official .pth format only"):
+    convert.export_checkpoint(str(tmp_path / "ft"), str(tmp_path / "hf"), fmt="hf")

@@ -17,7 +17,7 @@ from PIL import Image
 
 from configs.eval import get_config as get_eval_config
 from mae_jax import checkpoint, config as config_lib, data, evaluate, pretrained, sharding
-from mae_jax import trainer, vit
+from mae_jax import posembed, trainer, vit
 from mae_jax import train_step as ts
 from mae_jax.data.source import ArraySource
 from mae_jax.evaluation import features, finetune, knn, optimizers
@@ -287,11 +287,30 @@ def test_lars_matches_the_reference_for_two_steps():
                              params["bias"] - 0.5 * g0 - 0.25 * (0.9 * g0 + g1), rtol=1e-5)
 
 
-def classifier_params(depth):
-  model = finetune.classifier.ViTClassifier(
+def small_classifier(depth, **kw):
+  return finetune.classifier.ViTClassifier(
       num_classes=3, image_size=8, patch_size=4, channels=1, width=8, depth=depth,
-      num_heads=2)
-  return jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+      num_heads=2, **kw)
+
+
+def classifier_params(depth, **kw):
+  return jax.jit(small_classifier(depth, **kw).init)(jax.random.key(0),
+                                                      jnp.zeros((1, 8, 8, 1)))["params"]
+
+
+def test_learned_pos_embed_starts_at_the_sincos_table_and_is_trained():
+  """The reference's fine-tuning: pos_embed is a parameter loaded with the fixed table, so
+  the classifier computes what the fixed-table one does until it is trained."""
+  learned, fixed = small_classifier(2, learned_pos_embed=True), small_classifier(2)
+  params = classifier_params(2, learned_pos_embed=True)
+  np.testing.assert_array_equal(params["pos_embed"][0], posembed.sincos_2d(8, (2, 2)))
+  assert "pos_embed" not in classifier_params(2)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 1)), jnp.float32)
+  no_pos = {k: v for k, v in params.items() if k != "pos_embed"}
+  np.testing.assert_allclose(learned.apply({"params": params}, x),
+                             fixed.apply({"params": no_pos}, x), atol=1e-6)
+  grad = jax.grad(lambda p: (learned.apply({"params": p}, x) ** 2).sum())(params)
+  assert float(jnp.abs(grad["pos_embed"]).max()) > 0
 
 
 def per_leaf(tree):
@@ -304,7 +323,7 @@ def test_layer_decay_gives_the_reference_per_layer_learning_rates():
   depth + 1 (reference util/lr_decay.py). With zero gradients only the decoupled weight
   decay moves kernels, by the same per-layer lr, and never biases or norms."""
   depth, decay = 3, 0.5
-  params = classifier_params(depth)
+  params = classifier_params(depth, learned_pos_embed=True)
   cfg = ml_collections.ConfigDict(dict(base_lr=0.1, min_lr=0.0, layer_decay=decay,
                                        weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=None))
   tx, schedule = optimizers.finetune_optimizer(cfg, params, depth, 256, 0, 10)
@@ -313,7 +332,7 @@ def test_layer_decay_gives_the_reference_per_layer_learning_rates():
   ones = jax.tree.map(jnp.ones_like, params)
   updates, _ = jax.jit(tx.update)(ones, tx.init(params), params)
   effective = {k: -v / lr for k, v in per_leaf(updates).items()}  # Adam's first step: 1
-  for name in ("patch_embed/kernel", "patch_embed/bias", "cls_token"):
+  for name in ("patch_embed/kernel", "patch_embed/bias", "cls_token", "pos_embed"):
     np.testing.assert_allclose(effective[name], decay**(depth + 1), rtol=1e-5)
   for name in ("head/kernel", "head/bias", "fc_norm/scale"):
     np.testing.assert_allclose(effective[name], 1.0, rtol=1e-5)
@@ -337,7 +356,7 @@ def test_layer_decay_gives_the_reference_per_layer_learning_rates():
   qkv = next(k for k in updates if k.startswith("blocks/") and k.endswith("kernel"))
   np.testing.assert_allclose(updates[qkv][1], -lr * decay**(depth - 1) * 0.2 * flat[qkv][1],
                              rtol=1e-5)
-  for name in ("head/bias", "fc_norm/scale", "cls_token", "patch_embed/bias"):
+  for name in ("head/bias", "fc_norm/scale", "cls_token", "pos_embed", "patch_embed/bias"):
     np.testing.assert_array_equal(updates[name], 0.0)
 
 

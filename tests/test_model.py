@@ -1,5 +1,4 @@
 """Model invariants: patches, position embeddings, encoder/decoder shapes and masking."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,15 +41,6 @@ def test_posembed_closed_form(row, col):
   assert table.shape == (26, 16)
   np.testing.assert_array_equal(table[0], 0)  # cls slot
   np.testing.assert_allclose(table[1 + row * 5 + col], closed_form(16, row, col), atol=1e-6)
-
-
-def test_posembed_resize_keeps_cls_and_is_identity_on_same_grid():
-  table = jnp.asarray(posembed.sincos_2d(16, (4, 4)))
-  same = posembed.resize(table, (4, 4))
-  np.testing.assert_allclose(same, table, atol=1e-5)
-  bigger = posembed.resize(table, (8, 8))
-  assert bigger.shape == (65, 16)
-  np.testing.assert_array_equal(bigger[0], table[0])
 
 
 def test_shapes_dtypes_and_param_dtype():

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from mae_jax.vit import ENCODER_FIELDS, dense, encoder_of, layer_norm
 
 POOLS = ("avg", "cls")
+POS_EMBEDS = ("learned", "fixed")  # the fine-tuning config's finetune.pos_embed
 ENCODER_LEAVES = ("patch_embed", "cls_token", "blocks")  # + "norm" with pool="cls"
 
 

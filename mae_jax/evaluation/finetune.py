@@ -75,7 +75,8 @@ class Finetuner:
     self.cfg, self.mesh, self.seed = cfg, mesh, seed
     self.train_src, self.test_src = train_src, test_src
     self.image_size, self.eval_batch_size = image_size, eval_batch_size
-    self.model = classifier.from_mae(mae_model, num_classes, cfg.pool, cfg.drop_path)
+    self.model = classifier.from_mae(mae_model, num_classes, cfg.pool, cfg.drop_path,
+                                     learned_pos_embed=cfg.pos_embed == "learned")
     if cfg.remat is not None:
       self.model = self.model.clone(remat=cfg.remat)
     self.dur = config_lib.durations(cfg, len(train_src))
@@ -155,6 +156,9 @@ class Finetuner:
             "train_seconds": round(time.perf_counter() - t0, 1)}, state.params
 
 
+CLASSIFIER_FILE = "classifier.json"
+
+
 def save(directory, params, model, results):
   """The fine-tuned params (Orbax, DIR/params) and DIR/classifier.json (model + results)."""
   directory = os.path.abspath(directory)
@@ -163,8 +167,9 @@ def save(directory, params, model, results):
   if jax.process_index() == 0:
     fields = {f: getattr(model, f) for f in ("num_classes", "image_size", "patch_size",
                                               "channels", "width", "depth", "num_heads",
-                                              "mlp_ratio", "pool", "drop_path")}
-    with open(os.path.join(directory, "classifier.json"), "w") as f:
+                                              "mlp_ratio", "pool", "drop_path",
+                                              "learned_pos_embed")}
+    with open(os.path.join(directory, CLASSIFIER_FILE), "w") as f:
       json.dump({"model": fields, "results": results}, f, indent=2, default=str)
   return directory
 
@@ -172,7 +177,7 @@ def save(directory, params, model, results):
 def load(directory):
   """(ViTClassifier, params) of a checkpoint written by `save` (float32 compute)."""
   directory = os.path.abspath(directory)
-  with open(os.path.join(directory, "classifier.json")) as f:
+  with open(os.path.join(directory, CLASSIFIER_FILE)) as f:
     model = classifier.ViTClassifier(**json.load(f)["model"])
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(os.path.join(directory, "params"))
