@@ -1,19 +1,19 @@
-"""The library's CPU code paths against the plain formulation, in one process.
+"""The CPU matmul kernel against XLA's own, in one process.
 
-  python benchmarks/cpu_paths.py --path matmul --variant Ti/4 --image_size 32 \
+  python benchmarks/cpu_paths.py --variant Ti/4 --image_size 32 \
       --batch_size 64 --decoder_width 128 --decoder_depth 4 --decoder_heads 4 --remat full
-  python benchmarks/cpu_paths.py --path gelu ...   # the same model flags
 
-Takes `python -m mae_jax.bench`'s flags and compiles the MAE train step twice: as the
-library builds it, and with one path swapped for the plain one. `--path matmul`: every
-Dense layer's product through `vit.token_matmul` (its backward pass written for the CPU)
-against plain `jnp.dot`, whose gradient XLA derives itself. `--path gelu`: `vit.gelu`
-(the erf form) against `jax.nn.gelu(approximate=False)` (the erfc form).
-`--classifier` times the fine-tuning classifier's forward + backward pass instead (the
-encoder of the same flags, 10 classes, no optimizer). The two programs run in interleaved
-rounds, so load from other processes hits both alike; medians of the pooled step times.
+Takes `python -m mae_jax.bench`'s flags and compiles the MAE train step twice, once with
+`model.matmul=xla` (every Dense product a plain dot whose gradient XLA derives itself) and
+once with `model.matmul=cpu` (`kernels.token_matmul`, its backward pass written for XLA's
+CPU backend, what `auto` picks on CPU devices). `--classifier` times the fine-tuning
+classifier's forward + backward pass instead (the encoder of the same flags, 10 classes, no
+optimizer). The two programs run in interleaved rounds, so load from other processes hits
+both alike; medians of the pooled step times. (The erf-form GELU was measured the same way
+before it became the only one: docs/benchmarks.md.)
 """
 import argparse
+import copy
 import sys
 import time
 
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mae_jax import bench, vit
+from mae_jax import bench
 from mae_jax.evaluation import classifier
 
 
@@ -41,7 +41,7 @@ def mae_step(config):
 def classifier_grad(config):
   """A callable running the classifier's forward + backward pass on a fixed batch."""
   d = config.data
-  model = classifier.from_mae(bench.build_model(config), num_classes=10)
+  model = classifier.from_mae(bench.build_model(config, "cpu"), num_classes=10)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(config.batch_size, d.image_size, d.image_size,
                                    d.channels)), jnp.float32)
@@ -54,42 +54,32 @@ def classifier_grad(config):
   return lambda: jax.block_until_ready(grad(params))
 
 
-def jax_gelu(x):
-  return jax.nn.gelu(x, approximate=False)
+# model.matmul of each program, the plain one first
+PROGRAMS = {"autodiff jnp.dot": "xla", "token_matmul": "cpu"}
 
 
-# --path -> (module attribute read while tracing, the plain version, names of both programs)
-PATHS = {"matmul": ("token_matmul", jnp.dot, ("autodiff jnp.dot", "token_matmul")),
-         "gelu": ("gelu", jax_gelu, ("jax.nn.gelu erfc", "vit.gelu erf"))}
-
-
-def build_pair(path, config, build):
-  """{name: step callable}, the plain program first; each compiled and warmed up, and the
-  library's function back in place afterwards."""
-  attr, plain_fn, names = PATHS[path]
-  library_fn = getattr(vit, attr)
+def build_pair(config, build):
+  """{name: step callable}, the plain program first; each compiled and warmed up."""
   runners = {}
-  try:
-    for name, fn in zip(names, (plain_fn, library_fn)):
-      setattr(vit, attr, fn)
-      runners[name] = build(config)
-      for _ in range(2):  # compile + warm up
-        runners[name]()
-  finally:
-    setattr(vit, attr, library_fn)
+  for name, matmul in PROGRAMS.items():
+    variant = copy.deepcopy(config)
+    with variant.unlocked():
+      variant.model.matmul = matmul
+    runners[name] = build(variant)
+    for _ in range(2):  # compile + warm up
+      runners[name]()
   return runners
 
 
 def main(argv):
   p = argparse.ArgumentParser(add_help=False)
-  p.add_argument("--path", choices=sorted(PATHS), default="matmul")
   p.add_argument("--classifier", action="store_true")
   p.add_argument("--rounds", type=int, default=5)
   extra, rest = p.parse_known_args(argv)
   args = bench.parse_args(rest)
   config = bench.bench_config(args)
   build = classifier_grad if extra.classifier else mae_step
-  runners = build_pair(extra.path, config, build)
+  runners = build_pair(config, build)
   times = {name: [] for name in runners}
   per_round = max(1, args.steps // extra.rounds)
   for _ in range(extra.rounds):
@@ -101,7 +91,7 @@ def main(argv):
   medians = {name: float(np.median(t)) for name, t in times.items()}
   for name, s in medians.items():
     print(f"{name:18s} {s:.3f} s/step  {config.batch_size / s:8.1f} images/s")
-  plain, library = PATHS[extra.path][2]
+  plain, library = PROGRAMS
   print(f"speedup {medians[plain] / medians[library]:.2f}x "
         f"({len(times[library])} steps each, {extra.rounds} rounds)")
   return medians
