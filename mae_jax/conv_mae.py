@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from mae_jax import config as config_lib, data, optim, sharding
-from mae_jax.evaluation import knn as knn_lib, linprobe
+from mae_jax.evaluation import knn as knn_lib, linprobe, loop
 from mae_jax.logger import Logger
 
 MODES = ("knn", "linprobe")
@@ -81,10 +81,10 @@ def loss_fn(params, x_BHWC, mask_BHW1, model):
   return jnp.mean(jnp.square(recon - x_BHWC)), recon
 
 
-def train_step(state, images_u8, rng, *, model, tx, schedule, ratio):
-  """One AdamW step on the whole-image MSE of a freshly masked batch."""
+def train_step(state, batch, rng, *, model, tx, schedule, ratio):
+  """One AdamW step on the whole-image MSE of a freshly masked batch {"image": uint8}."""
   params, opt_state, step = state
-  x = to_unit(images_u8)
+  x = to_unit(batch["image"])
   mask = pixel_mask(jax.random.fold_in(rng, step), x, ratio)
   (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, mask, model)
   updates, opt_state = tx.update(grads, opt_state, params)
@@ -184,50 +184,43 @@ def train(config, workdir):
 
   state = jax.jit(init, out_shardings=repl)(jax.random.key(config.seed))
   num_params = sum(x.size for x in jax.tree.leaves(state[0]))
+  batch_sh = {"image": sharding.batch_sharding(mesh)}
+  abstract_batch = {"image": jax.ShapeDtypeStruct((config.batch_size, *shape[1:]), jnp.uint8,
+                                                  sharding=batch_sh["image"])}
+  rng = jax.random.key(config.seed + 1)
   step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                                       ratio=config.model.mask_ratio),
-                    in_shardings=(repl, sharding.batch_sharding(mesh), repl),
-                    out_shardings=(repl, repl), donate_argnums=0)
+                    in_shardings=(repl, batch_sh, repl), out_shardings=(repl, repl),
+                    donate_argnums=0).lower(state, abstract_batch, rng).compile()
   os.makedirs(workdir, exist_ok=True)
   logger = Logger(workdir, dur.total_steps)
   logger.info(f"conv_mae: {num_params / 1e6:.2f}M-parameter conv MAE (features "
               f"{tuple(config.model.features)}, pixel mask ratio {config.model.mask_ratio}) "
               f"on {config.data.name} ({len(train_src)} train images), {dur.total_steps} "
               f"steps of batch {config.batch_size}, {jax.device_count()} device(s)")
-  batches = data.make_train_batches(
+  host_batches = ({"image": b["image"]} for b in data.make_train_batches(
       train_src, image_size=size, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       augment=config.data.augment, crop_scale=tuple(config.data.crop_scale),
-      num_workers=config.data.num_workers)
-  rng = jax.random.key(config.seed + 1)
-  t0, t_compiled, metrics = time.perf_counter(), None, None
-  for step in range(1, dur.total_steps + 1):
-    images = sharding.global_batch({"image": next(batches)["image"]}, mesh)["image"]
-    state, metrics = step_fn(state, images, rng)
-    if t_compiled is None:
-      jax.block_until_ready(state)
-      t_compiled = time.perf_counter()
-    if step % config.log_every_steps == 0 or step == dur.total_steps:
-      metrics = jax.device_get(metrics)
-      if not np.isfinite(metrics["loss"]):
-        raise FloatingPointError(f"conv_mae: loss {metrics['loss']} at step {step}")
-      logger.scalars(step, metrics)
-      logger.progress(step, metrics, config.batch_size)
+      num_workers=config.data.num_workers))
+  t0 = time.perf_counter()  # compiled above: the loop's time is the steps'
+  state, metrics = loop.run_steps(
+      step_fn, state, loop.device_batches(host_batches, mesh), total_steps=dur.total_steps,
+      base_rng=rng, logger=logger, log_every=config.log_every_steps,
+      images_per_step=config.batch_size)
   jax.block_until_ready(state)
   t_end = time.perf_counter()
   logger.close()
   params = state[0]
 
   totals = test_errors(params, test_src, model=model, config=config, mesh=mesh)
-  steps_after_first = dur.total_steps - 1
   summary = {
       "test_masked_mse": totals["masked_sq"] / totals["masked_count"],
       "test_mse": totals["sq"] / totals["count"],
       "final_train_loss": float(metrics["loss"]),
       "steps": dur.total_steps,
       "train_seconds": round(t_end - t0, 1),
-      "images_per_sec": (round(steps_after_first * config.batch_size / (t_end - t_compiled), 1)
-                         if steps_after_first > 0 else None),
+      "images_per_sec": round(dur.total_steps * config.batch_size / (t_end - t0), 1),
       "devices": jax.device_count(),
       "model": {"kind": "conv_mae", "features": list(config.model.features),
                 "mask_ratio": config.model.mask_ratio, "image_size": size,
