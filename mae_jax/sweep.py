@@ -28,6 +28,9 @@ scheduler; run this command with --collect afterwards for the table.
 
 Outputs in DIR/<name>/: results.csv, results.md (a markdown table), one PNG per metric
 against plot_x (a line for numeric values, bars for names) and summary.png (all of them).
+A sweep with a `seed` axis also gets results_seeds.csv and a second table in results.md:
+each metric's mean ± sample standard deviation over the seeds of every other-axis value;
+its plots show those means with the deviations as error bars.
 """
 import argparse
 import csv
@@ -311,9 +314,59 @@ def write_table(rows, columns, path_csv, path_md, title):
   return "\n".join(lines)
 
 
+SEED_AXIS = "seed"  # an axis of this name is repetitions, summarized by mean +- spread
+
+
+def aggregate_seeds(rows, columns):
+  """Rows grouped over the seed axis, in sweep order: one row per value of the other axes
+  with `seeds` (how many), each metric's mean and its sample standard deviation
+  (`<metric>_std`, ddof=1; 0 for a single seed)."""
+  others = [c for c in columns if c != SEED_AXIS]
+  groups = {}
+  for r in rows:
+    groups.setdefault(tuple(r.get(c) for c in others), []).append(r)
+  out = []
+  for key, members in groups.items():
+    label = ",".join(f"{c.split('.')[-1]}={fmt_value(v)}" for c, v in zip(others, key))
+    agg = {"label": label or "all", "program": members[0]["program"], **dict(zip(others, key)),
+           "seeds": len(members)}
+    for name, *_ in METRICS:
+      values = [m[name] for m in members if m.get(name) is not None]
+      if values:
+        agg[name] = sum(values) / len(values)
+        var = (sum((v - agg[name])**2 for v in values) / (len(values) - 1)
+               if len(values) > 1 else 0.0)
+        agg[f"{name}_std"] = var**0.5
+    out.append(agg)
+  return out
+
+
+def write_seed_table(groups, columns, path_csv, title):
+  """results_seeds.csv (means and standard deviations) and the markdown table of
+  `aggregate_seeds` rows, each metric as mean +- std; returns the markdown."""
+  others = [c for c in columns if c != SEED_AXIS]
+  metrics = [m for m in METRICS if any(g.get(m[0]) is not None for g in groups)]
+  with open(path_csv, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow([*others, "seeds", *(x for m in metrics for x in (m[0], m[0] + "_std"))])
+    for g in groups:
+      writer.writerow([*(g.get(c) for c in others), g["seeds"],
+                       *(x for m in metrics for x in (g.get(m[0], ""), g.get(m[0] + "_std", "")))])
+  header = [c.split(".")[-1] for c in others] + ["seeds"] + [m[1] for m in metrics]
+  lines = [f"**{title}: mean ± standard deviation over seeds**", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for g in groups:
+    cells = [format_cell(g.get(c), "{}") for c in others] + [str(g["seeds"])]
+    cells += [format_cell(g.get(m[0]), m[2]) + " ± " + format_cell(g.get(m[0] + "_std"), m[2])
+              if g.get(m[0]) is not None else "—" for m in metrics]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def write_plots(rows, x_field, outdir, title):
   """One PNG per metric present (<metric>.png: the metric against x_field; a line for
-  numbers, bars for names) and summary.png with all of them side by side; the paths."""
+  numbers, bars for names; error bars where the rows carry `<metric>_std`) and summary.png
+  with all of them side by side; the paths."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -323,16 +376,18 @@ def write_plots(rows, x_field, outdir, title):
   headers = {m[0]: m[1] for m in METRICS}
   series = {}
   for name in PLOTTED:
-    pts = [(x, r[name]) for x, r in zip(xs, rows) if r.get(name) is not None]
+    pts = [(x, r[name], r.get(f"{name}_std")) for x, r in zip(xs, rows)
+           if r.get(name) is not None]
     if pts:
-      series[name] = sorted(pts) if numeric else pts
+      series[name] = sorted(pts, key=lambda p: p[0]) if numeric else pts
 
   def draw(ax, name):
     pts = series[name]
+    err = [p[2] for p in pts] if all(p[2] is not None for p in pts) else None
     if numeric:
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+      ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=err, marker="o", capsize=3)
     else:
-      ax.bar(range(len(pts)), [p[1] for p in pts])
+      ax.bar(range(len(pts)), [p[1] for p in pts], yerr=err, capsize=3)
       ax.set_xticks(range(len(pts)), [str(p[0]) for p in pts], rotation=20)
     if name.endswith("top1"):
       ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
@@ -406,7 +461,19 @@ def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, log=pr
   title = f"{sweep['name']}"
   table = write_table(rows, columns, os.path.join(outdir, "results.csv"),
                       os.path.join(outdir, "results.md"), title)
-  plots = write_plots(rows, sweep.get("plot_x") or columns[0], outdir, title) if rows else []
+  x_field = sweep.get("plot_x") or columns[0]
+  plotted = rows
+  if SEED_AXIS in columns and rows:
+    groups = aggregate_seeds(rows, columns)
+    table += "\n\n" + write_seed_table(groups, columns,
+                                        os.path.join(outdir, "results_seeds.csv"), title)
+    with open(os.path.join(outdir, "results.md"), "w") as f:
+      f.write(table + "\n")
+    if x_field == SEED_AXIS:
+      x_field = next((c for c in columns if c != SEED_AXIS), SEED_AXIS)
+    if x_field != SEED_AXIS:
+      plotted = groups
+  plots = write_plots(plotted, x_field, outdir, title) if rows else []
   log(table)
   log(f"results: {os.path.join(outdir, 'results.csv')}, results.md"
       + (f", {len(plots)} plots" if plots else ""))

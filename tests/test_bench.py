@@ -220,7 +220,7 @@ def test_profile_step_matmul_table_counts_the_steps_flops(tmp_path):
   assert totals and rows
   assert {r[3] for r in rows} <= {"xnnpack", "eigen"} and {r[4] for r in rows} == {"fwd", "bwd"}
   config = bench.bench_config(bench.parse_args(flags))
-  expected = flops.train_flops(bench.build_model(config)) * 8 / 1e9
+  expected = flops.train_flops(bench.build_model(config, "cpu")) * 8 / 1e9
   assert sum(r[2] for r in rows) == pytest.approx(expected, rel=0.1)
 
 

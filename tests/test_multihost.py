@@ -76,7 +76,7 @@ def abstract_run():
     for key, value in {**TINY, **SHORT}.items():
       *parents, name = key.split(".")
       functools.reduce(lambda d, k: d[k], parents, c)[name] = value
-  model = models.build_model(c)
+  model = models.build_model(c, "cpu")
   tx, _ = optim.make_optimizer(c.optim, c.batch_size, c.optim.warmup_steps, c.num_steps)
   return model, tx
 

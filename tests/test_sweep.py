@@ -153,6 +153,28 @@ def test_results_table_format(tmp_path):
   assert csv_rows[2][5] == ""  # missing stays empty, not a made-up number
 
 
+def test_a_seed_axis_gets_mean_and_spread(tmp_path):
+  """Rows over (mask_ratio x seed): one group per mask ratio with the mean and the sample
+  standard deviation of each metric, in a table and as error bars."""
+  knn = {0.5: [0.70, 0.74, 0.72], 0.75: [0.80, 0.80, 0.83]}
+  rows = [{"label": f"r={r},s={s}", "program": "mae", "model.mask_ratio": r, "seed": s,
+           "knn_top1": knn[r][s], "test_masked_mse": 0.04 + 0.01 * s}
+          for r in (0.5, 0.75) for s in range(3)]
+  groups = sweep.aggregate_seeds(rows, ["model.mask_ratio", "seed"])
+  assert [(g["model.mask_ratio"], g["seeds"]) for g in groups] == [(0.5, 3), (0.75, 3)]
+  for g, r in zip(groups, (0.5, 0.75)):
+    assert g["knn_top1"] == pytest.approx(np.mean(knn[r]))
+    assert g["knn_top1_std"] == pytest.approx(np.std(knn[r], ddof=1))
+    assert g["test_masked_mse_std"] == pytest.approx(0.01)
+  md = sweep.write_seed_table(groups, ["model.mask_ratio", "seed"], tmp_path / "s.csv", "t")
+  assert "| 0.5 | 3 | 0.0500 ± 0.0100 | 72.0% ± 2.0% |" in md.splitlines()
+  header, first = list(csv.reader(open(tmp_path / "s.csv")))[:2]
+  assert header[:3] == ["model.mask_ratio", "seeds", "test_masked_mse"]
+  assert float(first[header.index("knn_top1_std")]) == pytest.approx(0.02)
+  paths = sweep.write_plots(groups, "model.mask_ratio", str(tmp_path), "t")
+  assert os.path.basename(paths[0]) == "knn_top1.png" and os.path.getsize(paths[0]) > 0
+
+
 @pytest.mark.parametrize("spec, message", [
     ('axes={"model.mask_ratio": [0.5]}, points=[{"label": "x"}]', "exactly one of"),
     ('axes={"model.no_such_field": [1]}', "model.no_such_field: no such field"),
@@ -231,10 +253,10 @@ def conv_config():
 
 def test_encoder_tokens_picks_the_w_mask_token_model():
   config = get_config()
-  assert type(models.build_model(config)) is mae.MaskedAutoencoder
+  assert type(models.build_model(config, "cpu")) is mae.MaskedAutoencoder
   with config.unlocked():
     config.model.encoder_tokens = "all"
-  model = models.build_model(config)
+  model = models.build_model(config, "cpu")
   assert type(model) is mae.AllTokensMAE
   params = jax.jit(model.init)({"params": jax.random.key(0), "mask": jax.random.key(1)},
                                jnp.zeros((2, 28, 28, 1)))["params"]

@@ -35,7 +35,7 @@ def fast_config(**mesh):
 
 def run_steps(config, devices, batches, steps, accum_steps=1):
   """Train `steps` steps on a mesh over `devices`; returns (losses, params, state)."""
-  model = models.build_model(config)
+  model = models.build_model(config, "cpu")
   tx, schedule = optim.make_optimizer(config.optim, config.batch_size, 2, max(steps, 10))
   mesh = sharding.make_mesh(config.mesh, devices)
   shape = (16, 16, 3)
@@ -104,7 +104,7 @@ def test_gradient_accumulation_is_a_mean_over_micro_batches():
   """The accumulated gradient equals the mean of the micro-batch gradients, each taken on
   its own rows (i, i + A, ...) and masks: checks the split, not just the total."""
   c = tiny_config(data=-1, fsdp=1)
-  model = models.build_model(c)
+  model = models.build_model(c, "cpu")
   params = jax.jit(model.init)({"params": jax.random.key(0), "mask": jax.random.key(1)},
                                np.zeros((1, 16, 16, 3), np.float32))["params"]
   images = np.random.default_rng(0).normal(size=(16, 16, 16, 3)).astype(np.float32)
