@@ -13,7 +13,6 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from PIL import Image
 
 from configs.eval import get_config as get_eval_config
 from mae_jax import config as config_lib, convert, data, evaluate, pretrained, sharding
@@ -21,43 +20,10 @@ from mae_jax import trainer, vit
 from mae_jax import train_step as ts
 from mae_jax.data.source import ArraySource
 from mae_jax.evaluation import features, finetune, knn, optimizers
-from mae_jax.mae import MaskedAutoencoder
-from test_trainer import synthetic_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_CLASSES = 4  # chance: 0.25
+from helpers import (NUM_CLASSES, ROOT, run_evaluate, synthetic_config, tiny_model,
+                     write_pattern_folder)
 SIZE = 16
-TINY = MaskedAutoencoder(image_size=SIZE, patch_size=4, channels=1, width=32, depth=2,
-                         num_heads=2, decoder_width=32, decoder_depth=1, decoder_heads=2)
-
-
-def pattern(label, rng):
-  """A 16 x 16 gray image of class `label`: horizontal stripes, vertical stripes, a
-  checkerboard or a blob, at a random phase / position, with pixel noise."""
-  y, x = np.mgrid[:SIZE, :SIZE]
-  phase = rng.integers(0, 4)
-  if label == 0:
-    image = (y + phase) // 2 % 2
-  elif label == 1:
-    image = (x + phase) // 2 % 2
-  elif label == 2:
-    image = ((x + phase) // 2 + (y + phase) // 2) % 2
-  else:
-    cy, cx = rng.uniform(5, 11, 2)
-    image = np.exp(-((y - cy)**2 + (x - cx)**2) / 12)
-  image = 0.15 + 0.7 * image + rng.normal(0, 0.05, (SIZE, SIZE))
-  return np.clip(image * 255, 0, 255).astype(np.uint8)
-
-
-def write_folder(root, per_class={"train": 32, "test": 16}):
-  """root/<split>/class<k>/<i>.png, the folder layout data.name=folder reads."""
-  rng = np.random.default_rng(0)
-  for split, n in per_class.items():
-    for label in range(NUM_CLASSES):
-      directory = root / split / f"class{label}"
-      directory.mkdir(parents=True)
-      for i in range(n):
-        Image.fromarray(pattern(label, rng)).save(directory / f"{i}.png")
+TINY = tiny_model(channels=1, depth=2)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +31,7 @@ def run_dir(tmp_path_factory):
   """A 4-step pretraining run (depth 2) on the pattern folder, with the kNN monitor on
   every 2 steps (128 train images / batch 16 = 8 steps per epoch)."""
   root = tmp_path_factory.mktemp("evaluate")
-  write_folder(root / "data")
+  write_pattern_folder(root / "data")
   config = synthetic_config(num_steps=4, checkpoint_every_steps=100, knn_every_epochs=0.25,
                             eval_batch_size=64)
   with config.unlocked():
@@ -117,6 +83,7 @@ def test_knn_monitor_logs_during_pretraining(run_dir):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir))
 
 
+@pytest.mark.slow
 def test_cli_knn_and_linprobe(run_dir):
   """`python -m mae_jax.evaluate --mode knn,linprobe` writes eval_knn.json and
   eval_linprobe.json, both well above chance; the kNN top-1 is the monitor's at step 4
@@ -199,12 +166,13 @@ def test_finetune_end_to_end_saves_a_loadable_classifier(run_dir):
     (["--mode", "knnn"], "--mode: 'knnn' is not valid"),
     (["--mode", "knn", "--config.knn.kk=3"], "config.knn.kk: unknown field 'kk'"),
 ])
-def test_cli_bad_input_is_one_line_exit_2(tmp_path, flags, message):
-  proc = subprocess.run([sys.executable, "-m", "mae_jax.evaluate", "--workdir", str(tmp_path),
-                         *flags], capture_output=True, text=True, cwd=ROOT, timeout=300)
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), proc.stderr
-  assert "Traceback" not in proc.stderr
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, flags, message):
+  """The command's flag parsing and checks, in-process (as its __main__ runs them)."""
+  code = run_evaluate(["--workdir", str(tmp_path), *flags])
+  stderr = capsys.readouterr().err
+  assert code == 2, stderr[-2000:]
+  assert stderr.strip().splitlines()[-1].startswith(f"error: {message}"), stderr
+  assert "Traceback" not in stderr
 
 
 def test_result_names():

@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import model_fields
 from mae_jax import mae, models, patches, posembed, vit
 from mae_jax.mae import MaskedAutoencoder
 
-TINY = dict(image_size=16, patch_size=4, channels=3, width=32, depth=2, num_heads=4,
-            decoder_width=16, decoder_depth=1, decoder_heads=2)
+TINY = model_fields(depth=2, num_heads=4, decoder_width=16)
 
 
 def init(model, batch=2, seed=0):
