@@ -1,4 +1,4 @@
-"""No import in mae_jax/ runs upward (docs/architecture.md, /work/shared/DESIGN.md).
+"""No import in mae_jax/ runs upward: the layers of the design, lowest first, in RANKS.
 
 Every `import` and `from ... import` in every module of mae_jax/, at module level and inside
 functions, is read with `ast` and checked against RANKS: a module may import a module of a
@@ -46,7 +46,7 @@ KNOWN_VIOLATIONS = {
     ("sharding", "config"),  # for config.mesh_shape only (and through config, the model)
     ("pretrained", "convert"),  # convert.load_params / read_meta: parameter directories
     ("trainer", "convert"),  # convert.load_params for init_from
-    ("trainer", "visualize"),  # visualize.save_reconstructions (the run's reconstructions.png)
+    ("trainer", "visualize"),  # visualize.save_reconstructions: the run's reconstructions.png
 }
 
 
