@@ -53,6 +53,7 @@ def test_posembed_resize_keeps_cls_and_is_identity_on_same_grid():
   np.testing.assert_array_equal(bigger[0], table[0])
 
 
+@pytest.mark.slow
 def test_shapes_dtypes_and_param_dtype():
   model = MaskedAutoencoder(**TINY, dtype=jnp.bfloat16)
   params = init(model)
@@ -183,6 +184,7 @@ def test_dense_matches_flax_dense():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_mae_gradients_with_token_matmul_equal_xla_autodiff(monkeypatch):
   """The whole MAE loss gradient is the same through token_matmul (the CPU path) as
   through XLA's autodiff of jnp.dot."""

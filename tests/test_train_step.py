@@ -70,6 +70,7 @@ def one_device_run():
                    STEPS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [dict(data=8, fsdp=1), dict(data=2, fsdp=4)])
 def test_eight_devices_match_one(one_device_run, mesh):
   """The same global batches on meshes (8), (2 data x 4 fsdp) and (1): the same losses
@@ -87,6 +88,7 @@ def test_eight_devices_match_one(one_device_run, mesh):
     assert kernel.addressable_shards[0].data.size == kernel.size // 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accum_steps", [2, 4])
 def test_gradient_accumulation_matches_the_full_batch(one_device_run, accum_steps):
   """Micro-batches see the full batch's masks, so the update is the same up to rounding,
@@ -98,6 +100,7 @@ def test_gradient_accumulation_matches_the_full_batch(one_device_run, accum_step
   assert_trees_close(params, params1, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_is_a_mean_over_micro_batches():
   """The accumulated gradient equals the mean of the micro-batch gradients, each taken on
   its own rows (i, i + A, ...) and masks: checks the split, not just the total."""
@@ -127,6 +130,7 @@ def test_step_is_deterministic_and_rng_depends_on_step():
                                 jax.random.key_data(ts.step_rngs(jax.random.key(0), 0)["mask"]))
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss():
   """40 steps on a fixed set of smooth images: the reconstruction loss falls clearly."""
   c = step_config(data=-1, fsdp=1)

@@ -17,6 +17,7 @@ def params_of(state):
   return jax.tree.leaves(jax.device_get(state.params))
 
 
+@pytest.mark.slow
 def test_stop_and_resume_equals_uninterrupted(tmp_path):
   full, _ = trainer.train_and_evaluate(synthetic_config(), str(tmp_path / "full"))
   part, results = trainer.train_and_evaluate(synthetic_config(stop_after_steps=3),
