@@ -1,4 +1,5 @@
-# Two commands do all the set-up: `make demo` (default pretraining) and `make test`.
+# Two commands do all the set-up: `make demo` (default pretraining) and `make test`
+# (`make test-fast`: the quick tier).
 # Each creates the virtual environment it needs in .venv and installs into it.
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/demo
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test ablations fashion-mnist gpu-wheels clean
+.PHONY: demo test test-fast ablations fashion-mnist gpu-wheels clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +40,13 @@ ablations: $(VENV)/.runtime fashion-mnist
 	set -e; for s in $(ABLATIONS); do \
 	  $(PY) -m mae_jax.sweep configs/ablations/$$s.py --workdir workdirs/ablations; done
 
+# The whole suite (CI). test-fast leaves out the tests marked slow (end-to-end subprocess
+# runs, anything over ~10 s) and still exercises every module of mae_jax/.
 test: $(VENV)/.test fashion-mnist
 	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.test fashion-mnist
+	$(PY) -m pytest -q -m "not slow"
 
 # Wheels for a GPU machine without network (Python 3.12): what its image lacks for the
 # benchmarks; benchmarks/gpu_targets.py installs them from ./wheels.

@@ -11,26 +11,18 @@ import pytest
 import torch
 from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
 
+import helpers
+from helpers import save_pth
 from mae_jax import checkpoint, convert, patches
 
-FIELDS = dict(image_size=16, patch_size=4, channels=3, width=32, depth=2, num_heads=4,
-              mlp_ratio=4.0, decoder_width=16, decoder_depth=2, decoder_heads=2,
-              mask_ratio=0.75)
+FIELDS = helpers.model_fields(depth=2, num_heads=4, mlp_ratio=4.0, decoder_width=16,
+                              decoder_depth=2, mask_ratio=0.75)
 HEADS = ["--num_heads", "4", "--decoder_heads", "2"]
 
 
 def official_state(with_decoder=True, seed=0, fields=FIELDS):
   """A random official state dict (the sin-cos pos embeds are the real ones)."""
-  rng = np.random.default_rng(seed)
-  state = {k: rng.standard_normal(s).astype(np.float32)
-           for k, s in convert.official_shapes(fields, with_decoder).items()}
-  state.update(convert.sincos_tables(fields, with_decoder))
-  return state
-
-
-def save_pth(state, path, **extra):
-  torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}, **extra}, path)
-  return str(path)
+  return helpers.official_state(fields, with_decoder, seed)
 
 
 def load_pth(path):
@@ -274,6 +266,7 @@ def test_encoder_only_defaults_to_the_papers_decoder():
   assert fields == dict(FIELDS, decoder_width=512, decoder_depth=8, decoder_heads=16)
 
 
+@pytest.mark.slow
 def test_command_line_entry_point(tmp_path):
   src = save_pth(official_state(), tmp_path / "x.pth")
   run = subprocess.run(

@@ -1,6 +1,7 @@
 """Evaluation: kNN, linear probe and fine-tuning end to end on a generated labelled image
 folder; LARS, layer-wise lr decay, the kNN vote, split-independent features, drop path and
 the kNN monitor during pretraining, each against values computed here by hand."""
+import functools
 import json
 import os
 import subprocess
@@ -13,51 +14,18 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from PIL import Image
 
 from configs.eval import get_config as get_eval_config
 from mae_jax import checkpoint, config as config_lib, data, evaluate, pretrained, sharding
 from mae_jax import posembed, trainer, vit
 from mae_jax import train_step as ts
 from mae_jax.data.source import ArraySource
-from mae_jax.evaluation import features, finetune, knn, optimizers
-from mae_jax.mae import MaskedAutoencoder
-from test_trainer import synthetic_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_CLASSES = 4  # chance: 0.25
+from mae_jax.evaluation import augment as eval_augment
+from mae_jax.evaluation import features, finetune, knn, linprobe, optimizers
+from helpers import (NUM_CLASSES, ROOT, run_evaluate, synthetic_config, tiny_model,
+                     write_pattern_folder)
 SIZE = 16
-TINY = MaskedAutoencoder(image_size=SIZE, patch_size=4, channels=1, width=32, depth=2,
-                         num_heads=2, decoder_width=32, decoder_depth=1, decoder_heads=2)
-
-
-def pattern(label, rng):
-  """A 16 x 16 gray image of class `label`: horizontal stripes, vertical stripes, a
-  checkerboard or a blob, at a random phase / position, with pixel noise."""
-  y, x = np.mgrid[:SIZE, :SIZE]
-  phase = rng.integers(0, 4)
-  if label == 0:
-    image = (y + phase) // 2 % 2
-  elif label == 1:
-    image = (x + phase) // 2 % 2
-  elif label == 2:
-    image = ((x + phase) // 2 + (y + phase) // 2) % 2
-  else:
-    cy, cx = rng.uniform(5, 11, 2)
-    image = np.exp(-((y - cy)**2 + (x - cx)**2) / 12)
-  image = 0.15 + 0.7 * image + rng.normal(0, 0.05, (SIZE, SIZE))
-  return np.clip(image * 255, 0, 255).astype(np.uint8)
-
-
-def write_folder(root, per_class={"train": 32, "test": 16}):
-  """root/<split>/class<k>/<i>.png, the folder layout data.name=folder reads."""
-  rng = np.random.default_rng(0)
-  for split, n in per_class.items():
-    for label in range(NUM_CLASSES):
-      directory = root / split / f"class{label}"
-      directory.mkdir(parents=True)
-      for i in range(n):
-        Image.fromarray(pattern(label, rng)).save(directory / f"{i}.png")
+TINY = tiny_model(channels=1, depth=2)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +33,7 @@ def run_dir(tmp_path_factory):
   """A 4-step pretraining run (depth 2) on the pattern folder, with the kNN monitor on
   every 2 steps (128 train images / batch 16 = 8 steps per epoch)."""
   root = tmp_path_factory.mktemp("evaluate")
-  write_folder(root / "data")
+  write_pattern_folder(root / "data")
   config = synthetic_config(num_steps=4, checkpoint_every_steps=100, knn_every_epochs=0.25,
                             eval_batch_size=64)
   with config.unlocked():
@@ -117,6 +85,7 @@ def test_knn_monitor_logs_during_pretraining(run_dir):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir))
 
 
+@pytest.mark.slow
 def test_cli_knn_and_linprobe(run_dir):
   """`python -m mae_jax.evaluate --mode knn,linprobe` writes eval_knn.json and
   eval_linprobe.json, both well above chance; the kNN top-1 is the monitor's at step 4
@@ -135,6 +104,7 @@ def test_cli_knn_and_linprobe(run_dir):
   assert "knn: top-1" in proc.stdout and "linprobe: top-1" in proc.stdout
 
 
+@pytest.mark.slow
 def test_random_init_and_pixel_baselines_have_their_own_results(run_dir):
   """init=random evaluates the run's step-0 encoder (eval_knn_random.json); pixel
   features give the logistic-regression baseline (eval_linprobe_pixels.json)."""
@@ -174,6 +144,7 @@ def test_knn_of_a_converted_checkpoint_into_a_new_directory(run_dir, tmp_path):
   assert read_json(tmp_path / "new" / "eval_knn.json")["top1"] == results["top1"] >= 0.8
 
 
+@pytest.mark.slow
 def test_finetune_end_to_end_saves_a_loadable_classifier(run_dir):
   """Fine-tuning (mixup, cutmix, RandAugment, drop path, layer decay all on, blocks under
   the remat policy that overrides the pretraining model's) reaches well above chance; the
@@ -199,12 +170,13 @@ def test_finetune_end_to_end_saves_a_loadable_classifier(run_dir):
     (["--mode", "knnn"], "--mode: 'knnn' is not valid"),
     (["--mode", "knn", "--config.knn.kk=3"], "config.knn.kk: unknown field 'kk'"),
 ])
-def test_cli_bad_input_is_one_line_exit_2(tmp_path, flags, message):
-  proc = subprocess.run([sys.executable, "-m", "mae_jax.evaluate", "--workdir", str(tmp_path),
-                         *flags], capture_output=True, text=True, cwd=ROOT, timeout=300)
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), proc.stderr
-  assert "Traceback" not in proc.stderr
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, flags, message):
+  """The command's flag parsing and checks, in-process (as its __main__ runs them)."""
+  code = run_evaluate(["--workdir", str(tmp_path), *flags])
+  stderr = capsys.readouterr().err
+  assert code == 2, stderr[-2000:]
+  assert stderr.strip().splitlines()[-1].startswith(f"error: {message}"), stderr
+  assert "Traceback" not in stderr
 
 
 def test_result_names():
@@ -463,3 +435,62 @@ def test_drop_path_in_the_block_stack():
       {"params": first}, x))
   both_dropped = np.all(np.abs(out - block1) < 1e-5, axis=(1, 2))
   assert abs(both_dropped.mean() - rate**2) < 0.08
+
+
+# ---------------------------------------------------------------------------
+# Small, fast checks of the pieces the end-to-end runs above use (for `make test-fast`).
+
+
+def test_linear_probe_steps_learn_a_separable_problem():
+  """LARS-free probe steps (plain SGD) on two Gaussian blobs: the loss falls, the training
+  accuracy reaches 1 and the BatchNorm running mean moves towards the features' mean."""
+  rng = np.random.default_rng(0)
+  labels = np.arange(32) % 2
+  x = rng.normal(0, 0.3, (32, 4)).astype(np.float32) + 2.0
+  x[:, 0] += np.where(labels == 1, 1.0, -1.0)
+  batch = {"x": jnp.asarray(x), "label": jnp.asarray(labels, jnp.int32)}
+  model, tx = linprobe.LinearProbe(num_classes=2), optax.sgd(0.5)
+  state = linprobe.init_probe(model, tx, jax.random.key(0), 4)
+  step = jax.jit(functools.partial(linprobe.probe_step, model=model, tx=tx,
+                                   schedule=optax.constant_schedule(0.5)))
+  losses = []
+  for _ in range(20):
+    state, metrics = step(state, batch, jax.random.key(1))
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < 0.5 * losses[0] and float(metrics["accuracy"]) == 1.0
+  assert int(state.step) == 20
+  mean = np.asarray(state.batch_stats["bn"]["mean"])
+  assert np.all(np.abs(mean - x.mean(0)) < np.abs(x.mean(0)))  # moved from 0 towards it
+
+
+def test_smoothed_targets_and_mixup_mix_images_and_targets_alike():
+  targets = eval_augment.smooth_targets(jnp.array([1, 3]), 4, 0.1)
+  np.testing.assert_allclose(targets, [[0.025, 0.925, 0.025, 0.025],
+                                       [0.025, 0.025, 0.025, 0.925]], rtol=1e-6)
+  images = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
+  onehot = jax.nn.one_hot(jnp.arange(4), 4)
+  mixed, mixed_targets = eval_augment.mixup_cutmix(
+      images, onehot, jax.random.key(1), mixup_alpha=0.8, cutmix_alpha=0.0, prob=1.0,
+      switch_prob=0.5)
+  lam = float(mixed_targets[0, 0])  # image 0 is mixed with image 3 (the reversed batch)
+  assert 0 < lam < 1 and float(mixed_targets[0, 3]) == pytest.approx(1 - lam)
+  np.testing.assert_allclose(mixed[0], lam * images[0] + (1 - lam) * images[3], rtol=1e-5)
+  same, same_targets = eval_augment.mixup_cutmix(
+      images, onehot, jax.random.key(1), mixup_alpha=0.8, cutmix_alpha=0.0, prob=0.0,
+      switch_prob=0.5)
+  np.testing.assert_array_equal(same, images)
+  np.testing.assert_array_equal(same_targets, onehot)
+
+
+def test_finetuned_classifier_saves_and_loads(tmp_path):
+  model = finetune.classifier.ViTClassifier(
+      num_classes=3, image_size=8, patch_size=4, channels=1, width=8, depth=2, num_heads=2)
+  params = classifier_params(2)
+  finetune.save(str(tmp_path / "ft"), params, model, {"top1": 0.5})
+  loaded_model, loaded = finetune.load(str(tmp_path / "ft"))
+  assert (loaded_model.depth, loaded_model.num_classes, loaded_model.width) == (2, 3, 8)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(a, b)
+  x = jax.random.uniform(jax.random.key(2), (2, 8, 8, 1))
+  np.testing.assert_array_equal(loaded_model.apply({"params": loaded}, x),
+                                model.apply({"params": params}, x))

@@ -4,11 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import model_fields
 from mae_jax import kernels, mae, models, patches, posembed, vit
 from mae_jax.mae import MaskedAutoencoder
 
-TINY = dict(image_size=16, patch_size=4, channels=3, width=32, depth=2, num_heads=4,
-            decoder_width=16, decoder_depth=1, decoder_heads=2)
+TINY = model_fields(depth=2, num_heads=4, decoder_width=16)
 
 
 def init(model, batch=2, seed=0):
@@ -43,6 +43,7 @@ def test_posembed_closed_form(row, col):
   np.testing.assert_allclose(table[1 + row * 5 + col], closed_form(16, row, col), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_shapes_dtypes_and_param_dtype():
   model = MaskedAutoencoder(**TINY, dtype=jnp.bfloat16)
   params = init(model)
@@ -194,6 +195,7 @@ def test_model_kernels_are_chosen_by_its_platform_field():
   assert custom_vjp_calls(MaskedAutoencoder(**TINY, platform="tpu"), params, x, noise) == 0
 
 
+@pytest.mark.slow
 def test_mae_gradients_with_the_cpu_kernel_equal_xla_autodiff():
   """The whole MAE loss gradient is the same through token_matmul (the CPU path) as
   through XLA's autodiff of jnp.dot."""

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from ml_collections import config_dict
 
-from configs.default import get_config
+from helpers import tiny_config
 from mae_jax import checkpoint, distributed, models, optim, sharding, train_step as ts
-from trainproc import (TINY, TrainProcess, checkpoint_steps, kill_started, launch_group,
+from trainproc import (TrainProcess, checkpoint_steps, kill_started, launch_group,
                        scalars, wait_all)
 
 # One program for every launch (the compile cache then serves all but the first); a
@@ -55,6 +55,7 @@ def runs(tmp_path_factory):
   return root, two, one
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_losses_of_one(runs):
   root, (p0, p1), one = runs
   losses2, losses1 = scalars(root / "two"), scalars(root / "one")
@@ -71,11 +72,7 @@ def test_two_processes_give_the_losses_of_one(runs):
 
 def abstract_run():
   """(model, tx) of the SHORT run, built as the trainer builds them."""
-  c = get_config()
-  with c.unlocked():
-    for key, value in {**TINY, **SHORT}.items():
-      *parents, name = key.split(".")
-      functools.reduce(lambda d, k: d[k], parents, c)[name] = value
+  c = tiny_config(SHORT)
   model = models.build_model(c, "cpu")
   tx, _ = optim.make_optimizer(c.optim, c.batch_size, c.optim.warmup_steps, c.num_steps)
   return model, tx
@@ -102,6 +99,7 @@ def restore_on(workdir, step, devices, data, fsdp):
   return jax.device_get(state)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_two_processes_restores_on_other_topologies(runs):
   root, _, _ = runs
   devices = jax.devices()
@@ -126,6 +124,7 @@ def stopped_step(proc, signal_name):
   return int(match.group(1))
 
 
+@pytest.mark.slow
 def test_signals_stop_all_processes_at_one_step_and_the_next_launch_resumes(tmp_path):
   workdir = tmp_path / "run"
   # SIGTERM to process 1 alone: JAX's preemption service tells process 0, both save one step
@@ -149,6 +148,7 @@ def test_signals_stop_all_processes_at_one_step_and_the_next_launch_resumes(tmp_
   assert second > first and checkpoint_steps(workdir) == [first, second]
 
 
+@pytest.mark.slow
 def test_killed_process_makes_the_other_fail_fast(tmp_path):
   p0, p1 = launch_group(tmp_path / "run", tmp_path, 2, 2, LONG, HEARTBEAT, tag="k")
   p0.wait_for(r"step 3/", timeout=180)

@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
+from helpers import tiny_model
 from mae_jax import config as config_lib, optim
-from mae_jax.mae import MaskedAutoencoder
 
 
 def test_decay_mask_excludes_exactly_biases_norms_and_tokens():
-  model = MaskedAutoencoder(image_size=8, patch_size=4, channels=1, width=16, depth=2,
-                            num_heads=2, decoder_width=8, decoder_depth=1, decoder_heads=2)
+  model = tiny_model(image_size=8, channels=1, width=16, depth=2, decoder_width=8)
   params = jax.jit(model.init)({"params": jax.random.key(0), "mask": jax.random.key(1)},
                                jnp.zeros((1, 8, 8, 1)))["params"]
   flat = flax.traverse_util.flatten_dict(optim.decay_mask(params), sep="/")

@@ -23,33 +23,19 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from configs.default import get_config
+from helpers import ROOT, TINY, run_train_py, tiny_config
 from mae_jax import checkpoint, config as config_lib, data, trainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(ROOT, "train.py")
 RECIPE = os.path.join(ROOT, "configs", "default.py")
 DEVICES = 2
 STEPS = 18
-SMALL = {  # a tiny model on generated data: seconds per run once compiled
-    "data.name": "synthetic", "data.synthetic_size": 64, "data.image_size": 16,
-    "model.width": 32, "model.depth": 1, "model.num_heads": 2, "model.patch_size": 4,
-    "model.decoder_width": 32, "model.decoder_depth": 1, "model.decoder_heads": 2,
-    "batch_size": 16, "eval_batch_size": 32, "optim.warmup_steps": 2,
-    "num_steps": STEPS, "checkpoint_every_steps": 3, "log_every_steps": 1,
-}
+# The tiny model on generated data: seconds per run once compiled.
+SMALL = {**TINY, "num_steps": STEPS, "checkpoint_every_steps": 3}
 
 
 def small_config(overrides=None):
-  c = get_config()
-  with c.unlocked():
-    for key, value in {**SMALL, **(overrides or {})}.items():
-      *parents, leaf = key.split(".")
-      node = c
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-  return c
+  return tiny_config({**SMALL, **(overrides or {})})
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +203,7 @@ def run_and_kill(workdir, env, log_path, when, what, timeout=300):
               f"{open(log_path).read()[-3000:]}")
 
 
+@pytest.mark.slow
 def test_sigkill_at_three_points_resumes_exactly(reference, env, tmp_path):
   workdir = tmp_path / "run"
   # 1: between checkpoints, with logged steps after the last one that must be redone
@@ -257,6 +244,7 @@ def test_sigkill_at_three_points_resumes_exactly(reference, env, tmp_path):
   assert checkpoint.interrupted_steps(workdir / "checkpoints") == []  # cleaned up
 
 
+@pytest.mark.slow
 def test_stop_then_restart_on_a_complete_workdir_changes_nothing(reference, env, tmp_path):
   """A finished run restarted (e.g. by a scheduler) restores the last step and trains no
   further; its checkpoints stay byte for byte as they were."""
@@ -300,6 +288,7 @@ def stopped_at(output, signal_name):
   return int(match.group(1))
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigint_save_exit_0_and_resume_exactly(reference, env, tmp_path):
   workdir = tmp_path / "run"
   code, out = run_and_stop(workdir, env, tmp_path / "term.log", 4, signal.SIGTERM)
@@ -343,6 +332,7 @@ with distributed.GracefulStop() as stop:
 """
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_exits_at_once(tmp_path):
   with open(tmp_path / "out", "w") as out:
     proc = subprocess.Popen([sys.executable, "-c", ENDLESS_STEP], cwd=ROOT, stdout=out,
@@ -373,6 +363,7 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
 # --- 4: non-finite steps --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(reference, env, tmp_path):
   """A huge (finite) lr: step 19's update gives huge but finite params (saved), step 20's
   loss overflows: the run stops there, exit 1, and no non-finite params reach disk."""
@@ -390,6 +381,7 @@ def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(reference, en
   assert np.max(np.abs(load_state(workdir, 19)["params"]["patch_embed"]["kernel"])) > 1e20
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_drops_and_counts_updates(reference, env, tmp_path):
   """lr overflows to inf: every update after step 18 is non-finite. With skip_nonfinite the
   run finishes, each such step keeps params and optimizer state bitwise and is counted."""
@@ -429,6 +421,7 @@ def flip_byte(path):
     f.write(bytes([byte[0] ^ 0xFF]))
 
 
+@pytest.mark.slow  # the reference run is a train.py subprocess
 @pytest.mark.parametrize("damage,expected", [
     (lambda d: truncate(largest_file(d)), "is truncated"),
     (lambda d: flip_byte(largest_file(d)), "is corrupted"),
@@ -461,6 +454,7 @@ def test_damaged_checkpoint_is_named(reference, tmp_path, damage, expected):
   ckpt.close()
 
 
+@pytest.mark.slow
 def test_train_py_on_a_truncated_checkpoint_names_the_file(reference, env, tmp_path):
   workdir = copy_run(reference, tmp_path)
   victim = largest_file(workdir / "checkpoints" / str(STEPS))
@@ -472,6 +466,7 @@ def test_train_py_on_a_truncated_checkpoint_names_the_file(reference, env, tmp_p
   assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_workdir_of_another_model_refuses_to_resume(reference, tmp_path):
   workdir = copy_run(reference, tmp_path)
   before = tree_digest(workdir)
@@ -680,13 +675,15 @@ def test_bad_config_is_one_line_before_anything_compiles(tmp_path, overrides, fi
      "expected host:port"),
     (["--heartbeat_timeout=0"], "error: --heartbeat_timeout=0: must be >= 1 second"),
 ])
-def test_train_py_bad_flag_is_one_line_exit_2(tmp_path, flags, expected):
-  proc = subprocess.run([sys.executable, TRAIN_PY, "--workdir", str(tmp_path / "run"), *flags],
-                        capture_output=True, text=True, cwd=ROOT, timeout=120,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  assert proc.stderr.strip().startswith(expected), proc.stderr[-2000:]
-  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]  # that line only
+def test_train_py_bad_flag_is_one_line_exit_2(tmp_path, capsys, monkeypatch, flags, expected):
+  """train.py's flag parsing and checks in-process, from the repository root as a user runs
+  it (the default recipe path is relative)."""
+  monkeypatch.chdir(ROOT)
+  code = run_train_py(["--workdir", str(tmp_path / "run"), *flags])
+  stderr = capsys.readouterr().err
+  assert code == 2, stderr[-2000:]
+  assert stderr.strip().startswith(expected), stderr[-2000:]
+  assert len(stderr.strip().splitlines()) == 1, stderr[-2000:]  # that line only
   assert not (tmp_path / "run").exists()
 
 
@@ -726,6 +723,7 @@ def make_read_only(root):
   pytest.skip("cannot make a directory unwritable here (root without chattr +i)")
 
 
+@pytest.mark.slow
 def test_read_only_workdir_fails_before_training_and_keeps_its_checkpoints(reference,
                                                                            tmp_path):
   workdir = copy_run(reference, tmp_path)
@@ -742,6 +740,7 @@ def test_read_only_workdir_fails_before_training_and_keeps_its_checkpoints(refer
     undo()
 
 
+@pytest.mark.slow
 def test_full_disk_mid_run_is_a_clear_error_and_keeps_the_last_checkpoint(reference, env,
                                                                           tmp_path):
   """Files may grow to 64 KiB only (RLIMIT_FSIZE, as a full disk would stop them): the

@@ -13,17 +13,15 @@ import numpy as np
 import pytest
 from ml_collections import config_dict
 
-from mae_jax import config as config_lib, conv_mae, data, mae, models, sweep
 from configs.default import get_config
+from helpers import ROOT, TINY, exit_code
+from mae_jax import config as config_lib, conv_mae, data, mae, models, sweep
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+# The tiny run (helpers.TINY), 4 steps.
+VIT_OVERRIDES = {**TINY, "num_steps": 4, "optim.warmup_steps": 1, "log_every_steps": 2,
+                 "checkpoint_every_steps": 2}
 TOY_SWEEP = '''
-VIT = {"data.name": "synthetic", "data.synthetic_size": 64, "data.image_size": 16,
-       "model.width": 32, "model.depth": 1, "model.num_heads": 2, "model.patch_size": 4,
-       "model.decoder_width": 32, "model.decoder_depth": 1, "model.decoder_heads": 2,
-       "batch_size": 16, "num_steps": 4, "optim.warmup_steps": 1, "eval_batch_size": 32,
-       "log_every_steps": 2, "checkpoint_every_steps": 2}
+VIT = VIT_OVERRIDES
 CONV = {"data.name": "synthetic", "data.synthetic_size": 64, "data.image_size": 16,
         "model.features": (8, 16), "batch_size": 16, "num_steps": 4,
         "optim.warmup_steps": 1, "eval_batch_size": 32, "log_every_steps": 2}
@@ -38,7 +36,8 @@ def get_sweep():
 
 
 def write_sweep(path, name, spec):
-  path.write_text(TOY_SWEEP.replace("NAME", repr(name)).replace("SPEC", spec))
+  path.write_text(TOY_SWEEP.replace("VIT_OVERRIDES", repr(VIT_OVERRIDES))
+                  .replace("NAME", repr(name)).replace("SPEC", spec))
   return str(path)
 
 
@@ -47,6 +46,7 @@ def run_cli(*args):
                         text=True, cwd=ROOT, timeout=900)
 
 
+@pytest.mark.slow
 def test_toy_sweep_runs_resumes_and_shares_points(tmp_path):
   """A ViT point and a conv point run as subprocesses and give a row each (losses, MSE,
   kNN / probe top-1 on the synthetic classes, img/s, wall time); running again runs
@@ -182,15 +182,17 @@ def test_a_seed_axis_gets_mean_and_spread(tmp_path):
     ('points=[{"label": "x"}, {"label": "x"}]', "unique"),
     ('axes={"model.mask_ratio": [0.5]}#probe', "'probe' is not one of"),
 ])
-def test_bad_sweep_is_one_line_exit_2(tmp_path, spec, message):
+def test_bad_sweep_is_one_line_exit_2(tmp_path, capsys, spec, message):
+  """The sweep command's checks, in-process: exit 2 and one line, before any point runs."""
   path = write_sweep(tmp_path / "bad.py", "bad", spec.split("#")[0])
   if spec.endswith("#probe"):
     (tmp_path / "bad.py").write_text((tmp_path / "bad.py").read_text().replace(
         'evals="knn,linprobe"', 'evals="knn,probe"'))
-  proc = run_cli(path, "--workdir", str(tmp_path / "w"))
-  assert proc.returncode == 2
-  assert proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
-  assert len(proc.stderr.strip().splitlines()) == 1
+  code = exit_code(sweep.main, [path, "--workdir", str(tmp_path / "w")])
+  stderr = capsys.readouterr().err
+  assert code == 2
+  assert stderr.startswith("error: ") and message in stderr, stderr
+  assert len(stderr.strip().splitlines()) == 1
 
 
 def test_every_shipped_ablation_sweep_loads_and_plans(tmp_path):
@@ -288,6 +290,7 @@ def test_train_examples_keeps_an_evenly_spaced_subset_with_the_split_stats():
     data.load_source(c.data, "train")
 
 
+@pytest.mark.slow
 def test_a_failing_point_is_reported_and_the_sweep_exits_1(tmp_path):
   """train.py refuses the point's config (exit 2): the runner names the point and its log,
   writes the (empty) table and exits 1."""

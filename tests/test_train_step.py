@@ -6,28 +6,28 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
+from helpers import as_overrides, model_fields, random_batches, set_fields
 from mae_jax import models, optim, sharding, train_step as ts
 
 
 STEPS = 5  # steps of the mesh comparisons
 
 
-def tiny_config(**mesh):
-  c = get_config()
+def step_config(**mesh):
+  """The recipe with the tiny model at depth 2, 4 heads, RGB, batch 16, on `mesh`."""
+  c = set_fields(get_config(), as_overrides(model_fields(depth=2, num_heads=4,
+                                                         decoder_heads=4)))
   with c.unlocked():
-    c.data.image_size, c.data.channels = 16, 3
-    c.model.update(width=32, depth=2, num_heads=4, patch_size=4, decoder_width=32,
-                   decoder_depth=1, decoder_heads=4)
     c.batch_size = 16
     c.mesh.update(mesh)
   return c
 
 
 def fast_config(**mesh):
-  """tiny_config with a learning rate large enough that later losses depend on earlier
+  """step_config with a learning rate large enough that later losses depend on earlier
   updates, and an Adam eps that keeps rounding noise in near-zero gradients from being
   amplified into full-size steps."""
-  c = tiny_config(**mesh)
+  c = step_config(**mesh)
   with c.unlocked():
     c.optim.base_lr, c.optim.eps = 0.1, 1e-4
   return c
@@ -56,9 +56,7 @@ def run_steps(config, devices, batches, steps, accum_steps=1):
 
 
 def make_batches(n, batch=16, seed=0):
-  rng = np.random.default_rng(seed)
-  return [{"image": rng.integers(0, 256, (batch, 16, 16, 3), dtype=np.uint8),
-           "label": np.zeros(batch, np.int32)} for _ in range(n)]
+  return random_batches(n, batch=batch, size=16, channels=3, seed=seed)
 
 
 def assert_trees_close(a, b, **tol):
@@ -72,6 +70,7 @@ def one_device_run():
                    STEPS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [dict(data=8, fsdp=1), dict(data=2, fsdp=4)])
 def test_eight_devices_match_one(one_device_run, mesh):
   """The same global batches on meshes (8), (2 data x 4 fsdp) and (1): the same losses
@@ -89,6 +88,7 @@ def test_eight_devices_match_one(one_device_run, mesh):
     assert kernel.addressable_shards[0].data.size == kernel.size // 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accum_steps", [2, 4])
 def test_gradient_accumulation_matches_the_full_batch(one_device_run, accum_steps):
   """Micro-batches see the full batch's masks, so the update is the same up to rounding,
@@ -100,10 +100,11 @@ def test_gradient_accumulation_matches_the_full_batch(one_device_run, accum_step
   assert_trees_close(params, params1, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_is_a_mean_over_micro_batches():
   """The accumulated gradient equals the mean of the micro-batch gradients, each taken on
   its own rows (i, i + A, ...) and masks: checks the split, not just the total."""
-  c = tiny_config(data=-1, fsdp=1)
+  c = step_config(data=-1, fsdp=1)
   model = models.build_model(c, "cpu")
   params = jax.jit(model.init)({"params": jax.random.key(0), "mask": jax.random.key(1)},
                                np.zeros((1, 16, 16, 3), np.float32))["params"]
@@ -129,9 +130,10 @@ def test_step_is_deterministic_and_rng_depends_on_step():
                                 jax.random.key_data(ts.step_rngs(jax.random.key(0), 0)["mask"]))
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss():
   """40 steps on a fixed set of smooth images: the reconstruction loss falls clearly."""
-  c = tiny_config(data=-1, fsdp=1)
+  c = step_config(data=-1, fsdp=1)
   with c.unlocked():
     c.model.norm_pix_loss = False
     c.optim.base_lr = 1e-2  # lr 6e-4 at batch 16

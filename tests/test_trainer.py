@@ -9,34 +9,15 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
+from helpers import ROOT, run_train_py, synthetic_config
 from mae_jax import checkpoint, config as config_lib, trainer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def synthetic_config(**overrides):
-  c = get_config()
-  with c.unlocked():
-    c.data.name = "synthetic"
-    c.data.synthetic_size = 64
-    c.data.image_size = 16
-    c.model.update(width=32, depth=1, num_heads=2, patch_size=4, decoder_width=32,
-                   decoder_depth=1, decoder_heads=2)
-    c.batch_size = 16
-    c.num_steps = 6
-    c.optim.warmup_steps = 2
-    c.checkpoint_every_steps = 2
-    c.log_every_steps = 1
-    c.eval_batch_size = 32
-    for key, value in overrides.items():
-      c[key] = value
-  return c
 
 
 def params_of(state):
   return jax.tree.leaves(jax.device_get(state.params))
 
 
+@pytest.mark.slow
 def test_stop_and_resume_equals_uninterrupted(tmp_path):
   full, _ = trainer.train_and_evaluate(synthetic_config(), str(tmp_path / "full"))
   part, results = trainer.train_and_evaluate(synthetic_config(stop_after_steps=3),
@@ -66,6 +47,7 @@ def run_train(tmp_path, *flags):
   return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_train_py_end_to_end(tmp_path):
   proc = run_train(tmp_path, "--config.data.name=synthetic", "--config.smoke=True",
                    "--config.data.image_size=16")
@@ -119,9 +101,12 @@ def test_bad_config_names_the_field(overrides, field):
     (["--config.data.name=no_such_dataset_xyz"], "data.name"),
     (["--config.data.data_dir=/nonexistent/dir"], "data.data_dir"),
 ])
-def test_train_py_bad_input_is_one_line_exit_2(tmp_path, flags, field):
-  proc = run_train(tmp_path, *flags)
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
-  assert lines[-1].startswith("error:") and field in lines[-1], proc.stderr[-2000:]
-  assert "Traceback" not in proc.stderr
+def test_train_py_bad_input_is_one_line_exit_2(tmp_path, capsys, flags, field):
+  """train.py's flag parsing and main, in-process: the config is refused before any work."""
+  code = run_train_py(["--config", os.path.join(ROOT, "configs/default.py"),
+                       "--workdir", str(tmp_path / "run"), *flags])
+  stderr = capsys.readouterr().err
+  assert code == 2, stderr[-2000:]
+  lines = [l for l in stderr.strip().splitlines() if l.strip()]
+  assert lines[-1].startswith("error:") and field in lines[-1], stderr[-2000:]
+  assert "Traceback" not in stderr

@@ -3,16 +3,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
+from helpers import model_fields, official_state, save_pth, synthetic_config
 from mae_jax import convert, mae, pretrained, trainer, visualize
 from mae_jax import train_step as ts
-from test_trainer import synthetic_config
 
-FIELDS = dict(image_size=16, patch_size=4, channels=3, width=32, depth=1, num_heads=4,
-              mlp_ratio=4.0, decoder_width=16, decoder_depth=1, decoder_heads=2,
-              mask_ratio=0.75)
+FIELDS = model_fields(num_heads=4, mlp_ratio=4.0, decoder_width=16, mask_ratio=0.75)
 
 
 def test_denormalize_pred_inverts_the_norm_pix_target():
@@ -64,11 +61,7 @@ def test_visualize_a_workdir_reproduces_its_test_mse(workdir, tmp_path, capsys):
 
 
 def write_pth(path, fields, seed=0):
-  rng = np.random.default_rng(seed)
-  state = {k: rng.standard_normal(s).astype(np.float32) * 0.05
-           for k, s in convert.official_shapes(fields, True).items()}
-  state.update(convert.sincos_tables(fields, True))
-  torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}}, path)
+  save_pth(official_state(fields, True, seed, scale=0.05), path)
 
 
 def test_visualize_a_converted_checkpoint_on_image_files(tmp_path, capsys):

@@ -12,15 +12,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# A model of a few thousand parameters on 16 x 16 synthetic images: steps take milliseconds.
-TINY = {
-    "data.name": "synthetic", "data.synthetic_size": 64, "data.image_size": 16,
-    "model.width": 32, "model.depth": 1, "model.num_heads": 2, "model.patch_size": 4,
-    "model.decoder_width": 32, "model.decoder_depth": 1, "model.decoder_heads": 2,
-    "batch_size": 16, "optim.warmup_steps": 2, "log_every_steps": 1, "eval_batch_size": 32,
-}
+from helpers import ROOT, TINY  # TINY: a model of a few thousand parameters, 16 px
 
 
 def free_port():
