@@ -310,7 +310,8 @@ CLASSIFIER_FIELDS = ("num_classes", "image_size", "patch_size", "channels", "wid
 
 
 def is_classifier(state):
-  return "head.weight" in state
+  """A fine-tuned classifier's state dict: a head and no decoder."""
+  return "head.weight" in state and not has_decoder(state)
 
 
 def classifier_shapes(fields):
