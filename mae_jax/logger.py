@@ -69,6 +69,8 @@ class Logger:
     text = (f"step {step}/{self.total_steps}  loss {metrics['loss']:.4f}  "
             f"lr {metrics['lr']:.2e}  grad_norm {metrics['grad_norm']:.3f}  "
             f"{rate * images_per_step:.0f} img/s  ETA {_fmt_duration(eta)}")
+    if metrics.get("input_wait") is not None:
+      text += f"  input wait {metrics['input_wait']:.0%}"
     if self.tty:
       width = 24
       filled = int(width * step / max(1, self.total_steps))
