@@ -110,7 +110,8 @@ def device_batches(run, start_step):
       run.train_src, image_size=cfg.data.image_size, global_batch_size=cfg.batch_size,
       seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count(),
       augment=cfg.data.augment, crop_scale=tuple(cfg.data.crop_scale), start_step=start_step,
-      num_workers=cfg.data.num_workers, repeat_samples=cfg.data.get("repeat_samples", 1))
+      num_workers=cfg.data.num_workers, repeat_samples=cfg.data.get("repeat_samples", 1),
+      worker_processes=cfg.data.get("worker_processes", 0))
   queue = collections.deque()
   for batch in host:
     queue.append(sharding.global_batch(batch, run.mesh))

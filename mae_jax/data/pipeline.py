@@ -12,6 +12,7 @@ import functools
 import sys
 from typing import Iterator
 
+from absl import flags
 import grain
 import numpy as np
 
@@ -77,7 +78,7 @@ def train_batch(step: int, *, source: Source, part: ProcessSlice, seed: int, ima
 
 
 def check_train_args(source, image_size, global_batch_size, augment, crop_scale, start_step,
-                     num_workers, repeat_samples=1) -> None:
+                     num_workers, repeat_samples=1, worker_processes=0) -> None:
   """One clear line for each bad argument, before any work starts."""
   if augment not in augment_lib.AUGMENTS:
     raise DatasetError(f"data.augment={augment!r}: expected one of "
@@ -94,33 +95,45 @@ def check_train_args(source, image_size, global_batch_size, augment, crop_scale,
   if len(source) < global_batch_size // repeat_samples:
     raise DatasetError(f"batch_size={global_batch_size} is larger than the {len(source)} "
                        "training examples (an epoch would have no full batch)")
-  if start_step < 0 or num_workers < 0:
-    raise ValueError(f"start_step={start_step} and num_workers={num_workers} must be >= 0")
+  if min(start_step, num_workers, worker_processes) < 0:
+    raise ValueError(f"start_step={start_step}, num_workers={num_workers} and "
+                     f"worker_processes={worker_processes} must be >= 0")
 
 
-def iterate(steps: grain.MapDataset, num_workers: int) -> Iterator[dict]:
+def iterate(steps: grain.MapDataset, num_workers: int, worker_processes: int = 0
+            ) -> Iterator[dict]:
   """Iterate in order; num_workers > 0 threads make batches ahead (PIL decodes without
-  the GIL), 0 makes each batch in the calling thread when it is asked for."""
+  the GIL), 0 makes each batch in the calling thread when it is asked for.
+  worker_processes > 0: that many processes (grain multiprocessing) make whole batches,
+  each with num_workers threads, and hand them back in step order; no GIL shared."""
   options = grain.ReadOptions(num_threads=num_workers, prefetch_buffer_size=2 * num_workers)
-  return iter(steps.to_iter_dataset(options))
+  dataset = steps.to_iter_dataset(options)
+  if worker_processes > 0:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults will do)
+      flags.FLAGS.mark_as_parsed()
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_processes,
+                                                               per_worker_buffer_size=2))
+  return iter(dataset)
 
 
 def make_train_batches(source: Source, *, image_size: int, global_batch_size: int, seed: int,
                        process_index: int = 0, process_count: int = 1,
                        augment: str = "crop_flip", crop_scale=(0.2, 1.0), start_step: int = 0,
-                       num_workers: int = 0, repeat_samples: int = 1) -> Iterator[dict]:
+                       num_workers: int = 0, repeat_samples: int = 1,
+                       worker_processes: int = 0) -> Iterator[dict]:
   """Infinite iterator of this process's batches from step start_step on.
 
   Yields {'image': uint8 (G // process_count, S, S, C), 'label': int32 (G // process_count,)}.
   repeat_samples = k: G // k distinct examples per global batch, k independent crops each.
   """
   check_train_args(source, image_size, global_batch_size, augment, crop_scale, start_step,
-                   num_workers, repeat_samples)
+                   num_workers, repeat_samples, worker_processes)
   part = ProcessSlice(global_batch_size, process_index, process_count)
   make = functools.partial(train_batch, source=source, part=part, seed=int(seed) % 2**64,
                            image_size=image_size, augment=augment_lib.AUGMENTS[augment],
                            crop_scale=tuple(crop_scale), repeat_samples=repeat_samples)
-  return iterate(grain.MapDataset.range(start_step, sys.maxsize).map(make), num_workers)
+  return iterate(grain.MapDataset.range(start_step, sys.maxsize).map(make), num_workers,
+                 worker_processes)
 
 
 def eval_batch(b: int, *, source: Source, part: ProcessSlice, image_size: int) -> dict:
