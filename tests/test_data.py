@@ -435,7 +435,7 @@ def test_synthetic_is_deterministic():
 def test_unknown_dataset_name():
   with pytest.raises(data.DatasetError,
                      match="data.name='no_such_set': unknown dataset; valid: fashion_mnist, "
-                           "synthetic, folder, or a TFDS dataset name"):
+                           "synthetic, folder, prepared, or a TFDS dataset name"):
     data.load_source(config(name="no_such_set"), "train")
 
 

@@ -88,7 +88,11 @@ def decode_crops(encoded, draws_KD, augment, image_size: int, crop_scale, channe
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
     raise DatasetError(f"{name}: cannot decode image: {type(e).__name__}: {e}") from e
   scaled = boxes * np.array([array.shape[0] / height, array.shape[1] / width] * 2)
-  out = np.stack([augment_lib.crop_resize(array, box, image_size) for box in scaled])
+  pil = Image.fromarray(array[..., 0] if channels == 1 else array)  # once for the k crops
+  out = np.stack([np.asarray(pil.resize((image_size,) * 2, augment_lib.RESAMPLE,
+                                        box=(left, top, left + w, top + h)))
+                  for top, left, h, w in scaled.tolist()]).reshape(-1, image_size, image_size,
+                                                                   channels)
   if augment.flip:
     flip = draws_KD[:, augment_lib.FLIP] < 0.5
     out[flip] = out[flip, :, ::-1]
