@@ -134,8 +134,9 @@ def run_case(path, decode, spec, repeat, source, args):
 
 def make_prepared(folder, out, args):
   t0 = time.perf_counter()
+  shard_size = max(1, -(-args.num_images // (4 * cores())))  # work for every process
   prepare.main(["--folder", folder, "--out", out, "--max_side", str(args.max_side),
-                "--processes", str(cores())])
+                "--processes", str(cores()), "--shard_size", str(shard_size)])
   seconds = time.perf_counter() - t0
   print(f"prepared {args.num_images} images at max side {args.max_side} in {seconds:.1f} s "
         f"({args.num_images / seconds:.0f} images/s on {cores()} processes)", file=sys.stderr)

@@ -230,3 +230,25 @@ def test_train_py_on_a_half_written_dataset_is_one_line_exit_2(tmp_path):
   lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
   assert lines[-1].startswith("error: data.data_dir=") and "half-written" in lines[-1]
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_trains_from_a_prepared_dataset(tmp_path):
+  """data.name=prepared end to end: pretraining with repeated samples, then evaluation."""
+  from configs.default import get_config  # pylint: disable=import-outside-toplevel
+  from mae_jax import trainer  # pylint: disable=import-outside-toplevel
+  write_jpeg_folder(tmp_path / "in", counts=(("train", 24), ("val", 8)), size=(40, 50))
+  run_prepare("--folder", tmp_path / "in", "--out", tmp_path / "out", "--processes", 1)
+  c = get_config()
+  with c.unlocked():
+    c.data.update(name="prepared", data_dir=str(tmp_path / "out"), channels=3, image_size=16,
+                  repeat_samples=2)
+    c.model.update(width=32, depth=1, num_heads=2, patch_size=4, decoder_width=32,
+                   decoder_depth=1, decoder_heads=2)
+    c.update(batch_size=8, num_steps=4, checkpoint_every_steps=2, log_every_steps=1,
+             eval_batch_size=8)
+    c.optim.warmup_steps = 1
+  state, results = trainer.train_and_evaluate(c, str(tmp_path / "run"))
+  assert int(state.step) == 4 and np.isfinite(results["test_masked_mse"])
+  summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+  assert 0 <= summary["input_wait_share"] < 1
