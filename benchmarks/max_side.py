@@ -6,7 +6,7 @@ against the detail lost, on photographs (benchmarks/photos.py).
 For each max side, every photograph (500 x 375) is stored as `python -m mae_jax.prepare`
 stores it (shrunk with Lanczos, JPEG quality 90; kept as is at 500), then `--crops` training
 crops per image (RandomResizedCrop scale 0.2-1, 224 px, flip, JPEG draft on) are decoded one
-at a time on one thread. Columns: ms/crop, the median CPU time of this thread per crop
+at a time on one thread, with JPEG draft and without. Columns: ms/crop, the median CPU time of this thread per crop
 (time.thread_time: on a shared machine, wall time also counts other jobs' turns), and
 wall ms/crop beside it; crops/s per core = 1 / CPU time; PSNR of each crop
 against the same crop taken from the full-size original (decoded whole, no draft); and
@@ -36,6 +36,8 @@ def parse_args(argv):
   p.add_argument("--num_images", type=int, default=64)
   p.add_argument("--crops", type=int, default=8, help="crops per image")
   p.add_argument("--image_size", type=int, default=224)
+  p.add_argument("--jpeg_size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"),
+                 help="size of the photographs (the originals)")
   return p.parse_args(argv)
 
 
@@ -45,10 +47,11 @@ def psnr(a, b) -> float:
 
 
 def measure(originals, side, args):
-  """(median CPU seconds per crop, median wall seconds, mean PSNR, mean detail)."""
+  """(median CPU seconds per crop, median wall seconds, mean PSNR, mean detail, median CPU
+  seconds per crop without JPEG draft)."""
   rng = np.random.default_rng(0)
   crop_flip = augment.AUGMENTS["crop_flip"]
-  seconds, walls, psnrs, details = [], [], [], []
+  seconds, walls, psnrs, details, no_draft = [], [], [], [], []
   for raw in originals:
     stored, (h0, w0), (h, w), _ = prepare.encode(raw, side, prepare.QUALITY, "photo")
     full = decode.decode(raw, 3)
@@ -59,6 +62,9 @@ def measure(originals, side, args):
                                  draft=True)
       seconds.append(time.thread_time() - c0)
       walls.append(time.perf_counter() - t0)
+      c0 = time.thread_time()
+      decode.decode_crops(stored, draws, crop_flip, args.image_size, (0.2, 1.0), 3, draft=False)
+      no_draft.append(time.thread_time() - c0)
       box = decode.crop_boxes(h, w, draws, crop_flip, args.image_size, (0.2, 1.0))[0]
       box0 = box * np.array([h0 / h, w0 / w] * 2)  # the same region in the original
       reference = augment.crop_resize(full, box0, args.image_size)
@@ -67,27 +73,31 @@ def measure(originals, side, args):
       psnrs.append(psnr(crop[0], reference))
       details.append(min(min(box[2:]), args.image_size) / min(min(box0[2:]), args.image_size))
   return (float(np.median(seconds)), float(np.median(walls)), float(np.mean(psnrs)),
-          float(np.mean(details)))
+          float(np.mean(details)), float(np.median(no_draft)))
 
 
 def main(argv=None):
   args = parse_args(argv)
   with tempfile.TemporaryDirectory() as tmp:
-    photos.write_photo_folder(tmp, args.num_images)
+    photos.write_photo_folder(tmp, args.num_images, tuple(args.jpeg_size))
     paths = sorted(os.path.join(d, f) for d, _, files in os.walk(tmp) for f in files)
     originals = [open(p, "rb").read() for p in paths]
   rows = []
   for side in args.sides:
-    seconds, wall, quality, detail = measure(originals, side, args)
+    seconds, wall, quality, detail, no_draft = measure(originals, side, args)
     rows.append({"max_side": side, "crops_per_s_per_core": round(1 / seconds, 1),
                  "cpu_ms_per_crop": round(1000 * seconds, 3),
-                 "wall_ms_per_crop": round(1000 * wall, 3), "psnr_db": round(quality, 2),
+                 "wall_ms_per_crop": round(1000 * wall, 3),
+                 "cpu_ms_per_crop_no_draft": round(1000 * no_draft, 3),
+                 "psnr_db": round(quality, 2), "image_size": args.image_size,
+                 "load_1min": round(os.getloadavg()[0], 2),
                  "detail": round(detail, 4), "images": len(originals), "crops": args.crops})
-  print(f"{'max_side':>8}{'cpu ms':>8}{'wall ms':>8}{'crops/s/core':>13}{'PSNR dB':>9}"
-        f"{'detail':>8}")
+  print(f"{'max_side':>8}{'cpu ms':>8}{'no draft':>9}{'wall ms':>8}{'crops/s/core':>13}"
+        f"{'PSNR dB':>9}{'detail':>8}{'load':>6}")
   for r in rows:
-    print(f"{r['max_side']:>8}{r['cpu_ms_per_crop']:>8.2f}{r['wall_ms_per_crop']:>8.2f}"
-          f"{r['crops_per_s_per_core']:>13.0f}{r['psnr_db']:>9.2f}{r['detail']:>8.3f}")
+    print(f"{r['max_side']:>8}{r['cpu_ms_per_crop']:>8.2f}{r['cpu_ms_per_crop_no_draft']:>9.2f}"
+          f"{r['wall_ms_per_crop']:>8.2f}{r['crops_per_s_per_core']:>13.0f}"
+          f"{r['psnr_db']:>9.2f}{r['detail']:>8.3f}{r['load_1min']:>6.1f}")
   for r in rows:
     print(json.dumps(r))
   return rows
