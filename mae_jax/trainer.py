@@ -14,7 +14,7 @@ from mae_jax import checkpoint, config as config_lib, data, distributed, models,
 from mae_jax import train_step as ts
 from mae_jax import visualize
 from mae_jax.evaluation import knn
-from mae_jax.logger import Logger
+from mae_jax.logger import InputWait, Logger
 
 
 class NonFiniteLossError(RuntimeError):
@@ -117,48 +117,6 @@ def device_batches(run, start_step):
     queue.append(sharding.global_batch(batch, run.mesh))
     if len(queue) == 2:
       yield queue.popleft()
-
-
-class InputWait:
-  """The share of wall time the loop spends waiting for the next batch, per log interval
-  and over the run (the first, compiling step left out); says once when it is high."""
-
-  def __init__(self, warn_above: float):
-    self.warn_above, self.warned = warn_above, False
-    self.total_wait = self.interval_wait = 0.0
-    self.t_start = self.t_interval = None
-
-  def start(self) -> None:
-    self.t_start = self.t_interval = time.perf_counter()
-
-  def add(self, seconds: float) -> None:
-    if self.t_start is not None:
-      self.total_wait += seconds
-      self.interval_wait += seconds
-
-  def interval_share(self) -> float | None:
-    """Share since the last call (None before the first step ended)."""
-    if self.t_start is None:
-      return None
-    now = time.perf_counter()
-    share = self.interval_wait / max(now - self.t_interval, 1e-9)
-    self.interval_wait, self.t_interval = 0.0, now
-    return share
-
-  def total_share(self) -> float | None:
-    if self.t_start is None:
-      return None
-    return self.total_wait / max(time.perf_counter() - self.t_start, 1e-9)
-
-  def advice(self, share: float, step: int) -> str | None:
-    """The one-time note when `share` passes the threshold (else None)."""
-    if self.warned or share <= self.warn_above:
-      return None
-    self.warned = True
-    return (f"input-bound: {share:.0%} of wall time at step {step} went to waiting for the "
-            f"next batch (data.input_wait_warn={self.warn_above}); try more "
-            "data.num_workers, a prepared dataset (python -m mae_jax.prepare, then "
-            "data.name=prepared) or data.repeat_samples=2")
 
 
 def check_finite(step, metrics, ckpt, skip_nonfinite=False):

@@ -142,3 +142,14 @@ def test_input_wait_is_reported_and_warned_once(tmp_path, capsys):
   assert len(shares) == 6 and all(0 <= s < 1 for s in shares) and max(shares) > 0
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert 0 < summary["input_wait_share"] < 1
+
+
+@pytest.mark.parametrize("field,value", [("repeat_samples", 3), ("repeat_samples", 0),
+                                         ("worker_processes", -1), ("input_wait_warn", 1.5)])
+def test_bad_input_pipeline_fields(field, value):
+  c = get_config()  # batch 128: repeat_samples 3 does not divide it
+  with c.unlocked():
+    c.data[field] = value
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(c)
+  assert str(e.value).startswith(f"config.data.{field}") and "\n" not in str(e.value)
