@@ -97,7 +97,7 @@ def tfds_inputs(name: str, data_dir: str | None) -> tuple[dict, list[str] | None
   from mae_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
   builder = tfds_source.open_builder(name, data_dir)
   tfds_source.ensure_prepared(builder, name, None)
-  image_key, label_key = tfds_source.feature_keys(builder.info.features, name)
+  _, label_key = tfds_source.feature_keys(builder.info.features, name)
   inputs = {split: [(i, None) for i in range(info.num_examples)]
             for split, info in builder.info.splits.items()}
   names = builder.info.features[label_key].names if label_key else None
@@ -144,7 +144,10 @@ def encode(raw, max_side: int, quality: int, name: str):
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
     raise DatasetError(f"{name}: cannot decode image: {type(e).__name__}: {e}") from e
   if keep:
-    jpeg = raw if isinstance(raw, bytes) else open(raw, "rb").read()
+    if not isinstance(raw, bytes):
+      with open(raw, "rb") as f:
+        raw = f.read()
+    jpeg = raw
     return jpeg, (height, width), (height, width), array
   pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
   if pil.size != size:

@@ -5,7 +5,9 @@ e = s // steps_per_epoch orders the examples by a permutation seeded by (seed, e
 global batch is its slice [b*G, (b+1)*G) and process p takes the contiguous part
 [p*L, (p+1)*L), L = G // process_count. Example k of the global batch is augmented with
 draws seeded by (seed, s) at row k, so nothing depends on the process or worker count, and
-starting at step k gives exactly what a run from step 0 gives from step k on.
+starting at step k gives exactly what a run from step 0 gives from step k on. With
+repeat_samples = r the epoch's permutation is cut into G // r examples per step, each on r
+neighbouring rows, which still get their own draws.
 """
 import dataclasses
 import functools
