@@ -1,19 +1,28 @@
-"""Host input pipeline alone: training batches per second, no model, no device.
+"""Host input pipeline alone: training batches per second, per core, no model, no device.
 
-  python benchmarks/pipeline.py [--dataset fashion_mnist --dataset jpeg_folder]
-      [--workers 0 --workers 2] [--batch_size 256] [--batches 20]
+  python benchmarks/pipeline.py [--path folder --path prepared] [--workers 0 --workers t2
+      --workers p2] [--repeat 1 --repeat 2 --repeat 4] [--decode full --decode crop]
+      [--batch_size 64] [--batches 10] [--num_images 512]
 
-fashion_mnist: the default dataset (IDX files in memory, 28 px), RandomResizedCrop + flip.
-jpeg_folder: an ImageNet-style folder of full-size JPEGs that this script generates
-(--num_images of --jpeg_size, quality 90, smooth random content so they compress like
-photos), decoded with PIL, RandomResizedCrop (scale 0.2-1) to --image_size and flipped:
-the work of an ImageNet epoch. Workers are the pipeline's decode threads
-(config.data.num_workers; 0 = in the calling thread). images/s per core divides by the
-cores the process may use.
+The images are photographs (benchmarks/photos.py: scikit-image's bundled photos cut to an
+ImageNet-like folder of --num_images JPEGs of 500 x 375). Every batch is RandomResizedCrop
+(scale 0.2-1) to --image_size plus flip, as training makes it.
 
-Prints a table and one JSON line per case.
+  path      folder: the JPEG folder (data.name=folder); prepared: the same images after
+            `python -m mae_jax.prepare --max_side M` (timed too); fashion_mnist: in memory
+  decode    full: decode every pixel, then crop (the pipeline before crop-aware decoding);
+            crop: JPEG draft as far as the crop allows, crop before resize
+  workers   0: in the calling thread; tN: N decode threads (data.num_workers=N);
+            pN: N worker processes (data.worker_processes=N)
+  repeat    data.repeat_samples: crops per decoded image
+
+Columns: samples/s (training rows per second of wall time); per core (that divided by the
+cores this process may use); per CPU-s (rows per CPU-second used by this process and its
+worker processes: what one fully used core makes, less sensitive to other jobs sharing
+the machine); images/s decoded (samples / repeat). Prints a table and one JSON line per case.
 """
 import argparse
+import functools
 import json
 import os
 import sys
@@ -21,109 +30,159 @@ import tempfile
 import time
 
 import ml_collections
-from absl import logging
 import numpy as np
-from PIL import Image
+import psutil
+from absl import logging
 
-from mae_jax import data
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import photos  # pylint: disable=wrong-import-position
 
-
-def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--dataset", action="append", choices=["fashion_mnist", "jpeg_folder"],
-                 help="repeatable; default: both")
-  p.add_argument("--workers", action="append", type=int,
-                 help="decode threads, repeatable; default: 0 and the core count")
-  p.add_argument("--batch_size", type=int, default=256)
-  p.add_argument("--batches", type=int, default=20, help="timed batches per case")
-  p.add_argument("--warmup", type=int, default=2, help="untimed batches first")
-  p.add_argument("--image_size", type=int, default=224, help="jpeg_folder output size")
-  p.add_argument("--num_images", type=int, default=512, help="JPEGs generated")
-  p.add_argument("--jpeg_size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"),
-                 help="generated JPEG size (ImageNet's mean is about 400 x 350)")
-  p.add_argument("--folder", help="an existing image folder to read instead of generating")
-  return p.parse_args(argv)
-
-
-def write_jpegs(root, num_images, size, seed=0):
-  """`num_images` RGB JPEGs of `size` (W, H) in root/train/class_{0,1}/: low-frequency
-  random colour fields with noise, which JPEG compresses about as it does photographs."""
-  rng = np.random.default_rng(seed)
-  w, h = size
-  for i in range(num_images):
-    directory = os.path.join(root, "train", f"class_{i % 2}")
-    os.makedirs(directory, exist_ok=True)
-    coarse = rng.integers(0, 256, (h // 25 + 2, w // 25 + 2, 3), np.uint8)
-    field = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), np.int16)
-    pixels = np.clip(field + rng.normal(0, 12, field.shape), 0, 255).astype(np.uint8)
-    Image.fromarray(pixels).save(os.path.join(directory, f"{i:05d}.jpg"), quality=90)
-
-
-def source_for(name, args, folder):
-  if name == "fashion_mnist":
-    cfg = dict(name="fashion_mnist", data_dir=None, channels=1)
-    image_size = 28
-  else:
-    cfg = dict(name="folder", data_dir=folder, channels=3, strict=False)
-    image_size = args.image_size
-  cfg = ml_collections.ConfigDict(dict(cfg, manual_dir=None))
-  return data.load_source(cfg, "train"), image_size
-
-
-def time_case(source, image_size, workers, args):
-  """Seconds for `args.batches` batches after warm-up. Total time, not a per-batch median:
-  with decode threads, batches made ahead during the warm-up would look free."""
-  batches = data.make_train_batches(source, image_size=image_size,
-                                    global_batch_size=args.batch_size, seed=0,
-                                    num_workers=workers)
-  for _ in range(args.warmup):
-    next(batches)
-  t0 = time.perf_counter()
-  for _ in range(args.batches):
-    batch = next(batches)
-  seconds = time.perf_counter() - t0
-  assert batch["image"].shape == (args.batch_size, image_size, image_size, source.channels)
-  return seconds
+from mae_jax import data, prepare  # pylint: disable=wrong-import-position
+from mae_jax.data.source import Source  # pylint: disable=wrong-import-position
 
 
 def cores():
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  # Decode threads still prefetching when the generated folder is removed at the end would
-  # log every file as skipped; a bad file during timing fails the shape check instead.
-  logging.set_verbosity(logging.ERROR)
-  datasets = args.dataset or ["fashion_mnist", "jpeg_folder"]
-  workers = args.workers or [0, cores()]
-  rows = []
-  with tempfile.TemporaryDirectory() as tmp:
-    folder = args.folder
-    if "jpeg_folder" in datasets and folder is None:
-      folder = tmp
-      t0 = time.perf_counter()
-      write_jpegs(folder, args.num_images, args.jpeg_size)
-      print(f"wrote {args.num_images} JPEGs of {args.jpeg_size[0]}x{args.jpeg_size[1]} in "
-            f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    for name in datasets:
-      source, image_size = source_for(name, args, folder)
-      for w in workers:
-        seconds = time_case(source, image_size, w, args)
-        rate = args.batches * args.batch_size / seconds
-        rows.append({"dataset": name, "image_size": image_size, "workers": w,
-                     "batch_size": args.batch_size, "batch_s": round(seconds / args.batches, 4),
-                     "images_per_s": round(rate, 1), "cores": cores(),
-                     "images_per_s_per_core": round(rate / cores(), 1)})
-  print(f"{'dataset':<14}{'size':>5}{'workers':>8}{'batch':>6}{'s/batch':>9}{'img/s':>9}"
-        f"{'img/s/core':>11}")
+def parse_args(argv):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--path", action="append", choices=["folder", "prepared", "fashion_mnist"],
+                 help="repeatable; default: folder and prepared")
+  p.add_argument("--workers", action="append",
+                 help=f"0, tN or pN, repeatable; default: 0, t{cores()}, p{cores()}")
+  p.add_argument("--repeat", action="append", type=int, help="default: 1, 2, 4")
+  p.add_argument("--decode", action="append", choices=["full", "crop"],
+                 help="default: both (full only with 0 or thread workers)")
+  p.add_argument("--batch_size", type=int, default=64)
+  p.add_argument("--batches", type=int, default=10, help="timed batches per case")
+  p.add_argument("--warmup", type=int, default=2, help="untimed batches first")
+  p.add_argument("--image_size", type=int, default=224)
+  p.add_argument("--num_images", type=int, default=512, help="photographs in the folder")
+  p.add_argument("--jpeg_size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"))
+  p.add_argument("--max_side", type=int, default=prepare.MAX_SIDE, help="prepared max side")
+  p.add_argument("--folder", help="an existing image folder to read instead of the photos")
+  return p.parse_args(argv)
+
+
+def workers_of(spec: str) -> tuple[int, int]:
+  """'0' | 'tN' | 'pN' -> (threads, processes)."""
+  if spec == "0":
+    return 0, 0
+  if spec[:1] in ("t", "p") and spec[1:].isdigit() and int(spec[1:]) > 0:
+    return (int(spec[1:]), 0) if spec[0] == "t" else (0, int(spec[1:]))
+  raise SystemExit(f"error: --workers={spec!r}: expected 0, tN or pN")
+
+
+def load(path, folder, out, decode):
+  """(source, image_size or None) of one path; decode 'full' swaps in the base class's
+  decode-everything crops."""
+  if path == "fashion_mnist":
+    cfg = dict(name="fashion_mnist", data_dir=None, channels=1)
+  else:
+    cfg = dict(name=path, data_dir=folder if path == "folder" else out, channels=3)
+  source = data.load_source(ml_collections.ConfigDict(dict(cfg, manual_dir=None)), "train")
+  if decode == "full" and path != "fashion_mnist":
+    source.crop_batch = functools.partial(Source.crop_batch, source)
+  return source
+
+
+def cpu_seconds(process) -> float:
+  """CPU time of this process and its live children (grain's worker processes)."""
+  total = sum(process.cpu_times()[:2])
+  for child in process.children(recursive=True):
+    try:
+      total += sum(child.cpu_times()[:2])
+    except psutil.Error:
+      pass
+  return total
+
+
+def time_case(source, image_size, threads, processes, repeat, args):
+  """(wall seconds, CPU seconds) for args.batches batches after the warm-up. Totals, not a
+  per-batch median: with workers, batches made ahead during the warm-up would look free."""
+  batches = data.make_train_batches(source, image_size=image_size,
+                                    global_batch_size=args.batch_size, seed=0,
+                                    num_workers=threads, worker_processes=processes,
+                                    repeat_samples=repeat)
+  for _ in range(args.warmup):
+    next(batches)
+  me = psutil.Process()
+  t0, c0 = time.perf_counter(), cpu_seconds(me)
+  for _ in range(args.batches):
+    batch = next(batches)
+  seconds, cpu = time.perf_counter() - t0, cpu_seconds(me) - c0
+  assert batch["image"].shape == (args.batch_size, image_size, image_size, source.channels)
+  del batches  # stops worker processes
+  return seconds, cpu
+
+
+def run_case(path, decode, spec, repeat, source, args):
+  threads, processes = workers_of(spec)
+  image_size = 28 if path == "fashion_mnist" else args.image_size
+  seconds, cpu = time_case(source, image_size, threads, processes, repeat, args)
+  rows = args.batches * args.batch_size
+  return {"path": path, "decode": decode, "workers": spec, "repeat": repeat,
+          "image_size": image_size, "batch_size": args.batch_size,
+          "samples_per_s": round(rows / seconds, 1),
+          "samples_per_s_per_core": round(rows / seconds / cores(), 1),
+          "samples_per_cpu_s": round(rows / max(cpu, 1e-9), 1),
+          "images_per_s": round(rows / seconds / repeat, 1), "cores": cores(),
+          "load_1min": round(os.getloadavg()[0], 2)}
+
+
+def make_prepared(folder, out, args):
+  t0 = time.perf_counter()
+  shard_size = max(1, -(-args.num_images // (4 * cores())))  # work for every process
+  prepare.main(["--folder", folder, "--out", out, "--max_side", str(args.max_side),
+                "--processes", str(cores()), "--shard_size", str(shard_size)])
+  seconds = time.perf_counter() - t0
+  print(f"prepared {args.num_images} images at max side {args.max_side} in {seconds:.1f} s "
+        f"({args.num_images / seconds:.0f} images/s on {cores()} processes)", file=sys.stderr)
+
+
+def cases(args):
+  """(path, decode, workers, repeat) to run, in table order."""
+  spec = args.workers or ["0", f"t{cores()}", f"p{cores()}"]
+  for path in args.path or ["folder", "prepared"]:
+    for decode in (["crop"] if path == "fashion_mnist" else args.decode or ["full", "crop"]):
+      for w in spec:
+        if decode == "full" and w.startswith("p"):
+          continue  # the swapped-in method does not travel to worker processes
+        for repeat in args.repeat or [1, 2, 4]:
+          yield path, decode, w, repeat
+
+
+def print_table(rows):
+  print(f"{'path':<14}{'decode':>7}{'workers':>8}{'repeat':>7}{'samples/s':>10}"
+        f"{'per core':>9}{'per CPU-s':>10}{'images/s':>9}{'load':>6}")
   for r in rows:
-    print(f"{r['dataset']:<14}{r['image_size']:>5}{r['workers']:>8}{r['batch_size']:>6}"
-          f"{r['batch_s']:>9.3f}{r['images_per_s']:>9.0f}"
-          f"{r['images_per_s_per_core']:>11.0f}")
+    print(f"{r['path']:<14}{r['decode']:>7}{r['workers']:>8}{r['repeat']:>7}"
+          f"{r['samples_per_s']:>10.0f}{r['samples_per_s_per_core']:>9.0f}"
+          f"{r['samples_per_cpu_s']:>10.0f}{r['images_per_s']:>9.0f}{r['load_1min']:>6.1f}")
   for r in rows:
     print(json.dumps(r))
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  logging.set_verbosity(logging.ERROR)
+  todo = list(cases(args))
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    folder = args.folder or os.path.join(tmp, "photos")
+    if args.folder is None and any(c[0] != "fashion_mnist" for c in todo):
+      photos.write_photo_folder(folder, args.num_images, tuple(args.jpeg_size))
+    out = os.path.join(tmp, "prepared")
+    if any(c[0] == "prepared" for c in todo):
+      make_prepared(folder, out, args)
+    sources = {}
+    for path, decode, spec, repeat in todo:
+      if (path, decode) not in sources:
+        sources[path, decode] = load(path, folder, out, decode)
+      rows.append(run_case(path, decode, spec, repeat, sources[path, decode], args))
+  print_table(rows)
   return rows
 
 

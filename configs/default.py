@@ -19,7 +19,12 @@ def get_config():
   c.data.channels = 1
   c.data.augment = "crop_flip"  # none | crop | crop_flip
   c.data.crop_scale = (0.2, 1.0)
-  c.data.num_workers = 0  # host decode workers (JPEG folders); 0 = in-process
+  c.data.num_workers = 0  # host decode threads (JPEG folders); 0 = in the calling thread
+  c.data.worker_processes = 0  # host processes making whole batches (grain multiprocessing)
+  c.data.repeat_samples = 1  # k crops/flips/masks of each decoded image per batch (MAE-ST)
+  c.data.jpeg_draft = True  # JPEGs: DCT-domain downscale on decode where the crop allows
+  # Warn once when more than this share of wall time goes to waiting for the next batch.
+  c.data.input_wait_warn = 0.2
   c.data.synthetic_size = 4096
   c.data.train_examples = config_dict.placeholder(int)  # evenly spaced subset; None = all
   # Image folders: False = skip (and count) files that cannot be decoded; True = stop at

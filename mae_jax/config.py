@@ -93,6 +93,14 @@ def validate_data(config):
          and all(_is_number(x) for x in scale) and 0 < scale[0] <= scale[1] <= 1,
          "data.crop_scale", f"{scale!r} must be (min, max) with 0 < min <= max <= 1")
   _check_int(d.num_workers, "data.num_workers", 0)
+  _check_int(d.get("worker_processes", 0), "data.worker_processes", 0)
+  _check_int(d.get("repeat_samples", 1), "data.repeat_samples", 1)
+  _check(not _is_int(config.batch_size) or config.batch_size % d.get("repeat_samples", 1) == 0,
+         "data.repeat_samples",
+         f"{d.get('repeat_samples')} must divide batch_size={config.batch_size}")
+  warn = d.get("input_wait_warn", 0.2)
+  _check(_is_number(warn) and 0 <= warn <= 1, "data.input_wait_warn",
+         f"{warn!r} must be a share of wall time in [0, 1]")
   if d.name == "synthetic":
     _check_int(d.synthetic_size, "data.synthetic_size", 1)
 

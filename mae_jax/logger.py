@@ -69,6 +69,8 @@ class Logger:
     text = (f"step {step}/{self.total_steps}  loss {metrics['loss']:.4f}  "
             f"lr {metrics['lr']:.2e}  grad_norm {metrics['grad_norm']:.3f}  "
             f"{rate * images_per_step:.0f} img/s  ETA {_fmt_duration(eta)}")
+    if metrics.get("input_wait") is not None:
+      text += f"  input wait {metrics['input_wait']:.0%}"
     if self.tty:
       width = 24
       filled = int(width * step / max(1, self.total_steps))
@@ -89,3 +91,45 @@ class Logger:
     if self.writer:
       self.writer.close()
       os.close(self.jsonl)
+
+
+class InputWait:
+  """The share of wall time the loop spends waiting for the next batch, per log interval
+  and over the run (the first, compiling step left out); says once when it is high."""
+
+  def __init__(self, warn_above: float):
+    self.warn_above, self.warned = warn_above, False
+    self.total_wait = self.interval_wait = 0.0
+    self.t_start = self.t_interval = None
+
+  def start(self) -> None:
+    self.t_start = self.t_interval = time.perf_counter()
+
+  def add(self, seconds: float) -> None:
+    if self.t_start is not None:
+      self.total_wait += seconds
+      self.interval_wait += seconds
+
+  def interval_share(self) -> float | None:
+    """Share since the last call (None before the first step ended)."""
+    if self.t_start is None:
+      return None
+    now = time.perf_counter()
+    share = self.interval_wait / max(now - self.t_interval, 1e-9)
+    self.interval_wait, self.t_interval = 0.0, now
+    return share
+
+  def total_share(self) -> float | None:
+    if self.t_start is None:
+      return None
+    return self.total_wait / max(time.perf_counter() - self.t_start, 1e-9)
+
+  def advice(self, share: float, step: int) -> str | None:
+    """The one-time note when `share` passes the threshold (else None)."""
+    if self.warned or share <= self.warn_above:
+      return None
+    self.warned = True
+    return (f"input-bound: {share:.0%} of wall time at step {step} went to waiting for the "
+            f"next batch (data.input_wait_warn={self.warn_above}); try more "
+            "data.num_workers or data.worker_processes, a prepared dataset (python -m "
+            "mae_jax.prepare, then data.name=prepared) or data.repeat_samples=2")

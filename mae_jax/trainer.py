@@ -15,7 +15,7 @@ from mae_jax import checkpoint, config as config_lib, data, distributed, models,
 from mae_jax import train_step as ts
 from mae_jax import visualize
 from mae_jax.evaluation import knn
-from mae_jax.logger import Logger
+from mae_jax.logger import InputWait, Logger
 
 
 # fold_in data of the evaluation's masks: apart from every training step's (0, 1, 2, ...).
@@ -114,7 +114,8 @@ def device_batches(run, start_step):
       run.train_src, image_size=cfg.data.image_size, global_batch_size=cfg.batch_size,
       seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count(),
       augment=cfg.data.augment, crop_scale=tuple(cfg.data.crop_scale), start_step=start_step,
-      num_workers=cfg.data.num_workers)
+      num_workers=cfg.data.num_workers, repeat_samples=cfg.data.get("repeat_samples", 1),
+      worker_processes=cfg.data.get("worker_processes", 0))
   queue = collections.deque()
   for batch in host:
     queue.append(sharding.global_batch(batch, run.mesh))
@@ -136,7 +137,7 @@ def check_finite(step, metrics, ckpt, skip_nonfinite=False):
   return loss
 
 
-def train_loop(run, state, ckpt, logger, stop=None):
+def train_loop(run, state, ckpt, logger, stop=None, input_wait=None):
   """Run steps until total_steps, or until `stop` (a distributed.GracefulStop) says all
   processes reached the step a signal asks to save; metrics of step N are read after N+1
   is dispatched.
@@ -151,18 +152,23 @@ def train_loop(run, state, ckpt, logger, stop=None):
   loss = None
   monitor = knn.Monitor.for_run(run)  # None unless config.knn_every_epochs is set
   batches = device_batches(run, start)
+  input_wait = input_wait or InputWait(run.config.data.get("input_wait_warn", 0.2))
   t_compiled = None
   for step in range(start + 1, last + 1):
-    state, metrics = step_fn(state, next(batches), base_rng)
+    t_ask = time.perf_counter()
+    batch = next(batches)
+    input_wait.add(time.perf_counter() - t_ask)
+    state, metrics = step_fn(state, batch, base_rng)
     if t_compiled is None:  # the first call compiled, then dispatched asynchronously
       jax.block_until_ready(state.step)
       t_compiled = time.perf_counter()
+      input_wait.start()
     if pending is not None:
-      loss = report(run, pending, ckpt, logger)
+      loss = report(run, pending, ckpt, logger, input_wait)
     pending = (step, metrics)
     stopping = stop is not None and stop.reached(step)
     if step % cfg.checkpoint_every_steps == 0 or step == last or stopping:
-      loss = report(run, pending, ckpt, logger)  # saved only once its loss is known finite
+      loss = report(run, pending, ckpt, logger, input_wait)  # saved once known finite
       pending = None
       ckpt.save(step, state, force=step == last or stopping)
     if monitor is not None and monitor.due(step):
@@ -176,12 +182,18 @@ def train_loop(run, state, ckpt, logger, stop=None):
   return state, loss, images_per_sec
 
 
-def report(run, pending, ckpt, logger):
-  """Fetch one step's metrics, stop on a non-finite loss, log at the interval."""
+def report(run, pending, ckpt, logger, input_wait=None):
+  """Fetch one step's metrics, stop on a non-finite loss, log at the interval (with the
+  share of wall time spent waiting for input since the last log)."""
   step, metrics = pending
   metrics = jax.device_get(metrics)
   loss = check_finite(step, metrics, ckpt, run.config.skip_nonfinite)
   if step % run.config.log_every_steps == 0 or step == run.durations.total_steps:
+    share = input_wait.interval_share() if input_wait else None
+    if share is not None:
+      metrics = dict(metrics, input_wait=share)
+      if (note := input_wait.advice(share, step)) is not None:
+        logger.info(note)
     logger.scalars(step, metrics)
     logger.progress(step, metrics, run.config.batch_size)
   return loss
@@ -219,11 +231,12 @@ def save_reconstructions(run, first, path):
                                         run.model.patch_size, path)
 
 
-def write_summary(run, results, train_seconds, final_loss, images_per_sec):
+def write_summary(run, results, train_seconds, final_loss, images_per_sec, input_wait=None):
   """summary.json: test MSEs, final loss, steps, this invocation's training seconds and
   images/s (the train loop after its first step: host pipeline and checkpoints included,
-  compilation not), devices and model."""
+  compilation not), the share of that time spent waiting for input, devices and model."""
   summary = dict(results, final_train_loss=final_loss, steps=run.durations.total_steps,
+                 input_wait_share=input_wait and round(input_wait, 4),
                  train_seconds=round(train_seconds, 1),
                  images_per_sec=images_per_sec and round(images_per_sec, 1), devices=jax.device_count(),
                  model=models.model_kwargs(run.config.model, run.config.data.image_size,
@@ -249,15 +262,18 @@ def train_and_evaluate(config, workdir):
   for note in ckpt.notes:
     logger.info(note)
   t0 = time.perf_counter()
+  input_wait = InputWait(run.config.data.get("input_wait_warn", 0.2))
   with distributed.GracefulStop() as stop:
     try:
-      state, final_loss, images_per_sec = train_loop(run, state, ckpt, logger, stop)
+      state, final_loss, images_per_sec = train_loop(run, state, ckpt, logger, stop,
+                                                     input_wait)
     finally:
       ckpt.wait()
   train_seconds = time.perf_counter() - t0
   results = None
   if int(state.step) >= run.durations.total_steps:
-    results = finish(run, state, logger, train_seconds, final_loss, images_per_sec)
+    results = finish(run, state, logger, train_seconds, final_loss, images_per_sec,
+                     input_wait.total_share())
   else:
     why = stop.signal_name or "stop_after_steps"
     logger.info(f"stopped at step {int(state.step)} ({why}); run again to resume")
@@ -266,12 +282,13 @@ def train_and_evaluate(config, workdir):
   return state, results
 
 
-def finish(run, state, logger, train_seconds, final_loss, images_per_sec):
+def finish(run, state, logger, train_seconds, final_loss, images_per_sec, input_wait=None):
   """Final evaluation, picture and summary (process 0 writes them)."""
   results, first = evaluate_reconstruction(run, state.params)
   if jax.process_index() == 0:
     png = save_reconstructions(run, first, os.path.join(run.workdir, "reconstructions.png"))
-    summary = write_summary(run, results, train_seconds, final_loss, images_per_sec)
+    summary = write_summary(run, results, train_seconds, final_loss, images_per_sec,
+                            input_wait)
     logger.info(
         f"test masked MSE {results['test_masked_mse']:.4f} (per-pixel-mean baseline "
         f"{results['baseline_masked_mse']:.4f}) after {train_seconds:.0f} s of training\n"

@@ -14,6 +14,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import optax
+import numpy as np
 import pytest
 
 from helpers import ROOT, exit_code
@@ -138,22 +139,36 @@ def load_benchmark(name):
     sys.path.pop(0)
 
 
-def test_pipeline_benchmark_runs_both_datasets(tmp_path):
-  """benchmarks/pipeline.py on a tiny case: a JSON line per (dataset, workers) whose batch
-  shapes it checked; the generated JPEGs are full size and decode as RGB."""
-  pipeline = load_benchmark("pipeline")
-  pipeline.write_jpegs(str(tmp_path), 2, (120, 90))
+def test_photo_folder_is_made_of_the_bundled_photographs(tmp_path):
+  photos = load_benchmark("photos")
+  photos.write_photo_folder(str(tmp_path), 10, (120, 90))
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  with Image.open(tmp_path / "train" / "class_0" / "00000.jpg") as image:
-    assert image.size == (120, 90) and image.mode == "RGB" and image.format == "JPEG"
-  rows = pipeline.main(["--dataset", "jpeg_folder", "--dataset", "fashion_mnist",
-                        "--workers", "0", "--workers", "2", "--batch_size", "4", "--batches",
-                        "2", "--warmup", "1", "--num_images", "6", "--image_size", "32",
-                        "--jpeg_size", "64", "48"])
-  assert [(r["dataset"], r["workers"]) for r in rows] == [
-      ("jpeg_folder", 0), ("jpeg_folder", 2), ("fashion_mnist", 0), ("fashion_mnist", 2)]
-  assert [r["image_size"] for r in rows] == [32, 32, 28, 28]
-  assert all(r["images_per_s"] > 0 for r in rows)
+  files = sorted(tmp_path.glob("train/*/*.jpg"))
+  assert len(files) == 10 and len({f.parent.name for f in files}) == len(photos.PHOTOS)
+  sizes = set()
+  for f in files:
+    with Image.open(f) as image:
+      assert image.mode == "RGB" and image.format == "JPEG"
+      sizes.add(image.size)
+      pixels = np.asarray(image, np.float64)
+    assert pixels.std() > 10  # a photograph, not a flat field
+  assert sizes <= {(120, 90), (90, 120)}
+
+
+def test_pipeline_benchmark_runs_each_path(tmp_path):
+  """benchmarks/pipeline.py on a tiny case: a JSON line per (path, decode, workers,
+  repeat) whose batch shapes it checked."""
+  pipeline = load_benchmark("pipeline")
+  rows = pipeline.main(["--path", "folder", "--path", "prepared", "--workers", "0",
+                        "--workers", "t2", "--repeat", "1", "--repeat", "2",
+                        "--batch_size", "4", "--batches", "2", "--warmup", "1",
+                        "--num_images", "12", "--image_size", "32", "--jpeg_size", "64", "48"])
+  assert [(r["path"], r["decode"], r["workers"], r["repeat"]) for r in rows] == [
+      (p, d, w, k) for p in ("folder", "prepared") for d in ("full", "crop")
+      for w in ("0", "t2") for k in (1, 2)]
+  assert all(r["samples_per_s"] > 0 and r["samples_per_cpu_s"] > 0 for r in rows)
+  assert all(r["images_per_s"] * r["repeat"] == pytest.approx(r["samples_per_s"], rel=0.01)
+             for r in rows)
 
 
 @pytest.mark.parametrize("extra", [[], ["--classifier"]])

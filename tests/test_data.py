@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mae_jax import data
-from mae_jax.data import augment, idx, pipeline
+from mae_jax.data import augment, decode, idx, pipeline
 from mae_jax.data.source import ArraySource
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -435,7 +435,7 @@ def test_synthetic_is_deterministic():
 def test_unknown_dataset_name():
   with pytest.raises(data.DatasetError,
                      match="data.name='no_such_set': unknown dataset; valid: fashion_mnist, "
-                           "synthetic, folder, or a TFDS dataset name"):
+                           "synthetic, folder, prepared, or a TFDS dataset name"):
     data.load_source(config(name="no_such_set"), "train")
 
 
@@ -463,3 +463,94 @@ def test_bad_channels_and_split():
     data.load_source(config(name="synthetic", channels=2), "train")
   with pytest.raises(data.DatasetError, match="split='val'"):
     data.load_source(config(name="synthetic"), "val")
+
+
+# --- Crop distribution, crop-aware decoding, repeated sampling, worker processes -----------
+
+
+def quantiles_of_density(grid, density, qs):
+  cdf = np.cumsum(density)
+  return np.interp(qs, cdf / cdf[-1], grid)
+
+
+def test_crop_scale_and_aspect_distributions():
+  """On a large square image, RandomResizedCrop accepts the first (area share s, aspect a)
+  draw that fits, s ~ U(0.2, 1) and log a ~ U(log 3/4, log 4/3): the accepted pairs are
+  uniform on {s <= exp(-|log a|)}. Their marginal quantiles, computed here from that
+  region, must match the boxes'."""
+  draws = np.random.default_rng(0).random((40000, augment.NUM_DRAWS))
+  boxes = augment.random_resized_crop_boxes(np.full((40000, 2), 1000), draws, (0.2, 1.0))
+  share = boxes[:, 2] * boxes[:, 3] / 1e6
+  log_aspect = np.log(boxes[:, 3] / boxes[:, 2])
+  lo, hi = np.log(augment.RATIO[0]), np.log(augment.RATIO[1])
+  qs = np.linspace(0.1, 0.9, 9)
+  s_grid = np.linspace(0.2, 1.0, 4001)  # density of s: share of log a with s <= e^-|log a|
+  s_density = np.clip(-np.log(s_grid) / hi, 0, 1)
+  np.testing.assert_allclose(np.quantile(share, qs), quantiles_of_density(s_grid, s_density, qs),
+                             atol=0.01)
+  a_grid = np.linspace(lo, hi, 4001)  # density of log a: share of s in [0.2, e^-|log a|]
+  a_density = (np.exp(-np.abs(a_grid)) - 0.2) / 0.8
+  np.testing.assert_allclose(np.quantile(log_aspect, qs),
+                             quantiles_of_density(a_grid, a_density, qs), atol=0.01)
+  assert share.min() > 0.19 and share.max() <= 1.0
+  assert log_aspect.min() >= lo - 0.01 and log_aspect.max() <= hi + 0.01
+  assert np.all(boxes[:, :2] >= 0) and np.all(boxes[:, :2] + boxes[:, 2:] <= 1000)
+
+
+def write_photo_like_jpeg(path, height=480, width=640, seed=0):
+  rng = np.random.default_rng(seed)
+  coarse = rng.integers(0, 256, (height // 40 + 2, width // 40 + 2, 3), np.uint8)
+  Image.fromarray(coarse).resize((width, height), Image.BICUBIC).save(path, quality=95)
+
+
+def test_draft_decoding_crops_the_same_region(tmp_path):
+  """JPEG draft (DCT-domain downscale) changes pixels only as much as the downscale filter
+  does: the crops match the decode-everything crops closely, the boxes scaled right."""
+  path = str(tmp_path / "photo.jpg")
+  write_photo_like_jpeg(path)
+  draws = np.random.default_rng(1).random((16, augment.NUM_DRAWS))
+  kwargs = dict(augment=augment.AUGMENTS["crop_flip"], image_size=32, crop_scale=(0.2, 1.0),
+                channels=3)
+  drafted = decode.decode_crops(path, draws, draft=True, **kwargs)
+  full = decode.decode_crops(path, draws, draft=False, **kwargs)
+  reference = augment.augment_batch([decode.decode(path, 3)] * 16, draws,
+                                    augment.AUGMENTS["crop_flip"], 32, (0.2, 1.0))
+  np.testing.assert_array_equal(full, reference)  # without draft: exactly the old path
+  assert not np.array_equal(drafted, full)  # 640 px crops to 32: draft did shrink
+  diff = np.abs(drafted.astype(int) - full).mean(axis=(1, 2, 3))
+  assert diff.max() < 4, diff
+
+
+def test_repeat_samples_gives_independent_crops_of_the_same_images():
+  source = id_source(n=40, size=20, channels=3)
+  batches = take(train_batches(source, image_size=16, repeat_samples=2), 7)
+  for batch in batches:
+    labels = batch["label"]
+    np.testing.assert_array_equal(labels[0::2], labels[1::2])  # neighbours: one example
+    assert len(set(labels.tolist())) == 4  # batch 8, k = 2: 4 distinct examples
+    assert all(not np.array_equal(batch["image"][i], batch["image"][i + 1])
+               for i in range(0, 8, 2))  # independent crops
+  epoch = np.concatenate([b["label"][0::2] for b in batches[:10]])  # 40 // 4 = 10 steps/epoch
+  assert len(set(epoch.tolist())) == len(epoch) == 28
+  resumed = take(train_batches(source, image_size=16, repeat_samples=2, start_step=3), 4)
+  assert_batches_equal(batches[3:], resumed)
+  with pytest.raises(data.DatasetError, match="repeat_samples"):
+    train_batches(source, repeat_samples=3)
+
+
+@pytest.mark.slow
+def test_batches_are_pure_in_step_with_worker_processes(tmp_path):
+  """Worker threads, worker processes and process slices: the same batches as inline."""
+  write_folder(tmp_path)
+  source = data.load_source(config(name="folder", data_dir=str(tmp_path), channels=3), "train")
+  kwargs = dict(global_batch_size=4, image_size=16, repeat_samples=2)
+  inline = take(train_batches(source, **kwargs), 6)
+  threads = take(train_batches(source, num_workers=2, **kwargs), 6)
+  processes = take(train_batches(source, worker_processes=2, num_workers=1, **kwargs), 6)
+  assert_batches_equal(inline, threads)
+  assert_batches_equal(inline, processes)
+  half = [take(train_batches(source, worker_processes=2, process_index=p, process_count=2,
+                             start_step=2, **kwargs), 4) for p in range(2)]
+  for step, batch in enumerate(inline[2:]):
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(np.concatenate([h[step][key] for h in half]), batch[key])

@@ -201,7 +201,7 @@ def test_every_shipped_ablation_sweep_loads_and_plans(tmp_path):
   is one directory for all of them."""
   files = sorted(f for f in os.listdir(os.path.join(ROOT, "configs", "ablations"))
                  if f.endswith(".py") and f not in ("__init__.py", "common.py"))
-  assert len(files) == 9
+  assert len(files) == 10
   default_dirs = set()
   for f in files:
     planned = sweep.plan(sweep.load_sweep(os.path.join(ROOT, "configs", "ablations", f)),
@@ -209,7 +209,8 @@ def test_every_shipped_ablation_sweep_loads_and_plans(tmp_path):
     assert len(planned) >= 2
     for point, directory, commands in planned:
       if point["program"] == "mae" and not any(
-          a.startswith(("--config.model.", "--config.data.augment", "--config.seed="))
+          a.startswith(("--config.model.", "--config.data.augment", "--config.seed=",
+                        "--config.data.repeat_samples"))
           for a in commands[0]):
         default_dirs.add(directory)
   assert len(default_dirs) == 1

@@ -110,3 +110,31 @@ def test_train_py_bad_input_is_one_line_exit_2(tmp_path, capsys, flags, field):
   lines = [l for l in stderr.strip().splitlines() if l.strip()]
   assert lines[-1].startswith("error:") and field in lines[-1], stderr[-2000:]
   assert "Traceback" not in stderr
+
+
+def test_input_wait_is_reported_and_warned_once(tmp_path, capsys):
+  """The share of wall time spent waiting for batches: in metrics.jsonl (TensorBoard's
+  scalars), on the progress line and in summary.json; one note when above the threshold."""
+  config = synthetic_config()
+  with config.unlocked():
+    config.data.input_wait_warn = 0.0  # every run waits a little: the note must show, once
+  trainer.train_and_evaluate(config, str(tmp_path))
+  out = capsys.readouterr().out
+  assert out.count("input-bound:") == 1 and "data.num_workers" in out
+  assert "input wait" in out
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  shares = [r["train/input_wait"] for r in records if "train/input_wait" in r]
+  assert len(shares) == 6 and all(0 <= s < 1 for s in shares) and max(shares) > 0
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert 0 < summary["input_wait_share"] < 1
+
+
+@pytest.mark.parametrize("field,value", [("repeat_samples", 3), ("repeat_samples", 0),
+                                         ("worker_processes", -1), ("input_wait_warn", 1.5)])
+def test_bad_input_pipeline_fields(field, value):
+  c = get_config()  # batch 128: repeat_samples 3 does not divide it
+  with c.unlocked():
+    c.data[field] = value
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(c)
+  assert str(e.value).startswith(f"config.data.{field}") and "\n" not in str(e.value)

@@ -16,17 +16,15 @@ import threading
 
 import numpy as np
 from absl import logging
-from PIL import Image
 
-from mae_jax.data.source import DatasetError, Source
+from mae_jax.data import decode as decode_lib
+from mae_jax.data.source import DatasetError, EncodedSource
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 SPLIT_DIRS = {"train": ("train",), "test": ("test", "val", "validation")}
-PIL_MODES = {1: "L", 3: "RGB"}  # data.channels -> PIL mode decoded to
-WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit gray (PIL: "I" from some PNGs)
 
 
-class FolderSource(Source):
+class FolderSource(EncodedSource):
   """Image files decoded with PIL: paths (N,) and labels (N,).
 
   skipped: {path: reason} of the files left out or replaced so far (shared by threads).
@@ -41,17 +39,34 @@ class FolderSource(Source):
     self.skipped = dict(skipped or {})
     self._lock = threading.Lock()
 
+  def __getstate__(self):  # worker processes get a copy without the lock
+    return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _lock=threading.Lock())
+
   def __len__(self) -> int:
     return len(self.paths)
 
+  def encoded(self, index):
+    return self.paths[index], self.labels[index], self.paths[index]
+
   def get(self, index):
     """Image `index` as uint8 (H, W, channels), or the next one that decodes."""
+    return self.first_decodable(index, super().get)
+
+  def crops(self, index, *args):
+    """Crops of image `index`, or of the next one that decodes."""
+    return self.first_decodable(index, lambda i: super(FolderSource, self).crops(i, *args))
+
+  def first_decodable(self, index, read):
+    """read(i) for the first i from `index` on (wrapping) whose file decodes."""
     for offset in range(len(self)):
       i = (index + offset) % len(self)
       if self.paths[i] in self.skipped:
         continue
       try:
-        return decode(self.paths[i], self.channels), self.labels[i]
+        return read(i)
       except DatasetError as e:
         if self.strict:
           raise DatasetError(f"{e} (data.strict=True)") from e
@@ -72,19 +87,7 @@ class FolderSource(Source):
 def decode(path: str, channels: int) -> np.ndarray:
   """The image file at `path` as uint8 (H, W, channels); DatasetError naming it if it
   cannot be decoded."""
-  try:
-    with Image.open(path) as image:
-      image.load()
-      if image.mode in WIDE_MODES:  # 16 bits -> 8 by scaling, as PIL's convert would clip
-        wide = np.asarray(image).astype(np.float64)
-        image = Image.fromarray(np.clip(np.round(wide / 257), 0, 255).astype(np.uint8))
-      elif image.mode == "F":  # float images taken to be on [0, 1]
-        image = Image.fromarray(
-            np.clip(np.round(np.asarray(image) * 255), 0, 255).astype(np.uint8))
-      array = np.asarray(image.convert(PIL_MODES[channels]))
-  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
-    raise DatasetError(f"{path}: cannot decode image: {type(e).__name__}: {e}") from e
-  return array[..., None] if array.ndim == 2 else array
+  return decode_lib.decode(path, channels, path)
 
 
 def unreadable(path: str) -> str | None:
@@ -154,7 +157,7 @@ def load_folder(data_config, split: str) -> FolderSource:
   train = None if split == "train" else functools.partial(load_folder, data_config, "train")
   return FolderSource(paths, labels, strict=strict, skipped=skipped,
                       channels=data_config.channels, num_classes=num_classes,
-                      stats_source=train)
+                      stats_source=train, draft=bool(data_config.get("jpeg_draft", True)))
 
 
 def drop_unreadable(paths, labels, strict):

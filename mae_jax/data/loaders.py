@@ -1,5 +1,5 @@
 """`load_source(data_config, split)`: data.name -> the loader of that kind of source."""
-from mae_jax.data import folder, idx, synthetic, tfds_source
+from mae_jax.data import folder, idx, prepared, synthetic, tfds_source
 from mae_jax.data.source import SPLITS, DatasetError, Source, Subset
 
 # data.name -> loader(data_config, split); every other name is looked up in TFDS.
@@ -7,6 +7,7 @@ LOADERS = {
     "fashion_mnist": idx.load_fashion_mnist,
     "synthetic": synthetic.load_synthetic,
     "folder": folder.load_folder,
+    "prepared": prepared.load_prepared,
 }
 CHANNELS = (1, 3)
 

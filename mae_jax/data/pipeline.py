@@ -5,13 +5,16 @@ e = s // steps_per_epoch orders the examples by a permutation seeded by (seed, e
 global batch is its slice [b*G, (b+1)*G) and process p takes the contiguous part
 [p*L, (p+1)*L), L = G // process_count. Example k of the global batch is augmented with
 draws seeded by (seed, s) at row k, so nothing depends on the process or worker count, and
-starting at step k gives exactly what a run from step 0 gives from step k on.
+starting at step k gives exactly what a run from step 0 gives from step k on. With
+repeat_samples = r the epoch's permutation is cut into G // r examples per step, each on r
+neighbouring rows, which still get their own draws.
 """
 import dataclasses
 import functools
 import sys
 from typing import Iterator
 
+from absl import flags
 import grain
 import numpy as np
 
@@ -49,10 +52,14 @@ def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   return rng.permutation(num_examples)
 
 
-def global_indices(seed: int, step: int, num_examples: int, global_batch_size: int):
-  """The example indices (G,) of the global batch of `step` (the epoch's remainder dropped)."""
-  epoch, b = divmod(step, num_examples // global_batch_size)
-  return epoch_order(seed, epoch, num_examples)[b * global_batch_size:(b + 1) * global_batch_size]
+def global_indices(seed: int, step: int, num_examples: int, global_batch_size: int,
+                   repeat_samples: int = 1):
+  """The example indices (G,) of the global batch of `step` (the epoch's remainder dropped):
+  G // repeat_samples distinct examples, each repeated on repeat_samples neighbouring rows."""
+  distinct = global_batch_size // repeat_samples
+  epoch, b = divmod(step, num_examples // distinct)
+  order = epoch_order(seed, epoch, num_examples)[b * distinct:(b + 1) * distinct]
+  return np.repeat(order, repeat_samples)
 
 
 def augment_draws(seed: int, step: int, global_batch_size: int) -> np.ndarray:
@@ -62,18 +69,18 @@ def augment_draws(seed: int, step: int, global_batch_size: int) -> np.ndarray:
 
 
 def train_batch(step: int, *, source: Source, part: ProcessSlice, seed: int, image_size: int,
-                augment: augment_lib.Augment, crop_scale) -> dict:
-  """This process's part of the global batch of `step`: image uint8 (L, S, S, C), label (L,)."""
+                augment: augment_lib.Augment, crop_scale, repeat_samples: int = 1) -> dict:
+  """This process's part of the global batch of `step`: image uint8 (L, S, S, C), label (L,).
+  Row k is cropped and flipped by its own draws, also where an example repeats."""
   g = part.global_batch_size
-  indices = global_indices(seed, step, len(source), g)[part.local]
+  indices = global_indices(seed, step, len(source), g, repeat_samples)[part.local]
   draws = augment_draws(seed, step, g)[part.local]
-  images, labels = source.batch(indices)
-  return {"image": augment_lib.augment_batch(images, draws, augment, image_size, crop_scale),
-          "label": labels}
+  images, labels = source.crop_batch(indices, draws, augment, image_size, crop_scale)
+  return {"image": images, "label": labels}
 
 
 def check_train_args(source, image_size, global_batch_size, augment, crop_scale, start_step,
-                     num_workers) -> None:
+                     num_workers, repeat_samples=1, worker_processes=0) -> None:
   """One clear line for each bad argument, before any work starts."""
   if augment not in augment_lib.AUGMENTS:
     raise DatasetError(f"data.augment={augment!r}: expected one of "
@@ -83,35 +90,52 @@ def check_train_args(source, image_size, global_batch_size, augment, crop_scale,
     raise DatasetError(f"data.crop_scale={tuple(crop_scale)}: must satisfy 0 < min <= max <= 1")
   if not (isinstance(image_size, int) and image_size > 0):
     raise DatasetError(f"data.image_size={image_size!r}: must be a positive int")
-  if len(source) < global_batch_size:
+  if not (isinstance(repeat_samples, int) and repeat_samples >= 1
+          and global_batch_size % repeat_samples == 0):
+    raise DatasetError(f"data.repeat_samples={repeat_samples!r}: must be a positive int "
+                       f"dividing batch_size={global_batch_size}")
+  if len(source) < global_batch_size // repeat_samples:
     raise DatasetError(f"batch_size={global_batch_size} is larger than the {len(source)} "
                        "training examples (an epoch would have no full batch)")
-  if start_step < 0 or num_workers < 0:
-    raise ValueError(f"start_step={start_step} and num_workers={num_workers} must be >= 0")
+  if min(start_step, num_workers, worker_processes) < 0:
+    raise ValueError(f"start_step={start_step}, num_workers={num_workers} and "
+                     f"worker_processes={worker_processes} must be >= 0")
 
 
-def iterate(steps: grain.MapDataset, num_workers: int) -> Iterator[dict]:
+def iterate(steps: grain.MapDataset, num_workers: int, worker_processes: int = 0
+            ) -> Iterator[dict]:
   """Iterate in order; num_workers > 0 threads make batches ahead (PIL decodes without
-  the GIL), 0 makes each batch in the calling thread when it is asked for."""
+  the GIL), 0 makes each batch in the calling thread when it is asked for.
+  worker_processes > 0: that many processes (grain multiprocessing) make whole batches,
+  each with num_workers threads, and hand them back in step order; no GIL shared."""
   options = grain.ReadOptions(num_threads=num_workers, prefetch_buffer_size=2 * num_workers)
-  return iter(steps.to_iter_dataset(options))
+  dataset = steps.to_iter_dataset(options)
+  if worker_processes > 0:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults will do)
+      flags.FLAGS.mark_as_parsed()
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_processes,
+                                                               per_worker_buffer_size=2))
+  return iter(dataset)
 
 
 def make_train_batches(source: Source, *, image_size: int, global_batch_size: int, seed: int,
                        process_index: int = 0, process_count: int = 1,
                        augment: str = "crop_flip", crop_scale=(0.2, 1.0), start_step: int = 0,
-                       num_workers: int = 0) -> Iterator[dict]:
+                       num_workers: int = 0, repeat_samples: int = 1,
+                       worker_processes: int = 0) -> Iterator[dict]:
   """Infinite iterator of this process's batches from step start_step on.
 
   Yields {'image': uint8 (G // process_count, S, S, C), 'label': int32 (G // process_count,)}.
+  repeat_samples = k: G // k distinct examples per global batch, k independent crops each.
   """
   check_train_args(source, image_size, global_batch_size, augment, crop_scale, start_step,
-                   num_workers)
+                   num_workers, repeat_samples, worker_processes)
   part = ProcessSlice(global_batch_size, process_index, process_count)
   make = functools.partial(train_batch, source=source, part=part, seed=int(seed) % 2**64,
                            image_size=image_size, augment=augment_lib.AUGMENTS[augment],
-                           crop_scale=tuple(crop_scale))
-  return iterate(grain.MapDataset.range(start_step, sys.maxsize).map(make), num_workers)
+                           crop_scale=tuple(crop_scale), repeat_samples=repeat_samples)
+  return iterate(grain.MapDataset.range(start_step, sys.maxsize).map(make), num_workers,
+                 worker_processes)
 
 
 def eval_batch(b: int, *, source: Source, part: ProcessSlice, image_size: int) -> dict:

@@ -8,6 +8,10 @@ from typing import Callable
 
 import numpy as np
 
+from mae_jax.data import augment as augment_lib
+from mae_jax.data import decode as decode_lib
+from mae_jax.data.errors import DatasetError  # pylint: disable=unused-import (re-exported)
+
 # Normalisation stats in each dataset's own channels, on [0, 1] pixels: (mean, std).
 KNOWN_STATS = {
     "fashion_mnist": ((0.2860,), (0.3530,)),
@@ -18,8 +22,6 @@ STATS_EXAMPLES = 2000  # images averaged where a dataset's stats are not known
 SPLITS = ("train", "test")
 
 
-class DatasetError(ValueError):
-  """A dataset, file or data field is missing or malformed (one line saying which)."""
 
 
 class Source:
@@ -49,6 +51,12 @@ class Source:
     examples = [self.get(int(i)) for i in indices]
     labels = np.array([label for _, label in examples], np.int32).reshape(len(examples))
     return [image for image, _ in examples], labels
+
+  def crop_batch(self, indices, draws_BD, augment, image_size: int, crop_scale) -> np.ndarray:
+    """Training crops uint8 (B, image_size, image_size, C) of `indices` (row k cropped by
+    draws_BD[k]): here everything decoded, then cropped; EncodedSource decodes less."""
+    images, labels = self.batch(indices)
+    return augment_lib.augment_batch(images, draws_BD, augment, image_size, crop_scale), labels
 
   def __getitem__(self, index: int) -> dict:
     if not -len(self) <= index < len(self):
@@ -115,6 +123,42 @@ class Subset(Source):
 
   def batch(self, indices):
     return self.base.batch(self.indices[np.asarray(indices, np.int64)])
+
+  def crop_batch(self, indices, *args):
+    return self.base.crop_batch(self.indices[np.asarray(indices, np.int64)], *args)
+
+
+class EncodedSource(Source):
+  """A source of encoded images (files or bytes): subclasses define __len__ and
+  encoded(i) -> (path or bytes, label, name for messages). Training crops decode only what
+  they need (mae_jax.data.decode); `draft` allows JPEG DCT-domain downscaling."""
+
+  def __init__(self, *, draft: bool = True, **kwargs):
+    super().__init__(**kwargs)
+    self.draft = draft
+
+  def encoded(self, index: int):
+    raise NotImplementedError
+
+  def get(self, index):
+    encoded, label, name = self.encoded(index)
+    return decode_lib.decode(encoded, self.channels, name), label
+
+  def crops(self, index: int, draws_KD, augment, image_size, crop_scale):
+    """(crops uint8 (K, S, S, C), label) of example `index`, decoded once."""
+    encoded, label, name = self.encoded(index)
+    return decode_lib.decode_crops(encoded, draws_KD, augment, image_size, crop_scale,
+                                   self.channels, self.draft, name), label
+
+  def crop_batch(self, indices, draws_BD, augment, image_size, crop_scale):
+    indices = np.asarray(indices, np.int64)
+    out = np.zeros((len(indices), image_size, image_size, self.channels), np.uint8)
+    labels = np.zeros(len(indices), np.int32)
+    for start, stop in decode_lib.runs(indices):  # equal neighbours: repeated samples
+      draws = None if draws_BD is None else draws_BD[start:stop]
+      out[start:stop], labels[start:stop] = self.crops(int(indices[start]), draws, augment,
+                                                       image_size, crop_scale)
+    return out, labels
 
 
 def convert_channels(image_HWC: np.ndarray, channels: int) -> np.ndarray:

@@ -1,0 +1,108 @@
+"""Decode only what a training crop needs, from an encoded image (a file or its bytes).
+
+The crop boxes are computed from the image's size as read from its header, before any pixel
+is decoded. A JPEG is then decoded with PIL's `draft`, which scales it down by 2, 4 or 8 in
+the DCT domain while decoding, as far as the smallest crop of that image still has at least
+`image_size` pixels on each side; the box is resized straight from the decoded pixels (PIL's
+resize with a `box` crops before it resamples). Several crops of one image (repeated
+sampling) share one decode.
+
+With draft off the result is exactly the decode-everything path's (folder.decode then
+augment.augment_batch); with draft on, pixels of downscaled crops differ by the difference
+between DCT-domain and bicubic downscaling.
+"""
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+from mae_jax.data import augment as augment_lib
+from mae_jax.data.errors import DatasetError
+
+PIL_MODES = {1: "L", 3: "RGB"}  # data.channels -> PIL mode decoded to
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit gray (PIL: "I" from some PNGs)
+
+
+def open_image(encoded) -> Image.Image:
+  """A lazily decoded PIL image from a path or encoded bytes (only the header is read)."""
+  return Image.open(io.BytesIO(encoded) if isinstance(encoded, bytes) else encoded)
+
+
+def to_array(image: Image.Image, channels: int) -> np.ndarray:
+  """uint8 (H, W, channels) of any PIL mode: 16-bit gray scaled (PIL's convert would clip),
+  float taken to be on [0, 1], alpha dropped, gray <-> RGB as PIL converts."""
+  if image.mode in WIDE_MODES:
+    wide = np.asarray(image).astype(np.float64)
+    image = Image.fromarray(np.clip(np.round(wide / 257), 0, 255).astype(np.uint8))
+  elif image.mode == "F":
+    image = Image.fromarray(np.clip(np.round(np.asarray(image) * 255), 0, 255).astype(np.uint8))
+  array = np.asarray(image.convert(PIL_MODES[channels]))
+  return array[..., None] if array.ndim == 2 else array
+
+
+def decode(encoded, channels: int, name: str = "image") -> np.ndarray:
+  """The whole image as uint8 (H, W, channels); DatasetError naming `name` if it cannot be
+  decoded."""
+  try:
+    with open_image(encoded) as image:
+      image.load()
+      return to_array(image, channels)
+  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
+    raise DatasetError(f"{name}: cannot decode image: {type(e).__name__}: {e}") from e
+
+
+def crop_boxes(height: int, width: int, draws_KD, augment, image_size: int, crop_scale):
+  """Boxes (K, 4) (top, left, h, w) of K crops of one (height, width) image; draws_KD is
+  None for the deterministic eval box."""
+  k = 1 if draws_KD is None else len(draws_KD)
+  sizes_K2 = np.tile(np.array([[height, width]], np.int64), (k, 1))
+  if augment.random_crop:
+    return augment_lib.random_resized_crop_boxes(sizes_K2, draws_KD, crop_scale)
+  return augment_lib.center_boxes(sizes_K2, image_size)
+
+
+def draft_size(width: int, height: int, boxes_K4, image_size: int):
+  """The size to ask PIL's draft for: the image shrunk as far as every box keeps at least
+  image_size pixels per side (None: no shrinking possible)."""
+  factor = float(np.min(boxes_K4[:, 2:])) / image_size
+  if factor < 2:
+    return None
+  return math.ceil(width / factor), math.ceil(height / factor)
+
+
+def decode_crops(encoded, draws_KD, augment, image_size: int, crop_scale, channels: int,
+                 draft: bool, name: str = "image") -> np.ndarray:
+  """K crops of one encoded image, resized to uint8 (K, image_size, image_size, channels),
+  flipped where augment.flip and the draw says so. DatasetError naming `name` if the image
+  cannot be decoded."""
+  try:
+    with open_image(encoded) as image:
+      width, height = image.size
+      boxes = crop_boxes(height, width, draws_KD, augment, image_size, crop_scale)
+      wanted = draft_size(width, height, boxes, image_size) if draft else None
+      if wanted is not None and image.format == "JPEG":
+        image.draft(PIL_MODES[channels], wanted)
+      image.load()
+      array = to_array(image, channels)
+  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
+    raise DatasetError(f"{name}: cannot decode image: {type(e).__name__}: {e}") from e
+  scaled = boxes * np.array([array.shape[0] / height, array.shape[1] / width] * 2)
+  pil = Image.fromarray(array[..., 0] if channels == 1 else array)  # once for the k crops
+  out = np.stack([np.asarray(pil.resize((image_size,) * 2, augment_lib.RESAMPLE,
+                                        box=(left, top, left + w, top + h)))
+                  for top, left, h, w in scaled.tolist()]).reshape(-1, image_size, image_size,
+                                                                   channels)
+  if augment.flip:
+    flip = draws_KD[:, augment_lib.FLIP] < 0.5
+    out[flip] = out[flip, :, ::-1]
+  return out
+
+
+def runs(indices_B) -> list[tuple[int, int]]:
+  """[(start, stop)] of the runs of equal consecutive indices (repeated sampling's groups)."""
+  indices_B = np.asarray(indices_B)
+  if len(indices_B) == 0:
+    return []
+  starts = np.flatnonzero(np.r_[True, indices_B[1:] != indices_B[:-1]])
+  return list(zip(starts.tolist(), np.r_[starts[1:], len(indices_B)].tolist()))

@@ -1,0 +1,146 @@
+"""A prepared dataset (written by `python -m mae_jax.prepare`): sharded ArrayRecord files of
+JPEGs at a maximum side, read by random access.
+
+Layout of data.data_dir:
+  manifest.json                        written last: its presence means the dataset is complete
+  {split}-{i:05d}-of-{n:05d}.array_record
+                                       one record per image: HEADER then the JPEG bytes
+Record i of the split is record i - offset of the shard holding it (shards in order), so
+the example order is the input's (an image folder's sorted order, a TFDS split's order)
+with the skipped images left out. Each process reads only the records of its part of each
+batch (pipeline.ProcessSlice), never whole shards.
+"""
+import functools
+import json
+import os
+import struct
+
+import numpy as np
+
+from mae_jax.data.source import DatasetError, EncodedSource
+
+MANIFEST = "manifest.json"
+FORMAT = "mae_jax.prepared/1"
+# label int32 (-1: none), original (height, width), stored (height, width); then the JPEG.
+HEADER = struct.Struct("<iIIII")
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+  return f"{split}-{index:05d}-of-{count:05d}.array_record"
+
+
+def pack(label: int, original_hw, stored_hw, jpeg: bytes) -> bytes:
+  return HEADER.pack(label, *original_hw, *stored_hw) + jpeg
+
+
+def unpack(record: bytes) -> tuple[int, tuple[int, int], tuple[int, int], bytes]:
+  """(label, original (h, w), stored (h, w), JPEG bytes) of one record."""
+  label, oh, ow, h, w = HEADER.unpack_from(record)
+  return label, (oh, ow), (h, w), record[HEADER.size:]
+
+
+def read_manifest(root: str) -> dict:
+  """The manifest of a complete prepared dataset; DatasetError (one line) otherwise."""
+  path = os.path.join(root, MANIFEST)
+  if not os.path.isfile(path):
+    started = os.path.isdir(root) and any(n.endswith((".array_record", ".done.json"))
+                                          for n in os.listdir(root))
+    raise DatasetError(
+        f"data.data_dir={root}: " + ("half-written prepared dataset (no manifest.json); "
+                                     "rerun `python -m mae_jax.prepare` with the same "
+                                     "arguments to finish it" if started else
+                                     "not a prepared dataset (no manifest.json); make one "
+                                     "with `python -m mae_jax.prepare --out DIR ...`"))
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except (OSError, ValueError) as e:
+    raise DatasetError(f"{path}: unreadable manifest: {type(e).__name__}: {e}") from None
+  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    raise DatasetError(f"{path}: not a {FORMAT} manifest")
+  return manifest
+
+
+def check_shards(root: str, split: str, entry: dict) -> list[str]:
+  """The shard paths of `split`, each checked against the manifest's size and record count
+  (checksums: `python -m mae_jax.prepare --verify DIR`)."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  paths = []
+  for shard in entry["shards"]:
+    path = os.path.join(root, shard["file"])
+    if not os.path.isfile(path):
+      raise DatasetError(f"{path}: shard listed in {MANIFEST} is missing")
+    size = os.path.getsize(path)
+    if size != shard["bytes"]:
+      raise DatasetError(f"{path}: {size} bytes but {MANIFEST} says {shard['bytes']} "
+                         "(shard and manifest do not match)")
+    reader = array_record_module.ArrayRecordReader(path)
+    count = reader.num_records()
+    reader.close()
+    if count != shard["num_records"]:
+      raise DatasetError(f"{path}: {count} records but {MANIFEST} says "
+                         f"{shard['num_records']} (shard and manifest do not match)")
+    paths.append(path)
+  if sum(s["num_records"] for s in entry["shards"]) != entry["num_examples"]:
+    raise DatasetError(f"{os.path.join(root, MANIFEST)}: split {split!r}: shard record "
+                       f"counts do not add up to num_examples={entry['num_examples']}")
+  return paths
+
+
+class PreparedSource(EncodedSource):
+  """One split of a prepared dataset: records read by random access, decoded lazily."""
+
+  def __init__(self, paths: list[str], num_examples: int, name: str, **kwargs):
+    super().__init__(**kwargs)
+    self.paths = paths
+    self.num_examples = num_examples
+    self.name = name
+    self._records = None  # opened on first use, so worker processes open their own
+
+  def __getstate__(self):
+    return dict(self.__dict__, _records=None)
+
+  def __len__(self) -> int:
+    return self.num_examples
+
+  def records(self):
+    if self._records is None:
+      from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
+      self._records = array_record_data_source.ArrayRecordDataSource(self.paths)
+    return self._records
+
+  def encoded(self, index):
+    label, _, _, jpeg = unpack(self.records()[index])
+    return jpeg, label, f"{self.name} record {index}"
+
+  def batch(self, indices):
+    examples = [self.get(int(i)) for i in indices]
+    return ([image for image, _ in examples],
+            np.array([label for _, label in examples], np.int32).reshape(len(examples)))
+
+
+def load_prepared(data_config, split: str) -> PreparedSource:
+  """Split `split` of the prepared dataset in data.data_dir ('test': test, else val, else
+  the training split, as for folders)."""
+  root = data_config.data_dir
+  if not root or not os.path.isdir(root):
+    raise DatasetError(f"data.data_dir={root}: not a directory (data.name='prepared' needs "
+                       "the output of `python -m mae_jax.prepare`)")
+  manifest = read_manifest(root)
+  splits = manifest["splits"]
+  candidates = ("train",) if split == "train" else ("test", "val", "validation", "train")
+  name = next((s for s in candidates if s in splits), None)
+  if name is None:
+    raise DatasetError(f"data.data_dir={root}: no {split!r} split in {MANIFEST} (it has "
+                       f"{sorted(splits)})")
+  entry = splits[name]
+  paths = check_shards(root, name, entry)
+  stats = manifest.get("stats")
+  known = (tuple(stats["mean"]), tuple(stats["std"])) if stats and data_config.channels == 3 \
+      else None
+  train = None if known or name == "train" else functools.partial(load_prepared, data_config,
+                                                                   "train")
+  return PreparedSource(paths, entry["num_examples"], f"{root}/{name}",
+                        channels=data_config.channels, num_classes=manifest.get("num_classes"),
+                        known_stats=known, stats_source=train,
+                        draft=bool(data_config.get("jpeg_draft", True)))
