@@ -30,7 +30,6 @@ import tempfile
 import time
 
 import ml_collections
-import numpy as np
 import psutil
 from absl import logging
 
