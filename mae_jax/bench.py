@@ -307,5 +307,10 @@ def main(argv=None):
   print(json.dumps(result), flush=True)
 
 
-if __name__ == "__main__":
+def run():
+  """The console script `mae-bench`."""
   main()
+
+
+if __name__ == "__main__":
+  run()

@@ -274,8 +274,8 @@ def evaluate(model, params, mesh, sources, eval_config, workdir, modes, *, image
   return results
 
 
-def run(config, eval_config, workdir, modes):
-  """Train, then evaluate in `modes`; (summary, {mode: results})."""
+def train_and_evaluate(config, eval_config, workdir, modes):
+  """Train, then evaluate in `modes` (eval_<mode>.json each); returns summary.json's dict."""
   validate(config, modes)
   model, params, mesh, sources = train(config, workdir)
   evaluate(model, params, mesh, sources, eval_config, workdir, modes,
@@ -290,22 +290,28 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   modes = [m.strip() for m in flags.FLAGS.mode.split(",") if m.strip()]
   try:
-    run(flags.FLAGS.config, flags.FLAGS.eval_config, flags.FLAGS.workdir, modes)
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.eval_config, flags.FLAGS.workdir,
+                       modes)
   except (config_lib.ConfigError, data.DatasetError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
-if __name__ == "__main__":
+def run():
+  """`python -m mae_jax.conv_mae`, the console script `mae-conv`; relative recipe paths are
+  read from the current directory."""
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  config_flags.DEFINE_config_file("config", os.path.join(root, "configs", "conv_mae.py"),
-                                  "Conv MAE recipe.", lock_config=True)
-  config_flags.DEFINE_config_file("eval_config", os.path.join(root, "configs", "eval.py"),
+  config_flags.DEFINE_config_file("config", "configs/conv_mae.py", "Conv MAE recipe.",
+                                  lock_config=True)
+  config_flags.DEFINE_config_file("eval_config", "configs/eval.py",
                                   "Evaluation recipe (knn, linprobe blocks).",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Results go here.", required=True)
   flags.DEFINE_string("mode", "knn,linprobe", "Comma-separated evaluations: knn, linprobe; "
                       "empty for none.")
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

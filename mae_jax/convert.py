@@ -857,5 +857,10 @@ def main(argv=None):
   return 0
 
 
-if __name__ == "__main__":
+def run():
+  """The console script `mae-convert`."""
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

@@ -274,10 +274,15 @@ def parse_flags(argv):
     flag_failure(e, argv)
 
 
-if __name__ == "__main__":
+def run():
+  """`python -m mae_jax.evaluate`, the console script `mae-evaluate`."""
   from absl import app  # pylint: disable=g-import-not-at-top
   try:  # without --config, the recipe and its overrides load right here
     define_flags()
   except (AttributeError, KeyError, OSError, TypeError, ValueError) as e:
     flag_failure(e, sys.argv)
   app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -385,5 +385,10 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def run():
+  """The console script `mae-prepare`."""
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

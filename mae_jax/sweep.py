@@ -19,7 +19,8 @@ A sweep file defines get_sweep() -> dict:
 
 Each point runs in DIR/points/<hash of its pretraining command>/ (sweeps sharing a DIR
 share identical points; overrides equal to the recipe's own values are dropped first) as
-subprocesses: `train.py` then `python -m mae_jax.evaluate`
+subprocesses of the installed package: `python -m mae_jax.pretrain` (train.py) then
+`python -m mae_jax.evaluate`
 (ViT MAE) or `python -m mae_jax.conv_mae` (conv baseline); their output goes to the
 point's log.txt. A point whose results exist is not run again, a finished pretraining is
 not redone when only the evaluation settings changed, and an interrupted one resumes from
@@ -45,7 +46,6 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAMS = ("mae", "conv")
 EVALS = ("knn", "linprobe", "finetune")
 # Result columns: (name, header in the markdown table, formatter).
@@ -75,8 +75,9 @@ def load_sweep(path):
   if spec is None or not os.path.isfile(path):
     raise SweepError(f"{path}: no such sweep file")
   module = importlib.util.module_from_spec(spec)
-  if ROOT not in sys.path:  # sweep files share settings through `configs.ablations`
-    sys.path.insert(0, ROOT)
+  root = package_root(path)
+  if root not in sys.path:  # sweep files share settings through their package (configs.ablations)
+    sys.path.insert(0, root)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_sweep"):
     raise SweepError(f"{path}: defines no get_sweep()")
@@ -89,6 +90,7 @@ def load_sweep(path):
     raise SweepError(f"{path}: 'name' must be a non-empty file name ([A-Za-z0-9_.-])")
   if bool(sweep.get("axes")) == bool(sweep.get("points")):
     raise SweepError(f"{path}: give exactly one of 'axes' and 'points'")
+  sweep["path"] = os.path.abspath(path)  # relative recipe paths may be found beside it
   sweep.setdefault("base", "configs/default.py")
   sweep.setdefault("conv_base", "configs/conv_mae.py")
   sweep.setdefault("eval_config", "configs/eval.py")
@@ -140,11 +142,22 @@ def flags(prefix, overrides):
   return [f"--{prefix}.{k}={fmt_value(v)}" for k, v in sorted(overrides.items())]
 
 
-def resolve(path):
-  """A recipe path as given (relative to the working directory) or in the repository."""
-  if os.path.exists(path) or os.path.isabs(path):
+def package_root(path):
+  """The directory above the Python package that holds the file `path` (the file's own
+  directory if it is in none): configs/ablations/x.py -> the directory holding configs/."""
+  directory = os.path.dirname(os.path.abspath(path))
+  while os.path.isfile(os.path.join(directory, "__init__.py")):
+    directory = os.path.dirname(directory)
+  return directory
+
+
+def resolve(path, sweep_path):
+  """A recipe path as given: absolute, relative to the working directory, or else relative
+  to the sweep file's package root (so configs/default.py is found beside configs/ablations
+  from any directory)."""
+  if os.path.isabs(path) or os.path.exists(path):
     return os.path.abspath(path)
-  return os.path.join(ROOT, path)
+  return os.path.join(package_root(sweep_path), path)
 
 
 def recipe(path):
@@ -179,19 +192,20 @@ def without_defaults(recipe_path, overrides):
 def point_commands(sweep, point, point_dir):
   """The subprocess argv lists that produce a point's results in point_dir."""
   py, evals = sys.executable, sweep["evals"]
-  eval_cfg = resolve(sweep["eval_config"])
+  resolve_path = lambda key: resolve(sweep[key], sweep["path"])
+  eval_cfg = resolve_path("eval_config")
   eval_flags = flags("config", without_defaults(eval_cfg, sweep["eval_overrides"]))
   if point["program"] == "conv":
-    base = resolve(sweep["conv_base"])
+    base = resolve_path("conv_base")
     overrides = without_defaults(base, dict(sweep["conv_overrides"], **point["overrides"]))
     return [[py, "-m", "mae_jax.conv_mae", "--config", base,
              "--workdir", point_dir, *flags("config", overrides),
              "--eval_config", eval_cfg,
              *flags("eval_config", without_defaults(eval_cfg, sweep["eval_overrides"])),
              "--mode", ",".join(e for e in evals.split(",") if e != "finetune")]]
-  base = resolve(sweep["base"])
+  base = resolve_path("base")
   overrides = without_defaults(base, dict(sweep["overrides"], **point["overrides"]))
-  commands = [[py, os.path.join(ROOT, "train.py"), "--config", base,
+  commands = [[py, "-m", "mae_jax.pretrain", "--config", base,
                "--workdir", point_dir, *flags("config", overrides)]]
   if evals:
     commands.append([py, "-m", "mae_jax.evaluate", "--workdir", point_dir, "--mode", evals,
@@ -268,15 +282,14 @@ def run_point(point, directory, commands, log, index, total):
   wall = 0.0
   with open(os.path.join(directory, "log.txt"), "a") as out:
     for argv in commands:
-      is_train = os.path.basename(argv[1]) == "train.py"
-      if is_train and read_json(os.path.join(directory, "summary.json")):
+      what = argv[2]  # [python, -m, module, ...]
+      if what == "mae_jax.pretrain" and read_json(os.path.join(directory, "summary.json")):
         continue  # pretraining finished earlier; only the evaluation is left
-      what = os.path.basename(argv[1]) if argv[1] != "-m" else argv[2]
       log(f"[{index}/{total}] {point['label']}: {what} ...")
       out.write(f"$ {shlex.join(argv)}\n")
       out.flush()
       t0 = time.perf_counter()
-      code = subprocess.call(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+      code = subprocess.call(argv, stdout=out, stderr=subprocess.STDOUT)
       wall += time.perf_counter() - t0
       if code != 0:
         log(f"[{index}/{total}] {point['label']}: FAILED ({what} exit {code}); see "
@@ -428,7 +441,7 @@ def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, log=pr
       f.write(f"# {sweep['name']}: one line per point; then: python -m mae_jax.sweep ... "
               "--collect\n")
       for _, directory, commands in planned:
-        f.write(f"mkdir -p {shlex.quote(directory)} && cd {shlex.quote(ROOT)} && "
+        f.write(f"mkdir -p {shlex.quote(directory)} && "
                 + " && ".join(shlex.join(c) for c in commands) + "\n")
     log(f"{len(planned)} commands -> {path}")
     return []
@@ -505,5 +518,10 @@ def main(argv=None):
     sys.exit(1)
 
 
-if __name__ == "__main__":
+def run():
+  """The console script `mae-sweep`."""
   main()
+
+
+if __name__ == "__main__":
+  run()

@@ -130,5 +130,10 @@ def main(argv=None):
   return 0
 
 
-if __name__ == "__main__":
+def run():
+  """The console script `mae-visualize`."""
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

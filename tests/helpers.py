@@ -7,7 +7,6 @@ A test that needs another size changes only the fields it cares about, e.g.
 varies is visible where it is used.
 """
 import contextlib
-import importlib.util
 import os
 import sys
 
@@ -169,15 +168,15 @@ def exit_code(fn, *args):
 
 
 def run_train_py(argv):
-  """`python train.py *argv` in this process, through its own flag parsing and main;
-  returns the exit code (stdout, stderr: capsys). Its flags are removed afterwards."""
+  """`python train.py *argv` (mae_jax.pretrain) in this process, through its own flag
+  parsing and main; returns the exit code (stdout, stderr: capsys). Its flags are removed
+  afterwards."""
+  from mae_jax import pretrain  # pylint: disable=g-import-not-at-top
   argv = [os.path.join(ROOT, "train.py"), *argv]
   with absl_flags():
     sys.argv = argv
-    spec = importlib.util.spec_from_file_location("train_cli", argv[0])
-    module = importlib.util.module_from_spec(spec)
-    code = exit_code(spec.loader.exec_module, module)  # defines the flags, loads --config
-    return code or exit_code(lambda: module.main(module.parse_flags(argv)))
+    code = exit_code(pretrain.define_flags)  # loads --config
+    return code or exit_code(lambda: pretrain.main(pretrain.parse_flags(argv)))
 
 
 def run_evaluate(argv):

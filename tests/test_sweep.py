@@ -106,7 +106,7 @@ def test_commands_file_has_one_line_per_point_and_runs_nothing(tmp_path):
   assert rows == []
   lines = (tmp_path / "w" / "grid" / "commands.sh").read_text().splitlines()[1:]
   assert len(lines) == 4
-  assert all("train.py" in l and "-m mae_jax.evaluate" in l for l in lines)
+  assert all("-m mae_jax.pretrain" in l and "-m mae_jax.evaluate" in l for l in lines)
   assert "--config.model.mask_ratio=0.25" in lines[0]
   assert "--config.model.decoder_depth=1" in lines[0]
   # 2 is the recipe's own value: the toy's decoder_depth=1 is dropped, not passed as 2.
@@ -195,10 +195,12 @@ def test_bad_sweep_is_one_line_exit_2(tmp_path, capsys, spec, message):
   assert len(stderr.strip().splitlines()) == 1
 
 
-def test_every_shipped_ablation_sweep_loads_and_plans(tmp_path):
+def test_every_shipped_ablation_sweep_loads_and_plans(tmp_path, monkeypatch):
   """configs/ablations/*.py: each loads, every override names a real field, and the
   default point (ratio 0.75, decoder 2 x 64, random, pixels, visible, crop_flip, seed 0)
-  is one directory for all of them."""
+  is one directory for all of them. Run from another directory: the recipes are found
+  beside the sweep files and the commands are the installed package's modules."""
+  monkeypatch.chdir(tmp_path)
   files = sorted(f for f in os.listdir(os.path.join(ROOT, "configs", "ablations"))
                  if f.endswith(".py") and f not in ("__init__.py", "common.py"))
   assert len(files) == 10
@@ -208,6 +210,9 @@ def test_every_shipped_ablation_sweep_loads_and_plans(tmp_path):
                          str(tmp_path))
     assert len(planned) >= 2
     for point, directory, commands in planned:
+      module, recipe = commands[0][2], commands[0][4]
+      assert module in ("mae_jax.pretrain", "mae_jax.conv_mae")
+      assert os.path.dirname(recipe) == os.path.join(ROOT, "configs")
       if point["program"] == "mae" and not any(
           a.startswith(("--config.model.", "--config.data.augment", "--config.seed=",
                         "--config.data.repeat_samples"))
@@ -299,7 +304,7 @@ def test_a_failing_point_is_reported_and_the_sweep_exits_1(tmp_path):
                      'points=[{"label": "no_visible", "overrides": {"model.mask_ratio": 0.99}}]')
   proc = run_cli(path, "--workdir", str(tmp_path / "w"))
   assert proc.returncode == 1, proc.stdout + proc.stderr
-  assert "no_visible: FAILED (train.py exit 2)" in proc.stdout
+  assert "no_visible: FAILED (mae_jax.pretrain exit 2)" in proc.stdout
   assert proc.stderr.strip() == "error: 1 point(s) without results: no_visible"
   (log,) = (tmp_path / "w" / "points").rglob("log.txt")
   assert "model.mask_ratio" in log.read_text()
