@@ -37,7 +37,7 @@ RANKS = {
     "visualize": EVALUATION,  # the reconstruction pictures (the trainer draws one) + a command
     "trainer": TRAINER,
     "evaluate": ENTRY, "bench": ENTRY, "sweep": ENTRY, "convert": ENTRY,
-    "aot": ENTRY, "prepare": ENTRY, "conv_mae": ENTRY,
+    "aot": ENTRY, "prepare": ENTRY, "conv_mae": ENTRY, "pretrain": ENTRY,
 }
 
 def module_names(root):
