@@ -19,6 +19,7 @@ import zlib
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -166,6 +167,13 @@ def interrupted_steps(directory):
   return sorted(found)
 
 
+def check_workdir(workdir, flag="--workdir"):
+  """Raise CheckpointError for an empty workdir (it would mean the current directory)."""
+  if not isinstance(workdir, (str, os.PathLike)) or not str(workdir).strip():
+    raise CheckpointError(f"{flag}: empty; expected a directory for the run's checkpoints "
+                          "and logs")
+
+
 def check_writable(directory):
   """Raise CheckpointError unless `directory` exists (or can be made) and takes a file."""
   probe = os.path.join(directory, f".write-probe-{jax.process_index()}-{os.getpid()}")
@@ -279,11 +287,15 @@ def load_config_dict(workdir):
   path = os.path.join(workdir, "config.json")
   try:
     with open(path) as f:
-      return json.load(f)
+      saved = json.load(f)
   except FileNotFoundError:
     return None
   except (OSError, ValueError) as e:
     raise CheckpointError(f"{path}: cannot read the saved config ({e})") from None
+  if not isinstance(saved, dict):
+    raise CheckpointError(f"{path}: expected a JSON object (train.py's config), found "
+                          f"{type(saved).__name__}")
+  return saved
 
 
 # ---------------------------------------------------------------------------
@@ -322,8 +334,16 @@ def read_meta(directory):
   if not is_params_dir(directory):
     raise ParamsError(f"{directory}: no {META_FILE}; expected a parameter directory "
                       "(`python -m mae_jax.convert import` writes one)")
-  with open(os.path.join(directory, META_FILE)) as f:
-    return json.load(f)
+  path = os.path.join(directory, META_FILE)
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ParamsError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
+  if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+    raise ParamsError(f"{path}: expected a JSON object with the model's fields under "
+                      "'model'")
+  return meta
 
 
 def shape_mismatches(tree, reference, complete=True):
@@ -351,11 +371,48 @@ def load_params(path, target=None):
   with ocp.StandardCheckpointer() as checkpointer:
     if target is not None:
       target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-      stored = checkpointer.metadata(params_path).item_metadata.tree
+      stored = _params_metadata(checkpointer, params_path)
       bad = shape_mismatches(stored, target)
       if bad:
         shown = "; ".join(bad[:20]) + (f"; ... ({len(bad)} in all)" if len(bad) > 20 else "")
         raise ParamsError(f"{path} holds params of {meta['model']}, which do not fit the "
                           f"target (stored vs target): {shown}")
-    params = checkpointer.restore(params_path, target)
+    try:
+      params = checkpointer.restore(params_path, target)
+    except Exception as e:  # Orbax / TensorStore on missing or damaged files
+      raise ParamsError(f"{params_path}: damaged or incomplete parameters, cannot be "
+                        f"restored ({short_reason(e, 200)})") from None
+  check_finite_tree(params, f"{params_path}: damaged parameters", ParamsError)
   return params, meta["model"]
+
+
+def _params_metadata(checkpointer, params_path):
+  try:
+    return checkpointer.metadata(params_path).item_metadata.tree
+  except Exception as e:  # a missing or damaged params/ directory
+    raise ParamsError(f"{params_path}: missing or damaged parameters ("
+                      f"{short_reason(e, 200)})") from None
+
+
+def nonfinite_leaves(tree):
+  """'/'-joined paths of the floating-point leaves of `tree` holding NaN or infinity."""
+  leaves = [(path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+            if jnp.issubdtype(leaf.dtype, jnp.floating)]
+  finite = jax.device_get(_all_finite([leaf for _, leaf in leaves]))  # one program
+  return [jax.tree_util.keystr(path, simple=True, separator="/")
+          for (path, _), ok in zip(leaves, finite) if not ok]
+
+
+@jax.jit
+def _all_finite(leaves):
+  return [jnp.isfinite(x).all() for x in leaves]
+
+
+def check_finite_tree(tree, what, error=None, hint=None):
+  """Raise `error` (CheckpointError by default) naming the non-finite leaves of `tree`:
+  a bit flip in a stored float restores without complaint from Orbax."""
+  bad = nonfinite_leaves(tree)
+  if bad:
+    shown = ", ".join(bad[:5]) + (f" ... ({len(bad)} in all)" if len(bad) > 5 else "")
+    raise (error or CheckpointError)(f"{what}: NaN or infinite values in {shown}"
+                                     + (f"; {hint}" if hint else ""))

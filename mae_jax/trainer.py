@@ -238,6 +238,7 @@ def write_summary(run, results, train_seconds, final_loss, images_per_sec):
 
 def train_and_evaluate(config, workdir):
   """Pretrain (resuming from `workdir` if it holds checkpoints), then evaluate."""
+  checkpoint.check_workdir(workdir)
   run = build_run(config, workdir)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  keep=run.config.keep_checkpoints,
