@@ -10,11 +10,15 @@ CheckpointError naming the directory; the previous complete checkpoint is never 
 The data position needs no saving: batches are a pure function of (seed, step).
 """
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
 import sys
+import time
 import zlib
 
 import flax
@@ -296,6 +300,143 @@ def load_config_dict(workdir):
     raise CheckpointError(f"{path}: expected a JSON object (train.py's config), found "
                           f"{type(saved).__name__}")
   return saved
+
+
+# ---------------------------------------------------------------------------
+# One run per workdir.
+
+LOCK_FILE = "run.lock"
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+def _holder_of(text):
+  """'pid P on host H, started T' of a lock file's contents (or what is there)."""
+  try:
+    h = json.loads(text)
+    return f"pid {h['pid']} on host {h['host']}, started {h['started']}"
+  except (ValueError, KeyError, TypeError):
+    return f"an unreadable holder ({text[:80]!r})"
+
+
+class WorkdirLock:
+  """WORKDIR/run.lock, held by one run (process 0 of it) from start-up to exit.
+
+  The file names its holder (host, pid, start time). It is held with a POSIX record lock
+  (fcntl.lockf), which the kernel (or the NFS server) drops when the holder dies however
+  it dies: a lock file left by a killed run is stale by construction and is taken over,
+  with a note naming the run it was left by. A file system without POSIX locks falls back
+  to the file's contents: a holder that is alive on this host, or that runs on another
+  host (which cannot be checked from here), keeps the workdir.
+  """
+
+  def __init__(self, workdir):
+    self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+    self.fd = None
+    self.note = None  # what was taken over, for the run's log
+
+  def acquire(self):
+    me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+    while self.fd is None:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as e:
+        held = e.errno in (errno.EAGAIN, errno.EACCES)
+        previous = _read_fd(fd)
+        os.close(fd)
+        if held:
+          raise self._in_use(previous) from None
+        if e.errno not in _NO_LOCKS:
+          raise
+        self._check_by_contents(previous)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      if not _same_file(fd, self.path):  # the previous holder removed it meanwhile
+        os.close(fd)
+        continue
+      previous = _read_fd(fd)
+      if previous.strip():
+        self.note = (f"took over {self.path}, left by a run that is no longer running "
+                     f"({_holder_of(previous)})")
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, me.encode(), 0)
+      os.fsync(fd)
+      self.fd = fd
+    return self
+
+  def _in_use(self, contents):
+    return CheckpointError(
+        f"{os.path.dirname(self.path)} is in use by another run ({_holder_of(contents)}; "
+        f"lock {self.path}): wait for it to finish, stop it, or choose another --workdir")
+
+  def _check_by_contents(self, contents):
+    """Without POSIX locks: refuse a holder that lives, or that cannot be checked."""
+    try:
+      holder = json.loads(contents)
+      host, pid = holder["host"], int(holder["pid"])
+    except (ValueError, KeyError, TypeError):
+      return  # empty or unreadable: no holder
+    if host != socket.gethostname() or _alive(pid):
+      raise self._in_use(contents)
+
+  def release(self):
+    if self.fd is None:
+      return
+    with contextlib.suppress(OSError):
+      if _same_file(self.fd, self.path):
+        os.remove(self.path)
+    os.close(self.fd)  # drops the record lock
+    self.fd = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def _read_fd(fd):
+  try:
+    return os.pread(fd, 4096, 0).decode(errors="replace")
+  except OSError:
+    return ""
+
+
+def _same_file(fd, path):
+  try:
+    return os.stat(path).st_ino == os.fstat(fd).st_ino
+  except FileNotFoundError:
+    return False
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def lock_workdir(workdir):
+  """Take WORKDIR's lock on process 0 (None elsewhere); every process learns whether it
+  was free, so all of a multi-process run stop together when it was not."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = WorkdirLock(workdir).acquire()
+    except CheckpointError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    taken = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if taken and error is None:
+      error = CheckpointError(f"{os.path.abspath(workdir)} is in use by another run "
+                              "(process 0 names it)")
+  if error is not None:
+    raise error
+  return lock
 
 
 # ---------------------------------------------------------------------------

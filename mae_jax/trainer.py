@@ -240,6 +240,19 @@ def train_and_evaluate(config, workdir):
   """Pretrain (resuming from `workdir` if it holds checkpoints), then evaluate."""
   checkpoint.check_workdir(workdir)
   run = build_run(config, workdir)
+  # the lock file needs a writable workdir; an unwritable one is named for its checkpoints
+  checkpoint.check_writable(os.path.join(workdir, "checkpoints"))
+  lock = checkpoint.lock_workdir(workdir)  # before anything in the workdir is touched
+  try:
+    return train_locked(run, lock)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def train_locked(run, lock):
+  """train_and_evaluate once this run holds the workdir."""
+  workdir = run.workdir
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  keep=run.config.keep_checkpoints,
                                  every_steps=run.config.checkpoint_every_steps)
@@ -247,7 +260,7 @@ def train_and_evaluate(config, workdir):
   checkpoint.save_config(run.config, workdir)
   logger = Logger(workdir, run.durations.total_steps, int(state.step))
   logger.info(describe(run, restored))
-  for note in ckpt.notes:
+  for note in ([lock.note] if lock is not None and lock.note else []) + ckpt.notes:
     logger.info(note)
   t0 = time.perf_counter()
   with distributed.GracefulStop() as stop:

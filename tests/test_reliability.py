@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -770,3 +771,80 @@ def test_disk_space_is_checked_before_training(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match=r"MiB free, but one checkpoint of this "
                      r"run needs"):
     checkpoint.check_space(str(tmp_path), free + 2**40)
+
+
+# --- 9: one run per workdir -------------------------------------------------------------
+
+
+def wait_for(predicate, proc, timeout=300):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if predicate():
+      return
+    assert proc.poll() is None, f"exited {proc.returncode} first"
+    time.sleep(0.01)
+  pytest.fail("timed out")
+
+
+def lock_holder(workdir):
+  try:
+    return json.loads((workdir / checkpoint.LOCK_FILE).read_text())
+  except (OSError, ValueError):
+    return None
+
+
+@pytest.mark.slow
+def test_one_run_per_workdir_and_a_dead_runs_lock_is_taken_over(reference, env, tmp_path):
+  """A live run holds WORKDIR/run.lock: a second launch exits 2 naming it and changes
+  nothing; once the holder is SIGKILLed, the next launch takes the lock over, says whose
+  it was, finishes, and leaves no lock behind."""
+  workdir = copy_run(reference, tmp_path, keep_steps=[12])
+  first, _ = start_train(workdir, env, tmp_path / "first.log")
+  try:
+    wait_for(lambda: (lock_holder(workdir) or {}).get("pid") == first.pid, first)
+    first.send_signal(signal.SIGSTOP)  # alive and holding the lock, writing nothing
+    wait_stopped(first.pid)
+    holder = lock_holder(workdir)
+    assert holder["host"] == socket.gethostname()
+    before = tree_digest(workdir)
+    second = run_train(workdir, env)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert "Traceback" not in second.stderr
+    assert last_line(second.stderr) == (
+        f"error: {workdir} is in use by another run (pid {first.pid} on host "
+        f"{holder['host']}, started {holder['started']}; lock {workdir}/run.lock): wait for "
+        "it to finish, stop it, or choose another --workdir")
+    assert tree_digest(workdir) == before  # the live run's files untouched
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+  assert lock_holder(workdir)["pid"] == first.pid  # left behind by the killed run
+  third = run_train(workdir, env)
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert (f"took over {workdir}/run.lock, left by a run that is no longer running (pid "
+          f"{first.pid} on host {holder['host']}") in third.stdout
+  assert not (workdir / checkpoint.LOCK_FILE).exists()
+  assert checkpoint.complete_steps(workdir / "checkpoints")[-1] == STEPS
+  assert_trees_equal(load_state(workdir, STEPS), load_state(reference, STEPS))
+
+
+def test_workdir_lock_in_process(tmp_path):
+  """Held: a second holder in another process is refused; released: the file is gone and
+  the workdir free again; a lock file whose holder died is taken over, naming it."""
+  lock = checkpoint.WorkdirLock(tmp_path).acquire()
+  probe = ("import sys; from mae_jax import checkpoint\n"
+           "try:\n  checkpoint.WorkdirLock(sys.argv[1]).acquire()\n"
+           "except checkpoint.CheckpointError as e:\n  print(e); sys.exit(2)\n")
+  other = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+  assert other.returncode == 2 and f"pid {os.getpid()} on host" in other.stdout, other
+  lock.release()
+  assert not (tmp_path / checkpoint.LOCK_FILE).exists()
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  (tmp_path / checkpoint.LOCK_FILE).write_text(json.dumps(
+      {"host": socket.gethostname(), "pid": int(dead.stdout), "started": "then"}))
+  with checkpoint.WorkdirLock(tmp_path) as again:
+    assert f"pid {int(dead.stdout)} on host" in again.note
+    assert lock_holder(tmp_path)["pid"] == os.getpid()
+  assert not (tmp_path / checkpoint.LOCK_FILE).exists()
