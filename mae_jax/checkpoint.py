@@ -275,20 +275,46 @@ def short_reason(error, limit=300):
   return text[:limit] + ("..." if len(text) > limit else "")
 
 
-def save_config(config, workdir):
-  """Write the run's config as JSON beside the checkpoints (process 0 only)."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
+CONFIG_HISTORY = "configs"  # WORKDIR/configs/launch-NNN-step-S.json, one per launch
+
+
+def _write_json_atomically(path, text):
   with open(path + ".tmp", "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    f.write(text)
   os.replace(path + ".tmp", path)
 
 
-def load_config_dict(workdir):
-  """The saved config of a workdir as a plain dict, or None where it has none."""
+def launch_configs(workdir):
+  """Paths of WORKDIR/configs/launch-*.json in launch order."""
+  directory = os.path.join(workdir, CONFIG_HISTORY)
+  if not os.path.isdir(directory):
+    return []
+  found = [(int(m.group(1)), name) for name in os.listdir(directory)
+           if (m := re.fullmatch(r"launch-(\d+)-step-\d+\.json", name))]
+  return [os.path.join(directory, name) for _, name in sorted(found)]
+
+
+def save_config(config, workdir, start_step=0):
+  """Record this launch's config (process 0 only): WORKDIR/config.json is the first
+  launch's and is never overwritten; each launch adds configs/launch-NNN-step-S.json
+  (S: the step it started from)."""
+  if jax.process_index() != 0:
+    return
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  os.makedirs(os.path.join(workdir, CONFIG_HISTORY), exist_ok=True)
   path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    _write_json_atomically(path, text)
+  number = len(launch_configs(workdir)) + 1
+  _write_json_atomically(os.path.join(workdir, CONFIG_HISTORY,
+                                      f"launch-{number:03d}-step-{start_step}.json"), text)
+
+
+def load_config_dict(workdir):
+  """The config of a workdir's latest launch as a plain dict (config.json where it keeps
+  no history), or None where it has none."""
+  history = launch_configs(workdir)
+  path = history[-1] if history else os.path.join(workdir, "config.json")
   try:
     with open(path) as f:
       saved = json.load(f)

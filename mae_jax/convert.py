@@ -713,7 +713,10 @@ def import_checkpoint(src, out, fmt=None, *, variant=None, seed=0, check_pos=Tru
   fmt = fmt or guess_format(src)
   if not os.path.lexists(src):
     raise ConversionError(f"{src}: not found")
-  cli.check_output_dir(out, "out")  # before any reading: a taken output fails at once
+  if os.path.lexists(out):  # before any reading: a taken output fails at once
+    raise checkpoint.ParamsError(f"{os.path.abspath(out)} already exists; choose a new "
+                                 "output directory")
+  cli.check_output_dir(out, "out")
   state, file_hints, norm_pix_loss = READERS[fmt](src)
   file_hints.update({k: v for k, v in hints.items() if v is not None})
   fields = model_fields(state, file_hints, variant)

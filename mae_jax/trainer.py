@@ -68,6 +68,9 @@ def initial_state(run, ckpt):
   saved = checkpoint.load_config_dict(run.workdir)
   if ckpt.latest_step() is not None and saved is not None:
     config_lib.check_resume(run.config, saved, run.workdir)  # before anything compiles
+    change = config_lib.check_config_change(run.config, saved, run.workdir)
+    if change:
+      ckpt.notes.append(change)
   image_shape = (run.config.data.image_size,) * 2 + (run.config.data.channels,)
   init = jax.jit(functools.partial(ts.init_state, run.model, run.tx, image_shape=image_shape),
                  out_shardings=run.state_shardings)
@@ -257,7 +260,7 @@ def train_locked(run, lock):
                                  keep=run.config.keep_checkpoints,
                                  every_steps=run.config.checkpoint_every_steps)
   state, restored = initial_state(run, ckpt)
-  checkpoint.save_config(run.config, workdir)
+  checkpoint.save_config(run.config, workdir, int(state.step))
   logger = Logger(workdir, run.durations.total_steps, int(state.step))
   logger.info(describe(run, restored))
   for note in ([lock.note] if lock is not None and lock.note else []) + ckpt.notes:

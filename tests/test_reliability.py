@@ -848,3 +848,50 @@ def test_workdir_lock_in_process(tmp_path):
     assert f"pid {int(dead.stdout)} on host" in again.note
     assert lock_holder(tmp_path)["pid"] == os.getpid()
   assert not (tmp_path / checkpoint.LOCK_FILE).exists()
+
+
+# --- 10: resuming with a changed config ---------------------------------------------------
+
+
+def test_resume_with_changed_config_is_refused_listing_the_fields(reference, tmp_path):
+  """Another seed, learning rate and dataset size: refused in one line naming each field
+  with both values, before anything compiles, the workdir unchanged; fields that only
+  steer a launch (stop_after_steps, log_every_steps, the mesh) are not changes."""
+  workdir = copy_run(reference, tmp_path)
+  before = tree_digest(workdir)
+  changed = small_config({"seed": 1, "optim.base_lr": 3e-4, "data.synthetic_size": 128,
+                          "stop_after_steps": 1, "log_every_steps": 5, "mesh.fsdp": 2})
+  with pytest.raises(config_lib.ConfigError) as e, no_compilation():
+    trainer.train_and_evaluate(changed, str(workdir))
+  message = str(e.value)
+  assert "\n" not in message
+  assert message.startswith(f"config: the run in {workdir} was launched with other values "
+                            "(data.synthetic_size 64 there, 128 here; optim.base_lr 0.003 "
+                            "there, 0.0003 here; seed 0 there, 1 here); "), message
+  assert "--config.allow_config_change=True" in message
+  assert tree_digest(workdir) == before
+  same = small_config({"stop_after_steps": 1, "log_every_steps": 5, "mesh.fsdp": 2})
+  assert config_lib.changed_fields(same, checkpoint.load_config_dict(workdir)) == []
+
+
+@pytest.mark.slow
+def test_allowed_config_change_keeps_every_launchs_config(reference, tmp_path):
+  """With allow_config_change the run goes on with the new values and says which changed;
+  config.json (the first launch's) is never overwritten, each launch's config is kept with
+  the step it started from, and the next resume compares with the latest launch."""
+  workdir = copy_run(reference, tmp_path)
+  first = (workdir / "config.json").read_bytes()
+  changed = {"seed": 1, "num_steps": STEPS + 2, "allow_config_change": True}
+  trainer.train_and_evaluate(small_config(changed), str(workdir))
+  assert (workdir / "config.json").read_bytes() == first
+  history = [os.path.basename(p) for p in checkpoint.launch_configs(workdir)]
+  assert history == ["launch-001-step-0.json", f"launch-002-step-{STEPS}.json"]
+  second = json.loads((workdir / "configs" / history[1]).read_text())
+  assert (second["seed"], second["num_steps"]) == (1, STEPS + 2)
+  assert json.loads(first)["seed"] == 0
+  log = (workdir / "log.txt").read_text() if (workdir / "log.txt").exists() else ""
+  again = small_config({"seed": 1, "num_steps": STEPS + 2})  # the latest launch's values
+  state, _ = trainer.train_and_evaluate(again, str(workdir))  # not refused: nothing changed
+  assert int(state.step) == STEPS + 2
+  assert len(checkpoint.launch_configs(workdir)) == 3
+  del log
