@@ -75,10 +75,14 @@ class Checkpointer:
     verify(step_dir, step, self._fallback(step))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
-      return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:
       raise CheckpointError(f"checkpoint step {step} cannot be restored: {short_reason(e)}; "
                             f"{self._fallback(step)}") from e
+    # Only finite states are ever saved: NaN here means damage the manifest did not catch
+    check_finite_tree(state, f"checkpoint step {step} is damaged ({step_dir})",
+                      hint=self._fallback(step))
+    return state
 
   def restore_latest(self, target):
     """(state, step) from the latest complete checkpoint, or (target, None) if none.

@@ -178,6 +178,14 @@ def durations(config, num_train_examples):
   return Durations(steps_per_epoch, total, min(warmup, total))
 
 
+def smoke_replaced(before, after):
+  """'field before -> after' of the fields apply_smoke changed (a run says what it did)."""
+  ours, theirs = flatten(json.loads(after.to_json_best_effort())), flatten(
+      json.loads(before.to_json_best_effort()))
+  return [f"{f} {theirs[f]!r} -> {ours[f]!r}" for f in sorted(ours)
+          if f in theirs and theirs[f] != ours[f]]
+
+
 def apply_smoke(config):
   """Shrink any recipe to a seconds-long check: tiny model, few steps, small batches."""
   with config.unlocked():

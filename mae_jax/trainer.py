@@ -40,12 +40,16 @@ class Run:
   schedule: optax.Schedule
   state_shardings: ts.TrainState  # a NamedSharding per leaf of the state
   num_params: int
+  notes: list = dataclasses.field(default_factory=list)  # for the run's log at start-up
 
 
 def build_run(config, workdir):
   """Validate the config and build data sources, model, optimizer and mesh."""
+  notes = []
   if config.smoke:
+    before = config.copy_and_resolve_references()
     config = config_lib.apply_smoke(config)
+    notes.append("smoke=True replaced " + ", ".join(config_lib.smoke_replaced(before, config)))
   config_lib.validate(config)
   train_src = data.load_source(config.data, "train")
   test_src = data.load_source(config.data, "test")
@@ -60,7 +64,7 @@ def build_run(config, workdir):
       lambda: ts.init_state(model, tx, jax.random.key(0), image_shape=image_shape))
   num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   return Run(config, workdir, model, mesh, train_src, test_src, dur, tx, schedule,
-             sharding.state_shardings(abstract, mesh), num_params)
+             sharding.state_shardings(abstract, mesh), num_params, notes)
 
 
 def initial_state(run, ckpt):
@@ -263,7 +267,8 @@ def train_locked(run, lock):
   checkpoint.save_config(run.config, workdir, int(state.step))
   logger = Logger(workdir, run.durations.total_steps, int(state.step))
   logger.info(describe(run, restored))
-  for note in ([lock.note] if lock is not None and lock.note else []) + ckpt.notes:
+  lock_notes = [lock.note] if lock is not None and lock.note else []
+  for note in run.notes + lock_notes + ckpt.notes:
     logger.info(note)
   t0 = time.perf_counter()
   with distributed.GracefulStop() as stop:

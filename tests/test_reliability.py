@@ -895,3 +895,40 @@ def test_allowed_config_change_keeps_every_launchs_config(reference, tmp_path):
   assert int(state.step) == STEPS + 2
   assert len(checkpoint.launch_configs(workdir)) == 3
   del log
+
+
+# --- 11: restored state checked finite ------------------------------------------------------
+
+
+def test_nonfinite_restored_state_is_a_damaged_checkpoint(tmp_path):
+  """A step without a manifest whose optimizer state restores with a NaN (what a bit flip
+  in an exponent gives) is reported as damaged, naming the leaf and the fallback step,
+  instead of being trained on."""
+  import jax.numpy as jnp
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), keep=3, every_steps=1,
+                                 async_save=False)
+  good = {"params": {"w": jnp.ones(4)}, "opt_state": {"mu": jnp.zeros(4)},
+          "step": jnp.int32(1)}
+  ckpt.save(1, good)
+  ckpt.save(2, dict(good, opt_state={"mu": jnp.array([0.0, 0.0, jnp.nan, 0.0])}))
+  ckpt.wait()
+  (tmp_path / "c" / "2" / checkpoint.MANIFEST).unlink()
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    ckpt.restore_latest(good)
+  assert str(e.value) == (
+      f"checkpoint step 2 is damaged ({tmp_path}/c/2): NaN or infinite values in "
+      f"opt_state/mu; delete {tmp_path}/c/2 to resume from step 1")
+  ckpt.close()
+  shutil.rmtree(tmp_path / "c" / "2")  # as the message says; the next launch resumes
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), keep=3, every_steps=1)
+  state, step = ckpt.restore_latest(good)
+  assert step == 1 and all_finite(jax.device_get(state))
+  ckpt.close()
+
+
+def test_smoke_says_what_it_replaced():
+  run = trainer.build_run(small_config({"smoke": True, "num_steps": 7}), "unused")
+  assert run.config.num_steps == 4
+  note = run.notes[0]
+  assert note.startswith("smoke=True replaced ") and "num_steps 7 -> 4" in note, note
+  assert "model.width 32" not in note  # unchanged fields are not listed
