@@ -3,6 +3,7 @@ import collections
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 
@@ -226,11 +227,21 @@ def save_reconstructions(run, first, path):
                                         run.model.patch_size, path)
 
 
-def write_summary(run, results, train_seconds, final_loss, images_per_sec):
-  """summary.json: test MSEs, final loss, steps, this invocation's training seconds and
-  images/s (the train loop after its first step: host pipeline and checkpoints included,
-  compilation not), devices and model."""
+def skipped_images(run):
+  """{split: number of image files skipped as unreadable so far} (folder datasets)."""
+  return {split: len(getattr(src, "skipped", None) or {})
+          for split, src in (("train", run.train_src), ("test", run.test_src))}
+
+
+def write_summary(run, results, train_seconds, final_loss, images_per_sec, skipped_steps=0):
+  """summary.json: test MSEs, final loss (null where the last step's was not finite and
+  skipped), steps, updates skipped as non-finite, images skipped as unreadable, this
+  invocation's training seconds and images/s (the train loop after its first step: host
+  pipeline and checkpoints included, compilation not), devices and model."""
+  if final_loss is not None and not math.isfinite(final_loss):
+    final_loss = None  # JSON has no NaN; skipped_steps says why
   summary = dict(results, final_train_loss=final_loss, steps=run.durations.total_steps,
+                 skipped_steps=skipped_steps, skipped_images=skipped_images(run),
                  train_seconds=round(train_seconds, 1),
                  images_per_sec=images_per_sec and round(images_per_sec, 1), devices=jax.device_count(),
                  model=models.model_kwargs(run.config.model, run.config.data.image_size,
@@ -291,22 +302,36 @@ def train_locked(run, lock):
 def finish(run, state, logger, train_seconds, final_loss, images_per_sec):
   """Final evaluation, picture and summary (process 0 writes them)."""
   results, first = evaluate_reconstruction(run, state.params)
+  skipped = int(state.skipped)
   if jax.process_index() == 0:
     png = save_reconstructions(run, first, os.path.join(run.workdir, "reconstructions.png"))
-    summary = write_summary(run, results, train_seconds, final_loss, images_per_sec)
+    summary = write_summary(run, results, train_seconds, final_loss, images_per_sec, skipped)
+    images = skipped_images(run)
+    if skipped or any(images.values()):
+      logger.info(f"skipped: {skipped} non-finite update(s) (skip_nonfinite); "
+                  f"{images['train']} train and {images['test']} test image file(s) that "
+                  "could not be read")
     logger.info(
         f"test masked MSE {results['test_masked_mse']:.4f} (per-pixel-mean baseline "
         f"{results['baseline_masked_mse']:.4f}) after {train_seconds:.0f} s of training\n"
         f"  checkpoints:     {os.path.join(run.workdir, 'checkpoints')}\n"
         f"  tensorboard:     tensorboard --logdir {run.workdir}\n"
         f"  reconstructions: {png}\n  summary:         {summary}")
+  if not all(math.isfinite(v) for v in results.values()):
+    raise NonFiniteLossError(
+        f"the final model's test masked MSE is not finite ({results['test_masked_mse']}) "
+        f"after {skipped} skipped non-finite update(s); the run diverged: lower "
+        "optim.base_lr or set optim.grad_clip")
   return results
 
 
 def describe(run, restored):
   d = run.durations
+  unreadable = skipped_images(run)["train"]
+  images = f"{len(run.train_src)} train images" + (  # the unreadable ones left out
+      f", {unreadable} unreadable skipped" if unreadable else "")
   head = (f"mae_jax: {run.num_params / 1e6:.2f}M-parameter MAE on {run.config.data.name} "
-          f"({len(run.train_src)} train images), "
+          f"({images}), "
           f"{d.total_steps} steps of batch {run.config.batch_size} "
           f"({d.steps_per_epoch} steps/epoch, warmup {d.warmup_steps}), "
           f"{jax.device_count()} device(s), mesh {dict(run.mesh.shape)}")

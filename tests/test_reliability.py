@@ -932,3 +932,22 @@ def test_smoke_says_what_it_replaced():
   note = run.notes[0]
   assert note.startswith("smoke=True replaced ") and "num_steps 7 -> 4" in note, note
   assert "model.width 32" not in note  # unchanged fields are not listed
+
+
+@pytest.mark.slow
+def test_skipped_images_are_counted_in_the_summary(tmp_path, capsys):
+  """Unreadable image files: left out of the banner's count, and counted per split in
+  summary.json (those found at listing and those that failed to decode during the run)."""
+  write_bad_folder(tmp_path / "images")
+  shutil.copytree(tmp_path / "images" / "train", tmp_path / "images" / "test", symlinks=True)
+  config = small_config({"data.name": "folder", "data.data_dir": str(tmp_path / "images"),
+                         "data.channels": 3, "data.image_size": 8, "batch_size": 8,
+                         "eval_batch_size": 8, "num_steps": 2, "checkpoint_every_steps": 2})
+  trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  out = capsys.readouterr().out
+  assert "(8 train images, 2 unreadable skipped)" in out, out
+  summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+  # 2 found at listing + 2 that do not decode: every image was read in 2 steps of 8
+  assert summary["skipped_images"] == {"train": 4, "test": 4}
+  assert summary["skipped_steps"] == 0
+  assert "skipped: 0 non-finite update(s) (skip_nonfinite); 4 train and 4 test" in out
