@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -321,3 +322,19 @@ def test_train_empty_workdir_creates_nothing(tmp_path, monkeypatch):
   with pytest.raises(checkpoint.CheckpointError, match="--workdir: empty"):
     trainer.train_and_evaluate(synthetic_config(), "")
   assert os.listdir(tmp_path) == []
+
+
+def test_convert_export_of_a_train_workdir(workdir, tmp_path, capsys):
+  """`convert export WORKDIR out.pth` writes the run's latest checkpoint's params in the
+  official layout, and they import back to the same values."""
+  from mae_jax import pretrained
+  assert convert.main(["export", str(workdir), str(tmp_path / "run.pth")]) == 0
+  assert "the params of checkpoint step 2" in capsys.readouterr().out
+  assert convert.main(["import", str(tmp_path / "run.pth"), str(tmp_path / "back"),
+                       "--num_heads", "2", "--decoder_heads", "2"]) == 0
+  back, _ = checkpoint.load_params(str(tmp_path / "back"))
+  ours = pretrained.load(str(workdir)).params
+  flat_back = dict(jax.tree_util.tree_leaves_with_path(back))
+  for path, value in jax.tree_util.tree_leaves_with_path(ours):
+    np.testing.assert_array_equal(np.asarray(flat_back[path]), np.asarray(value),
+                                  err_msg=jax.tree_util.keystr(path))
