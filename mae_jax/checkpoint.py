@@ -68,9 +68,14 @@ class Checkpointer:
     self.write_manifests()  # the save above waited for the previous one to finish
     return saved
 
-  def restore(self, step, target):
+  def restore(self, step, target, unfit_hint=None):
     """Restore `step` onto the shapes, dtypes and shardings of `target` (a state pytree
-    of arrays or jax.ShapeDtypeStructs), after checking its files against the manifest."""
+    of arrays or jax.ShapeDtypeStructs), after checking its files against the manifest.
+
+    unfit_hint: what to advise when Orbax cannot restore the step although its files
+    passed their checks: it may be of another config rather than damaged (a workdir
+    without config.json), so deleting it would be the wrong advice.
+    """
     step_dir = self.step_dir(step)
     verify(step_dir, step, self._fallback(step))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
@@ -78,13 +83,13 @@ class Checkpointer:
       state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:
       raise CheckpointError(f"checkpoint step {step} cannot be restored: {short_reason(e)}; "
-                            f"{self._fallback(step)}") from e
+                            f"{unfit_hint or self._fallback(step)}") from e
     # Only finite states are ever saved: NaN here means damage the manifest did not catch
     check_finite_tree(state, f"checkpoint step {step} is damaged ({step_dir})",
                       hint=self._fallback(step))
     return state
 
-  def restore_latest(self, target):
+  def restore_latest(self, target, unfit_hint=None):
     """(state, step) from the latest complete checkpoint, or (target, None) if none.
 
     Steps whose writing was interrupted are never candidates; each one newer than the
@@ -98,7 +103,7 @@ class Checkpointer:
                           f"({os.path.basename(path)}): ignored, {resumed}")
     if step is None:
       return target, None
-    return self.restore(step, target), step
+    return self.restore(step, target, unfit_hint), step
 
   def check_space(self, target):
     """Raise CheckpointError if the disk cannot hold one checkpoint of `target`."""

@@ -81,7 +81,12 @@ def initial_state(run, ckpt):
                  out_shardings=run.state_shardings)
   state = init(jax.random.key(run.config.seed))
   ckpt.check_space(state)
-  state, step = ckpt.restore_latest(state)
+  unfit = None
+  if saved is None and ckpt.latest_step() is not None:  # nothing says which config wrote it
+    unfit = (f"{run.workdir} has no config.json to tell whether the checkpoint is damaged "
+             "or of another config: resume with the config of the run that wrote it, or "
+             "use a new --workdir")
+  state, step = ckpt.restore_latest(state, unfit)
   if step is None and run.config.init_from:
     state = state.replace(params=load_init_params(run, state.params))
   return state, step

@@ -951,3 +951,21 @@ def test_skipped_images_are_counted_in_the_summary(tmp_path, capsys):
   assert summary["skipped_images"] == {"train": 4, "test": 4}
   assert summary["skipped_steps"] == 0
   assert "skipped: 0 non-finite update(s) (skip_nonfinite); 4 train and 4 test" in out
+
+
+def test_missing_config_json_never_leads_to_deleting_checkpoints(reference, tmp_path):
+  """Checkpoints of another model in a workdir without config.json: the refusal says the
+  config is unknown and advises no deletion (the checkpoints are not damaged)."""
+  workdir = copy_run(reference, tmp_path, keep_steps=[15, 18])
+  (workdir / "config.json").unlink()
+  shutil.rmtree(workdir / "configs")
+  before = tree_digest(workdir / "checkpoints")
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    trainer.train_and_evaluate(small_config({"model.width": 64}), str(workdir))
+  message = str(e.value)
+  assert message.startswith("checkpoint step 18 cannot be restored: "), message
+  assert message.endswith(f"{workdir} has no config.json to tell whether the checkpoint is "
+                          "damaged or of another config: resume with the config of the run "
+                          "that wrote it, or use a new --workdir"), message
+  assert "delete" not in message
+  assert tree_digest(workdir / "checkpoints") == before
