@@ -379,7 +379,7 @@ def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(reference, en
   loss overflows: the run stops there, exit 1, and no non-finite params reach disk."""
   workdir = copy_run(reference, tmp_path)
   proc = run_train(workdir, env, {**SMALL, "optim.base_lr": 1e35, "num_steps": 22,
-                                  "checkpoint_every_steps": 1})
+                                  "checkpoint_every_steps": 1, "allow_config_change": True})
   assert proc.returncode == 1, proc.stderr[-3000:]
   line = last_line(proc.stderr)
   assert line.startswith("error: non-finite loss, gradients or update at step 20 "), line
@@ -396,9 +396,12 @@ def test_skip_nonfinite_drops_and_counts_updates(reference, env, tmp_path):
   run finishes, each such step keeps params and optimizer state bitwise and is counted."""
   workdir = copy_run(reference, tmp_path)
   proc = run_train(workdir, env, {**SMALL, "optim.base_lr": 1e40, "num_steps": 21,
-                                  "checkpoint_every_steps": 1, "skip_nonfinite": True})
+                                  "checkpoint_every_steps": 1, "skip_nonfinite": True,
+                                  "allow_config_change": True})
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert np.isfinite(json.loads((workdir / "summary.json").read_text())["test_masked_mse"])
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert np.isfinite(summary["test_masked_mse"]) and summary["skipped_steps"] == 3
+  assert "skipped: 3 non-finite update(s) (skip_nonfinite)" in proc.stdout
   good = load_state(reference, STEPS)
   for k, step in enumerate((19, 20, 21), 1):
     saved = load_state(workdir, step)
