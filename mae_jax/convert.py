@@ -28,6 +28,7 @@ MaskedAutoencoder(**model_fields) is the model they belong to.
   python -m mae_jax.convert import hf_dir/ out/from_hf
   python -m mae_jax.convert export out/mae_base mae_base.pth
   python -m mae_jax.convert export out/mae_base hf_out/ --format hf
+  python -m mae_jax.convert export workdirs/demo demo.pth  # a run's latest checkpoint
 """
 import argparse
 import functools
