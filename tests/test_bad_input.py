@@ -164,8 +164,9 @@ def damaged_copy(workdir, dest, damage):
     for p in step_dir.rglob("*"):
       if p.is_file() and p.stat().st_size > 1000:
         p.write_bytes(p.read_bytes()[:100])
-  elif damage == "bad_config":
-    (dest / "config.json").write_text("[1, 2]")
+  elif damage == "bad_config":  # the saved config (the latest launch's) is not a dict
+    for path in [dest / "config.json", *checkpoint.launch_configs(dest)]:
+      open(path, "w").write("[1, 2]")
   return dest
 
 
