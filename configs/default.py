@@ -101,4 +101,7 @@ def get_config():
   # N epochs, logged as eval/knn_top1; None = off. It encodes both splits each time.
   c.knn_every_epochs = config_dict.placeholder(float)
   c.smoke = False  # True: a tiny model and a few steps, for a quick check of any recipe
+  # True: resume a workdir whose run was launched with other values (listed at start-up;
+  # each launch's config is kept in WORKDIR/configs/). False: such a resume is refused.
+  c.allow_config_change = False
   return c

@@ -11,16 +11,16 @@ where the device reports it. A table goes to stdout, then one JSON line; progres
 """
 import argparse
 import functools
-import importlib.util
 import json
 import re
 import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 
-from mae_jax import config as config_lib, flops, kernels, mae, models, optim
+from mae_jax import cli, config as config_lib, flops, kernels, mae, models, optim
 from mae_jax import sharding
 from mae_jax import train_step as ts
 
@@ -44,24 +44,25 @@ AllTokensMAE = mae.AllTokensMAE
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(prog="python -m mae_jax.bench", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m mae_jax.bench", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default="configs/default.py",
                  help="recipe file; only its optimizer block is used")
   p.add_argument("--variant", default="B/16", help="SIZE/PATCH, e.g. Ti/16, S/16, B/16, L/16")
   for f in ("width", "depth", "num_heads", "patch_size"):
-    p.add_argument(f"--{f}", type=int, default=None, help="override the variant's value")
-  p.add_argument("--decoder_width", type=int, default=512, help="paper: 512")
-  p.add_argument("--decoder_depth", type=int, default=8, help="paper: 8")
-  p.add_argument("--decoder_heads", type=int, default=16, help="paper: 16")
-  p.add_argument("--mlp_ratio", type=float, default=4.0)
-  p.add_argument("--mask_ratio", type=float, default=0.75)
+    p.add_argument(f"--{f}", type=cli.positive_int, default=None,
+                   help="override the variant's value")
+  p.add_argument("--decoder_width", type=cli.positive_int, default=512, help="paper: 512")
+  p.add_argument("--decoder_depth", type=cli.positive_int, default=8, help="paper: 8")
+  p.add_argument("--decoder_heads", type=cli.positive_int, default=16, help="paper: 16")
+  p.add_argument("--mlp_ratio", type=cli.positive_float, default=4.0)
+  p.add_argument("--mask_ratio", type=cli.open_unit_float, default=0.75)
   p.add_argument("--encoder_tokens", choices=sorted(ENCODERS), default="visible",
                  help="visible = MAE; all = encoder on every token (mask tokens)")
-  p.add_argument("--image_size", type=int, default=224)
-  p.add_argument("--channels", type=int, default=3)
-  p.add_argument("--batch_size", type=int, default=64, help="global batch")
-  p.add_argument("--grad_accum_steps", type=int, default=1,
+  p.add_argument("--image_size", type=cli.positive_int, default=224)
+  p.add_argument("--channels", type=cli.positive_int, default=3)
+  p.add_argument("--batch_size", type=cli.positive_int, default=64, help="global batch")
+  p.add_argument("--grad_accum_steps", type=cli.positive_int, default=1,
                  help="micro-batches per step (gradients accumulated inside the step)")
   p.add_argument("--dtype", choices=sorted(models.DTYPES), default="float32")
   p.add_argument("--remat", default="none", help="none | full | dots")
@@ -69,31 +70,40 @@ def parse_args(argv):
   p.add_argument("--attn_impl", default=None, help="None (auto) | xla | cudnn")
   p.add_argument("--matmul", default="auto", help="Dense kernels: auto | xla | cpu")
   p.add_argument("--mesh_data", type=int, default=-1)
-  p.add_argument("--mesh_fsdp", type=int, default=1)
-  p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
-  p.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
-  p.add_argument("--peak_tflops", type=float, default=None,
+  p.add_argument("--mesh_fsdp", type=cli.positive_int, default=1)
+  p.add_argument("--steps", type=cli.positive_int, default=20,
+                 help="timed steps (median reported)")
+  p.add_argument("--warmup", type=cli.nonnegative_int, default=3,
+                 help="untimed steps after compiling")
+  p.add_argument("--peak_tflops", type=cli.positive_float, default=None,
                  help="per-device peak for MFU; default: PEAK_TFLOPS by device kind")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=cli.nonnegative_int, default=0)
   return p.parse_args(argv)
 
 
 def load_recipe(path):
-  """get_config() of a recipe file."""
-  spec = importlib.util.spec_from_file_location("bench_recipe", path)
-  if spec is None:
-    raise config_lib.ConfigError(f"--config {path}: not a Python recipe file")
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-  except FileNotFoundError:
-    raise config_lib.ConfigError(f"--config {path}: no such file") from None
-  return module.get_config()
+  """get_config() of a recipe file; a file that is missing, does not parse or raises is
+  one cli.UsageError naming it."""
+  what = "a recipe defining get_config()"
+  module = cli.load_python_file(path, what, name="bench_recipe")
+  config = cli.call_user_function(module, path, "get_config", what)
+  if not isinstance(config, ml_collections.ConfigDict) or "optim" not in config:
+    raise cli.UsageError(f"--config {path}: get_config() must return a ConfigDict with an "
+                         "optim block (see configs/default.py)")
+  return config
 
 
 def bench_config(args):
   """The recipe with the benchmark's model, data, batch and mesh; validated."""
   config = load_recipe(args.config)
+  try:
+    return _apply_args(config, args)
+  except (AttributeError, KeyError) as e:  # a recipe without the fields train.py needs
+    raise cli.UsageError(f"--config {args.config}: not a pretraining recipe (no field "
+                         f"{e}; see configs/default.py)") from None
+
+
+def _apply_args(config, args):
   with config.unlocked():
     for f in ("variant", "width", "depth", "num_heads", "patch_size", "decoder_width",
               "decoder_depth", "decoder_heads", "mlp_ratio", "mask_ratio", "dtype", "remat",
@@ -300,9 +310,8 @@ def main(argv=None):
   args = parse_args(argv)
   try:
     result = benchmark(args)
-  except config_lib.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except (config_lib.ConfigError, cli.UsageError) as e:
+    cli.fail(e)
   print(format_table(result))
   print(json.dumps(result), flush=True)
 

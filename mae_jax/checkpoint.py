@@ -10,15 +10,20 @@ CheckpointError naming the directory; the previous complete checkpoint is never 
 The data position needs no saving: batches are a pure function of (seed, step).
 """
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
 import sys
+import time
 import zlib
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -63,19 +68,28 @@ class Checkpointer:
     self.write_manifests()  # the save above waited for the previous one to finish
     return saved
 
-  def restore(self, step, target):
+  def restore(self, step, target, unfit_hint=None):
     """Restore `step` onto the shapes, dtypes and shardings of `target` (a state pytree
-    of arrays or jax.ShapeDtypeStructs), after checking its files against the manifest."""
+    of arrays or jax.ShapeDtypeStructs), after checking its files against the manifest.
+
+    unfit_hint: what to advise when Orbax cannot restore the step although its files
+    passed their checks: it may be of another config rather than damaged (a workdir
+    without config.json), so deleting it would be the wrong advice.
+    """
     step_dir = self.step_dir(step)
     verify(step_dir, step, self._fallback(step))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
-      return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:
       raise CheckpointError(f"checkpoint step {step} cannot be restored: {short_reason(e)}; "
-                            f"{self._fallback(step)}") from e
+                            f"{unfit_hint or self._fallback(step)}") from e
+    # Only finite states are ever saved: NaN here means damage the manifest did not catch
+    check_finite_tree(state, f"checkpoint step {step} is damaged ({step_dir})",
+                      hint=self._fallback(step))
+    return state
 
-  def restore_latest(self, target):
+  def restore_latest(self, target, unfit_hint=None):
     """(state, step) from the latest complete checkpoint, or (target, None) if none.
 
     Steps whose writing was interrupted are never candidates; each one newer than the
@@ -89,7 +103,7 @@ class Checkpointer:
                           f"({os.path.basename(path)}): ignored, {resumed}")
     if step is None:
       return target, None
-    return self.restore(step, target), step
+    return self.restore(step, target, unfit_hint), step
 
   def check_space(self, target):
     """Raise CheckpointError if the disk cannot hold one checkpoint of `target`."""
@@ -164,6 +178,13 @@ def interrupted_steps(directory):
     if match:
       found.append((int(match.group(1)), os.path.join(directory, name)))
   return sorted(found)
+
+
+def check_workdir(workdir, flag="--workdir"):
+  """Raise CheckpointError for an empty workdir (it would mean the current directory)."""
+  if not isinstance(workdir, (str, os.PathLike)) or not str(workdir).strip():
+    raise CheckpointError(f"{flag}: empty; expected a directory for the run's checkpoints "
+                          "and logs")
 
 
 def check_writable(directory):
@@ -263,27 +284,194 @@ def short_reason(error, limit=300):
   return text[:limit] + ("..." if len(text) > limit else "")
 
 
-def save_config(config, workdir):
-  """Write the run's config as JSON beside the checkpoints (process 0 only)."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
+CONFIG_HISTORY = "configs"  # WORKDIR/configs/launch-NNN-step-S.json, one per launch
+
+
+def _write_json_atomically(path, text):
   with open(path + ".tmp", "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    f.write(text)
   os.replace(path + ".tmp", path)
 
 
-def load_config_dict(workdir):
-  """The saved config of a workdir as a plain dict, or None where it has none."""
+def launch_configs(workdir):
+  """Paths of WORKDIR/configs/launch-*.json in launch order."""
+  directory = os.path.join(workdir, CONFIG_HISTORY)
+  if not os.path.isdir(directory):
+    return []
+  found = [(int(m.group(1)), name) for name in os.listdir(directory)
+           if (m := re.fullmatch(r"launch-(\d+)-step-\d+\.json", name))]
+  return [os.path.join(directory, name) for _, name in sorted(found)]
+
+
+def save_config(config, workdir, start_step=0):
+  """Record this launch's config (process 0 only): WORKDIR/config.json is the first
+  launch's and is never overwritten; each launch adds configs/launch-NNN-step-S.json
+  (S: the step it started from)."""
+  if jax.process_index() != 0:
+    return
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  os.makedirs(os.path.join(workdir, CONFIG_HISTORY), exist_ok=True)
   path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    _write_json_atomically(path, text)
+  number = len(launch_configs(workdir)) + 1
+  _write_json_atomically(os.path.join(workdir, CONFIG_HISTORY,
+                                      f"launch-{number:03d}-step-{start_step}.json"), text)
+
+
+def load_config_dict(workdir):
+  """The config of a workdir's latest launch as a plain dict (config.json where it keeps
+  no history), or None where it has none."""
+  history = launch_configs(workdir)
+  path = history[-1] if history else os.path.join(workdir, "config.json")
   try:
     with open(path) as f:
-      return json.load(f)
+      saved = json.load(f)
   except FileNotFoundError:
     return None
   except (OSError, ValueError) as e:
     raise CheckpointError(f"{path}: cannot read the saved config ({e})") from None
+  if not isinstance(saved, dict):
+    raise CheckpointError(f"{path}: expected a JSON object (train.py's config), found "
+                          f"{type(saved).__name__}")
+  return saved
+
+
+# ---------------------------------------------------------------------------
+# One run per workdir.
+
+LOCK_FILE = "run.lock"
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+def _holder_of(text):
+  """'pid P on host H, started T' of a lock file's contents (or what is there)."""
+  try:
+    h = json.loads(text)
+    return f"pid {h['pid']} on host {h['host']}, started {h['started']}"
+  except (ValueError, KeyError, TypeError):
+    return f"an unreadable holder ({text[:80]!r})"
+
+
+class WorkdirLock:
+  """WORKDIR/run.lock, held by one run (process 0 of it) from start-up to exit.
+
+  The file names its holder (host, pid, start time). It is held with a POSIX record lock
+  (fcntl.lockf), which the kernel (or the NFS server) drops when the holder dies however
+  it dies: a lock file left by a killed run is stale by construction and is taken over,
+  with a note naming the run it was left by. A file system without POSIX locks falls back
+  to the file's contents: a holder that is alive on this host, or that runs on another
+  host (which cannot be checked from here), keeps the workdir.
+  """
+
+  def __init__(self, workdir):
+    self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+    self.fd = None
+    self.note = None  # what was taken over, for the run's log
+
+  def acquire(self):
+    me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+    while self.fd is None:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as e:
+        held = e.errno in (errno.EAGAIN, errno.EACCES)
+        previous = _read_fd(fd)
+        os.close(fd)
+        if held:
+          raise self._in_use(previous) from None
+        if e.errno not in _NO_LOCKS:
+          raise
+        self._check_by_contents(previous)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      if not _same_file(fd, self.path):  # the previous holder removed it meanwhile
+        os.close(fd)
+        continue
+      previous = _read_fd(fd)
+      if previous.strip():
+        self.note = (f"took over {self.path}, left by a run that is no longer running "
+                     f"({_holder_of(previous)})")
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, me.encode(), 0)
+      os.fsync(fd)
+      self.fd = fd
+    return self
+
+  def _in_use(self, contents):
+    return CheckpointError(
+        f"{os.path.dirname(self.path)} is in use by another run ({_holder_of(contents)}; "
+        f"lock {self.path}): wait for it to finish, stop it, or choose another --workdir")
+
+  def _check_by_contents(self, contents):
+    """Without POSIX locks: refuse a holder that lives, or that cannot be checked."""
+    try:
+      holder = json.loads(contents)
+      host, pid = holder["host"], int(holder["pid"])
+    except (ValueError, KeyError, TypeError):
+      return  # empty or unreadable: no holder
+    if host != socket.gethostname() or _alive(pid):
+      raise self._in_use(contents)
+
+  def release(self):
+    if self.fd is None:
+      return
+    with contextlib.suppress(OSError):
+      if _same_file(self.fd, self.path):
+        os.remove(self.path)
+    os.close(self.fd)  # drops the record lock
+    self.fd = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def _read_fd(fd):
+  try:
+    return os.pread(fd, 4096, 0).decode(errors="replace")
+  except OSError:
+    return ""
+
+
+def _same_file(fd, path):
+  try:
+    return os.stat(path).st_ino == os.fstat(fd).st_ino
+  except FileNotFoundError:
+    return False
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def lock_workdir(workdir):
+  """Take WORKDIR's lock on process 0 (None elsewhere); every process learns whether it
+  was free, so all of a multi-process run stop together when it was not."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = WorkdirLock(workdir).acquire()
+    except CheckpointError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    taken = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if taken and error is None:
+      error = CheckpointError(f"{os.path.abspath(workdir)} is in use by another run "
+                              "(process 0 names it)")
+  if error is not None:
+    raise error
+  return lock
 
 
 # ---------------------------------------------------------------------------
@@ -322,8 +510,16 @@ def read_meta(directory):
   if not is_params_dir(directory):
     raise ParamsError(f"{directory}: no {META_FILE}; expected a parameter directory "
                       "(`python -m mae_jax.convert import` writes one)")
-  with open(os.path.join(directory, META_FILE)) as f:
-    return json.load(f)
+  path = os.path.join(directory, META_FILE)
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ParamsError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
+  if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+    raise ParamsError(f"{path}: expected a JSON object with the model's fields under "
+                      "'model'")
+  return meta
 
 
 def shape_mismatches(tree, reference, complete=True):
@@ -351,11 +547,48 @@ def load_params(path, target=None):
   with ocp.StandardCheckpointer() as checkpointer:
     if target is not None:
       target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-      stored = checkpointer.metadata(params_path).item_metadata.tree
+      stored = _params_metadata(checkpointer, params_path)
       bad = shape_mismatches(stored, target)
       if bad:
         shown = "; ".join(bad[:20]) + (f"; ... ({len(bad)} in all)" if len(bad) > 20 else "")
         raise ParamsError(f"{path} holds params of {meta['model']}, which do not fit the "
                           f"target (stored vs target): {shown}")
-    params = checkpointer.restore(params_path, target)
+    try:
+      params = checkpointer.restore(params_path, target)
+    except Exception as e:  # Orbax / TensorStore on missing or damaged files
+      raise ParamsError(f"{params_path}: damaged or incomplete parameters, cannot be "
+                        f"restored ({short_reason(e, 200)})") from None
+  check_finite_tree(params, f"{params_path}: damaged parameters", ParamsError)
   return params, meta["model"]
+
+
+def _params_metadata(checkpointer, params_path):
+  try:
+    return checkpointer.metadata(params_path).item_metadata.tree
+  except Exception as e:  # a missing or damaged params/ directory
+    raise ParamsError(f"{params_path}: missing or damaged parameters ("
+                      f"{short_reason(e, 200)})") from None
+
+
+def nonfinite_leaves(tree):
+  """'/'-joined paths of the floating-point leaves of `tree` holding NaN or infinity."""
+  leaves = [(path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+            if jnp.issubdtype(leaf.dtype, jnp.floating)]
+  finite = jax.device_get(_all_finite([leaf for _, leaf in leaves]))  # one program
+  return [jax.tree_util.keystr(path, simple=True, separator="/")
+          for (path, _), ok in zip(leaves, finite) if not ok]
+
+
+@jax.jit
+def _all_finite(leaves):
+  return [jnp.isfinite(x).all() for x in leaves]
+
+
+def check_finite_tree(tree, what, error=None, hint=None):
+  """Raise `error` (CheckpointError by default) naming the non-finite leaves of `tree`:
+  a bit flip in a stored float restores without complaint from Orbax."""
+  bad = nonfinite_leaves(tree)
+  if bad:
+    shown = ", ".join(bad[:5]) + (f" ... ({len(bad)} in all)" if len(bad) > 5 else "")
+    raise (error or CheckpointError)(f"{what}: NaN or infinite values in {shown}"
+                                     + (f"; {hint}" if hint else ""))

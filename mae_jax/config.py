@@ -1,5 +1,6 @@
 """Config checks and derived quantities: everything decided before anything compiles."""
 import dataclasses
+import json
 import math
 import re
 
@@ -185,6 +186,14 @@ def durations(config, num_train_examples):
   return Durations(steps_per_epoch, total, min(warmup, total))
 
 
+def smoke_replaced(before, after):
+  """'field before -> after' of the fields apply_smoke changed (a run says what it did)."""
+  ours, theirs = flatten(json.loads(after.to_json_best_effort())), flatten(
+      json.loads(before.to_json_best_effort()))
+  return [f"{f} {theirs[f]!r} -> {ours[f]!r}" for f in sorted(ours)
+          if f in theirs and theirs[f] != ours[f]]
+
+
 def apply_smoke(config):
   """Shrink any recipe to a seconds-long check: tiny model, few steps, small batches."""
   with config.unlocked():
@@ -240,6 +249,52 @@ def check_resume(config, saved, workdir):
       f"the checkpoints in {workdir} are of another model ("
       + "; ".join(f"{p} {theirs[p]!r} there, {ours[p]!r} here" for p in differ)
       + f"); resume with the values in {workdir}/config.json or use a new --workdir"))
+
+
+# Fields that steer one launch without changing what the run computes: a resume may
+# change them freely (the mesh and kernels change only float rounding).
+LAUNCH_FIELDS = frozenset({
+    "stop_after_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+    "num_vis_images", "knn_every_epochs", "allow_config_change", "data.num_workers",
+    "mesh.data", "mesh.fsdp", "model.remat", "model.attn_impl", "model.matmul",
+    "model.unroll",
+})
+
+
+def flatten(tree, prefix=""):
+  """{'optim.base_lr': value, ...} of a nested dict."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def changed_fields(config, saved):
+  """[(field, saved value, this value)] of the fields (LAUNCH_FIELDS aside) in which a run
+  config differs from the saved one (a dict). Fields the saved config lacks (added to the
+  recipes after it was written) are not compared."""
+  ours = flatten(json.loads(config.to_json_best_effort()))
+  theirs = flatten(saved)
+  return [(f, theirs[f], ours.get(f)) for f in sorted(theirs)
+          if f not in LAUNCH_FIELDS and f in ours and ours[f] != theirs[f]]
+
+
+def check_config_change(config, saved, workdir):
+  """Refuse to resume with values other than the previous launch's, unless
+  config.allow_config_change; returns the changes (a line for the log) or None."""
+  changes = changed_fields(config, saved)
+  if not changes:
+    return None
+  listed = "; ".join(f"{f} {a!r} there, {b!r} here" for f, a, b in changes)
+  if not config.get("allow_config_change", False):
+    raise ConfigError(
+        f"config: the run in {workdir} was launched with other values ({listed}); resume "
+        "with its values, set --config.allow_config_change=True to go on with these "
+        f"(each launch's config is kept in {workdir}/configs/), or use a new --workdir")
+  return f"config changed on resume (allow_config_change): {listed}"
 
 
 _FLAG_PROBLEMS = (  # fragments of absl / ml_collections parse errors -> what was expected

@@ -28,6 +28,7 @@ MaskedAutoencoder(**model_fields) is the model they belong to.
   python -m mae_jax.convert import hf_dir/ out/from_hf
   python -m mae_jax.convert export out/mae_base mae_base.pth
   python -m mae_jax.convert export out/mae_base hf_out/ --format hf
+  python -m mae_jax.convert export workdirs/demo demo.pth  # a run's latest checkpoint
 
 Fine-tuned classifiers (the official fine-tuning's .pth: `fc_norm` + `head` for global
 pooling, `norm` + `head` for the cls token, a trained `pos_embed`) import into the
@@ -49,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax import checkpoint, models, posembed
+from mae_jax import checkpoint, cli, models, posembed
 from mae_jax.checkpoint import load_params, read_meta, save_params, shape_mismatches
 from mae_jax.mae import MaskedAutoencoder
 
@@ -138,24 +139,28 @@ def _count_blocks(state, stack):
   return max(idx) + 1 if idx else 0
 
 
-def _require(state, name, what):
+def _require(state, name, what, ndim):
   if name not in state:
     raise ConversionError(f"checkpoint has no {name!r}, needed to infer {what}")
-  return np.shape(state[name])
+  shape = np.shape(state[name])
+  if len(shape) != ndim or 0 in shape:
+    raise ConversionError(f"{name} has shape {tuple(shape)}; expected {ndim} non-zero "
+                          f"dimensions, to infer {what}")
+  return shape
 
 
 def infer_shapes(state, image_size=None):
   """Fields readable from tensor shapes alone (no heads): width, depth, patch, ..."""
-  d, c, p, _ = _require(state, "patch_embed.proj.weight", "width and patch size")
-  hidden = _require(state, "blocks.0.mlp.fc1.weight", "the MLP ratio")[0]
+  d, c, p, _ = _require(state, "patch_embed.proj.weight", "width and patch size", 4)
+  hidden = _require(state, "blocks.0.mlp.fc1.weight", "the MLP ratio", 2)[0]
   if "pos_embed" in state:
-    grid = int(round((np.shape(state["pos_embed"])[1] - 1)**0.5))
+    grid = int(round((_require(state, "pos_embed", "the image size", 3)[1] - 1)**0.5))
     image_size = grid * p
   fields = dict(image_size=image_size or 224, patch_size=p, channels=c, width=d,
                 depth=_count_blocks(state, "blocks"), mlp_ratio=hidden / d)
   if has_decoder(state):
-    dd = _require(state, "decoder_embed.weight", "the decoder width")[0]
-    dec_hidden = _require(state, "decoder_blocks.0.mlp.fc1.weight", "the decoder MLP")[0]
+    dd = _require(state, "decoder_embed.weight", "the decoder width", 2)[0]
+    dec_hidden = _require(state, "decoder_blocks.0.mlp.fc1.weight", "the decoder MLP", 2)[0]
     if dec_hidden != int(dd * fields["mlp_ratio"]):
       raise ConversionError(
           f"decoder MLP ratio {dec_hidden / dd} differs from the encoder's "
@@ -509,14 +514,33 @@ def _to_numpy(value, name):
 
 def _torch_load(path):
   """torch.load without running arbitrary pickled code (tensors, containers, and the
-  argparse.Namespace that training scripts save beside the weights)."""
+  argparse.Namespace that training scripts save beside the weights). A file that is not a
+  whole torch.save file (empty, truncated, text, random bytes) is one ConversionError."""
+  if not os.path.isfile(path):
+    raise ConversionError(f"{path}: " + ("is a directory; expected a .pth file (or pass "
+                                         "--format hf)" if os.path.isdir(path)
+                                         else "not found"))
   torch = _torch()
   try:
     with torch.serialization.safe_globals([argparse.Namespace]):
       return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
-    raise ConversionError(f"{path}: holds objects other than tensors, refused for "
-                          f"safety; re-save just its state dict ({e})") from None
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    if found:  # a whole file whose pickle names a class: refused, never executed
+      raise ConversionError(f"{path}: holds a {found.group(1)} object, not only tensors; "
+                            "mae_jax loads tensors only: re-save just the state dict "
+                            "(torch.save({'model': model.state_dict()}, path))") from None
+    raise ConversionError(_not_torch(path, e)) from None
+  except Exception as e:  # torch raises EOFError, KeyError, RuntimeError ... on bad bytes
+    raise ConversionError(_not_torch(path, e)) from None
+
+
+def _not_torch(path, error):
+  size = os.path.getsize(path)
+  text = " ".join(str(error).split()).split(". ")[0][:120]
+  reason = type(error).__name__ + (f": {text}" if text else "")
+  return (f"{path}: not a readable PyTorch checkpoint ({size} bytes; {reason}); expected a "
+          "whole file written by torch.save: is it empty, truncated or of another format?")
 
 
 def read_official(path):
@@ -535,12 +559,29 @@ def write_official(state, path):
   torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}}, path)
 
 
+def _read_json(path, what):
+  """A JSON file's object, or one ConversionError naming the file."""
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConversionError(f"{path}: unreadable {what} ({' '.join(str(e).split())})") from None
+  if not isinstance(value, dict):
+    raise ConversionError(f"{path}: expected a JSON object ({what}), found "
+                          f"{type(value).__name__}")
+  return value
+
+
 def _hf_weight_files(directory):
   index = [f for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
            if os.path.exists(os.path.join(directory, f))]
   if index:
-    with open(os.path.join(directory, index[0])) as f:
-      return sorted(set(json.load(f)["weight_map"].values()))
+    path = os.path.join(directory, index[0])
+    weight_map = _read_json(path, "weight index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) for v in weight_map.values()):
+      raise ConversionError(f"{path}: expected a 'weight_map' of tensor name -> file")
+    return sorted(set(weight_map.values()))
   for name in ("model.safetensors", "pytorch_model.bin"):
     if os.path.exists(os.path.join(directory, name)):
       return [name]
@@ -550,18 +591,31 @@ def _hf_weight_files(directory):
 def _read_weight_file(path):
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-    return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
-  return {k: _to_numpy(v, k) for k, v in _torch_load(path).items()}
+    if not os.path.isfile(path):
+      raise ConversionError(f"{path}: not found (named by the weight index)")
+    try:
+      tensors = load_file(path)
+    except Exception as e:  # SafetensorError, OSError, ... on a damaged file
+      raise ConversionError(f"{path}: not a readable safetensors file ("
+                            f"{' '.join(str(e).split())[:120]}); is it truncated?") from None
+    return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+  state = _torch_load(path)
+  if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+    raise ConversionError(f"{path}: expected a state dict of tensors")
+  return {k: _to_numpy(v, k) for k, v in state.items()}
 
 
 def read_hf(directory):
   """Local HF directory -> ({hf name: float32 array}, config dict). Nothing downloaded."""
+  if not os.path.isdir(directory):
+    raise ConversionError(f"{directory}: " + ("is a file; expected a Hugging Face directory"
+                                              " (or pass --format official)"
+                                              if os.path.exists(directory) else "not found"))
   config_path = os.path.join(directory, "config.json")
   if not os.path.exists(config_path):
     raise ConversionError(f"{directory}: no config.json (expected a Hugging Face "
                           "ViTMAE directory)")
-  with open(config_path) as f:
-    config = json.load(f)
+  config = _read_json(config_path, "Hugging Face config")
   state = {}
   for name in _hf_weight_files(directory):
     state.update(_read_weight_file(os.path.join(directory, name)))
@@ -706,9 +760,19 @@ def _read_official_source(path):
 
 def _read_hf_source(path):
   state, config = read_hf(path)
-  hints = hf_config_fields(config)
+  try:
+    hints = hf_config_fields(config)
+  except (TypeError, ValueError) as e:  # a field of another type than ViTMAEConfig's
+    if isinstance(e, ConversionError):
+      raise
+    raise ConversionError(f"{path}/config.json: a field has an unexpected value ({e})"
+                          ) from None
   hints.update(decoder_width=config.get("decoder_hidden_size"),
                decoder_depth=config.get("decoder_num_hidden_layers"))
+  for name, value in hints.items():
+    if name != "mask_ratio" and value is not None and (
+        not isinstance(value, int) or isinstance(value, bool) or value < 1):
+      raise ConversionError(f"{path}/config.json: {name} is {value!r}; expected an int >= 1")
   return hf_to_official(state), hints, config.get("norm_pix_loss")
 
 
@@ -727,6 +791,12 @@ def import_checkpoint(src, out, fmt=None, *, variant=None, seed=0, check_pos=Tru
   (None = infer). Returns (params, meta).
   """
   fmt = fmt or guess_format(src)
+  if not os.path.lexists(src):
+    raise ConversionError(f"{src}: not found")
+  if os.path.lexists(out):  # before any reading: a taken output fails at once
+    raise checkpoint.ParamsError(f"{os.path.abspath(out)} already exists; choose a new "
+                                 "output directory")
+  cli.check_output_dir(out, "out")
   state, file_hints, norm_pix_loss = READERS[fmt](src)
   file_hints.update({k: v for k, v in hints.items() if v is not None})
   if is_classifier(state):
@@ -762,8 +832,8 @@ def export_classifier(directory, out, fmt, overwrite):
   if fmt != "official":
     raise ConversionError(f"{directory} holds a classifier: it exports to the official "
                           ".pth format only (--format official)")
+  _check_new_output(out, fmt, overwrite)  # before anything is read
   model, params = finetune.load(directory)
-  _check_new_output(out, overwrite)
   state = params_to_classifier(params, {f: getattr(model, f) for f in CLASSIFIER_FIELDS})
   write_official(state, out)
   print(f"wrote {out} (official, fine-tuned classifier, {model.num_classes} classes)")
@@ -778,25 +848,59 @@ def _write_official(state, fields, out, norm_pix_loss):
 WRITERS = {"official": _write_official, "hf": write_hf}
 
 
-def _check_new_output(out, overwrite):
+def _check_new_output(out, fmt, overwrite):
+  """Refuse an output that is taken (without --overwrite) or cannot be written."""
   taken = os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out))
   if taken and not overwrite:
     raise ConversionError(f"{out} exists; pass --overwrite to replace it")
+  if fmt == "official":
+    cli.check_output_file(out, "out")
+  elif os.path.isfile(out):
+    raise ConversionError(f"{out} is a file; --format hf writes a directory")
+  elif not os.path.isdir(out):
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+      raise ConversionError(f"{out}: cannot create it: {parent} is not a writable folder")
+
+
+def _export_source(path):
+  """(params, model fields, meta) of a parameter directory or of a train.py workdir's
+  latest checkpoint (only its params are read)."""
+  from mae_jax import pretrained  # pylint: disable=import-outside-toplevel
+  if not os.path.isdir(path):
+    raise ConversionError(f"{path}: " + ("not found" if not os.path.lexists(path) else
+                                         "is a file; expected a parameter directory "
+                                         "(convert import) or a train.py workdir"))
+  if pretrained.is_workdir(path) and not checkpoint.is_params_dir(path):
+    model, config = pretrained.model_of(path)
+    params, step = pretrained.restore_params(path, model)
+    fields = models.model_kwargs(config.model, config.data.image_size, config.data.channels)
+    meta = {"model": fields, "decoder_from_checkpoint": True,
+            "norm_pix_loss": bool(config.model.norm_pix_loss),
+            "source": {"format": "workdir", "path": os.path.abspath(path), "step": step}}
+    print(f"{path}: the params of checkpoint step {step}")
+    return jax.device_get(params), fields, meta
+  if not checkpoint.is_params_dir(path):
+    raise ConversionError(f"{path}: neither a parameter directory (model.json + params/, "
+                          "from `convert import`) nor a train.py workdir (config.json + "
+                          "checkpoints/)")
+  meta = read_meta(path)
+  params, fields = load_params(path)
+  return params, fields, meta
 
 
 def export_checkpoint(params_dir, out, fmt=None, with_decoder=None, overwrite=False):
-  """Write an import directory (or any load_params output) as an official .pth or an HF
-  directory, or a classifier directory as an official .pth. with_decoder=None: only a
-  decoder that came from a checkpoint."""
+  """Write an import directory, or a train.py workdir's latest checkpoint, as an official
+  .pth or an HF directory, or a classifier directory as an official .pth.
+  with_decoder=None: only a decoder that came from a checkpoint."""
   fmt = fmt or guess_format(out)
   from mae_jax.evaluation import finetune  # pylint: disable=g-import-not-at-top
   if os.path.isfile(os.path.join(params_dir, finetune.CLASSIFIER_FILE)):
     return export_classifier(params_dir, out, fmt, overwrite)
-  meta = read_meta(params_dir)
-  params, fields = load_params(params_dir)
+  _check_new_output(out, fmt, overwrite)  # before anything is read
+  params, fields, meta = _export_source(params_dir)
   if with_decoder is None:
     with_decoder = meta.get("decoder_from_checkpoint", True)
-  _check_new_output(out, overwrite)
   state = params_to_official(params, fields, with_decoder)
   WRITERS[fmt](state, fields, out, bool(meta.get("norm_pix_loss")))
   print(f"wrote {out} ({fmt}, {'with' if with_decoder else 'without'} the decoder)")
@@ -808,7 +912,7 @@ def export_checkpoint(params_dir, out, fmt=None, with_decoder=None, overwrite=Fa
 
 
 def _parser():
-  parser = argparse.ArgumentParser(prog="python -m mae_jax.convert", description=__doc__,
+  parser = cli.ArgumentParser(prog="python -m mae_jax.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   imp = sub.add_parser("import", help="official .pth or HF directory -> Orbax params")
@@ -818,12 +922,14 @@ def _parser():
   imp.add_argument("--variant", help="e.g. B/16, L/16, H/14: gives the heads of a .pth")
   for flag in ("num_heads", "decoder_heads", "decoder_width", "decoder_depth",
                "image_size"):
-    imp.add_argument(f"--{flag}", type=int)
-  imp.add_argument("--mask_ratio", type=float)
-  imp.add_argument("--seed", type=int, default=0, help="decoder init of encoder-only files")
+    imp.add_argument(f"--{flag}", type=cli.positive_int)
+  imp.add_argument("--mask_ratio", type=cli.open_unit_float)
+  imp.add_argument("--seed", type=cli.nonnegative_int, default=0,
+                   help="decoder init of encoder-only files")
   imp.add_argument("--no_check_pos_embed", action="store_true")
   exp = sub.add_parser("export", help="Orbax params -> official .pth or HF directory")
-  exp.add_argument("params", help="a directory written by `import`")
+  exp.add_argument("params", help="a directory written by `import`, or a train.py workdir "
+                   "(its latest checkpoint)")
   exp.add_argument("out", help=".pth file (official) or directory (hf)")
   exp.add_argument("--format", choices=sorted(WRITERS), help="default: .pth -> official")
   dec = exp.add_mutually_exclusive_group()
@@ -848,12 +954,13 @@ def _run_export(args):
 
 
 def main(argv=None):
+  from mae_jax.pretrained import PretrainedError  # pylint: disable=import-outside-toplevel
   args = _parser().parse_args(argv)
   try:
     args.run(args)
-  except (ConversionError, checkpoint.ParamsError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except (ConversionError, checkpoint.ParamsError, checkpoint.CheckpointError,
+          PretrainedError, cli.UsageError, FileNotFoundError) as e:
+    return cli.report(e)
   return 0
 
 

@@ -225,25 +225,50 @@ class Evaluation:
     return results
 
 
+def check_results_dir(workdir):
+  """Results go into `workdir` (made for a converted checkpoint): refuse one that cannot
+  take them before anything is computed, not after."""
+  target = workdir if os.path.exists(workdir) else os.path.dirname(os.path.abspath(workdir))
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise checkpoint.CheckpointError(f"--workdir {workdir}: is a file; expected a directory")
+  if not os.path.isdir(target):
+    raise checkpoint.CheckpointError(f"--workdir {workdir}: its folder {target} does not "
+                                     "exist")
+  if not os.access(target, os.W_OK | os.X_OK):
+    raise checkpoint.CheckpointError(f"--workdir {workdir}: cannot write the results into "
+                                     f"{target} (permission denied)")
+
+
 def evaluate(config, workdir, modes):
   """Evaluate the workdir's encoder in each of `modes`; {mode: results}."""
   modes = [m.strip() for m in modes] if not isinstance(modes, str) else [
       m.strip() for m in modes.split(",")]
   validate(config, modes)
+  checkpoint.check_workdir(workdir)
+  check_results_dir(workdir)
   evaluation = Evaluation(config, workdir)
   return {mode: evaluation.run(mode) for mode in modes}
+
+
+USAGE_ERRORS = (config_lib.ConfigError, data.DatasetError, checkpoint.ParamsError,
+                pretrained.PretrainedError, checkpoint.CheckpointError)
+
+
+def command(config, workdir, modes):
+  """The command's work: 0, or 2 after one `error:` line for bad input."""
+  try:
+    evaluate(config, workdir, modes)
+  except USAGE_ERRORS as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  return 0
 
 
 def main(argv):
   del argv
   from absl import flags, logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
-  try:
-    evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.mode)
-  except (config_lib.ConfigError, data.DatasetError, checkpoint.ParamsError,
-          pretrained.PretrainedError, checkpoint.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  sys.exit(command(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.mode))
 
 
 def define_flags():

@@ -74,7 +74,11 @@ def model_of(path, platform=None):
     return MaskedAutoencoder(**dict(fields, platform=platform)), None
   if is_workdir(path):
     config = ml_collections.ConfigDict(checkpoint.load_config_dict(path))
-    return models.build_model(config, platform), config
+    try:
+      return models.build_model(config, platform), config
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+      raise PretrainedError(f"{path}/config.json: does not describe a model "
+                            f"({type(e).__name__}: {e}); expected train.py's config") from None
   raise PretrainedError(f"{path}: neither a train.py workdir (config.json + checkpoints/) "
                         "nor a converted checkpoint (model.json + params/)")
 
@@ -132,7 +136,10 @@ def restore_params(path, model, step=None, mesh=None):
                           f"{steps or 'none'})" if step is not None else
                           f"{path}: the workdir has no checkpoint yet")
   step_dir = os.path.join(directory, str(step))
-  checkpoint.verify(step_dir, step, f"evaluate another step or delete {step_dir}")
+  earlier = [s for s in steps if s < step]
+  hint = (f"use another step (step {earlier[-1]} is the one before)" if earlier
+          else "the workdir has no other checkpoint")
+  checkpoint.verify(step_dir, step, hint)
   target = {"params": abstract_params(model, mesh)}
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
       read_only=True, create=False))
@@ -140,8 +147,14 @@ def restore_params(path, model, step=None, mesh=None):
     restored = manager.restore(step, args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
+  except Exception as e:  # Orbax / TensorStore on missing or damaged files
+    raise checkpoint.CheckpointError(
+        f"checkpoint step {step} in {directory} cannot be restored: "
+        f"{checkpoint.short_reason(e, 200)}; {hint}") from None
   finally:
     manager.close()
+  checkpoint.check_finite_tree(restored["params"],
+                               f"checkpoint step {step} is damaged ({step_dir})", hint=hint)
   return restored["params"], step
 
 

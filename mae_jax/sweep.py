@@ -36,7 +36,6 @@ its plots show those means with the deviations as error bars.
 import argparse
 import csv
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
@@ -45,6 +44,8 @@ import shlex
 import subprocess
 import sys
 import time
+
+from mae_jax import cli
 
 PROGRAMS = ("mae", "conv")
 EVALS = ("knn", "linprobe", "finetune")
@@ -69,23 +70,27 @@ class PointsFailedError(RuntimeError):
   """Some points ran but left no results (their log.txt says why)."""
 
 
+SWEEP_KEYS = ("name", "base", "conv_base", "overrides", "conv_overrides", "eval_config",
+              "eval_overrides", "evals", "axes", "points", "plot_x")
+
+
 def load_sweep(path):
   """get_sweep() of a sweep file, checked, with defaults filled in."""
-  spec = importlib.util.spec_from_file_location("sweep_file", path)
-  if spec is None or not os.path.isfile(path):
-    raise SweepError(f"{path}: no such sweep file")
-  module = importlib.util.module_from_spec(spec)
   root = package_root(path)
   if root not in sys.path:  # sweep files share settings through their package (configs.ablations)
     sys.path.insert(0, root)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_sweep"):
-    raise SweepError(f"{path}: defines no get_sweep()")
-  sweep = dict(module.get_sweep())
-  unknown = set(sweep) - {"name", "base", "conv_base", "overrides", "conv_overrides",
-                          "eval_config", "eval_overrides", "evals", "axes", "points", "plot_x"}
+  what = "a sweep file defining get_sweep()"
+  try:
+    sweep = cli.call_user_function(cli.load_python_file(path, what, "sweep_file"), path,
+                                   "get_sweep", what)
+  except cli.UsageError as e:
+    raise SweepError(str(e)) from None
+  if not isinstance(sweep, dict):
+    raise SweepError(f"{path}: get_sweep() returned a {type(sweep).__name__}; expected a dict")
+  sweep = dict(sweep)
+  unknown = set(sweep) - set(SWEEP_KEYS)
   if unknown:
-    raise SweepError(f"{path}: unknown sweep keys {sorted(unknown)}")
+    raise SweepError(f"{path}: unknown sweep keys {sorted(map(str, unknown))}")
   if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(sweep.get("name", ""))):
     raise SweepError(f"{path}: 'name' must be a non-empty file name ([A-Za-z0-9_.-])")
   if bool(sweep.get("axes")) == bool(sweep.get("points")):
@@ -94,6 +99,7 @@ def load_sweep(path):
   sweep.setdefault("base", "configs/default.py")
   sweep.setdefault("conv_base", "configs/conv_mae.py")
   sweep.setdefault("eval_config", "configs/eval.py")
+  check_types(sweep, path)
   for key in ("overrides", "conv_overrides", "eval_overrides"):
     sweep[key] = dict(sweep.get(key) or {})
   evals = sweep.setdefault("evals", "knn,linprobe")
@@ -101,6 +107,39 @@ def load_sweep(path):
     if e not in EVALS:
       raise SweepError(f"{path}: evals: {e!r} is not one of {', '.join(EVALS)}")
   return sweep
+
+
+def _expect(ok, path, key, expected, value):
+  if not ok:
+    raise SweepError(f"{path}: {key} is {value!r:.80}; expected {expected}")
+
+
+def check_types(sweep, path):
+  """Each key of a sweep holds the kind of value the sweep needs."""
+  for key in ("base", "conv_base", "eval_config"):
+    _expect(isinstance(sweep[key], str) and sweep[key], path, key, "a recipe path",
+            sweep[key])
+  for key in ("overrides", "conv_overrides", "eval_overrides"):
+    value = sweep.get(key)
+    _expect(value is None or isinstance(value, dict) and all(
+        isinstance(k, str) for k in value), path, key, "a dict {config field: value}", value)
+  _expect(isinstance(sweep.get("evals", ""), str), path, "evals",
+          "a comma-separated string, e.g. 'knn,linprobe'", sweep.get("evals"))
+  _expect(isinstance(sweep.get("plot_x") or "", str), path, "plot_x", "a field name",
+          sweep.get("plot_x"))
+  axes = sweep.get("axes")
+  if axes:
+    _expect(isinstance(axes, dict), path, "axes", "a dict {config field: [values]}", axes)
+    for field, values in axes.items():
+      _expect(isinstance(field, str) and isinstance(values, (list, tuple)) and values,
+              path, f"axes[{field!r}]", "a non-empty list of values", values)
+  points = sweep.get("points")
+  if points:
+    _expect(isinstance(points, (list, tuple)) and all(isinstance(p, dict) for p in points),
+            path, "points", "a list of dicts {label, program, overrides}", points)
+    for i, p in enumerate(points):
+      _expect(isinstance(p.get("overrides") or {}, dict), path, f"points[{i}].overrides",
+              "a dict {config field: value}", p.get("overrides"))
 
 
 def expand_points(sweep):
@@ -162,12 +201,12 @@ def resolve(path, sweep_path):
 
 def recipe(path):
   """get_config() of a recipe file."""
-  spec = importlib.util.spec_from_file_location("sweep_recipe", path)
-  if spec is None or not os.path.isfile(path):
-    raise SweepError(f"{path}: no such recipe file")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  what = "a recipe defining get_config()"
+  try:
+    return cli.call_user_function(cli.load_python_file(path, what, "sweep_recipe"), path,
+                                  "get_config", what)
+  except cli.UsageError as e:
+    raise SweepError(str(e)) from None
 
 
 def without_defaults(recipe_path, overrides):
@@ -433,8 +472,12 @@ def write_plots(rows, x_field, outdir, title):
 def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, log=print):
   """Run (or write the commands of) every point, then the table and plots; the rows."""
   outdir = os.path.join(workdir, sweep["name"])
-  os.makedirs(outdir, exist_ok=True)
-  planned = plan(sweep, workdir)
+  planned = plan(sweep, workdir)  # every recipe and field checked before anything is made
+  try:
+    os.makedirs(outdir, exist_ok=True)
+  except OSError as e:
+    raise SweepError(f"--workdir {workdir}: cannot make {outdir} there "
+                     f"({e.strerror or e})") from None
   if commands_only:
     path = os.path.join(outdir, "commands.sh")
     with open(path, "w") as f:
@@ -496,7 +539,7 @@ def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, log=pr
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m mae_jax.sweep", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m mae_jax.sweep", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("sweep", help="a sweep file (configs/ablations/*.py)")
   p.add_argument("--workdir", required=True, help="points and results go here")
@@ -507,6 +550,8 @@ def main(argv=None):
                      help="run nothing: tabulate the points that have results")
   args = p.parse_args(argv)
   try:
+    if not args.workdir.strip():
+      raise SweepError("--workdir: empty; expected a directory for the points and results")
     sweep = load_sweep(args.sweep)
     run_sweep(sweep, os.path.abspath(args.workdir), commands_only=args.commands,
               collect_only=args.collect, log=lambda m: print(m, flush=True))

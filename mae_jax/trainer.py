@@ -3,6 +3,7 @@ import collections
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 
@@ -40,12 +41,16 @@ class Run:
   schedule: optax.Schedule
   state_shardings: ts.TrainState  # a NamedSharding per leaf of the state
   num_params: int
+  notes: list = dataclasses.field(default_factory=list)  # for the run's log at start-up
 
 
 def build_run(config, workdir):
   """Validate the config and build data sources, model, optimizer and mesh."""
+  notes = []
   if config.smoke:
+    before = config.copy_and_resolve_references()
     config = config_lib.apply_smoke(config)
+    notes.append("smoke=True replaced " + ", ".join(config_lib.smoke_replaced(before, config)))
   config_lib.validate(config)
   train_src = data.load_source(config.data, "train")
   test_src = data.load_source(config.data, "test")
@@ -60,7 +65,7 @@ def build_run(config, workdir):
       lambda: ts.init_state(model, tx, jax.random.key(0), image_shape=image_shape))
   num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   return Run(config, workdir, model, mesh, train_src, test_src, dur, tx, schedule,
-             sharding.state_shardings(abstract, mesh), num_params)
+             sharding.state_shardings(abstract, mesh), num_params, notes)
 
 
 def initial_state(run, ckpt):
@@ -68,12 +73,20 @@ def initial_state(run, ckpt):
   saved = checkpoint.load_config_dict(run.workdir)
   if ckpt.latest_step() is not None and saved is not None:
     config_lib.check_resume(run.config, saved, run.workdir)  # before anything compiles
+    change = config_lib.check_config_change(run.config, saved, run.workdir)
+    if change:
+      ckpt.notes.append(change)
   image_shape = (run.config.data.image_size,) * 2 + (run.config.data.channels,)
   init = jax.jit(functools.partial(ts.init_state, run.model, run.tx, image_shape=image_shape),
                  out_shardings=run.state_shardings)
   state = init(jax.random.key(run.config.seed))
   ckpt.check_space(state)
-  state, step = ckpt.restore_latest(state)
+  unfit = None
+  if saved is None and ckpt.latest_step() is not None:  # nothing says which config wrote it
+    unfit = (f"{run.workdir} has no config.json to tell whether the checkpoint is damaged "
+             "or of another config: resume with the config of the run that wrote it, or "
+             "use a new --workdir")
+  state, step = ckpt.restore_latest(state, unfit)
   if step is None and run.config.init_from:
     state = state.replace(params=load_init_params(run, state.params))
   return state, step
@@ -231,11 +244,23 @@ def save_reconstructions(run, first, path):
                                         run.model.patch_size, path)
 
 
-def write_summary(run, results, train_seconds, final_loss, images_per_sec, input_wait=None):
-  """summary.json: test MSEs, final loss, steps, this invocation's training seconds and
-  images/s (the train loop after its first step: host pipeline and checkpoints included,
-  compilation not), the share of that time spent waiting for input, devices and model."""
+def skipped_images(run):
+  """{split: number of image files skipped as unreadable so far} (folder datasets)."""
+  return {split: len(getattr(src, "skipped", None) or {})
+          for split, src in (("train", run.train_src), ("test", run.test_src))}
+
+
+def write_summary(run, results, train_seconds, final_loss, images_per_sec, skipped_steps=0,
+                  input_wait=None):
+  """summary.json: test MSEs, final loss (null where the last step's was not finite and
+  skipped), steps, updates skipped as non-finite, images skipped as unreadable, this
+  invocation's training seconds and images/s (the train loop after its first step: host
+  pipeline and checkpoints included, compilation not), the share of that time spent
+  waiting for input, devices and model."""
+  if final_loss is not None and not math.isfinite(final_loss):
+    final_loss = None  # JSON has no NaN; skipped_steps says why
   summary = dict(results, final_train_loss=final_loss, steps=run.durations.total_steps,
+                 skipped_steps=skipped_steps, skipped_images=skipped_images(run),
                  input_wait_share=input_wait and round(input_wait, 4),
                  train_seconds=round(train_seconds, 1),
                  images_per_sec=images_per_sec and round(images_per_sec, 1), devices=jax.device_count(),
@@ -251,15 +276,30 @@ def write_summary(run, results, train_seconds, final_loss, images_per_sec, input
 
 def train_and_evaluate(config, workdir):
   """Pretrain (resuming from `workdir` if it holds checkpoints), then evaluate."""
+  checkpoint.check_workdir(workdir)
   run = build_run(config, workdir)
+  # the lock file needs a writable workdir; an unwritable one is named for its checkpoints
+  checkpoint.check_writable(os.path.join(workdir, "checkpoints"))
+  lock = checkpoint.lock_workdir(workdir)  # before anything in the workdir is touched
+  try:
+    return train_locked(run, lock)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def train_locked(run, lock):
+  """train_and_evaluate once this run holds the workdir."""
+  workdir = run.workdir
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  keep=run.config.keep_checkpoints,
                                  every_steps=run.config.checkpoint_every_steps)
   state, restored = initial_state(run, ckpt)
-  checkpoint.save_config(run.config, workdir)
+  checkpoint.save_config(run.config, workdir, int(state.step))
   logger = Logger(workdir, run.durations.total_steps, int(state.step))
   logger.info(describe(run, restored))
-  for note in ckpt.notes:
+  lock_notes = [lock.note] if lock is not None and lock.note else []
+  for note in run.notes + lock_notes + ckpt.notes:
     logger.info(note)
   t0 = time.perf_counter()
   input_wait = InputWait(run.config.data.get("input_wait_warn", 0.2))
@@ -285,23 +325,37 @@ def train_and_evaluate(config, workdir):
 def finish(run, state, logger, train_seconds, final_loss, images_per_sec, input_wait=None):
   """Final evaluation, picture and summary (process 0 writes them)."""
   results, first = evaluate_reconstruction(run, state.params)
+  skipped = int(state.skipped)
   if jax.process_index() == 0:
     png = save_reconstructions(run, first, os.path.join(run.workdir, "reconstructions.png"))
-    summary = write_summary(run, results, train_seconds, final_loss, images_per_sec,
+    summary = write_summary(run, results, train_seconds, final_loss, images_per_sec, skipped,
                             input_wait)
+    images = skipped_images(run)
+    if skipped or any(images.values()):
+      logger.info(f"skipped: {skipped} non-finite update(s) (skip_nonfinite); "
+                  f"{images['train']} train and {images['test']} test image file(s) that "
+                  "could not be read")
     logger.info(
         f"test masked MSE {results['test_masked_mse']:.4f} (per-pixel-mean baseline "
         f"{results['baseline_masked_mse']:.4f}) after {train_seconds:.0f} s of training\n"
         f"  checkpoints:     {os.path.join(run.workdir, 'checkpoints')}\n"
         f"  tensorboard:     tensorboard --logdir {run.workdir}\n"
         f"  reconstructions: {png}\n  summary:         {summary}")
+  if not all(math.isfinite(v) for v in results.values()):
+    raise NonFiniteLossError(
+        f"the final model's test masked MSE is not finite ({results['test_masked_mse']}) "
+        f"after {skipped} skipped non-finite update(s); the run diverged: lower "
+        "optim.base_lr or set optim.grad_clip")
   return results
 
 
 def describe(run, restored):
   d = run.durations
+  unreadable = skipped_images(run)["train"]
+  images = f"{len(run.train_src)} train images" + (  # the unreadable ones left out
+      f", {unreadable} unreadable skipped" if unreadable else "")
   head = (f"mae_jax: {run.num_params / 1e6:.2f}M-parameter MAE on {run.config.data.name} "
-          f"({len(run.train_src)} train images), "
+          f"({images}), "
           f"{d.total_steps} steps of batch {run.config.batch_size} "
           f"({d.steps_per_epoch} steps/epoch, warmup {d.warmup_steps}), "
           f"{jax.device_count()} device(s), mesh {dict(run.mesh.shape)}")

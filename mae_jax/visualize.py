@@ -17,6 +17,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+from mae_jax import cli
 from mae_jax.patches import unpatchify
 
 
@@ -102,29 +103,38 @@ def load_images(pre, paths, count):
   return batch["image"]
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m mae_jax.visualize", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv):
+  parser = cli.ArgumentParser(prog="python -m mae_jax.visualize", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("path", help="train.py workdir or `mae_jax.convert import` output")
   parser.add_argument("--images", nargs="*", default=None, help="image files or folders")
   parser.add_argument("--out", default="reconstructions.png", help="PNG to write")
-  parser.add_argument("--num_images", type=int, default=8)
-  parser.add_argument("--mask_ratio", type=float, default=None, help="default: the model's")
-  parser.add_argument("--seed", type=int, default=0, help="seeds the mask")
-  parser.add_argument("--step", type=int, default=None, help="workdir checkpoint step")
-  args = parser.parse_args(argv)
-  from mae_jax import pretrained
-  if args.mask_ratio is not None and not 0 < args.mask_ratio < 1:
-    print(f"error: --mask_ratio {args.mask_ratio} must be in (0, 1)", file=sys.stderr)
-    return 2
+  parser.add_argument("--num_images", type=cli.positive_int, default=8)
+  parser.add_argument("--mask_ratio", type=cli.open_unit_float, default=None,
+                      help="default: the model's")
+  parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seeds the mask")
+  parser.add_argument("--step", type=cli.nonnegative_int, default=None,
+                      help="workdir checkpoint step")
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  from mae_jax import checkpoint, data, pretrained
   try:
+    cli.check_output_file(args.out, "--out")  # before any work, not after it
+    if os.path.splitext(args.out)[1].lower() != ".png":
+      raise cli.UsageError(f"--out {args.out}: expected a .png file name")
     pre = pretrained.load(args.path, args.step)
     images = load_images(pre, args.images, args.num_images)
-  except (pretrained.PretrainedError, FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except (cli.UsageError, pretrained.PretrainedError, checkpoint.CheckpointError,
+          checkpoint.ParamsError, data.DatasetError, FileNotFoundError) as e:
+    return cli.report(e)
   pred, mask, mse = reconstruct(pre, images, args.seed, args.mask_ratio)
-  save_reconstructions(images, pred, mask, pre.model.patch_size, args.out)
+  try:
+    save_reconstructions(images, pred, mask, pre.model.patch_size, args.out)
+  except OSError as e:  # the disk filled up or the folder went away meanwhile
+    return cli.report(f"--out {args.out}: cannot write it ({e.strerror or e})")
   print(f"{pre.description}: {len(images)} images, masked-patch MSE {mse:.4f} on [0, 1] "
         f"pixels -> {args.out}")
   return 0

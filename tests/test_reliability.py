@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -369,7 +370,7 @@ def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(reference, en
   loss overflows: the run stops there, exit 1, and no non-finite params reach disk."""
   workdir = copy_run(reference, tmp_path)
   proc = run_train(workdir, env, {**SMALL, "optim.base_lr": 1e35, "num_steps": 22,
-                                  "checkpoint_every_steps": 1})
+                                  "checkpoint_every_steps": 1, "allow_config_change": True})
   assert proc.returncode == 1, proc.stderr[-3000:]
   line = last_line(proc.stderr)
   assert line.startswith("error: non-finite loss, gradients or update at step 20 "), line
@@ -387,9 +388,12 @@ def test_skip_nonfinite_drops_and_counts_updates(reference, env, tmp_path):
   run finishes, each such step keeps params and optimizer state bitwise and is counted."""
   workdir = copy_run(reference, tmp_path)
   proc = run_train(workdir, env, {**SMALL, "optim.base_lr": 1e40, "num_steps": 21,
-                                  "checkpoint_every_steps": 1, "skip_nonfinite": True})
+                                  "checkpoint_every_steps": 1, "skip_nonfinite": True,
+                                  "allow_config_change": True})
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert np.isfinite(json.loads((workdir / "summary.json").read_text())["test_masked_mse"])
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert np.isfinite(summary["test_masked_mse"]) and summary["skipped_steps"] == 3
+  assert "skipped: 3 non-finite update(s) (skip_nonfinite)" in proc.stdout
   good = load_state(reference, STEPS)
   for k, step in enumerate((19, 20, 21), 1):
     saved = load_state(workdir, step)
@@ -769,3 +773,201 @@ def test_disk_space_is_checked_before_training(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match=r"MiB free, but one checkpoint of this "
                      r"run needs"):
     checkpoint.check_space(str(tmp_path), free + 2**40)
+
+
+# --- 9: one run per workdir -------------------------------------------------------------
+
+
+def wait_for(predicate, proc, timeout=300):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if predicate():
+      return
+    assert proc.poll() is None, f"exited {proc.returncode} first"
+    time.sleep(0.01)
+  pytest.fail("timed out")
+
+
+def lock_holder(workdir):
+  try:
+    return json.loads((workdir / checkpoint.LOCK_FILE).read_text())
+  except (OSError, ValueError):
+    return None
+
+
+@pytest.mark.slow
+def test_one_run_per_workdir_and_a_dead_runs_lock_is_taken_over(reference, env, tmp_path):
+  """A live run holds WORKDIR/run.lock: a second launch exits 2 naming it and changes
+  nothing; once the holder is SIGKILLed, the next launch takes the lock over, says whose
+  it was, finishes, and leaves no lock behind."""
+  workdir = copy_run(reference, tmp_path, keep_steps=[12])
+  first, _ = start_train(workdir, env, tmp_path / "first.log")
+  try:
+    wait_for(lambda: (lock_holder(workdir) or {}).get("pid") == first.pid, first)
+    first.send_signal(signal.SIGSTOP)  # alive and holding the lock, writing nothing
+    wait_stopped(first.pid)
+    holder = lock_holder(workdir)
+    assert holder["host"] == socket.gethostname()
+    before = tree_digest(workdir)
+    second = run_train(workdir, env)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert "Traceback" not in second.stderr
+    assert last_line(second.stderr) == (
+        f"error: {workdir} is in use by another run (pid {first.pid} on host "
+        f"{holder['host']}, started {holder['started']}; lock {workdir}/run.lock): wait for "
+        "it to finish, stop it, or choose another --workdir")
+    assert tree_digest(workdir) == before  # the live run's files untouched
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+  assert lock_holder(workdir)["pid"] == first.pid  # left behind by the killed run
+  third = run_train(workdir, env)
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert (f"took over {workdir}/run.lock, left by a run that is no longer running (pid "
+          f"{first.pid} on host {holder['host']}") in third.stdout
+  assert not (workdir / checkpoint.LOCK_FILE).exists()
+  assert checkpoint.complete_steps(workdir / "checkpoints")[-1] == STEPS
+  assert_trees_equal(load_state(workdir, STEPS), load_state(reference, STEPS))
+
+
+def test_workdir_lock_in_process(tmp_path):
+  """Held: a second holder in another process is refused; released: the file is gone and
+  the workdir free again; a lock file whose holder died is taken over, naming it."""
+  lock = checkpoint.WorkdirLock(tmp_path).acquire()
+  probe = ("import sys; from mae_jax import checkpoint\n"
+           "try:\n  checkpoint.WorkdirLock(sys.argv[1]).acquire()\n"
+           "except checkpoint.CheckpointError as e:\n  print(e); sys.exit(2)\n")
+  other = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+  assert other.returncode == 2 and f"pid {os.getpid()} on host" in other.stdout, other
+  lock.release()
+  assert not (tmp_path / checkpoint.LOCK_FILE).exists()
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  (tmp_path / checkpoint.LOCK_FILE).write_text(json.dumps(
+      {"host": socket.gethostname(), "pid": int(dead.stdout), "started": "then"}))
+  with checkpoint.WorkdirLock(tmp_path) as again:
+    assert f"pid {int(dead.stdout)} on host" in again.note
+    assert lock_holder(tmp_path)["pid"] == os.getpid()
+  assert not (tmp_path / checkpoint.LOCK_FILE).exists()
+
+
+# --- 10: resuming with a changed config ---------------------------------------------------
+
+
+def test_resume_with_changed_config_is_refused_listing_the_fields(reference, tmp_path):
+  """Another seed, learning rate and dataset size: refused in one line naming each field
+  with both values, before anything compiles, the workdir unchanged; fields that only
+  steer a launch (stop_after_steps, log_every_steps, the mesh) are not changes."""
+  workdir = copy_run(reference, tmp_path)
+  before = tree_digest(workdir)
+  changed = small_config({"seed": 1, "optim.base_lr": 3e-4, "data.synthetic_size": 128,
+                          "stop_after_steps": 1, "log_every_steps": 5, "mesh.fsdp": 2})
+  with pytest.raises(config_lib.ConfigError) as e, no_compilation():
+    trainer.train_and_evaluate(changed, str(workdir))
+  message = str(e.value)
+  assert "\n" not in message
+  assert message.startswith(f"config: the run in {workdir} was launched with other values "
+                            "(data.synthetic_size 64 there, 128 here; optim.base_lr 0.003 "
+                            "there, 0.0003 here; seed 0 there, 1 here); "), message
+  assert "--config.allow_config_change=True" in message
+  assert tree_digest(workdir) == before
+  same = small_config({"stop_after_steps": 1, "log_every_steps": 5, "mesh.fsdp": 2})
+  assert config_lib.changed_fields(same, checkpoint.load_config_dict(workdir)) == []
+
+
+@pytest.mark.slow
+def test_allowed_config_change_keeps_every_launchs_config(reference, tmp_path):
+  """With allow_config_change the run goes on with the new values and says which changed;
+  config.json (the first launch's) is never overwritten, each launch's config is kept with
+  the step it started from, and the next resume compares with the latest launch."""
+  workdir = copy_run(reference, tmp_path)
+  first = (workdir / "config.json").read_bytes()
+  changed = {"seed": 1, "num_steps": STEPS + 2, "allow_config_change": True}
+  trainer.train_and_evaluate(small_config(changed), str(workdir))
+  assert (workdir / "config.json").read_bytes() == first
+  history = [os.path.basename(p) for p in checkpoint.launch_configs(workdir)]
+  assert history == ["launch-001-step-0.json", f"launch-002-step-{STEPS}.json"]
+  second = json.loads((workdir / "configs" / history[1]).read_text())
+  assert (second["seed"], second["num_steps"]) == (1, STEPS + 2)
+  assert json.loads(first)["seed"] == 0
+  log = (workdir / "log.txt").read_text() if (workdir / "log.txt").exists() else ""
+  again = small_config({"seed": 1, "num_steps": STEPS + 2})  # the latest launch's values
+  state, _ = trainer.train_and_evaluate(again, str(workdir))  # not refused: nothing changed
+  assert int(state.step) == STEPS + 2
+  assert len(checkpoint.launch_configs(workdir)) == 3
+  del log
+
+
+# --- 11: restored state checked finite ------------------------------------------------------
+
+
+def test_nonfinite_restored_state_is_a_damaged_checkpoint(tmp_path):
+  """A step without a manifest whose optimizer state restores with a NaN (what a bit flip
+  in an exponent gives) is reported as damaged, naming the leaf and the fallback step,
+  instead of being trained on."""
+  import jax.numpy as jnp
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), keep=3, every_steps=1,
+                                 async_save=False)
+  good = {"params": {"w": jnp.ones(4)}, "opt_state": {"mu": jnp.zeros(4)},
+          "step": jnp.int32(1)}
+  ckpt.save(1, good)
+  ckpt.save(2, dict(good, opt_state={"mu": jnp.array([0.0, 0.0, jnp.nan, 0.0])}))
+  ckpt.wait()
+  (tmp_path / "c" / "2" / checkpoint.MANIFEST).unlink()
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    ckpt.restore_latest(good)
+  assert str(e.value) == (
+      f"checkpoint step 2 is damaged ({tmp_path}/c/2): NaN or infinite values in "
+      f"opt_state/mu; delete {tmp_path}/c/2 to resume from step 1")
+  ckpt.close()
+  shutil.rmtree(tmp_path / "c" / "2")  # as the message says; the next launch resumes
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), keep=3, every_steps=1)
+  state, step = ckpt.restore_latest(good)
+  assert step == 1 and all_finite(jax.device_get(state))
+  ckpt.close()
+
+
+def test_smoke_says_what_it_replaced():
+  run = trainer.build_run(small_config({"smoke": True, "num_steps": 7}), "unused")
+  assert run.config.num_steps == 4
+  note = run.notes[0]
+  assert note.startswith("smoke=True replaced ") and "num_steps 7 -> 4" in note, note
+  assert "model.width 32" not in note  # unchanged fields are not listed
+
+
+@pytest.mark.slow
+def test_skipped_images_are_counted_in_the_summary(tmp_path, capsys):
+  """Unreadable image files: left out of the banner's count, and counted per split in
+  summary.json (those found at listing and those that failed to decode during the run)."""
+  write_bad_folder(tmp_path / "images")
+  shutil.copytree(tmp_path / "images" / "train", tmp_path / "images" / "test", symlinks=True)
+  config = small_config({"data.name": "folder", "data.data_dir": str(tmp_path / "images"),
+                         "data.channels": 3, "data.image_size": 8, "batch_size": 8,
+                         "eval_batch_size": 8, "num_steps": 2, "checkpoint_every_steps": 2})
+  trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  out = capsys.readouterr().out
+  assert "(8 train images, 2 unreadable skipped)" in out, out
+  summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+  # 2 found at listing + 2 that do not decode: every image was read in 2 steps of 8
+  assert summary["skipped_images"] == {"train": 4, "test": 4}
+  assert summary["skipped_steps"] == 0
+  assert "skipped: 0 non-finite update(s) (skip_nonfinite); 4 train and 4 test" in out
+
+
+def test_missing_config_json_never_leads_to_deleting_checkpoints(reference, tmp_path):
+  """Checkpoints of another model in a workdir without config.json: the refusal says the
+  config is unknown and advises no deletion (the checkpoints are not damaged)."""
+  workdir = copy_run(reference, tmp_path, keep_steps=[15, 18])
+  (workdir / "config.json").unlink()
+  shutil.rmtree(workdir / "configs")
+  before = tree_digest(workdir / "checkpoints")
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    trainer.train_and_evaluate(small_config({"model.width": 64}), str(workdir))
+  message = str(e.value)
+  assert message.startswith("checkpoint step 18 cannot be restored: "), message
+  assert message.endswith(f"{workdir} has no config.json to tell whether the checkpoint is "
+                          "damaged or of another config: resume with the config of the run "
+                          "that wrote it, or use a new --workdir"), message
+  assert "delete" not in message
+  assert tree_digest(workdir / "checkpoints") == before

@@ -1,0 +1,131 @@
+"""What every command line of mae_jax shares: bad input is one `error:` line on stderr and
+exit 2, found before any long work starts, never a traceback.
+
+`ArgumentParser` answers a bad flag in one line (argparse prints its usage first);
+the argparse types below refuse values no command can use (a zero batch, a NaN ratio);
+`check_output_file` and `load_python_file` check the files a command writes and reads
+before it computes anything.
+"""
+import argparse
+import importlib.util
+import math
+import os
+import sys
+
+
+class UsageError(ValueError):
+  """Bad input on a command line: the message is one line naming the flag or file."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse with a bad flag as one `error: ...` line and exit 2 (no usage dump)."""
+
+  def error(self, message):
+    fail(f"{self.prog}: {message}")
+
+
+def report(message):
+  """Print `error: message` on stderr as one line; returns 2, the exit code of bad input."""
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  return 2
+
+
+def fail(message):
+  """Print `error: message` (one line) on stderr and exit 2."""
+  sys.exit(report(message))
+
+
+def _number(text, cast, ok, expected):
+  try:
+    value = cast(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not valid; expected {expected}") from None
+  if not ok(value):
+    raise argparse.ArgumentTypeError(f"{text!r} is not valid; expected {expected}")
+  return value
+
+
+def positive_int(text):
+  return _number(text, int, lambda v: v >= 1, "an int >= 1")
+
+
+def nonnegative_int(text):
+  return _number(text, int, lambda v: v >= 0, "an int >= 0")
+
+
+def positive_float(text):
+  return _number(text, float, lambda v: math.isfinite(v) and v > 0,
+                 "a finite number > 0")
+
+
+def open_unit_float(text):
+  """A float strictly between 0 and 1 (a mask ratio)."""
+  return _number(text, float, lambda v: 0 < v < 1, "a number in (0, 1)")
+
+
+def check_output_file(path, flag):
+  """Raise UsageError unless `path` can be created or replaced as a file: its folder
+  exists and takes files, and the path itself is not a folder. Nothing is written."""
+  if not path:
+    raise UsageError(f"{flag}: empty path; expected a file to write")
+  path = os.path.abspath(path)
+  parent = os.path.dirname(path)
+  if os.path.isdir(path):
+    raise UsageError(f"{flag} {path}: is a directory; expected a file to write")
+  if not os.path.isdir(parent):
+    raise UsageError(f"{flag} {path}: the folder {parent} does not exist; create it first")
+  if not os.access(parent, os.W_OK | os.X_OK) or (
+      os.path.exists(path) and not os.access(path, os.W_OK)):
+    raise UsageError(f"{flag} {path}: not writable (permission denied)")
+  return path
+
+
+def check_output_dir(path, flag):
+  """Raise UsageError unless `path` is a new folder that can be made in an existing,
+  writable parent. Nothing is written."""
+  if not path:
+    raise UsageError(f"{flag}: empty path; expected a new folder")
+  path = os.path.abspath(path)
+  if os.path.lexists(path):
+    raise UsageError(f"{flag} {path}: already exists; choose a new output directory")
+  parent = os.path.dirname(path)
+  if not os.path.isdir(parent):
+    raise UsageError(f"{flag} {path}: the folder {parent} does not exist; create it first")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise UsageError(f"{flag} {path}: cannot create it in {parent} (permission denied)")
+  return path
+
+
+def _first_line(error):
+  text = " ".join(str(error).split())
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def load_python_file(path, what, name="user_file"):
+  """Execute a Python file (a recipe or sweep file) as a module; any failure to find,
+  parse or run it is one UsageError naming the file and the line at fault."""
+  if not os.path.isfile(path):
+    kind = "is a directory" if os.path.isdir(path) else "no such file"
+    raise UsageError(f"{path}: {kind}; expected {what} (a .py file)")
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or spec.loader is None:
+    raise UsageError(f"{path}: not a Python file; expected {what}")
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise UsageError(f"{path}:{e.lineno}: syntax error ({e.msg}); expected {what}") from None
+  except Exception as e:  # whatever the user's file raises while it loads
+    raise UsageError(f"{path}: fails to load ({_first_line(e)}); expected {what}") from None
+  return module
+
+
+def call_user_function(module, path, function, what):
+  """module.function(), with a missing function or one that raises as one UsageError."""
+  fn = getattr(module, function, None)
+  if not callable(fn):
+    raise UsageError(f"{path}: defines no {function}(); expected {what}")
+  try:
+    return fn()
+  except Exception as e:  # the user's code
+    raise UsageError(f"{path}: {function}() fails ({_first_line(e)})") from None
