@@ -35,6 +35,10 @@ import orbax.checkpoint as ocp
 
 from mae_jax import paths
 
+# Seconds a gs:// checkpoint operation may go without finishing (a save waits for the one
+# before it): a server that stops answering mid-save fails the run after this long instead
+# of after TensorStore's retries (up to 32, backing off to 32 s each).
+GCS_SAVE_TIMEOUT_S = float(os.environ.get("MAE_JAX_CHECKPOINT_TIMEOUT_S", "1800"))
 MANIFEST = "mae_manifest.json"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a local step still being written
 COMMIT_FILE = "commit_success.txt"  # Orbax's last file of a step on Cloud Storage
@@ -49,7 +53,7 @@ class Checkpointer:
   """A CheckpointManager over `directory` (local or gs://) holding TrainState pytrees."""
 
   def __init__(self, directory, *, keep, every_steps, async_save=True):
-    self.directory = paths.join(directory)
+    self.directory = paths.absolute(directory)
     check_writable(self.directory)
     self.interrupted = interrupted_steps(self.directory)  # before Orbax removes them
     self.notes = []  # what restore_latest skipped, for the run's log
@@ -60,6 +64,9 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._manifests = concurrent.futures.ThreadPoolExecutor(1, "mae_manifest")
     self._pending = None  # the Future of the manifest task last submitted
+    self._waiter = concurrent.futures.ThreadPoolExecutor(1, "mae_ckpt_deadline")
+    self._stuck = None  # the CheckpointError of an operation that ran past its deadline
+    self._started = self._complete = self.manager.latest_step()  # steps known to Orbax
 
   def step_dir(self, step):
     return paths.join(self.directory, str(step))
@@ -73,10 +80,15 @@ class Checkpointer:
     Raises CheckpointError if this save, or an earlier asynchronous one, cannot be written.
     """
     try:
-      saved = self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+      saved = self._bounded(self.manager.save, step, args=ocp.args.StandardSave(state),
+                            force=force)
+    except CheckpointError:
+      raise
     except Exception as e:  # Orbax and TensorStore raise ValueError, OSError, ...
       raise self._write_error(e) from e
-    self.write_manifests()  # the save above waited for the previous one to finish
+    self._complete = self._started  # the save above waited for the previous one to finish
+    self._started = step if saved else self._started
+    self.write_manifests()
     return saved
 
   def restore(self, step, target):
@@ -126,9 +138,12 @@ class Checkpointer:
   def wait(self):
     """Block until pending saves are on disk; CheckpointError if one could not be written."""
     try:
-      self.manager.wait_until_finished()
+      self._bounded(self.manager.wait_until_finished)
+    except CheckpointError:
+      raise
     except Exception as e:
       raise self._write_error(e) from e
+    self._complete = self._started
     self.write_manifests()
     if self._pending is not None:
       concurrent.futures.wait([self._pending])
@@ -138,6 +153,26 @@ class Checkpointer:
     self.wait()
     self.manager.close()
     self._manifests.shutdown()
+
+  def _bounded(self, fn, *args, **kwargs):
+    """fn(*args, **kwargs); on gs://, given at most GCS_SAVE_TIMEOUT_S, after which the
+    run stops with a CheckpointError (the call is left behind in its thread: the process
+    exits without waiting for it)."""
+    if self._stuck is not None:
+      raise self._stuck
+    if not paths.is_gcs(self.directory):
+      return fn(*args, **kwargs)
+    future = self._waiter.submit(fn, *args, **kwargs)
+    try:
+      return future.result(timeout=GCS_SAVE_TIMEOUT_S)
+    except concurrent.futures.TimeoutError:
+      kept = (f"the last complete checkpoint, step {self._complete}, is intact"
+              if self._complete is not None else "no checkpoint was completed")
+      self._stuck = CheckpointError(
+          f"cannot write a checkpoint in {self.directory}: not finished after "
+          f"{GCS_SAVE_TIMEOUT_S:.0f} s (MAE_JAX_CHECKPOINT_TIMEOUT_S): the storage stopped "
+          f"answering; {kept}")
+      raise self._stuck from None
 
   def _raise_manifest_error(self):
     error = self._pending.exception() if self._pending and self._pending.done() else None
@@ -179,12 +214,19 @@ def ignore_late_callbacks():
     sys.unraisablehook = _DropClosedLoopErrors(sys.unraisablehook)
 
 
+def entries(directory):
+  """Names in `directory`; none where it does not exist (on Cloud Storage a "directory"
+  exists only while an object is below it)."""
+  try:
+    return paths.listdir(directory)
+  except (FileNotFoundError, NotADirectoryError):
+    return []
+
+
 def complete_steps(directory):
   """Sorted steps whose directory Orbax finished (renamed from its temporary name locally;
   holding its commit file on Cloud Storage)."""
-  if not paths.isdir(directory):
-    return []
-  names = [name for name in paths.listdir(directory) if name.isdigit()]
+  names = [name for name in entries(directory) if name.isdigit()]
   if paths.is_gcs(directory):
     return sorted(int(n) for n in names if paths.exists(paths.join(directory, n, COMMIT_FILE)))
   return sorted(int(n) for n in names if os.path.isdir(os.path.join(directory, n)))
@@ -192,11 +234,9 @@ def complete_steps(directory):
 
 def interrupted_steps(directory):
   """Sorted (step, path) of the directories of saves that never finished."""
-  if not paths.isdir(directory):
-    return []
   found = []
   complete = set(complete_steps(directory)) if paths.is_gcs(directory) else set()
-  for name in paths.listdir(directory):
+  for name in entries(directory):
     match = re.fullmatch(r"(\d+)" + re.escape(TMP_SUFFIX) + r".*", name)
     if match:
       found.append((int(match.group(1)), paths.join(directory, name)))
@@ -421,7 +461,7 @@ def is_params_dir(path):
 
 def save_params(directory, params, meta):
   """Write DIR/params and DIR/model.json (meta); never overwrites an existing DIR."""
-  directory = paths.join(directory)
+  directory = paths.absolute(directory)
   if paths.exists(directory):
     raise ParamsError(f"{directory} already exists; choose a new output directory")
   paths.makedirs(directory)
@@ -460,7 +500,7 @@ def load_params(path, target=None):
   shapes that differ from it are listed in the error.
   """
   meta = read_meta(path)
-  params_path = paths.join(path, PARAMS_DIR)
+  params_path = paths.absolute(paths.join(path, PARAMS_DIR))
   with ocp.StandardCheckpointer() as checkpointer:
     if target is not None:
       target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
@@ -500,7 +540,7 @@ def main(argv=None):
     if paths.isdir(paths.join(directory, "checkpoints")):
       directory = paths.join(directory, "checkpoints")
     if not complete_steps(directory):
-      print(f"error: {paths.join(directory)}: no complete checkpoint step", file=sys.stderr)
+      print(f"error: {paths.absolute(directory)}: no complete checkpoint step", file=sys.stderr)
       return 2
     results = verify_all(directory)
   except (paths.PathError, OSError) as e:

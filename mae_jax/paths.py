@@ -66,8 +66,15 @@ def resolve(path):
 
 
 def join(path, *parts):
-  """`path`/`parts` as a string (gs:// kept), for APIs that take strings."""
-  return os.fspath(resolve(path).joinpath(*parts))
+  """`path`/`parts` as a string (gs:// kept; a relative local path stays relative)."""
+  if is_gcs(path):
+    return os.fspath(resolve(path).joinpath(*parts))
+  return os.path.join(os.fspath(path), *parts)
+
+
+def absolute(path):
+  """`path` as a string: gs:// as given, a local path made absolute (what Orbax needs)."""
+  return os.fspath(resolve(path))
 
 
 def exists(path):

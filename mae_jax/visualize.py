@@ -11,12 +11,13 @@ The mask is drawn with --seed; --mask_ratio overrides the model's.
 """
 import argparse
 import functools
-import os
+import io
 import sys
 
 import numpy as np
 from PIL import Image
 
+from mae_jax import paths
 from mae_jax.patches import unpatchify
 
 
@@ -38,7 +39,9 @@ def save_grid(rows, path, scale=4, pad=2):
   pixels = (np.clip(canvas, 0, 1) * 255).round().astype(np.uint8)
   image = Image.fromarray(pixels[..., 0] if c == 1 else pixels)
   image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-  image.save(path)
+  png = io.BytesIO()
+  image.save(png, format="PNG")
+  paths.write_atomic(path, png.getvalue())  # local or gs://
   return path
 
 
@@ -61,9 +64,9 @@ def image_source(paths, channels):
   from mae_jax.data import folder
   files = []
   for path in paths:
-    if os.path.isdir(path):
+    if paths.isdir(path):
       files += folder.images_under(path)
-    elif os.path.isfile(path):
+    elif paths.isfile(path):
       files.append(path)
     else:
       raise FileNotFoundError(f"--images {path}: no such file or directory")
