@@ -22,6 +22,7 @@ import argparse
 import base64
 import concurrent.futures
 import json
+import logging
 import os
 import re
 import shutil
@@ -58,6 +59,7 @@ class Checkpointer:
     self.interrupted = interrupted_steps(self.directory)  # before Orbax removes them
     self.notes = []  # what restore_latest skipped, for the run's log
     ignore_late_callbacks()
+    quiet_orbax_tracebacks()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=every_steps,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
@@ -221,6 +223,25 @@ def entries(directory):
     return paths.listdir(directory)
   except (FileNotFoundError, NotADirectoryError):
     return []
+
+
+class _OneLineOrbaxErrors(logging.Filter):
+  """Orbax logs the exception of a failed background save with its traceback before the
+  run's own one-line error; keep such a record to one line (its message, shortened)."""
+
+  def filter(self, record):
+    if record.exc_info and "orbax" in record.pathname:
+      text = " ".join(record.getMessage().split())
+      record.msg, record.args = text[:300] + ("..." if len(text) > 300 else ""), ()
+      record.exc_info = record.exc_text = None
+    return True
+
+
+def quiet_orbax_tracebacks():
+  """Install _OneLineOrbaxErrors on absl's logger (process-wide, once)."""
+  logger = logging.getLogger("absl")
+  if not any(isinstance(f, _OneLineOrbaxErrors) for f in logger.filters):
+    logger.addFilter(_OneLineOrbaxErrors())
 
 
 def complete_steps(directory):

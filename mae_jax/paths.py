@@ -17,10 +17,16 @@ os.environ.setdefault("EPATH_USE_TF", "false")
 # Seconds one GCS request (gcsfs) may take before it is retried; gcsfs retries 6 times.
 GCS_REQUEST_TIMEOUT_S = float(os.environ.get("MAE_JAX_GCS_TIMEOUT_S", "60"))
 
+import fsspec  # noqa: E402
 from etils import epath  # noqa: E402  (after EPATH_USE_TF)
 
+# Set before any gcsfs instance exists (fsspec caches them, Orbax's included): listings are
+# never cached, as Orbax's TensorStore writes bypass gcsfs and other processes write the
+# same workdir; one request is given GCS_REQUEST_TIMEOUT_S.
+fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+fsspec.config.conf["gcs"].setdefault("requests_timeout", GCS_REQUEST_TIMEOUT_S)
+
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
-_configured = False
 
 
 class PathError(ValueError):
@@ -29,18 +35,6 @@ class PathError(ValueError):
 
 def is_gcs(path):
   return os.fspath(path).startswith("gs://")
-
-
-def _configure_gcsfs():
-  """Listings never cached (Orbax's TensorStore writes bypass gcsfs, and another process
-  may write the same workdir) and a bounded time per request."""
-  global _configured
-  if not _configured:
-    import fsspec
-    conf = fsspec.config.conf.setdefault("gcs", {})
-    conf.setdefault("use_listings_cache", False)
-    conf.setdefault("requests_timeout", GCS_REQUEST_TIMEOUT_S)
-    _configured = True
 
 
 def bucket(path):
@@ -60,7 +54,6 @@ def resolve(path):
   text = os.fspath(path)
   if is_gcs(text):
     bucket(text)
-    _configure_gcsfs()
     return epath.Path(text)
   return epath.Path(os.path.abspath(text))
 
@@ -159,12 +152,6 @@ def gcs_checksums(root):
 
 
 def gcs_filesystem():
-  import fsspec
-  _configure_gcsfs()
   return fsspec.filesystem("gcs")
 
 
-def local_copy_dir():
-  """Where to stage a file that must be built locally before it goes to gs://."""
-  import tempfile
-  return tempfile.mkdtemp(prefix="mae_jax_")
