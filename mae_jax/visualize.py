@@ -17,7 +17,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from mae_jax import paths
+from mae_jax import paths as paths_lib
 from mae_jax.patches import unpatchify
 
 
@@ -41,7 +41,7 @@ def save_grid(rows, path, scale=4, pad=2):
   image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
   png = io.BytesIO()
   image.save(png, format="PNG")
-  paths.write_atomic(path, png.getvalue())  # local or gs://
+  paths_lib.write_atomic(path, png.getvalue())  # local or gs://
   return path
 
 
@@ -64,9 +64,9 @@ def image_source(paths, channels):
   from mae_jax.data import folder
   files = []
   for path in paths:
-    if paths.isdir(path):
+    if paths_lib.isdir(path):
       files += folder.images_under(path)
-    elif paths.isfile(path):
+    elif paths_lib.isfile(path):
       files.append(path)
     else:
       raise FileNotFoundError(f"--images {path}: no such file or directory")

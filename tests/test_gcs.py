@@ -61,7 +61,7 @@ def checkpointer_with_steps(directory, steps=(2, 4)):
   return ckpt
 
 
-def test_checkpointer_on_gcs_writes_manifests_and_restores(gcs_bucket):
+def test_checkpointer_on_gcs_writes_manifests_and_restores(gcs_bucket, capsys):
   directory = f"{gcs_bucket}/run/checkpoints"
   ckpt = checkpointer_with_steps(directory)
   assert checkpoint.complete_steps(directory) == [2, 4]
@@ -75,6 +75,8 @@ def test_checkpointer_on_gcs_writes_manifests_and_restores(gcs_bucket):
   assert step == 4
   np.testing.assert_array_equal(state["w"], small_state(4)["w"])
   assert checkpoint.verify_all(directory) == [(2, None), (4, None)]
+  assert checkpoint.main(["verify", f"{gcs_bucket}/run"]) == 0  # a workdir: its checkpoints/
+  assert capsys.readouterr().out == "step 2: ok\nstep 4: ok\n"
 
 
 def largest_object(step_dir):
@@ -87,7 +89,7 @@ def largest_object(step_dir):
     (lambda data: data[:len(data) // 2], "is truncated"),
     (lambda data: data[:-1] + bytes([data[-1] ^ 0xFF]), "is corrupted (its CRC-32C"),
 ])
-def test_damaged_object_on_gcs_is_named(gcs_bucket, damage, expected):
+def test_damaged_object_on_gcs_is_named(gcs_bucket, damage, expected, capsys):
   directory = f"{gcs_bucket}/run/checkpoints"
   checkpointer_with_steps(directory).close()
   victim, _ = largest_object(f"{directory}/4")
@@ -100,6 +102,9 @@ def test_damaged_object_on_gcs_is_named(gcs_bucket, damage, expected):
   assert message.endswith(f"delete {directory}/4 to resume from step 2")
   ckpt.close()
   assert [s for s, p in checkpoint.verify_all(directory) if p] == [4]
+  assert checkpoint.main(["verify", directory]) == 1
+  out = capsys.readouterr().out.splitlines()
+  assert out[0] == "step 2: ok" and out[1].startswith(f"step 4: checkpoint step 4 is damaged: {victim}")
 
 
 # --- train.py end to end on a gs:// workdir -------------------------------------------------
