@@ -146,10 +146,15 @@ class Checkpointer:
     except Exception as e:
       raise self._write_error(e) from e
     self._complete = self._started
-    self.write_manifests()
+    if self._pending is not None:  # it may have listed the steps before the last one
+      concurrent.futures.wait([self._pending], timeout=self._timeout())
+    self.write_manifests()  # nothing runs now: a new task lists every complete step
     if self._pending is not None:
-      concurrent.futures.wait([self._pending])
+      concurrent.futures.wait([self._pending], timeout=self._timeout())
       self._raise_manifest_error()
+
+  def _timeout(self):
+    return GCS_SAVE_TIMEOUT_S if paths.is_gcs(self.directory) else None
 
   def close(self):
     self.wait()
