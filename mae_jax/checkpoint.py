@@ -1,18 +1,31 @@
-"""Orbax checkpoints of the train state: async, keep-N, atomic, verified, resumable.
+"""Orbax checkpoints of the train state: async, keep-N, atomic, verified, resumable; on a
+local disk or gs:// (paths go through mae_jax.paths).
 
-Orbax writes step N into `N.orbax-checkpoint-tmp` and renames it to `N` once every file is
-written, so a step directory that exists is whole and `latest_step` only sees complete
-ones; a temporary directory that a killed run left behind is noted (`notes`) and removed.
-Once a step is complete, process 0 writes a manifest of its files' sizes and CRC-32s into
-it (MANIFEST), and restore checks it first: a truncated or corrupted file is named instead
-of being read as garbage. Write failures (a full or unwritable disk) surface as one
+On a local disk Orbax writes step N into `N.orbax-checkpoint-tmp` and renames it to `N`
+once every file is written; on Cloud Storage, which has no rename, it writes `N/` in place
+and adds `N/commit_success.txt` last. Either way `complete_steps` only sees finished steps,
+and an unfinished one a killed run left behind is noted (`notes`) and removed.
+
+Once a step is complete, a background thread of process 0 writes a manifest of its files
+(MANIFEST: size and checksum of each): locally the CRC-32 of each file, read back while
+it is still in the page cache; on Cloud Storage the CRC-32C the server computed on upload,
+from one listing, so nothing is downloaded. Training never waits for it. Restore checks
+the manifest first: every file present at its size, and its checksum (locally re-read;
+on Cloud Storage compared from a listing); a truncated, missing or corrupted file is named
+instead of being read as garbage. `python -m mae_jax.checkpoint verify DIR` re-reads every
+byte of every step (Cloud Storage objects downloaded and their CRC-32C recomputed).
+Write failures (a full or unwritable disk, an unreachable bucket) surface as one
 CheckpointError naming the directory; the previous complete checkpoint is never touched.
 The data position needs no saving: batches are a pure function of (seed, step).
 """
+import argparse
+import base64
+import concurrent.futures
 import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,8 +40,15 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mae_jax import paths
+
+# Seconds a gs:// checkpoint operation may go without finishing (a save waits for the one
+# before it): a server that stops answering mid-save fails the run after this long instead
+# of after TensorStore's retries (up to 32, backing off to 32 s each).
+GCS_SAVE_TIMEOUT_S = float(os.environ.get("MAE_JAX_CHECKPOINT_TIMEOUT_S", "1800"))
 MANIFEST = "mae_manifest.json"
-TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step still being written
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a local step still being written
+COMMIT_FILE = "commit_success.txt"  # Orbax's last file of a step on Cloud Storage
 _CHUNK = 1 << 22
 
 
@@ -37,21 +57,27 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
-  """A CheckpointManager over `directory` holding TrainState pytrees."""
+  """A CheckpointManager over `directory` (local or gs://) holding TrainState pytrees."""
 
   def __init__(self, directory, *, keep, every_steps, async_save=True):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)
     check_writable(self.directory)
     self.interrupted = interrupted_steps(self.directory)  # before Orbax removes them
     self.notes = []  # what restore_latest skipped, for the run's log
     ignore_late_callbacks()
+    quiet_orbax_tracebacks()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=every_steps,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._manifests = concurrent.futures.ThreadPoolExecutor(1, "mae_manifest")
+    self._pending = None  # the Future of the manifest task last submitted
+    self._waiter = concurrent.futures.ThreadPoolExecutor(1, "mae_ckpt_deadline")
+    self._stuck = None  # the CheckpointError of an operation that ran past its deadline
+    self._started = self._complete = self.manager.latest_step()  # steps known to Orbax
 
   def step_dir(self, step):
-    return os.path.join(self.directory, str(step))
+    return paths.join(self.directory, str(step))
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -62,10 +88,15 @@ class Checkpointer:
     Raises CheckpointError if this save, or an earlier asynchronous one, cannot be written.
     """
     try:
-      saved = self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+      saved = self._bounded(self.manager.save, step, args=ocp.args.StandardSave(state),
+                            force=force)
+    except CheckpointError:
+      raise
     except Exception as e:  # Orbax and TensorStore raise ValueError, OSError, ...
       raise self._write_error(e) from e
-    self.write_manifests()  # the save above waited for the previous one to finish
+    self._complete = self._started  # the save above waited for the previous one to finish
+    self._started = step if saved else self._started
+    self.write_manifests()
     return saved
 
   def restore(self, step, target, unfit_hint=None):
@@ -106,28 +137,71 @@ class Checkpointer:
     return self.restore(step, target, unfit_hint), step
 
   def check_space(self, target):
-    """Raise CheckpointError if the disk cannot hold one checkpoint of `target`."""
-    check_space(self.directory, sum(x.nbytes for x in jax.tree.leaves(target)))
+    """Raise CheckpointError if the disk cannot hold one checkpoint of `target` (Cloud
+    Storage has no fixed capacity: nothing to check there)."""
+    if not paths.is_gcs(self.directory):
+      check_space(self.directory, sum(x.nbytes for x in jax.tree.leaves(target)))
 
   def write_manifests(self):
-    """Write the manifest of every complete step that has none (process 0 only)."""
+    """Queue the manifests of the complete steps that have none (process 0 only); a
+    background thread writes them, one task at a time."""
     if jax.process_index() != 0:
       return
-    for step in complete_steps(self.directory):
-      if not os.path.exists(os.path.join(self.step_dir(step), MANIFEST)):
-        write_manifest(self.step_dir(step))
+    if self._pending is not None and not self._pending.done():
+      return  # the running task lists the steps again when it is done
+    self._raise_manifest_error()
+    self._pending = self._manifests.submit(write_missing_manifests, self.directory)
 
   def wait(self):
     """Block until pending saves are on disk; CheckpointError if one could not be written."""
     try:
-      self.manager.wait_until_finished()
+      self._bounded(self.manager.wait_until_finished)
+    except CheckpointError:
+      raise
     except Exception as e:
       raise self._write_error(e) from e
-    self.write_manifests()
+    self._complete = self._started
+    if self._pending is not None:  # it may have listed the steps before the last one
+      concurrent.futures.wait([self._pending], timeout=self._timeout())
+    self.write_manifests()  # nothing runs now: a new task lists every complete step
+    if self._pending is not None:
+      concurrent.futures.wait([self._pending], timeout=self._timeout())
+      self._raise_manifest_error()
+
+  def _timeout(self):
+    return GCS_SAVE_TIMEOUT_S if paths.is_gcs(self.directory) else None
 
   def close(self):
     self.wait()
     self.manager.close()
+    self._manifests.shutdown()
+
+  def _bounded(self, fn, *args, **kwargs):
+    """fn(*args, **kwargs); on gs://, given at most GCS_SAVE_TIMEOUT_S, after which the
+    run stops with a CheckpointError (the call is left behind in its thread: the process
+    exits without waiting for it)."""
+    if self._stuck is not None:
+      raise self._stuck
+    if not paths.is_gcs(self.directory):
+      return fn(*args, **kwargs)
+    future = self._waiter.submit(fn, *args, **kwargs)
+    try:
+      return future.result(timeout=GCS_SAVE_TIMEOUT_S)
+    except concurrent.futures.TimeoutError:
+      kept = (f"the last complete checkpoint, step {self._complete}, is intact"
+              if self._complete is not None else "no checkpoint was completed")
+      self._stuck = CheckpointError(
+          f"cannot write a checkpoint in {self.directory}: not finished after "
+          f"{GCS_SAVE_TIMEOUT_S:.0f} s (MAE_JAX_CHECKPOINT_TIMEOUT_S): the storage stopped "
+          f"answering; {kept}")
+      raise self._stuck from None
+
+  def _raise_manifest_error(self):
+    error = self._pending.exception() if self._pending and self._pending.done() else None
+    self._pending = None if error else self._pending
+    if error is not None:
+      raise CheckpointError(f"cannot write a checkpoint manifest in {self.directory}: "
+                            f"{short_reason(error)}") from error
 
   def _write_error(self, error):
     steps = complete_steps(self.directory)
@@ -162,21 +236,53 @@ def ignore_late_callbacks():
     sys.unraisablehook = _DropClosedLoopErrors(sys.unraisablehook)
 
 
-def complete_steps(directory):
-  """Sorted steps whose directory Orbax finished (renamed from its temporary name)."""
-  if not os.path.isdir(directory):
+def entries(directory):
+  """Names in `directory`; none where it does not exist (on Cloud Storage a "directory"
+  exists only while an object is below it)."""
+  try:
+    return paths.listdir(directory)
+  except (FileNotFoundError, NotADirectoryError):
     return []
-  return sorted(int(name) for name in os.listdir(directory)
-                if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+
+
+class _OneLineOrbaxErrors(logging.Filter):
+  """Orbax logs the exception of a failed background save with its traceback before the
+  run's own one-line error; keep such a record to one line (its message, shortened)."""
+
+  def filter(self, record):
+    if record.exc_info and "orbax" in record.pathname:
+      text = " ".join(record.getMessage().split())
+      record.msg, record.args = text[:300] + ("..." if len(text) > 300 else ""), ()
+      record.exc_info = record.exc_text = None
+    return True
+
+
+def quiet_orbax_tracebacks():
+  """Install _OneLineOrbaxErrors on absl's logger (process-wide, once)."""
+  logger = logging.getLogger("absl")
+  if not any(isinstance(f, _OneLineOrbaxErrors) for f in logger.filters):
+    logger.addFilter(_OneLineOrbaxErrors())
+
+
+def complete_steps(directory):
+  """Sorted steps whose directory Orbax finished (renamed from its temporary name locally;
+  holding its commit file on Cloud Storage)."""
+  names = [name for name in entries(directory) if name.isdigit()]
+  if paths.is_gcs(directory):
+    return sorted(int(n) for n in names if paths.exists(paths.join(directory, n, COMMIT_FILE)))
+  return sorted(int(n) for n in names if os.path.isdir(os.path.join(directory, n)))
 
 
 def interrupted_steps(directory):
-  """Sorted (step, path) of the temporary directories of saves that never finished."""
+  """Sorted (step, path) of the directories of saves that never finished."""
   found = []
-  for name in os.listdir(directory):
+  complete = set(complete_steps(directory)) if paths.is_gcs(directory) else set()
+  for name in entries(directory):
     match = re.fullmatch(r"(\d+)" + re.escape(TMP_SUFFIX) + r".*", name)
     if match:
-      found.append((int(match.group(1)), os.path.join(directory, name)))
+      found.append((int(match.group(1)), paths.join(directory, name)))
+    elif paths.is_gcs(directory) and name.isdigit() and int(name) not in complete:
+      found.append((int(name), paths.join(directory, name)))
   return sorted(found)
 
 
@@ -189,6 +295,8 @@ def check_workdir(workdir, flag="--workdir"):
 
 def check_writable(directory):
   """Raise CheckpointError unless `directory` exists (or can be made) and takes a file."""
+  if paths.is_gcs(directory):
+    return check_gcs_writable(directory)
   probe = os.path.join(directory, f".write-probe-{jax.process_index()}-{os.getpid()}")
   try:
     os.makedirs(directory, exist_ok=True)
@@ -202,8 +310,32 @@ def check_writable(directory):
                           "choose another --workdir, or fix its permissions or free space"
                           ) from None
   finally:
-    with contextlib.suppress(OSError):
+    if os.path.exists(probe):
       os.remove(probe)
+
+
+def check_gcs_writable(directory):
+  """Write and delete a probe object under `directory`: a missing bucket, missing
+  credentials or an unreachable server is one CheckpointError before any work starts."""
+  probe = paths.join(directory, f".write-probe-{jax.process_index()}-{os.getpid()}")
+  try:
+    paths.write_atomic(probe, b"\0")
+    paths.remove(probe)
+  except FileNotFoundError:
+    raise CheckpointError(f"{directory}: bucket {paths.bucket(directory)} does not exist "
+                          "(or these credentials cannot see it); create it or choose another "
+                          "--workdir") from None
+  except Exception as e:  # gcsfs raises OSError, aiohttp and google-auth errors
+    raise CheckpointError(f"{directory}: cannot write checkpoints there "
+                          f"({gcs_reason(e)}); check the bucket, its permissions and the "
+                          "network") from None
+
+
+def gcs_reason(error, limit=200):
+  """A gcsfs / aiohttp / google-auth error in a phrase."""
+  text = " ".join(str(error).split()) or type(error).__name__
+  text = f"{type(error).__name__}: {text}" if type(error).__name__ not in text else text
+  return text[:limit] + ("..." if len(text) > limit else "")
 
 
 def check_space(directory, need_bytes):
@@ -217,57 +349,110 @@ def check_space(directory, need_bytes):
 
 def file_crc32(path):
   crc = 0
-  with open(path, "rb") as f:
+  with paths.resolve(path).open("rb") as f:
     while chunk := f.read(_CHUNK):
       crc = zlib.crc32(chunk, crc)
   return crc
 
 
+def file_crc32c(path):
+  """Base64 CRC-32C of a file's bytes, as Cloud Storage reports it."""
+  import google_crc32c
+  crc = google_crc32c.Checksum()
+  with paths.resolve(path).open("rb") as f:
+    while chunk := f.read(_CHUNK):
+      crc.update(chunk)
+  return base64.b64encode(crc.digest()).decode()
+
+
+def step_listing(step_dir):
+  """{path relative to `step_dir`: (size, CRC-32C from the server or None locally)} of all
+  its files but the manifest: one listing, nothing read."""
+  if paths.is_gcs(step_dir):
+    sizes = paths.walk_files(step_dir)
+    crcs = paths.gcs_checksums(step_dir)
+    files = {rel: (size, crcs.get(rel)) for rel, size in sizes.items()}
+  else:
+    files = {rel: (size, None) for rel, size in paths.walk_files(step_dir).items()}
+  return {rel: v for rel, v in files.items() if not os.path.basename(rel).startswith(MANIFEST)}
+
+
 def step_files(step_dir):
   """Paths relative to `step_dir` of all its files but the manifest."""
-  return sorted(os.path.relpath(os.path.join(d, name), step_dir)
-                for d, _, names in os.walk(step_dir) for name in names
-                if not name.startswith(MANIFEST))
+  return sorted(step_listing(step_dir))
 
 
 def write_manifest(step_dir):
-  """Record {file: [size, crc32]} of a complete step directory, atomically."""
-  path = os.path.join(step_dir, MANIFEST)
+  """Record {file: [size, checksum]} of a complete step directory, atomically: locally the
+  CRC-32 of each file (read back), on Cloud Storage the server's CRC-32C (listed)."""
   try:
-    files = {rel: [os.path.getsize(os.path.join(step_dir, rel)),
-                   file_crc32(os.path.join(step_dir, rel))] for rel in step_files(step_dir)}
-    with open(path + ".tmp", "w") as f:
-      json.dump({"files": files}, f)
-    os.replace(path + ".tmp", path)
+    listing = step_listing(step_dir)
+    if paths.is_gcs(step_dir):
+      files, kind = {rel: [size, crc] for rel, (size, crc) in listing.items()}, "crc32c"
+    else:
+      files = {rel: [size, file_crc32(paths.join(step_dir, rel))]
+               for rel, (size, _) in listing.items()}
+      kind = "crc32"
+    paths.write_atomic(paths.join(step_dir, MANIFEST), json.dumps({"checksum": kind,
+                                                                   "files": files}))
   except FileNotFoundError:
     pass  # Orbax deleted the step meanwhile (keep-N)
 
 
-def verify(step_dir, step, hint):
-  """Raise CheckpointError naming the first file of `step_dir` that is missing, truncated
-  or changed since its manifest was written; returns whether there was a manifest."""
-  path = os.path.join(step_dir, MANIFEST)
-  if not os.path.exists(path):
-    return False  # written before manifests, or killed between finishing and manifesting
+def write_missing_manifests(directory):
+  """Write the manifest of each complete step of `directory` that has none."""
+  for step in complete_steps(directory):
+    step_dir = paths.join(directory, str(step))
+    if not paths.exists(paths.join(step_dir, MANIFEST)):
+      write_manifest(step_dir)
+
+
+def read_manifest(step_dir, step, hint):
+  """(checksum kind, {file: [size, checksum]}) of a step, or None where it has none."""
+  path = paths.join(step_dir, MANIFEST)
+  if not paths.exists(path):
+    return None  # written before manifests, or killed between finishing and manifesting
   try:
-    with open(path) as f:
-      files = json.load(f)["files"]
-  except (OSError, ValueError, KeyError, TypeError) as e:
+    manifest = json.loads(paths.read_text(path))
+    return manifest.get("checksum", "crc32"), dict(manifest["files"])
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     raise CheckpointError(f"checkpoint step {step} is damaged: {path}: unreadable manifest "
                           f"({e}); {hint}") from None
+
+
+def verify(step_dir, step, hint, full=False):
+  """Raise CheckpointError naming the first file of `step_dir` that is missing, truncated
+  or changed since its manifest was written; returns whether there was a manifest.
+
+  Sizes come from one listing. Checksums: a local file is re-read (a restore reads it
+  anyway); a Cloud Storage object's CRC-32C is the server's, listed, unless `full`, which
+  downloads the object and recomputes it.
+  """
+  manifest = read_manifest(step_dir, step, hint)
+  if manifest is None:
+    return False
+  kind, files = manifest
+  listing = step_listing(step_dir)
   for rel, (size, crc) in sorted(files.items()):
-    file = os.path.join(step_dir, rel)
-    if not os.path.isfile(file):
+    file = paths.join(step_dir, rel)
+    if rel not in listing:
       problem = "is missing"
-    elif (actual := os.path.getsize(file)) != size:
+    elif (actual := listing[rel][0]) != size:
       problem = f"is truncated ({actual} of {size} bytes)" if actual < size else (
           f"has {actual} bytes, not the {size} written")
-    elif file_crc32(file) != crc:
-      problem = "is corrupted (its CRC-32 differs from the one written)"
+    elif not checksum_matches(kind, file, crc, listing[rel][1], full):
+      problem = f"is corrupted (its {'CRC-32C' if kind == 'crc32c' else 'CRC-32'} differs " \
+                "from the one written)"
     else:
       continue
     raise CheckpointError(f"checkpoint step {step} is damaged: {file} {problem}; {hint}")
   return True
+
+
+def checksum_matches(kind, file, recorded, listed, full):
+  if kind == "crc32c":
+    return listed == recorded and (not full or file_crc32c(file) == recorded)
+  return file_crc32(file) == recorded
 
 
 def short_reason(error, limit=300):
@@ -287,20 +472,14 @@ def short_reason(error, limit=300):
 CONFIG_HISTORY = "configs"  # WORKDIR/configs/launch-NNN-step-S.json, one per launch
 
 
-def _write_json_atomically(path, text):
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
-
-
 def launch_configs(workdir):
   """Paths of WORKDIR/configs/launch-*.json in launch order."""
-  directory = os.path.join(workdir, CONFIG_HISTORY)
-  if not os.path.isdir(directory):
+  directory = paths.join(workdir, CONFIG_HISTORY)
+  if not paths.isdir(directory):
     return []
-  found = [(int(m.group(1)), name) for name in os.listdir(directory)
+  found = [(int(m.group(1)), name) for name in paths.listdir(directory)
            if (m := re.fullmatch(r"launch-(\d+)-step-\d+\.json", name))]
-  return [os.path.join(directory, name) for _, name in sorted(found)]
+  return [paths.join(directory, name) for _, name in sorted(found)]
 
 
 def save_config(config, workdir, start_step=0):
@@ -310,23 +489,22 @@ def save_config(config, workdir, start_step=0):
   if jax.process_index() != 0:
     return
   text = config.to_json_best_effort(indent=2, sort_keys=True)
-  os.makedirs(os.path.join(workdir, CONFIG_HISTORY), exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    _write_json_atomically(path, text)
+  paths.makedirs(paths.join(workdir, CONFIG_HISTORY))
+  path = paths.join(workdir, "config.json")
+  if not paths.exists(path):
+    paths.write_atomic(path, text)
   number = len(launch_configs(workdir)) + 1
-  _write_json_atomically(os.path.join(workdir, CONFIG_HISTORY,
-                                      f"launch-{number:03d}-step-{start_step}.json"), text)
+  paths.write_atomic(paths.join(workdir, CONFIG_HISTORY,
+                                f"launch-{number:03d}-step-{start_step}.json"), text)
 
 
 def load_config_dict(workdir):
   """The config of a workdir's latest launch as a plain dict (config.json where it keeps
   no history), or None where it has none."""
   history = launch_configs(workdir)
-  path = history[-1] if history else os.path.join(workdir, "config.json")
+  path = history[-1] if history else paths.join(workdir, "config.json")
   try:
-    with open(path) as f:
-      saved = json.load(f)
+    saved = json.loads(paths.read_text(path))
   except FileNotFoundError:
     return None
   except (OSError, ValueError) as e:
@@ -454,20 +632,62 @@ def _alive(pid):
   return True
 
 
+class GcsWorkdirLock(WorkdirLock):
+  """WORKDIR/run.lock on Cloud Storage, which has no record locks: the object names its
+  holder, and a launch finding one refuses unless the holder ran on this host and is gone
+  (a run restarted on the same VM after a crash). A holder on another host cannot be
+  checked from here: the refusal names it, and the lock object is removed by hand once
+  that run is known to be over (a preempted VM)."""
+
+  def __init__(self, workdir):  # pylint: disable=super-init-not-called
+    self.path = paths.join(workdir, LOCK_FILE)
+    self.fd = None
+    self.note = None
+
+  def acquire(self):
+    me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+    try:
+      previous = paths.read_text(self.path)
+    except FileNotFoundError:
+      previous = ""
+    if previous.strip():
+      self._check_by_contents(previous)
+      self.note = (f"took over {self.path}, left by a run that is no longer running "
+                   f"({_holder_of(previous)})")
+    paths.write_atomic(self.path, me)
+    self.fd = me
+    return self
+
+  def _in_use(self, contents):
+    return CheckpointError(
+        f"{self.path.rsplit('/', 1)[0]} is in use by another run ({_holder_of(contents)}; lock "
+        f"{self.path}): wait for it to finish or stop it; if it ran on a machine that is "
+        "gone, remove that lock object")
+
+  def release(self):
+    if self.fd is None:
+      return
+    with contextlib.suppress(OSError, FileNotFoundError):
+      if paths.read_text(self.path) == self.fd:
+        paths.remove(self.path)
+    self.fd = None
+
+
 def lock_workdir(workdir):
   """Take WORKDIR's lock on process 0 (None elsewhere); every process learns whether it
   was free, so all of a multi-process run stop together when it was not."""
   lock, error = None, None
   if jax.process_index() == 0:
     try:
-      lock = WorkdirLock(workdir).acquire()
+      lock = (GcsWorkdirLock if paths.is_gcs(workdir) else WorkdirLock)(workdir).acquire()
     except CheckpointError as e:
       error = e
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     taken = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
     if taken and error is None:
-      error = CheckpointError(f"{os.path.abspath(workdir)} is in use by another run "
+      error = CheckpointError(f"{paths.absolute(workdir)} is in use by another run "
                               "(process 0 names it)")
   if error is not None:
     raise error
@@ -489,19 +709,18 @@ class ParamsError(ValueError):
 
 
 def is_params_dir(path):
-  return os.path.isfile(os.path.join(path, META_FILE))
+  return paths.isfile(paths.join(path, META_FILE))
 
 
 def save_params(directory, params, meta):
   """Write DIR/params and DIR/model.json (meta); never overwrites an existing DIR."""
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory):
+  directory = paths.absolute(directory)
+  if paths.exists(directory):
     raise ParamsError(f"{directory} already exists; choose a new output directory")
-  os.makedirs(directory)
+  paths.makedirs(directory)
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(directory, PARAMS_DIR), params)
-  with open(os.path.join(directory, META_FILE), "w") as f:
-    json.dump(meta, f, indent=2)
+    checkpointer.save(paths.join(directory, PARAMS_DIR), params)
+  paths.write_atomic(paths.join(directory, META_FILE), json.dumps(meta, indent=2))
   return directory
 
 
@@ -510,10 +729,9 @@ def read_meta(directory):
   if not is_params_dir(directory):
     raise ParamsError(f"{directory}: no {META_FILE}; expected a parameter directory "
                       "(`python -m mae_jax.convert import` writes one)")
-  path = os.path.join(directory, META_FILE)
+  path = paths.join(directory, META_FILE)
   try:
-    with open(path) as f:
-      meta = json.load(f)
+    meta = json.loads(paths.read_text(path))
   except (OSError, ValueError) as e:
     raise ParamsError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
   if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
@@ -543,7 +761,7 @@ def load_params(path, target=None):
   shapes that differ from it are listed in the error.
   """
   meta = read_meta(path)
-  params_path = os.path.join(os.path.abspath(path), PARAMS_DIR)
+  params_path = paths.absolute(paths.join(path, PARAMS_DIR))
   with ocp.StandardCheckpointer() as checkpointer:
     if target is not None:
       target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
@@ -592,3 +810,44 @@ def check_finite_tree(tree, what, error=None, hint=None):
     shown = ", ".join(bad[:5]) + (f" ... ({len(bad)} in all)" if len(bad) > 5 else "")
     raise (error or CheckpointError)(f"{what}: NaN or infinite values in {shown}"
                                      + (f"; {hint}" if hint else ""))
+
+
+def verify_all(directory):
+  """Fully verify every complete step of a checkpoints directory: (step, problem or None)."""
+  results = []
+  for step in complete_steps(directory):
+    step_dir = paths.join(directory, str(step))
+    try:
+      had = verify(step_dir, step, "restore another step", full=True)
+      results.append((step, None if had else "no manifest: not verifiable"))
+    except CheckpointError as e:
+      results.append((step, str(e)))
+  return results
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      prog="python -m mae_jax.checkpoint",
+      description="verify DIR: re-read every file of every checkpoint step in DIR (a "
+                  "train.py workdir or its checkpoints/, local or gs://) against its manifest")
+  parser.add_argument("command", choices=["verify"])
+  parser.add_argument("directory")
+  args = parser.parse_args(argv)
+  try:
+    directory = args.directory
+    if paths.isdir(paths.join(directory, "checkpoints")):
+      directory = paths.join(directory, "checkpoints")
+    if not complete_steps(directory):
+      print(f"error: {paths.absolute(directory)}: no complete checkpoint step", file=sys.stderr)
+      return 2
+    results = verify_all(directory)
+  except (paths.PathError, OSError) as e:
+    print(f"error: {args.directory}: {gcs_reason(e)}", file=sys.stderr)
+    return 2
+  for step, problem in results:
+    print(f"step {step}: {problem or 'ok'}")
+  return 1 if any(p and not p.startswith("no manifest") for _, p in results) else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -19,7 +19,7 @@ import time
 import jax
 import ml_collections
 
-from mae_jax import checkpoint, config as config_lib, data, pretrained, sharding, vit
+from mae_jax import checkpoint, config as config_lib, data, paths, pretrained, sharding, vit
 from mae_jax.data import augment as data_augment
 from mae_jax.evaluation import classifier, features as features_lib, finetune, linprobe
 from mae_jax.evaluation import knn as knn_lib
@@ -112,7 +112,7 @@ def load_subject(config, workdir, mesh):
   The params come from config.params (a converted checkpoint) or the workdir's latest (or
   checkpoint_step) checkpoint, restored straight into their training layout on `mesh`.
   """
-  has_run = os.path.exists(os.path.join(workdir, "config.json"))
+  has_run = paths.exists(paths.join(workdir, "config.json"))
   check(config.params or has_run, "params", f"{workdir} has no config.json (not a train.py "
         "workdir); give an imported checkpoint with --config.params")
   source = config.params or workdir
@@ -126,7 +126,7 @@ def load_subject(config, workdir, mesh):
     pre = pretrained.load_converted(config.params, mesh)
     return Subject(model, pre.params, dcfg, pre.description)
   params, step = pretrained.restore_params(workdir, model, config.checkpoint_step, mesh)
-  return Subject(model, params, dcfg, f"{os.path.abspath(workdir)} at step {step}")
+  return Subject(model, params, dcfg, f"{paths.absolute(workdir)} at step {step}")
 
 
 def result_name(mode, config):
@@ -195,11 +195,11 @@ class Evaluation:
     results, params = tuner.run(pretrained, logger,
                                 num_workers=self.subject.data_config.num_workers)
     logger.close()
-    path = finetune.save(os.path.join(self.workdir, name), params, tuner.model, results)
+    path = finetune.save(paths.join(self.workdir, name), params, tuner.model, results)
     return dict(results, checkpoint=path, pool=cfg.pool, remat=tuner.model.remat)
 
   def logdir(self, name):
-    return os.path.join(self.workdir, "eval", name)
+    return paths.join(self.workdir, "eval", name)
 
   def run(self, mode):
     """Evaluate in `mode`; write DIR/eval_<name>.json and return the results."""
@@ -216,11 +216,10 @@ class Evaluation:
                    subject=self.subject.description, dataset=self.subject.data_config.name,
                    seconds=round(time.perf_counter() - t0, 1), devices=jax.device_count(),
                    config=self.config[mode].to_dict())
-    path = os.path.join(self.workdir, f"eval_{name}.json")
+    path = paths.join(self.workdir, f"eval_{name}.json")
     if jax.process_index() == 0:
-      os.makedirs(self.workdir, exist_ok=True)  # a new directory for a converted checkpoint
-      with open(path, "w") as f:
-        json.dump(results, f, indent=2, default=str)
+      paths.makedirs(self.workdir)  # a new directory for a converted checkpoint
+      paths.write_atomic(path, json.dumps(results, indent=2, default=str))
     log(f"{name}: top-1 {results['top1']:.4f} ({results['seconds']:.0f} s) -> {path}")
     return results
 
@@ -251,7 +250,7 @@ def evaluate(config, workdir, modes):
 
 
 USAGE_ERRORS = (config_lib.ConfigError, data.DatasetError, checkpoint.ParamsError,
-                pretrained.PretrainedError, checkpoint.CheckpointError)
+                pretrained.PretrainedError, checkpoint.CheckpointError, paths.PathError)
 
 
 def command(config, workdir, modes):

@@ -1,6 +1,12 @@
 """Run logging: a progress bar with ETA on a terminal, plain lines otherwise, TensorBoard
 event files and metrics.jsonl in the workdir. Only process 0 writes anything.
 
+A gs:// workdir has no appendable files: both are written in a local staging directory
+and copied whole to the workdir by `sync` (the trainer calls it at each checkpoint), at
+most `sync_secs` after a record and at close; each copy replaces the object at once. A
+killed run therefore loses only records of steps after its last checkpoint, which the
+resumed run does again.
+
 metrics.jsonl gets one JSON object per logged step, {"step": s, "train/loss": ..., ...},
 appended with a single write each so a killed run never leaves half a record. A resumed
 run appends again from its checkpoint, so a step may appear more than once (with the
@@ -8,10 +14,14 @@ same values: resume is exact); the last record of a step is the current one.
 """
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import jax
+
+from mae_jax import paths
 
 
 def _fmt_duration(seconds):
@@ -39,17 +49,42 @@ def summary_writer_class():
 class Logger:
   """Writes scalars to TensorBoard and reports progress of a run of `total_steps`."""
 
-  def __init__(self, workdir, total_steps, start_step=0, stream=None):
+  def __init__(self, workdir, total_steps, start_step=0, stream=None, sync_secs=30):
     self.total_steps = total_steps
     self.stream = stream or sys.stdout
     self.is_main = jax.process_index() == 0
     self.tty = self.stream.isatty()
     self.writer = None
+    self.remote = paths.join(workdir) if paths.is_gcs(workdir) else None
+    self.sync_secs, self._synced = sync_secs, time.monotonic()
     if self.is_main:
-      self.writer = summary_writer_class()(logdir=workdir, flush_secs=30)
-      self.jsonl = os.open(os.path.join(workdir, "metrics.jsonl"),
+      logdir = self._stage() if self.remote else workdir
+      self.writer = summary_writer_class()(logdir=logdir, flush_secs=30)
+      self.jsonl = os.open(os.path.join(logdir, "metrics.jsonl"),
                            os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     self._t0, self._s0 = time.perf_counter(), start_step
+
+  def _stage(self):
+    """A local directory holding a copy of the gs:// workdir's metrics.jsonl, if any."""
+    self.staging = tempfile.mkdtemp(prefix="mae_jax_logs_")
+    remote_jsonl = paths.join(self.remote, "metrics.jsonl")
+    if paths.exists(remote_jsonl):
+      with open(os.path.join(self.staging, "metrics.jsonl"), "wb") as f:
+        f.write(paths.read_bytes(remote_jsonl))
+    return self.staging
+
+  def sync(self):
+    """Copy the staged event files and metrics.jsonl to the gs:// workdir."""
+    if not (self.remote and self.writer):
+      return
+    self.writer.flush()
+    self._upload()
+
+  def _upload(self):
+    for name in sorted(os.listdir(self.staging)):
+      with open(os.path.join(self.staging, name), "rb") as f:
+        paths.write_atomic(paths.join(self.remote, name), f.read())
+    self._synced = time.monotonic()
 
   def scalars(self, step, values, prefix="train"):
     if self.writer:
@@ -57,6 +92,8 @@ class Logger:
       for name, value in record.items():
         self.writer.add_scalar(name, value, step)
       os.write(self.jsonl, (json.dumps({"step": int(step), **record}) + "\n").encode())
+      if self.remote and time.monotonic() - self._synced > self.sync_secs:
+        self.sync()
 
   def progress(self, step, metrics, images_per_step):
     """One line (or a redrawn bar on a tty) with step, loss, lr, img/s and ETA."""
@@ -91,6 +128,9 @@ class Logger:
     if self.writer:
       self.writer.close()
       os.close(self.jsonl)
+      if self.remote:
+        self._upload()
+        shutil.rmtree(self.staging, ignore_errors=True)
 
 
 class InputWait:

@@ -13,14 +13,13 @@ std; a workdir's inputs use its dataset's.
 """
 import dataclasses
 import functools
-import os
 
 import jax
 import ml_collections
 import optax
 import orbax.checkpoint as ocp
 
-from mae_jax import checkpoint, data, models, sharding
+from mae_jax import checkpoint, data, models, paths, sharding
 from mae_jax import train_step as ts
 from mae_jax.data.source import KNOWN_STATS
 from mae_jax.mae import MaskedAutoencoder
@@ -48,7 +47,7 @@ def is_converted(path):
 
 
 def is_workdir(path):
-  return os.path.isfile(os.path.join(path, "config.json"))
+  return paths.isfile(paths.join(path, "config.json"))
 
 
 def load(path, step=None, mesh=None):
@@ -128,14 +127,14 @@ def restore_params(path, model, step=None, mesh=None):
   against its manifest: the optimizer state, however large, never leaves the disk. The
   manager is read-only, so a run still writing into the workdir is left alone.
   """
-  directory = os.path.abspath(os.path.join(path, "checkpoints"))
+  directory = paths.absolute(paths.join(path, "checkpoints"))
   steps = checkpoint.complete_steps(directory)
   step = (steps[-1] if steps else None) if step is None else step
   if step not in steps:
     raise PretrainedError(f"{path}: no checkpoint of step {step} in {directory} (it has "
                           f"{steps or 'none'})" if step is not None else
                           f"{path}: the workdir has no checkpoint yet")
-  step_dir = os.path.join(directory, str(step))
+  step_dir = paths.join(directory, str(step))
   earlier = [s for s in steps if s < step]
   hint = (f"use another step (step {earlier[-1]} is the one before)" if earlier
           else "the workdir has no other checkpoint")

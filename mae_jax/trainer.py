@@ -12,7 +12,8 @@ import jax
 import ml_collections
 import optax
 
-from mae_jax import checkpoint, config as config_lib, data, distributed, models, optim, sharding
+from mae_jax import checkpoint, config as config_lib, data, distributed, models, optim, paths
+from mae_jax import sharding
 from mae_jax import train_step as ts
 from mae_jax import visualize
 from mae_jax.evaluation import knn
@@ -183,7 +184,8 @@ def train_loop(run, state, ckpt, logger, stop=None, input_wait=None):
     if step % cfg.checkpoint_every_steps == 0 or step == last or stopping:
       loss = report(run, pending, ckpt, logger, input_wait)  # saved once known finite
       pending = None
-      ckpt.save(step, state, force=step == last or stopping)
+      if ckpt.save(step, state, force=step == last or stopping):
+        sync_logs(logger, run.workdir)  # a gs:// workdir gets the records saved so far
     if monitor is not None and monitor.due(step):
       monitor(step, state.params, logger)  # before the next step donates these params
     if stopping:
@@ -193,6 +195,15 @@ def train_loop(run, state, ckpt, logger, stop=None, input_wait=None):
   images_per_sec = (steps_after_first * cfg.batch_size / (time.perf_counter() - t_compiled)
                     if steps_after_first > 0 else None)
   return state, loss, images_per_sec
+
+
+def sync_logs(logger, workdir):
+  """Copy the logs to a gs:// workdir; CheckpointError (one line) if it cannot be written."""
+  try:
+    logger.sync()
+  except Exception as e:  # gcsfs raises OSError, aiohttp and google-auth errors
+    raise checkpoint.CheckpointError(f"cannot copy the run's logs to {workdir}: "
+                                     f"{checkpoint.gcs_reason(e)}") from e
 
 
 def report(run, pending, ckpt, logger, input_wait=None):
@@ -268,18 +279,20 @@ def write_summary(run, results, train_seconds, final_loss, images_per_sec, skipp
                                            run.config.data.channels))
   summary["model"].update(dtype=run.config.model.dtype,
                           encoder_tokens=run.config.model.get("encoder_tokens", "visible"))
-  path = os.path.join(run.workdir, "summary.json")
-  with open(path, "w") as f:
-    json.dump(summary, f, indent=2, default=str)
+  path = paths.join(run.workdir, "summary.json")
+  paths.write_atomic(path, json.dumps(summary, indent=2, default=str))
   return path
 
 
 def train_and_evaluate(config, workdir):
-  """Pretrain (resuming from `workdir` if it holds checkpoints), then evaluate."""
+  """Pretrain (resuming from `workdir` if it holds checkpoints), then evaluate.
+
+  `workdir` may be local or gs://BUCKET/PATH (mae_jax.paths)."""
   checkpoint.check_workdir(workdir)
+  workdir = check_path("--workdir", workdir)
   run = build_run(config, workdir)
   # the lock file needs a writable workdir; an unwritable one is named for its checkpoints
-  checkpoint.check_writable(os.path.join(workdir, "checkpoints"))
+  checkpoint.check_writable(paths.join(workdir, "checkpoints"))
   lock = checkpoint.lock_workdir(workdir)  # before anything in the workdir is touched
   try:
     return train_locked(run, lock)
@@ -291,7 +304,7 @@ def train_and_evaluate(config, workdir):
 def train_locked(run, lock):
   """train_and_evaluate once this run holds the workdir."""
   workdir = run.workdir
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = checkpoint.Checkpointer(paths.join(workdir, "checkpoints"),
                                  keep=run.config.keep_checkpoints,
                                  every_steps=run.config.checkpoint_every_steps)
   state, restored = initial_state(run, ckpt)
@@ -327,7 +340,7 @@ def finish(run, state, logger, train_seconds, final_loss, images_per_sec, input_
   results, first = evaluate_reconstruction(run, state.params)
   skipped = int(state.skipped)
   if jax.process_index() == 0:
-    png = save_reconstructions(run, first, os.path.join(run.workdir, "reconstructions.png"))
+    png = save_reconstructions(run, first, paths.join(run.workdir, "reconstructions.png"))
     summary = write_summary(run, results, train_seconds, final_loss, images_per_sec, skipped,
                             input_wait)
     images = skipped_images(run)
@@ -338,7 +351,7 @@ def finish(run, state, logger, train_seconds, final_loss, images_per_sec, input_
     logger.info(
         f"test masked MSE {results['test_masked_mse']:.4f} (per-pixel-mean baseline "
         f"{results['baseline_masked_mse']:.4f}) after {train_seconds:.0f} s of training\n"
-        f"  checkpoints:     {os.path.join(run.workdir, 'checkpoints')}\n"
+        f"  checkpoints:     {paths.join(run.workdir, 'checkpoints')}\n"
         f"  tensorboard:     tensorboard --logdir {run.workdir}\n"
         f"  reconstructions: {png}\n  summary:         {summary}")
   if not all(math.isfinite(v) for v in results.values()):
@@ -347,6 +360,16 @@ def finish(run, state, logger, train_seconds, final_loss, images_per_sec, input_
         f"after {skipped} skipped non-finite update(s); the run diverged: lower "
         "optim.base_lr or set optim.grad_clip")
   return results
+
+
+def check_path(flag, path):
+  """`path` unchanged, after a check: ConfigError naming `flag` for a gs:// path without
+  a valid bucket."""
+  try:
+    paths.resolve(path)
+    return os.fspath(path)
+  except paths.PathError as e:
+    raise config_lib.ConfigError(f"{flag}: {e}") from None
 
 
 def describe(run, restored):

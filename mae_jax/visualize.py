@@ -11,13 +11,14 @@ The mask is drawn with --seed; --mask_ratio overrides the model's.
 """
 import argparse
 import functools
-import os
+import io
 import sys
 
 import numpy as np
 from PIL import Image
 
 from mae_jax import cli
+from mae_jax import paths as paths_lib
 from mae_jax.patches import unpatchify
 
 
@@ -39,7 +40,9 @@ def save_grid(rows, path, scale=4, pad=2):
   pixels = (np.clip(canvas, 0, 1) * 255).round().astype(np.uint8)
   image = Image.fromarray(pixels[..., 0] if c == 1 else pixels)
   image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-  image.save(path)
+  png = io.BytesIO()
+  image.save(png, format="PNG")
+  paths_lib.write_atomic(path, png.getvalue())  # local or gs://
   return path
 
 
@@ -62,9 +65,9 @@ def image_source(paths, channels):
   from mae_jax.data import folder
   files = []
   for path in paths:
-    if os.path.isdir(path):
+    if paths_lib.isdir(path):
       files += folder.images_under(path)
-    elif os.path.isfile(path):
+    elif paths_lib.isfile(path):
       files.append(path)
     else:
       raise FileNotFoundError(f"--images {path}: no such file or directory")
@@ -122,13 +125,15 @@ def main(argv=None):
   args = parse_args(argv)
   from mae_jax import checkpoint, data, pretrained
   try:
-    cli.check_output_file(args.out, "--out")  # before any work, not after it
-    if os.path.splitext(args.out)[1].lower() != ".png":
+    if not paths_lib.is_gcs(args.out):
+      cli.check_output_file(args.out, "--out")  # before any work, not after it
+    if not args.out.lower().endswith(".png"):
       raise cli.UsageError(f"--out {args.out}: expected a .png file name")
     pre = pretrained.load(args.path, args.step)
     images = load_images(pre, args.images, args.num_images)
   except (cli.UsageError, pretrained.PretrainedError, checkpoint.CheckpointError,
-          checkpoint.ParamsError, data.DatasetError, FileNotFoundError) as e:
+          checkpoint.ParamsError, data.DatasetError, paths_lib.PathError,
+          FileNotFoundError) as e:
     return cli.report(e)
   pred, mask, mse = reconstruct(pre, images, args.seed, args.mask_ratio)
   try:

@@ -18,3 +18,30 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
 
 def pytest_sessionfinish(session, exitstatus):
   shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+import pytest  # noqa: E402
+
+import gcs_emulator  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+  """A fake-gcs-server on a free 127.0.0.1 port for the whole session, with the variables
+  that point TensorStore, gcsfs (and every subprocess started meanwhile) at it."""
+  server = gcs_emulator.Emulator(tmp_path_factory.mktemp("gcs") / "objects").start()
+  saved = {k: os.environ.get(k) for k in server.env()}
+  os.environ.update(server.env())
+  yield server
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
+  server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server):
+  """gs://NAME of a new empty bucket on the session's server."""
+  return f"gs://{gcs_server.create_bucket()}"

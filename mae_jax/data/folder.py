@@ -9,6 +9,10 @@ Bad files: zero-byte and unopenable ones are left out when the folder is listed;
 fails to decode is replaced by the next image that decodes (in index order, wrapping), so
 a batch stays a pure function of its step. Both are counted in `source.skipped` and
 logged; with data.strict the first one stops the run instead, naming the file.
+
+data.data_dir may be gs://BUCKET/PATH (mae_jax.paths): the folder is listed once and each
+image is fetched when it is decoded; a zero-byte object is then a file that fails to
+decode (replaced and counted like one).
 """
 import functools
 import os
@@ -17,6 +21,7 @@ import threading
 import numpy as np
 from absl import logging
 
+from mae_jax import paths as paths_lib
 from mae_jax.data import decode as decode_lib
 from mae_jax.data.source import DatasetError, EncodedSource
 
@@ -49,7 +54,8 @@ class FolderSource(EncodedSource):
     return len(self.paths)
 
   def encoded(self, index):
-    return self.paths[index], self.labels[index], self.paths[index]
+    path = self.paths[index]
+    return _local_or_bytes(path), self.labels[index], path
 
   def get(self, index):
     """Image `index` as uint8 (H, W, channels), or the next one that decodes."""
@@ -87,11 +93,18 @@ class FolderSource(EncodedSource):
 def decode(path: str, channels: int) -> np.ndarray:
   """The image file at `path` as uint8 (H, W, channels); DatasetError naming it if it
   cannot be decoded."""
-  return decode_lib.decode(path, channels, path)
+  return decode_lib.decode(_local_or_bytes(path), channels, path)
+
+
+def _local_or_bytes(path: str):
+  """What PIL opens: a local path as it is, an object on gs:// read whole."""
+  return paths_lib.read_bytes(path) if paths_lib.is_gcs(path) else path
 
 
 def unreadable(path: str) -> str | None:
   """Why the file at `path` cannot be an image without decoding it (None: it may be)."""
+  if paths_lib.is_gcs(path):
+    return None  # not stat'ed object by object: a bad one fails to decode instead
   try:
     if os.stat(path).st_size == 0:
       return "empty file (0 bytes)"
@@ -108,6 +121,9 @@ def is_image(name: str) -> bool:
 
 def images_under(directory: str) -> list[str]:
   """All image files below `directory` (recursively), sorted for a stable order."""
+  if paths_lib.is_gcs(directory):
+    return sorted(paths_lib.join(directory, rel) for rel in paths_lib.walk_files(directory)
+                  if is_image(os.path.basename(rel)))
   found = [os.path.join(d, f) for d, _, files in os.walk(directory, followlinks=True)
            for f in files if is_image(f)]
   return sorted(found)
@@ -116,23 +132,25 @@ def images_under(directory: str) -> list[str]:
 def split_dir(root: str, split: str) -> str:
   """root/<split> (test: test, val or validation) where the root has split folders, else root."""
   split_folders = [d for names in SPLIT_DIRS.values() for d in names
-                   if os.path.isdir(os.path.join(root, d))]
+                   if paths_lib.isdir(paths_lib.join(root, d))]
   if not split_folders:
     return root  # no split folders: train and test are the same images
   for name in SPLIT_DIRS[split]:
     if name in split_folders:
-      return os.path.join(root, name)
+      return paths_lib.join(root, name)
   raise DatasetError(f"data.data_dir={root}: has split folders {split_folders} but none "
                      f"for {split!r} (expected one of {list(SPLIT_DIRS[split])})")
 
 
 def list_examples(directory: str) -> tuple[list[str], list[int], int | None]:
   """(paths, labels, num_classes): class folders where there are any, else flat files."""
-  subdirs = sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d)))
-  per_class = [files for files in (images_under(os.path.join(directory, d)) for d in subdirs)
+  subdirs = sorted(d for d in paths_lib.listdir(directory)
+                   if paths_lib.isdir(paths_lib.join(directory, d)))
+  per_class = [files for files in (images_under(paths_lib.join(directory, d)) for d in subdirs)
                if files]  # class folders holding no image are not classes
   if not per_class:
-    paths = sorted(os.path.join(directory, f) for f in os.listdir(directory) if is_image(f))
+    paths = sorted(paths_lib.join(directory, f) for f in paths_lib.listdir(directory)
+                   if is_image(f))
     return paths, [-1] * len(paths), None
   pairs = [(p, label) for label, files in enumerate(per_class) for p in files]
   return [p for p, _ in pairs], [label for _, label in pairs], len(per_class)
@@ -141,7 +159,11 @@ def list_examples(directory: str) -> tuple[list[str], list[int], int | None]:
 def load_folder(data_config, split: str) -> FolderSource:
   """The images of `split` under data.data_dir."""
   root = data_config.data_dir
-  if not root or not os.path.isdir(root):
+  try:
+    is_dir = bool(root) and paths_lib.isdir(root)
+  except paths_lib.PathError as e:
+    raise DatasetError(f"data.data_dir={root}: {str(e).split(': ', 1)[-1]}") from None
+  if not is_dir:
     raise DatasetError(f"data.data_dir={root}: not a directory (data.name='folder' needs the "
                        "root of an image folder: root/<split>/<class>/*.jpg or root/<class>/*)")
   directory = split_dir(root, split)

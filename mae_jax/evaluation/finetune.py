@@ -7,7 +7,6 @@ The same code fine-tunes from scratch when no pretrained encoder is given.
 """
 import functools
 import json
-import os
 import time
 from typing import Any
 
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 
-from mae_jax import config as config_lib, data, sharding
+from mae_jax import config as config_lib, data, paths, sharding
 from mae_jax.evaluation import augment, classifier, loop, optimizers
 
 
@@ -161,24 +160,24 @@ CLASSIFIER_FILE = "classifier.json"
 
 def save(directory, params, model, results):
   """The fine-tuned params (Orbax, DIR/params) and DIR/classifier.json (model + results)."""
-  directory = os.path.abspath(directory)
+  directory = paths.absolute(directory)
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(directory, "params"), params, force=True)
+    checkpointer.save(paths.join(directory, "params"), params, force=True)
   if jax.process_index() == 0:
     fields = {f: getattr(model, f) for f in ("num_classes", "image_size", "patch_size",
                                               "channels", "width", "depth", "num_heads",
                                               "mlp_ratio", "pool", "drop_path",
                                               "learned_pos_embed")}
-    with open(os.path.join(directory, CLASSIFIER_FILE), "w") as f:
-      json.dump({"model": fields, "results": results}, f, indent=2, default=str)
+    paths.write_atomic(paths.join(directory, CLASSIFIER_FILE),
+                       json.dumps({"model": fields, "results": results}, indent=2, default=str))
   return directory
 
 
 def load(directory):
   """(ViTClassifier, params) of a checkpoint written by `save` (float32 compute)."""
-  directory = os.path.abspath(directory)
-  with open(os.path.join(directory, CLASSIFIER_FILE)) as f:
-    model = classifier.ViTClassifier(**json.load(f)["model"])
+  directory = paths.absolute(directory)
+  meta = json.loads(paths.read_text(paths.join(directory, CLASSIFIER_FILE)))
+  model = classifier.ViTClassifier(**meta["model"])
   with ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(os.path.join(directory, "params"))
+    params = checkpointer.restore(paths.join(directory, "params"))
   return model, params

@@ -1,0 +1,157 @@
+"""The one path layer: every path a user gives (workdir, data, weights) is local or gs://.
+
+Paths are etils `epath.Path`s, as in Orbax and TFDS. gs:// goes through gcsfs in every
+process (EPATH_USE_TF=false unless set otherwise): TensorFlow is not a training dependency,
+so how a workdir is read must not depend on whether it happens to be installed. Orbax's
+array data goes through TensorStore's own GCS driver; both honour the emulator variables
+the tests set (tests/gcs.py).
+
+Cloud Storage has no directories and no rename: "makedirs" is a no-op there, and one
+object is written whole or not at all, so `write_atomic` writes it directly; on a local
+disk it writes a temporary file and renames it.
+"""
+import os
+import re
+
+os.environ.setdefault("EPATH_USE_TF", "false")
+# Seconds one GCS request (gcsfs) may take before it is retried; gcsfs retries 6 times.
+GCS_REQUEST_TIMEOUT_S = float(os.environ.get("MAE_JAX_GCS_TIMEOUT_S", "60"))
+
+import fsspec  # noqa: E402
+from etils import epath  # noqa: E402  (after EPATH_USE_TF)
+
+# Set before any gcsfs instance exists (fsspec caches them, Orbax's included): listings are
+# never cached, as Orbax's TensorStore writes bypass gcsfs and other processes write the
+# same workdir; one request is given GCS_REQUEST_TIMEOUT_S.
+fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+fsspec.config.conf["gcs"].setdefault("requests_timeout", GCS_REQUEST_TIMEOUT_S)
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+
+
+class PathError(ValueError):
+  """A path that cannot name a place: gs:// without a bucket, a malformed bucket name."""
+
+
+def is_gcs(path):
+  return os.fspath(path).startswith("gs://")
+
+
+def bucket(path):
+  """The bucket of a gs:// path; PathError naming the path if it has none or a bad one."""
+  rest = os.fspath(path)[len("gs://"):]
+  name = rest.split("/", 1)[0]
+  if not name:
+    raise PathError(f"{path}: no bucket; a Cloud Storage path is gs://BUCKET/PATH")
+  if not _BUCKET.fullmatch(name):
+    raise PathError(f"{path}: {name!r} is not a valid bucket name (3-222 characters: "
+                    "lower-case letters, digits, '-', '_' and '.')")
+  return name
+
+
+def resolve(path):
+  """An epath.Path for `path`: gs:// as given (its bucket checked), local ones absolute."""
+  text = os.fspath(path)
+  if is_gcs(text):
+    bucket(text)
+    return epath.Path(text)
+  return epath.Path(os.path.abspath(text))
+
+
+def join(path, *parts):
+  """`path`/`parts` as a string (gs:// kept; a relative local path stays relative)."""
+  if is_gcs(path):
+    return os.fspath(resolve(path).joinpath(*parts))
+  return os.path.join(os.fspath(path), *parts)
+
+
+def absolute(path):
+  """`path` as a string: gs:// as given, a local path made absolute (what Orbax needs)."""
+  return os.fspath(resolve(path))
+
+
+def exists(path):
+  return resolve(path).exists()
+
+
+def isdir(path):
+  return resolve(path).is_dir()
+
+
+def isfile(path):
+  p = resolve(path)
+  return p.exists() and not p.is_dir()
+
+
+def listdir(path):
+  """Names in a directory (on GCS: below the prefix), sorted."""
+  return sorted(p.name for p in resolve(path).iterdir())
+
+
+def makedirs(path):
+  resolve(path).mkdir(parents=True, exist_ok=True)
+
+
+def read_text(path):
+  return resolve(path).read_text()
+
+
+def read_bytes(path):
+  return resolve(path).read_bytes()
+
+
+def write_atomic(path, data):
+  """Write `data` (str or bytes) to `path` so that a reader sees the old or the new
+  contents, never a part."""
+  p = resolve(path)
+  mode = "wb" if isinstance(data, bytes) else "w"
+  if is_gcs(p):
+    with p.open(mode) as f:
+      f.write(data)
+    return
+  tmp = p.with_name(p.name + f".tmp-{os.getpid()}")
+  with tmp.open(mode) as f:
+    f.write(data)
+  os.replace(tmp, p)
+
+
+def remove(path):
+  resolve(path).unlink()
+
+
+def rmtree(path):
+  resolve(path).rmtree()
+
+
+def size(path):
+  return resolve(path).stat().length
+
+
+def walk_files(root):
+  """{path relative to `root`: size} of every file below `root`, from one listing on GCS
+  (no object is read) or os.walk + stat locally."""
+  root_p = resolve(root)
+  if not is_gcs(root_p):
+    return {os.path.relpath(os.path.join(d, n), root_p): os.path.getsize(os.path.join(d, n))
+            for d, _, names in os.walk(root_p) for n in names}
+  fs = gcs_filesystem()
+  prefix = os.fspath(root_p)[len("gs://"):].rstrip("/") + "/"
+  found = fs.find(prefix, detail=True)
+  return {name[len(prefix):]: int(info["size"]) for name, info in found.items()
+          if info.get("type") != "directory" and not name.endswith("/")}
+
+
+def gcs_checksums(root):
+  """{path relative to `root`: base64 CRC-32C} as Cloud Storage computed it on upload
+  (returned by a listing: no object is downloaded)."""
+  fs = gcs_filesystem()
+  prefix = os.fspath(resolve(root))[len("gs://"):].rstrip("/") + "/"
+  return {name[len(prefix):]: info.get("crc32c")
+          for name, info in fs.find(prefix, detail=True).items()
+          if info.get("type") != "directory"}
+
+
+def gcs_filesystem():
+  return fsspec.filesystem("gcs")
+
+

@@ -1,0 +1,422 @@
+"""gs:// paths against a real GCS API server on 127.0.0.1 (fake-gcs-server, tests/gcs_emulator.py):
+Orbax checkpoints, the path layer, manifests and verification, and train.py end to end."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mae_jax import checkpoint, paths
+
+
+def small_state(scale=1.0):
+  return {"w": jnp.arange(4096, dtype=jnp.float32) * scale,
+          "b": {"c": jnp.full((3, 5), scale, jnp.float32)}, "step": jnp.asarray(7)}
+
+
+def test_orbax_manager_saves_and_restores_on_the_emulator(gcs_server, gcs_bucket):
+  directory = f"{gcs_bucket}/ckpt"
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=2))
+  for step in (1, 2, 3):
+    manager.save(step, args=ocp.args.StandardSave(small_state(step)))
+  manager.wait_until_finished()
+  assert manager.all_steps() == [2, 3]
+  restored = manager.restore(3, args=ocp.args.StandardRestore(small_state()))
+  manager.close()
+  np.testing.assert_array_equal(restored["w"], small_state(3)["w"])
+  np.testing.assert_array_equal(restored["b"]["c"], small_state(3)["b"]["c"])
+  # the objects are on the server (listed by its own API), and step 1 was deleted (keep 2)
+  names = gcs_server.objects(gcs_bucket[len("gs://"):], "ckpt/")
+  assert {n.split("/")[1] for n in names} == {"2", "3"}
+  assert "ckpt/3/commit_success.txt" in names
+
+
+def test_paths_reject_a_gs_path_without_a_bucket():
+  for bad, why in [("gs://", "no bucket"), ("gs:///run", "no bucket"),
+                   ("gs://Bad_Bucket/run", "not a valid bucket name")]:
+    with pytest.raises(paths.PathError, match=why) as e:
+      paths.resolve(bad)
+    assert str(e.value).startswith(f"{bad}: ")
+
+
+def test_paths_write_read_list_on_gcs(gcs_bucket):
+  root = f"{gcs_bucket}/run"
+  paths.makedirs(root)
+  paths.write_atomic(paths.join(root, "a.json"), '{"x": 1}')
+  paths.write_atomic(paths.join(root, "sub", "b.bin"), b"\0\1\2")
+  assert json.loads(paths.read_text(paths.join(root, "a.json"))) == {"x": 1}
+  assert paths.listdir(root) == ["a.json", "sub"]
+  assert paths.isdir(paths.join(root, "sub")) and paths.isfile(paths.join(root, "a.json"))
+  assert not paths.exists(paths.join(root, "c.json"))
+  assert paths.walk_files(root) == {"a.json": 8, "sub/b.bin": 3}
+
+
+def checkpointer_with_steps(directory, steps=(2, 4)):
+  ckpt = checkpoint.Checkpointer(directory, keep=3, every_steps=2)
+  for step in steps:
+    ckpt.save(step, small_state(step))
+  ckpt.wait()
+  return ckpt
+
+
+def test_checkpointer_on_gcs_writes_manifests_and_restores(gcs_bucket, capsys):
+  directory = f"{gcs_bucket}/run/checkpoints"
+  ckpt = checkpointer_with_steps(directory)
+  assert checkpoint.complete_steps(directory) == [2, 4]
+  manifest = json.loads(paths.read_text(f"{directory}/4/{checkpoint.MANIFEST}"))
+  assert manifest["checksum"] == "crc32c"
+  listed = paths.walk_files(f"{directory}/4")
+  assert {rel: size for rel, (size, _) in manifest["files"].items()} == {
+      rel: size for rel, size in listed.items() if rel != checkpoint.MANIFEST}
+  state, step = ckpt.restore_latest(small_state(0))
+  ckpt.close()
+  assert step == 4
+  np.testing.assert_array_equal(state["w"], small_state(4)["w"])
+  assert checkpoint.verify_all(directory) == [(2, None), (4, None)]
+  assert checkpoint.main(["verify", f"{gcs_bucket}/run"]) == 0  # a workdir: its checkpoints/
+  assert capsys.readouterr().out == "step 2: ok\nstep 4: ok\n"
+
+
+def largest_object(step_dir):
+  files = paths.walk_files(step_dir)
+  rel = max(files, key=files.get)
+  return paths.join(step_dir, rel), files[rel]
+
+
+@pytest.mark.parametrize("damage,expected", [
+    (lambda data: data[:len(data) // 2], "is truncated"),
+    (lambda data: data[:-1] + bytes([data[-1] ^ 0xFF]), "is corrupted (its CRC-32C"),
+])
+def test_damaged_object_on_gcs_is_named(gcs_bucket, damage, expected, capsys):
+  directory = f"{gcs_bucket}/run/checkpoints"
+  checkpointer_with_steps(directory).close()
+  victim, _ = largest_object(f"{directory}/4")
+  paths.write_atomic(victim, damage(paths.read_bytes(victim)))  # replaced on the server
+  ckpt = checkpoint.Checkpointer(directory, keep=3, every_steps=2)
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    ckpt.restore_latest(small_state(0))
+  message = str(e.value)
+  assert message.startswith(f"checkpoint step 4 is damaged: {victim} {expected}"), message
+  assert message.endswith(f"delete {directory}/4 to resume from step 2")
+  ckpt.close()
+  assert [s for s, p in checkpoint.verify_all(directory) if p] == [4]
+  assert checkpoint.main(["verify", directory]) == 1
+  out = capsys.readouterr().out.splitlines()
+  assert out[0] == "step 2: ok" and out[1].startswith(f"step 4: checkpoint step 4 is damaged: {victim}")
+
+
+# --- train.py end to end on a gs:// workdir -------------------------------------------------
+
+import os  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+from test_reliability import (ROOT, STEPS, assert_trees_equal, train_cmd,  # noqa: E402
+                              wait_stopped)
+
+
+@pytest.fixture(scope="module")
+def train_env(tmp_path_factory, gcs_server):
+  cache = tmp_path_factory.mktemp("xla_cache")
+  return dict(os.environ, JAX_PLATFORMS="cpu", **gcs_server.env(),
+              XLA_FLAGS="--xla_force_host_platform_device_count=2",
+              JAX_COMPILATION_CACHE_DIR=str(cache),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def run_train(workdir, env, extra=()):
+  return subprocess.run(train_cmd(workdir, extra=extra), env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+
+
+def load_state(workdir, step):
+  """A saved TrainState (local or gs://) as numpy arrays."""
+  path = paths.join(workdir, "checkpoints", str(step), "default")
+  ckptr = ocp.PyTreeCheckpointer()
+  tree = ckptr.metadata(path).item_metadata.tree
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def records(workdir):
+  lines = paths.read_text(paths.join(workdir, "metrics.jsonl")).splitlines()
+  return [r for r in map(json.loads, lines) if "train/loss" in r]
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, train_env):
+  """An uninterrupted run on a local disk: what the gs:// runs must reproduce bitwise."""
+  workdir = tmp_path_factory.mktemp("local") / "run"
+  proc = run_train(workdir, train_env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+def gs_snapshot(workdir, log_path):
+  ckpts = f"{workdir}/checkpoints"
+  complete = checkpoint.complete_steps(ckpts)
+  writing = [s for s in map(int, filter(str.isdigit, checkpoint.entries(ckpts)))
+             if s not in complete]
+  logged = [int(s) for s in re.findall(r"^step (\d+)/", open(log_path).read(), re.M)]
+  return complete, writing, max(logged, default=0)
+
+
+def run_and_kill_gs(workdir, env, log_path, when, what, timeout=400):
+  """train.py on a gs:// workdir, SIGKILLed at the first moment `when(complete, writing,
+  logged)` holds. The process is frozen (SIGSTOP) at random moments and the state looked
+  at while it cannot change: listing a bucket takes longer than some of the moments last."""
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen(train_cmd(workdir), env=env, cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+  deadline = time.monotonic() + timeout
+  rng = np.random.default_rng(0)
+  try:
+    while time.monotonic() < deadline and proc.poll() is None:
+      proc.send_signal(signal.SIGSTOP)
+      wait_stopped(proc.pid)
+      snap = gs_snapshot(workdir, log_path)
+      if when(*snap):
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+        return snap, open(log_path).read()
+      proc.send_signal(signal.SIGCONT)
+      time.sleep(rng.uniform(0.02, 0.2))
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  pytest.fail(f"kill point not reached ({what}); exit {proc.returncode}:\n"
+              f"{open(log_path).read()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def gs_run(gcs_server, train_env, tmp_path_factory):
+  """A gs:// run SIGKILLed mid-save, then two steps after a later checkpoint (saves on the
+  emulator outlast three steps, so one is mostly in flight), then run to the end:
+  (workdir, the kill snapshots, the logs)."""
+  logs = tmp_path_factory.mktemp("gs_logs")
+  workdir = f"gs://{gcs_server.create_bucket()}/run"
+  k1, _ = run_and_kill_gs(workdir, train_env, logs / "1.log", lambda done, writing, logged: bool(
+      writing and writing[-1] > max(done, default=0)), "during a checkpoint write")
+  k2, log2 = run_and_kill_gs(workdir, train_env, logs / "2.log",
+                             lambda done, writing, logged: bool(
+                                 done and done[-1] > k1[1][-1] and logged >= done[-1] + 2),
+                             "two steps after a complete checkpoint")
+  final = run_train(workdir, train_env)
+  assert final.returncode == 0, final.stderr[-3000:]
+  return workdir, (k1, k2), (log2, final.stdout)
+
+
+@pytest.mark.slow
+def test_gs_run_killed_mid_save_resumes_bitwise_as_a_local_run(gs_run, local_run):
+  workdir, (k1, k2), (log2, final_out) = gs_run
+  half = k1[1][-1]
+  resumed = f"resuming from step {k1[0][-1]}" if k1[0] else "starting from scratch"
+  assert f"checkpoint step {half} was interrupted mid-write ({half}): ignored, {resumed}" in log2
+  assert f"resuming from step {k2[0][-1]}" in final_out
+  assert_trees_equal(load_state(workdir, STEPS), load_state(local_run, STEPS))  # bitwise
+  ours, ref = json.loads(paths.read_text(f"{workdir}/summary.json")), json.loads(
+      (local_run / "summary.json").read_text())
+  for key in ("test_masked_mse", "baseline_masked_mse", "final_train_loss"):
+    assert ours[key] == ref[key], key
+  reference = {r["step"]: r for r in records(local_run)}
+  for r in records(workdir):  # every record, redone steps included, is the local run's
+    assert r == reference[r["step"]], r["step"]
+  assert {r["step"] for r in records(workdir)} == set(reference)
+  names = set(paths.listdir(workdir))
+  assert {"config.json", "summary.json", "reconstructions.png", "metrics.jsonl",
+          "checkpoints"} <= names
+  assert any(n.startswith("events.out.tfevents.") for n in names)
+  assert paths.read_bytes(f"{workdir}/reconstructions.png")[:8] == b"\x89PNG\r\n\x1a\n"
+  assert checkpoint.interrupted_steps(f"{workdir}/checkpoints") == []  # cleaned up
+  assert [p for _, p in checkpoint.verify_all(f"{workdir}/checkpoints")] == [None] * 3
+
+
+@pytest.mark.slow
+def test_visualize_and_evaluate_read_a_gs_workdir(gs_run, local_run, capsys):
+  from configs.eval import get_config as eval_config
+  from mae_jax import evaluate, pretrained, visualize
+  workdir, _, _ = gs_run
+  pre = pretrained.load(workdir)
+  assert_trees_equal(jax.device_get(pre.params), load_state(local_run, STEPS)["params"])
+  out = f"{workdir}/vis.png"
+  assert visualize.main([workdir, "--out", out, "--num_images", "4"]) == 0
+  assert paths.read_bytes(out)[:4] == b"\x89PNG"
+  assert f"{workdir} at step {STEPS}: 4 images" in capsys.readouterr().out
+  config = eval_config()
+  config.knn.k = 5
+  ours = evaluate.evaluate(config, workdir, "knn")["knn"]
+  saved = json.loads(paths.read_text(f"{workdir}/eval_knn.json"))
+  theirs = evaluate.evaluate(config, str(local_run), "knn")["knn"]
+  assert saved["top1"] == ours["top1"] == theirs["top1"]
+  assert saved["subject"] == f"{workdir} at step {STEPS}"
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def test_workdir_without_a_bucket_is_a_config_error():
+  from mae_jax import config as config_lib, trainer
+  from test_reliability import small_config
+  for workdir, why in [("gs://", "no bucket"), ("gs://UPPER/run", "not a valid bucket name")]:
+    with pytest.raises(config_lib.ConfigError) as e:
+      trainer.train_and_evaluate(small_config(), workdir)
+    assert str(e.value).startswith(f"--workdir: {workdir}: ") and why in str(e.value)
+
+
+def test_missing_bucket_is_one_line_exit_2(train_env, tmp_path):
+  proc = run_train("gs://no-such-bucket-here/run", train_env)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: gs://no-such-bucket-here/run/checkpoints: bucket no-such-bucket-here does not "
+      "exist (or these credentials cannot see it); create it or choose another --workdir")
+  assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_unreachable_server_is_one_line_exit_2_in_bounded_time(train_env, gcs_server):
+  """A server that accepts connections and never answers (SIGSTOPped), with one request
+  allowed 2 s: the run gives up after gcsfs's retries, before any training."""
+  from gcs_emulator import Emulator
+  bucket = gcs_server.create_bucket()
+  dead = Emulator(gcs_server.root)  # the same objects, its own port: stopped at once
+  dead.start()
+  dead.pause()
+  try:
+    env = dict(train_env, **dead.env(), MAE_JAX_GCS_TIMEOUT_S="2")
+    t0 = time.monotonic()
+    proc = run_train(f"gs://{bucket}/run", env)
+    elapsed = time.monotonic() - t0
+  finally:
+    dead.stop()
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  line = proc.stderr.strip().splitlines()[-1]
+  assert line.startswith(f"error: gs://{bucket}/run/checkpoints: cannot write checkpoints "
+                         "there (") and "Timeout" in line, line
+  assert "Traceback" not in proc.stderr
+  assert elapsed < 150, elapsed
+
+
+def test_folder_on_gcs_skips_and_counts_bad_images(gcs_bucket, tmp_path):
+  """The same image folder on a local disk and on gs://: the same images, labels and
+  skipped files (a zero-byte object and garbage fail to decode and are replaced)."""
+  from mae_jax import data
+  from test_reliability import folder_config, write_bad_folder
+  write_bad_folder(tmp_path)
+  (tmp_path / "train/a/4_link.png").unlink()  # a broken link has no Cloud Storage analogue
+  root = f"{gcs_bucket}/images"
+  for path in sorted(tmp_path.rglob("*")):
+    if path.is_file():
+      paths.write_atomic(f"{root}/{path.relative_to(tmp_path)}", path.read_bytes())
+  local = data.load_source(folder_config(tmp_path), "train")
+  remote = data.load_source(folder_config(root), "train")
+  # listed alike, but for the zero-byte object: not stat'ed one by one on Cloud Storage
+  assert [p[len(root):] for p in remote.paths] == sorted(
+      [p[len(str(tmp_path)):] for p in local.paths] + ["/train/a/3_empty.png"])
+  remote_images = [remote[i] for i in range(len(remote))]
+  local_by_name = {p[len(str(tmp_path)):]: local[i] for i, p in enumerate(local.paths)}
+  for path, example in zip(remote.paths, remote_images):
+    name = path[len(root):]
+    if name in local_by_name:
+      np.testing.assert_array_equal(example["image"], local_by_name[name]["image"])
+      assert example["label"] == local_by_name[name]["label"]
+  assert sorted(p.rsplit("/", 1)[1] for p in remote.skipped) == [
+      "3_empty.png", "3_garbage.jpg", "4_truncated.png"]
+  assert "cannot identify image file" in remote.skipped[f"{root}/train/b/3_garbage.jpg"]
+
+
+def test_parameter_directory_round_trips_through_gcs(gcs_bucket):
+  """What convert import writes and --config.init_from reads (checkpoint.save_params /
+  load_params) on gs://; an existing directory is never overwritten."""
+  params = {"enc": {"w": jnp.arange(12.0).reshape(3, 4)}, "b": jnp.ones(5)}
+  directory = f"{gcs_bucket}/imported"
+  assert checkpoint.save_params(directory, params, {"model": {"width": 4}}) == directory
+  assert checkpoint.is_params_dir(directory)
+  loaded, fields = checkpoint.load_params(directory, target=params)
+  assert fields == {"width": 4}
+  assert_trees_equal(jax.device_get(loaded), jax.device_get(params))
+  with pytest.raises(checkpoint.ParamsError, match="already exists"):
+    checkpoint.save_params(directory, params, {"model": {}})
+  with pytest.raises(checkpoint.ParamsError, match=r"do not fit the target"):
+    checkpoint.load_params(directory, target={"enc": {"w": jnp.zeros((4, 4))},
+                                              "b": jnp.ones(5)})
+
+
+@pytest.mark.slow
+def test_server_that_stops_answering_mid_save_fails_in_bounded_time(gcs_server, train_env,
+                                                                    tmp_path):
+  """The server freezes (SIGSTOP: connections accepted, never answered) while a checkpoint
+  is being written: one `error:` line, exit 2, well before TensorStore's retries would end;
+  once the server is back, the last complete checkpoint is intact and verifies."""
+  workdir = f"gs://{gcs_server.create_bucket()}/run"
+  env = dict(train_env, MAE_JAX_GCS_TIMEOUT_S="2", MAE_JAX_CHECKPOINT_TIMEOUT_S="20")
+  log_path = tmp_path / "run.log"
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen(train_cmd(workdir), env=env, cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+      proc.send_signal(signal.SIGSTOP)
+      wait_stopped(proc.pid)
+      done, writing, _ = gs_snapshot(workdir, log_path)
+      if done and writing and writing[-1] > done[-1]:
+        gcs_server.pause()
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGCONT)
+        break
+      proc.send_signal(signal.SIGCONT)
+      time.sleep(0.05)
+    else:
+      pytest.fail(f"no save in flight seen:\n{log_path.read_text()[-3000:]}")
+    returncode = proc.wait(timeout=240)
+    elapsed = time.monotonic() - t0
+  finally:
+    gcs_server.resume()
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  output = log_path.read_text()
+  errors = [line for line in output.splitlines() if line.startswith("error:")]
+  assert returncode == 2, output[-3000:]
+  assert len(errors) == 1 and workdir in errors[0], output[-3000:]
+  assert "Traceback" not in output, output[-6000:]
+  assert elapsed < 120, elapsed
+  if "not finished after 20 s" in errors[0]:
+    assert f"the last complete checkpoint, step {done[-1]}, is intact" in errors[0]
+  ckpts = f"{workdir}/checkpoints"
+  assert done[-1] in checkpoint.complete_steps(ckpts)
+  checkpoint.verify(f"{ckpts}/{done[-1]}", done[-1], "", full=True)  # if it has a manifest
+  state = load_state(workdir, done[-1])  # every array of it reads back
+  assert int(state["step"]) == done[-1]
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_gs_checkpoint(gcs_server, tmp_path):
+  """2 processes x 2 devices (gloo on localhost) save one checkpoint collectively into a
+  gs:// workdir; it holds both processes' shards, verifies, and restores with the values
+  of the same run on 1 process x 4 devices on a local disk (float rounding aside)."""
+  from test_multihost import HEARTBEAT, SHORT
+  from trainproc import TrainProcess, kill_started, launch_group, wait_all
+  workdir = f"gs://{gcs_server.create_bucket()}/two"  # the server's variables: in os.environ
+  try:
+    two = launch_group(workdir, tmp_path, 2, 2, SHORT, HEARTBEAT)
+    one = TrainProcess(tmp_path / "one", tmp_path, "one", devices=4, overrides=SHORT)
+    codes = wait_all(two + [one], timeout=300)
+  finally:
+    kill_started()
+  assert codes == [0, 0, 0], "\n".join(p.describe() for p in two + [one])
+  ckpts = f"{workdir}/checkpoints"
+  assert checkpoint.complete_steps(ckpts) == [5]
+  names = paths.walk_files(f"{ckpts}/5")
+  assert any("ocdbt.process_1" in n for n in names) and any("ocdbt.process_0" in n for n in names)
+  assert checkpoint.verify_all(ckpts) == [(5, None)]
+  ours, theirs = load_state(workdir, 5), load_state(tmp_path / "one", 5)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
