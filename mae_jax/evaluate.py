@@ -226,7 +226,10 @@ class Evaluation:
 
 def check_results_dir(workdir):
   """Results go into `workdir` (made for a converted checkpoint): refuse one that cannot
-  take them before anything is computed, not after."""
+  take them before anything is computed, not after (a gs:// workdir is checked when its
+  run is read)."""
+  if paths.is_gcs(workdir):
+    return
   target = workdir if os.path.exists(workdir) else os.path.dirname(os.path.abspath(workdir))
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise checkpoint.CheckpointError(f"--workdir {workdir}: is a file; expected a directory")
