@@ -121,7 +121,12 @@ def compile_train_step(run):
   repl = sharding.replicated(run.mesh)
   batch_sh = {"image": sharding.batch_sharding(run.mesh),
               "label": sharding.batch_sharding(run.mesh)}
-  return jax.jit(step, in_shardings=(run.state_shardings, batch_sh, repl),
+
+  def step_in_mesh(state, batch, base_rng):  # the model's vit.batch_split sees the mesh
+    with jax.sharding.use_abstract_mesh(run.mesh.abstract_mesh):
+      return step(state, batch, base_rng)
+
+  return jax.jit(step_in_mesh, in_shardings=(run.state_shardings, batch_sh, repl),
                  out_shardings=(run.state_shardings, repl), donate_argnums=0)
 
 
