@@ -9,14 +9,15 @@ abstract inputs (no data, no parameters) for the compile-only devices of libtpu'
 topology (`pip install 'mae_jax[tpu]'`) and compiled by the real TPU compiler. The model
 is built for platform "tpu", so it carries the TPU program's kernels, not the host's.
 
-Reported per device (a chip; on v4 one of its two TensorCores): XLA's memory analysis (arguments, outputs, temporaries, aliased =
-donated, total) against the chip's HBM with a headroom; the collectives of the
-partitioned program by kind with their bytes per step (mae_jax.hlo) and the lower bound
-on their time at the chip's ICI bandwidth (arithmetic on those bytes, not a measurement);
-compile time; the analytic training FLOPs (mae_jax.flops) and XLA's count, which is
-complete only where no block stack is scanned (model.unroll=True). A table to stdout,
-then one JSON line. `--max_batch` instead finds, by compiling, the largest per-device batch
-that fits for each remat policy given.
+Reported per device (a chip; on v4 one of its two TensorCores): XLA's memory analysis
+(arguments, outputs, temporaries, aliased = donated, total) against its HBM with a
+headroom; the collectives of the partitioned program by kind and mesh axis with their
+bytes per step (mae_jax.hlo) and the lower bound on their time at the ICI bandwidth
+(arithmetic on those bytes, not a measurement); compile time; the analytic training FLOPs
+(mae_jax.flops) and XLA's count, which is complete only where no block stack is scanned
+(model.unroll=True). A table to stdout, then one JSON line; docs/scaling.md explains each
+field. `--max_batch` instead finds, by compiling, the largest per-device batch that fits
+for each remat policy given.
 """
 import json
 import os

@@ -140,13 +140,13 @@ def test_each_platform_gets_its_own_program():
 def test_max_batch_fits_and_one_more_does_not():
   """On a chip given just enough memory for a handful of images, the search returns B
   such that B fits and B + 1 does not (each checked by its own compile)."""
-  devices = aot.topology_devices("v5e:1x1")
+  devices = aot.topology_devices(TOPOLOGY)
   config = aot.checked_config(tiny_config(data=-1, fsdp=1), len(devices))
   _, at_2 = aot.fits(config, devices, 2, "none", 2**50, 0.0)
   _, at_8 = aot.fits(config, devices, 8, "none", 2**50, 0.0)
   assert at_8 > at_2
   hbm_gib = (at_2 + at_8) / 2 / 2**30
-  found = aot.max_batch(config, "v5e:1x1", ["none"], hbm_gib, 0.0, log=lambda s: None)
+  found = aot.max_batch(config, TOPOLOGY, ["none"], hbm_gib, 0.0, log=lambda s: None)
   b = found["none"]
   assert 2 <= b < 8
   assert aot.fits(config, devices, b, "none", hbm_gib * 2**30, 0.0)[0]
@@ -163,7 +163,7 @@ def run_aot(*args):
 @pytest.mark.parametrize("args, says", [
     (["--topology=v9z:2x2"], "--topology='v9z:2x2'"),
     (["--topology=v5e:2x2", "--config.mesh.fsdp=3"], "config.mesh.fsdp: 3 does not divide"),
-    (["--topology=v5e:1x1", "--max_batch", "--remat=none", "--hbm_gib=0.001",
+    (["--topology=v5e:2x2", "--max_batch", "--remat=none", "--hbm_gib=0.001",
       "--config.model.width=64", "--config.model.depth=1", "--config.model.num_heads=2"],
      "does not fit"),
 ])
