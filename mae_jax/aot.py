@@ -225,6 +225,8 @@ def max_batch(config, topology, remats, hbm_override=None, headroom=0.1, log=pri
   for remat in remats:
     def ok(k, remat=remat):
       good, total = fits(config, devices, k * unit, remat, hbm, headroom)
+      if k == 1 and not good:
+        return False  # said once, as the error below
       log(f"  remat={remat} per-device batch {k * unit}: "
           f"{'fits' if good else 'does not fit'}"
           + (f" ({total / GIB:.2f} GiB)" if total is not None else " (compiler: out of memory)"))
@@ -315,6 +317,8 @@ def main(argv):
   del argv
   import jax
   jax.config.update("jax_platforms", "cpu")  # compile-only: the host runs nothing
+  # A cached compile-only TPU executable cannot be loaded without a TPU client.
+  jax.config.update("jax_enable_compilation_cache", False)
   from mae_jax import vit
   try:
     if FLAGS.max_batch:
