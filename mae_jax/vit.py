@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mae_jax import kernels, patches, posembed
+from mae_jax import kernels, patches, posembed, sharding
 
 Dtype = Any
 xavier = nn.initializers.xavier_uniform()
@@ -35,9 +35,9 @@ def batch_split(x):
   along a sharded kernel's dimension (re-sharding them with all-to-alls and all-reducing
   whole weight gradients): it gathers the kernel and reduce-scatters its gradient."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not {"data", "fsdp"} <= set(mesh.axis_names):
+  if mesh.empty or not set(sharding.BATCH_AXES) <= set(mesh.axis_names):
     return x
-  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(("data", "fsdp")))
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
 
 
 def layer_norm(name, dtype, param_dtype):
