@@ -1,7 +1,7 @@
 """Device mesh (axes `data`, `fsdp`), parameter partitioning and global batches.
 
 The batch is split over both axes; with fsdp > 1 every parameter and optimizer-state
-leaf is also split over `fsdp` along its largest divisible dimension (ZeRO-3 style):
+leaf is also split over `fsdp` along one dimension (fsdp_spec; ZeRO-3 style):
 XLA all-gathers it where it is used and reduce-scatters its gradient.
 """
 import jax
@@ -55,10 +55,17 @@ def replicated(mesh):
 
 
 def fsdp_spec(shape, fsdp_size, min_size=2**12):
-  """Shard the largest dimension divisible by fsdp_size; small leaves stay replicated."""
+  """Shard one dimension divisible by fsdp_size: the second-to-last first (a Dense
+  kernel's input features, also in a scanned stack's (layers, in, out)), else the largest;
+  small leaves stay replicated.
+
+  Not the output features: split that way, the fused qkv kernel's 3 * width outputs do
+  not split evenly into q, k and v, and the TPU compile (python -m mae_jax.aot) showed its
+  gradient all-reduced whole over the fsdp axis instead of reduce-scattered."""
   if fsdp_size == 1 or np.prod(shape, dtype=np.int64) < min_size:
     return P()
-  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+  first = [len(shape) - 2] if len(shape) >= 2 else []
+  for dim in first + sorted(range(len(shape)), key=lambda d: -shape[d]):
     if shape[dim] % fsdp_size == 0:
       return P(*([None] * dim + ["fsdp"]))
   return P()

@@ -32,16 +32,17 @@ class NonFiniteLossError(RuntimeError):
 class Run:
   """Everything a run wires together, built once before the loop."""
   config: ml_collections.ConfigDict
-  workdir: str
+  workdir: str | None
   model: nn.Module
   mesh: jax.sharding.Mesh
-  train_src: data.Source
-  test_src: data.Source
+  train_src: data.Source | None  # None in a compile-only run (mae_jax.aot)
+  test_src: data.Source | None
   durations: config_lib.Durations
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   state_shardings: ts.TrainState  # a NamedSharding per leaf of the state
   num_params: int
+  norm_stats: tuple  # (mean, std) per channel that the step normalizes images with
   notes: list = dataclasses.field(default_factory=list)  # for the run's log at start-up
 
 
@@ -56,17 +57,36 @@ def build_run(config, workdir):
   train_src = data.load_source(config.data, "train")
   test_src = data.load_source(config.data, "test")
   config_lib.check_data_size(config, len(train_src))
-  dur = config_lib.durations(config, len(train_src))
-  mesh = sharding.make_mesh(config.mesh)
+  run = step_run(config, jax.devices(), len(train_src), (train_src.mean, train_src.std),
+                 workdir, train_src, test_src)
+  run.notes.extend(notes)
+  return run
+
+
+def step_run(config, devices, num_train_examples, norm_stats, workdir=None, train_src=None,
+             test_src=None):
+  """The Run of a validated config over `devices`: mesh, model for their platform,
+  optimizer and state shardings. Without sources it is compile-only: mae_jax.aot builds
+  the trainer's step this way for TPU topology devices."""
+  dur = config_lib.durations(config, num_train_examples)
+  mesh = sharding.make_mesh(config.mesh, devices)
   model = models.build_model(config, sharding.platform(mesh))
   tx, schedule = optim.make_optimizer(config.optim, config.batch_size, dur.warmup_steps,
                                       dur.total_steps)
-  image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-  abstract = jax.eval_shape(  # the key made inside: shapes only, nothing compiles yet
-      lambda: ts.init_state(model, tx, jax.random.key(0), image_shape=image_shape))
+  abstract = abstract_state(model, tx, config)
   num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   return Run(config, workdir, model, mesh, train_src, test_src, dur, tx, schedule,
-             sharding.state_shardings(abstract, mesh), num_params, notes)
+             sharding.state_shardings(abstract, mesh), num_params, norm_stats)
+
+
+def image_shape(config):
+  return (config.data.image_size,) * 2 + (config.data.channels,)
+
+
+def abstract_state(model, tx, config):
+  """The TrainState as ShapeDtypeStructs (the key made inside: shapes only, no compile)."""
+  return jax.eval_shape(
+      lambda: ts.init_state(model, tx, jax.random.key(0), image_shape=image_shape(config)))
 
 
 def initial_state(run, ckpt):
@@ -77,8 +97,8 @@ def initial_state(run, ckpt):
     change = config_lib.check_config_change(run.config, saved, run.workdir)
     if change:
       ckpt.notes.append(change)
-  image_shape = (run.config.data.image_size,) * 2 + (run.config.data.channels,)
-  init = jax.jit(functools.partial(ts.init_state, run.model, run.tx, image_shape=image_shape),
+  init = jax.jit(functools.partial(ts.init_state, run.model, run.tx,
+                                   image_shape=image_shape(run.config)),
                  out_shardings=run.state_shardings)
   state = init(jax.random.key(run.config.seed))
   ckpt.check_space(state)
@@ -111,13 +131,18 @@ def compile_train_step(run):
   """The train step jitted with explicit shardings, the old state donated."""
   step = functools.partial(
       ts.train_step, model=run.model, tx=run.tx, schedule=run.schedule,
-      mean=run.train_src.mean, std=run.train_src.std,
+      mean=run.norm_stats[0], std=run.norm_stats[1],
       norm_pix_loss=run.config.model.norm_pix_loss,
       accum_steps=run.config.grad_accum_steps, skip_nonfinite=run.config.skip_nonfinite)
   repl = sharding.replicated(run.mesh)
   batch_sh = {"image": sharding.batch_sharding(run.mesh),
               "label": sharding.batch_sharding(run.mesh)}
-  return jax.jit(step, in_shardings=(run.state_shardings, batch_sh, repl),
+
+  def step_in_mesh(state, batch, base_rng):  # the model's vit.batch_split sees the mesh
+    with jax.sharding.use_abstract_mesh(run.mesh.abstract_mesh):
+      return step(state, batch, base_rng)
+
+  return jax.jit(step_in_mesh, in_shardings=(run.state_shardings, batch_sh, repl),
                  out_shardings=(run.state_shardings, repl), donate_argnums=0)
 
 

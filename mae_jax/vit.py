@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mae_jax import kernels, patches, posembed
+from mae_jax import kernels, patches, posembed, sharding
 
 Dtype = Any
 xavier = nn.initializers.xavier_uniform()
@@ -26,6 +26,18 @@ def dense(features, name, dtype, param_dtype, platform=None, matmul="auto",
   (`kernels.dot_general_for`)."""
   return nn.Dense(features, kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype,
                   dot_general=kernels.dot_general_for(matmul, platform), name=name)
+
+
+def batch_split(x):
+  """x constrained to be split by its leading (batch) axis over the mesh's batch axes,
+  where the program is traced under a ("data", "fsdp") mesh (trainer.compile_train_step);
+  unchanged elsewhere. Under FSDP this keeps XLA from splitting activations by feature
+  along a sharded kernel's dimension (re-sharding them with all-to-alls and all-reducing
+  whole weight gradients): it gathers the kernel and reduce-scatters its gradient."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(sharding.BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
 
 
 def layer_norm(name, dtype, param_dtype):
@@ -60,7 +72,7 @@ class Attention(nn.Module):
     h = self.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform,
               matmul=self.matmul)
-    qkv = dense(3 * d, "qkv", **kw)(x_BTD)
+    qkv = batch_split(dense(3 * d, "qkv", **kw)(x_BTD))
     q, k, v = jnp.split(qkv.reshape(b, t, 3, h, d // h), 3, axis=2)
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
     impl = self.implementation or auto_attention(self.platform, q.dtype, d // h)
@@ -96,7 +108,7 @@ class Mlp(nn.Module):
   def __call__(self, x_BTD):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform,
               matmul=self.matmul)
-    y = gelu(dense(self.hidden_dim, "fc1", **kw)(x_BTD))
+    y = batch_split(gelu(dense(self.hidden_dim, "fc1", **kw)(x_BTD)))
     return dense(x_BTD.shape[-1], "fc2", **kw)(y)
 
 
@@ -125,6 +137,7 @@ class Block(nn.Module):
     ops = dict(kw, platform=self.platform, matmul=self.matmul)
     branch = lambda y: y if drop_rate is None else drop_path(y, drop_rate,
                                                               self.make_rng("dropout"))
+    x_BTD = batch_split(x_BTD)
     y = layer_norm("norm1", **kw)(x_BTD)
     x_BTD = x_BTD + branch(Attention(self.num_heads, implementation=self.attn_impl,
                                      name="attn", **ops)(y))

@@ -38,7 +38,7 @@ RANKS = {
     "visualize": EVALUATION,  # the reconstruction pictures (the trainer draws one) + a command
     "trainer": TRAINER,
     "evaluate": ENTRY, "bench": ENTRY, "sweep": ENTRY, "convert": ENTRY,
-    "aot": ENTRY, "prepare": ENTRY, "conv_mae": ENTRY, "pretrain": ENTRY,
+    "aot": ENTRY, "hlo": BASE, "prepare": ENTRY, "conv_mae": ENTRY, "pretrain": ENTRY,
 }
 
 def module_names(root):

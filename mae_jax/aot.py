@@ -1,0 +1,347 @@
+"""Compile the trainer's step for a TPU slice on any host: memory, collectives, FLOPs.
+
+  python -m mae_jax.aot --topology v5p:4x4x8 --config configs/mae_imagenet.py \
+      [--config.FIELD=VALUE ...] [--max_batch --remat none,full]
+
+The program is the trainer's own (trainer.step_run + trainer.compile_train_step: the same
+jitted train_step, shardings, donation, accumulation, remat and dtype), lowered with
+abstract inputs (no data, no parameters) for the compile-only devices of libtpu's
+topology (`pip install 'mae_jax[tpu]'`) and compiled by the real TPU compiler. The model
+is built for platform "tpu", so it carries the TPU program's kernels, not the host's.
+
+Reported per device (a chip; on v4 one of its two TensorCores): XLA's memory analysis
+(arguments, outputs, temporaries, aliased = donated, total) against its HBM with a
+headroom; the collectives of the partitioned program by kind and mesh axis with their
+bytes per step (mae_jax.hlo) and the lower bound on their time at the ICI bandwidth
+(arithmetic on those bytes, not a measurement); compile time; the analytic training FLOPs
+(mae_jax.flops) and XLA's count, which is complete only where no block stack is scanned
+(model.unroll=True). A table to stdout, then one JSON line; docs/scaling.md explains each
+field. `--max_batch` instead finds, by compiling, the largest per-device batch that fits
+for each remat policy given.
+"""
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+GIB = 2**30
+# (HBM GiB, ICI GB/s per chip per direction) by device_kind. HBM: Cloud TPU system
+# architecture pages. ICI: their bidirectional per-chip figures halved (v5e 400, v5p 1200,
+# v6e 800 GB/s), v4's 2,400 Gbps per direction.
+CHIPS = {
+    "TPU v4": ("v4", 32, 300e9),
+    "TPU v5 lite": ("v5e", 16, 200e9),
+    "TPU v5": ("v5p", 95, 600e9),
+    "TPU v6 lite": ("v6e", 32, 400e9),
+}
+# ImageNet-1k's train split: only the learning-rate schedule's step counts (constants of
+# the program) depend on it; memory, collectives and FLOPs do not.
+TRAIN_EXAMPLES = 1_281_167
+MAX_PER_DEVICE = 1 << 16  # --max_batch never searches beyond this per-device batch
+
+
+class AotError(ValueError):
+  """Bad input to the tool: one line naming the flag or field."""
+
+
+# libtpu on a host without TPUs: a single-host view (it otherwise prints that it cannot
+# find the TPU host and worker names), and no lock on a chip, so that several compiles
+# (and tests) may run at once. Set before libtpu loads; an explicit setting wins.
+LIBTPU_ENV = {"TPU_WORKER_HOSTNAMES": "localhost", "TPU_HOST_BOUNDS": "1,1,1",
+              "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+
+
+def topology_devices(name):
+  """The compile-only devices of a TPU topology such as "v5p:4x4x8"."""
+  for key, value in LIBTPU_ENV.items():
+    os.environ.setdefault(key, value)
+  from jax.experimental import topologies
+  try:
+    return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+  except Exception as e:  # libtpu raises several kinds for a name it does not know
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise AotError(f"--topology={name!r}: not a TPU topology libtpu knows (e.g. v5e:2x2, "
+                   f"v5p:4x4x8, v4:2x2x2, v6e:4x4): {first}") from None
+
+
+def chip_of(devices):
+  """(generation, HBM bytes, ICI bytes/s) per device. v4 topologies list each chip's two
+  TensorCores as devices: each gets half the chip's HBM and ICI."""
+  kind = devices[0].device_kind
+  if kind not in CHIPS:
+    raise AotError(f"--topology: chip {kind!r} has no HBM/ICI figures here ({list(CHIPS)})")
+  gen, hbm_gib, ici = CHIPS[kind]
+  cores = len(devices) // len({tuple(d.coords) for d in devices})
+  return gen, hbm_gib * GIB // cores, ici / cores
+
+
+def checked_config(config, num_devices):
+  """The recipe (smoke applied) validated for the topology's device count."""
+  from mae_jax import config as config_lib
+  if config.smoke:
+    config = config_lib.apply_smoke(config)
+  try:
+    config_lib.validate(config, num_devices)
+  except config_lib.ConfigError as e:
+    raise AotError(str(e)) from None
+  return config
+
+
+def with_batch(config, global_batch, remat=None):
+  """A copy of config with another global batch (and remat policy)."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.batch_size = global_batch
+    if remat is not None:
+      config.model.remat = remat
+  return config
+
+
+def abstract_inputs(run):
+  """(state, batch, rng) of the step as ShapeDtypeStructs carrying their shardings."""
+  import jax
+  import jax.numpy as jnp
+  from mae_jax import sharding, trainer
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                       trainer.abstract_state(run.model, run.tx, run.config),
+                       run.state_shardings)
+  rows = sharding.batch_sharding(run.mesh)
+  b = run.config.batch_size
+  batch = {"image": jax.ShapeDtypeStruct((b, *trainer.image_shape(run.config)), jnp.uint8,
+                                         sharding=rows),
+           "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rows)}
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(run.mesh))
+  return state, batch, rng
+
+
+def compile_step(config, devices):
+  """The trainer's step for `devices`, compiled: (compiled, run, seconds); compiled is
+  None where the compiler ran out of device memory (the program does not fit)."""
+  from mae_jax import trainer
+  from mae_jax.data import source
+  stats = (source.stats_for(config.data.name, config.data.channels)
+           or ((0.5,) * config.data.channels, (0.25,) * config.data.channels))
+  run = trainer.step_run(config, devices, TRAIN_EXAMPLES, stats)
+  lowered = trainer.compile_train_step(run).lower(*abstract_inputs(run))
+  t0 = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # XlaRuntimeError; RESOURCE_EXHAUSTED = does not fit in HBM
+    if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
+      raise
+    compiled = None
+  return compiled, run, time.perf_counter() - t0
+
+
+def memory(compiled, hbm, headroom):
+  """Per-chip bytes from XLA's memory analysis; total = arguments + outputs + temporaries
+  + generated code - aliased (a donated input's buffer holds its output)."""
+  m = compiled.memory_analysis()
+  out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+         "temporaries": m.temp_size_in_bytes, "aliased": m.alias_size_in_bytes,
+         "generated_code": m.generated_code_size_in_bytes}
+  out["total"] = (out["arguments"] + out["outputs"] + out["temporaries"]
+                  + out["generated_code"] - out["aliased"])
+  out.update(hbm=hbm, headroom=headroom, fits=out["total"] <= hbm * (1 - headroom))
+  return out
+
+
+def analyze(compiled, run, hbm, ici, headroom):
+  """The report's numbers for one compiled step."""
+  from mae_jax import flops, hlo
+  mesh_shape = tuple(run.mesh.shape.values())
+  found = hlo.collectives(compiled.as_text(), mesh_shape)
+  coll = hlo.summarize(found)
+  ici_bytes = sum(row["ici_bytes"] for row in coll.values())
+  n = run.mesh.devices.size
+  per_image = flops.train_flops(run.model, run.config.model.get("encoder_tokens", "visible"))
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  complete = bool(run.model.unroll) and run.config.grad_accum_steps == 1
+  return {
+      "memory": memory(compiled, hbm, headroom),
+      "collectives": coll,
+      "collectives_by_axes": by_axes(found),
+      "ici_bytes_per_device": ici_bytes,
+      "ici_lower_bound_s": ici_bytes / ici,
+      "flops": {"analytic_per_step": per_image * run.config.batch_size,
+                "analytic_per_device": per_image * run.config.batch_size / n,
+                "xla_per_device": cost.get("flops") if complete else None,
+                "xla_per_device_incomplete": None if complete else cost.get("flops")},
+  }
+
+
+def by_axes(found):
+  """{"kind over axes": bytes per step}: which mesh axis each kind of traffic runs over."""
+  out = {}
+  for c in found:
+    key = f"{c.kind} over {c.axes}"
+    out[key] = out.get(key, 0) + c.count * c.bytes
+  return dict(sorted(out.items()))
+
+
+def report(config, topology, hbm_override=None, headroom=0.1):
+  """Compile the recipe's step for `topology` and return the JSON-able report."""
+  devices = topology_devices(topology)
+  gen, hbm, ici = chip_of(devices)
+  hbm = hbm_override * GIB if hbm_override else hbm
+  config = checked_config(config, len(devices))
+  compiled, run, seconds = compile_step(config, devices)
+  head = {"topology": topology, "chip": gen, "devices": len(devices),
+          "mesh": dict(run.mesh.shape), "variant": config.model.variant,
+          "image_size": config.data.image_size, "dtype": config.model.dtype,
+          "remat": config.model.remat, "grad_accum_steps": config.grad_accum_steps,
+          "global_batch": config.batch_size,
+          "per_device_batch": config.batch_size // len(devices),
+          "params": run.num_params, "compile_s": round(seconds, 1), "ici_bytes_per_s": ici}
+  if compiled is None:
+    return dict(head, memory={"hbm": hbm, "headroom": headroom, "fits": False,
+                              "compiler": "out of device memory"})
+  return dict(head, **analyze(compiled, run, hbm, ici, headroom))
+
+
+def fits(config, devices, per_device, remat, hbm, headroom):
+  """Whether the step at `per_device` images per device fits: (fits, total bytes or None)."""
+  cfg = with_batch(config, per_device * len(devices), remat)
+  compiled, _, _ = compile_step(cfg, devices)
+  if compiled is None:
+    return False, None
+  m = memory(compiled, hbm, headroom)
+  return m["fits"], m["total"]
+
+
+def max_batch(config, topology, remats, hbm_override=None, headroom=0.1, log=print):
+  """{remat: largest per-device batch that fits}, by doubling then bisection (in steps of
+  grad_accum_steps, which must divide each chip's batch)."""
+  devices = topology_devices(topology)
+  _, hbm, _ = chip_of(devices)
+  hbm = hbm_override * GIB if hbm_override else hbm
+  config = checked_config(config, len(devices))
+  unit = config.grad_accum_steps
+  out = {}
+  for remat in remats:
+    def ok(k, remat=remat):
+      good, total = fits(config, devices, k * unit, remat, hbm, headroom)
+      if k == 1 and not good:
+        return False  # said once, as the error below
+      log(f"  remat={remat} per-device batch {k * unit}: "
+          f"{'fits' if good else 'does not fit'}"
+          + (f" ({total / GIB:.2f} GiB)" if total is not None else " (compiler: out of memory)"))
+      return good
+    if not ok(1):
+      raise AotError(f"--config.model.variant={config.model.variant}: does not fit on a "
+                     f"{hbm / GIB:g} GiB chip even at per-device batch {unit} "
+                     f"(remat={remat}); add mesh.fsdp or a smaller model")
+    lo, hi = 1, 2  # ok(lo) holds; find hi with not ok(hi)
+    while hi * unit <= MAX_PER_DEVICE and ok(hi):
+      lo, hi = hi, hi * 2
+    while hi - lo > 1:
+      mid = (lo + hi) // 2
+      lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    out[remat] = lo * unit
+  return out
+
+
+def table(rep):
+  """The report as aligned text lines."""
+  if "max_batch" in rep:
+    return "\n".join(f"largest per-device batch, remat={r}: {b}"
+                     for r, b in rep["max_batch"].items())
+  m = rep["memory"]
+  lines = [f"{rep['variant']} {rep['image_size']}px {rep['dtype']} remat={rep['remat']} on "
+           f"{rep['topology']} ({rep['devices']} x {rep['chip']}), mesh {rep['mesh']}, "
+           f"global batch {rep['global_batch']} ({rep['per_device_batch']}/device), "
+           f"{rep['params'] / 1e6:.1f}M params, compiled in {rep['compile_s']} s"]
+  if "total" not in m:
+    return "\n".join(lines + [f"does not fit: the compiler ran out of the {m['hbm'] / GIB:g} "
+                              "GiB of device memory"])
+  lines.append("per-device memory (GiB): " + ", ".join(
+      f"{k} {m[k] / GIB:.3f}" for k in ("arguments", "outputs", "temporaries", "aliased",
+                                        "generated_code", "total")))
+  lines.append(f"  of {m['hbm'] / GIB:g} GiB HBM: {'fits' if m['fits'] else 'does NOT fit'} "
+               f"with {m['headroom']:.0%} headroom")
+  lines.append(f"{'collective':<20}{'per step':>10}{'MiB/step':>12}{'ICI MiB/chip':>14}")
+  for kind, row in rep["collectives"].items():
+    lines.append(f"{kind:<20}{row['count']:>10}{row['bytes'] / 2**20:>12.1f}"
+                 f"{row['ici_bytes'] / 2**20:>14.1f}")
+  lines.append(f"ICI lower bound (arithmetic: bytes / {rep['ici_bytes_per_s'] / 1e9:g} GB/s "
+               f"per device, not a measurement): {rep['ici_lower_bound_s'] * 1e3:.2f} ms/step")
+  f = rep["flops"]
+  xla = (f"{f['xla_per_device'] / 1e12:.3f} TFLOP" if f["xla_per_device"] is not None else
+         "incomplete (scanned stack: XLA counts a loop body once; set model.unroll=True)")
+  lines.append(f"training FLOPs per device per step: analytic {f['analytic_per_device'] / 1e12:.3f}"
+               f" TFLOP; XLA {xla}")
+  return "\n".join(lines)
+
+
+FLAGS = flags.FLAGS
+# What a bad flag raises (train.py's list): absl's errors and ml_collections'.
+FLAG_ERRORS = (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError)
+
+
+def fail(message):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def define_flags():
+  from ml_collections import config_flags
+  try:
+    config_flags.DEFINE_config_file("config", "configs/default.py", "Recipe file.",
+                                    lock_config=True)
+  except FLAG_ERRORS as e:
+    from mae_jax.config import flag_error
+    fail(flag_error(e, sys.argv))
+  flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x2, v5p:4x4x8.",
+                      required=True)
+  flags.DEFINE_bool("max_batch", False, "Find the largest per-device batch that fits.")
+  flags.DEFINE_list("remat", ["none", "full"], "Remat policies for --max_batch.")
+  flags.DEFINE_float("hbm_gib", None, "Chip memory to plan for (default: the chip's HBM).")
+  flags.DEFINE_float("headroom", 0.1, "Fraction of HBM left free for 'fits'.")
+
+
+def parse_flags(argv):
+  try:
+    argv = FLAGS(argv)
+    FLAGS.config.keys()
+    return argv
+  except FLAG_ERRORS as e:
+    from mae_jax.config import flag_error
+    fail(flag_error(e, argv))
+
+
+def main(argv):
+  del argv
+  import jax
+  jax.config.update("jax_platforms", "cpu")  # compile-only: the host runs nothing
+  # A cached compile-only TPU executable cannot be loaded without a TPU client.
+  jax.config.update("jax_enable_compilation_cache", False)
+  from mae_jax import vit
+  try:
+    if FLAGS.max_batch:
+      bad = [r for r in FLAGS.remat if r not in vit.REMAT_POLICIES]
+      if bad:
+        raise AotError(f"--remat: {bad[0]!r} is not one of {sorted(vit.REMAT_POLICIES)}")
+      found = max_batch(FLAGS.config, FLAGS.topology, FLAGS.remat, FLAGS.hbm_gib,
+                        FLAGS.headroom, log=lambda s: print(s, file=sys.stderr))
+      rep = {"topology": FLAGS.topology, "variant": FLAGS.config.model.variant,
+             "max_batch": found}
+    else:
+      rep = report(FLAGS.config, FLAGS.topology, FLAGS.hbm_gib, FLAGS.headroom)
+  except AotError as e:
+    fail(e)
+  print(table(rep))
+  print(json.dumps(rep, default=lambda x: x.item() if hasattr(x, "item") else str(x)))
+
+
+def run():
+  """`python -m mae_jax.aot`, the console script `mae-aot`."""
+  define_flags()
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,189 @@
+"""Collectives of a compiled (SPMD-partitioned) XLA program, read from its HLO text.
+
+Each collective is counted as often as it runs in one step: an op inside a while loop's
+body (a scanned block stack) counts trip-count times, the trip count read from the loop
+condition's bound. An all-reduce inside a computation the TPU compiler names
+`all-reduce-scatter...` (its fusion of an all-reduce with each device keeping its slice)
+counts as a reduce-scatter. `bytes` is the full buffer an op works on (all-gather: its
+result; reduce-scatter: its input; the others: their operand), per device; replica groups
+are decoded in XLA's three spellings and named by the mesh axes they span.
+"""
+import collections
+import dataclasses
+import re
+
+import numpy as np
+
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
+               "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
+               "f64": 8, "c64": 8, "c128": 16}
+# Bytes each chip sends per byte of `bytes` in a ring over a group of n (lower bound).
+RING_FACTOR = {
+    "all-gather": lambda n: (n - 1) / n,
+    "reduce-scatter": lambda n: (n - 1) / n,
+    "all-reduce": lambda n: 2 * (n - 1) / n,
+    "all-to-all": lambda n: (n - 1) / n,
+    "collective-permute": lambda n: 1.0,
+}
+
+_COMP_RE = re.compile(r"^(ENTRY )?%(\S+) .*\{\s*$")
+_INSTR_RE = re.compile(
+    r"^\s*(?:ROOT )?%\S+ = (.*?) (all-gather|reduce-scatter|all-reduce|all-to-all|"
+    r"collective-permute)(?:-start)?\((.*)$")
+_SHAPE_RE = re.compile(r"\b([a-z]+[0-9]*(?:e\d+m\d+(?:fn)?)?)\[([0-9,]*)\]")
+_CALL_RE = re.compile(r"\b(?:calls|true_computation|false_computation)=%([\w.\-]+)")
+_BRANCH_RE = re.compile(r"branch_computations=\{([^}]*)\}")
+_WHILE_RE = re.compile(r"condition=%([\w.\-]+), body=%([\w.\-]+)")
+
+
+@dataclasses.dataclass
+class Collective:
+  kind: str
+  bytes: int       # per device, the full buffer (see the module docstring)
+  group_size: int
+  axes: str        # mesh axes the groups span ("fsdp", "data", "data+fsdp", "?")
+  count: int       # executions per step
+  where: str       # the op_name of its metadata (the JAX operation it came from)
+
+
+def shape_bytes(type_text):
+  """Bytes of an HLO type: `bf16[8,50,192]{...}` or a tuple of such."""
+  total = 0
+  for dtype, dims in _SHAPE_RE.findall(type_text):
+    if dtype in DTYPE_BYTES:
+      total += DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+  return total
+
+
+def split_computations(hlo_text):
+  """{name: [lines]} and the ENTRY computation's name."""
+  comps, entry, name = {}, None, None
+  for line in hlo_text.splitlines():
+    match = _COMP_RE.match(line)
+    if match:
+      name = match.group(2)
+      comps[name] = []
+      if match.group(1):
+        entry = name
+    elif name is not None:
+      comps[name].append(line)
+  return comps, entry
+
+
+def trip_count(cond_lines):
+  """A scan's loop bound: the integer constant its condition compares the counter with."""
+  consts = [int(c) for line in cond_lines
+            for c in re.findall(r"s32\[\]\S* constant\((\d+)\)", line)]
+  return consts[0] if len(consts) == 1 else 1
+
+
+def multipliers(comps, entry):
+  """How many times per step each computation reachable from ENTRY runs."""
+  mult = collections.Counter({entry: 1})
+  order = [entry]
+  for name in order:  # breadth-first; HLO call graphs are DAGs
+    for line in comps.get(name, ()):
+      whiles = _WHILE_RE.search(line)
+      callees = []
+      if whiles:
+        callees.append((whiles.group(2), trip_count(comps.get(whiles.group(1), ()))))
+      callees += [(c, 1) for c in _CALL_RE.findall(line)]
+      for names in _BRANCH_RE.findall(line):  # a conditional: every branch counted once
+        callees += [(c.strip().lstrip("%"), 1) for c in names.split(",") if c.strip()]
+      for callee, times in callees:
+        if callee in comps:
+          if callee not in mult:
+            order.append(callee)
+          mult[callee] += mult[name] * times
+  return mult
+
+
+def replica_groups(attrs, num_devices):
+  """The device groups of a collective as a set of frozensets of partition indices."""
+  match = re.search(r"replica_groups=\{(\{[\d,{} ]*\})\}", attrs)
+  if match:
+    return {frozenset(int(x) for x in g.split(",") if x)
+            for g in re.findall(r"\{([\d,]*)\}", match.group(1))}
+  match = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", attrs)
+  if match:
+    ids = _iota(match.group(3), match.group(4)).reshape(int(match.group(1)), -1)
+    return {frozenset(row.tolist()) for row in ids}
+  match = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\[([\d,]+)\]"
+                    r"(?:T\(([\d,]+)\))?\))? \{([^}]*)\}", attrs)
+  if match:
+    axes = re.findall(r"'(\w+)'=(\d+)", match.group(1))
+    names, sizes = [a for a, _ in axes], [int(s) for _, s in axes]
+    ids = (_iota(match.group(2), match.group(3)) if match.group(2)
+           else np.arange(num_devices)).reshape(sizes)
+    over = [names.index(a) for a in re.findall(r"'(\w+)'", match.group(4))]
+    rest = [i for i in range(len(names)) if i not in over]
+    rows = ids.transpose(rest + over).reshape(-1, int(np.prod([sizes[i] for i in over])))
+    return {frozenset(row.tolist()) for row in rows}
+  if "source_target_pairs" in attrs:
+    return None
+  return {frozenset(range(num_devices))}
+
+
+def _iota(dims, perm):
+  dims = [int(d) for d in dims.split(",")]
+  ids = np.arange(int(np.prod(dims))).reshape(dims)
+  return ids.transpose([int(p) for p in perm.split(",")]) if perm else ids
+
+
+def axis_groups(mesh_shape):
+  """{axes name: set of groups} for a (data, fsdp) mesh, over partition indices."""
+  ids = np.arange(int(np.prod(mesh_shape))).reshape(mesh_shape)
+  return {"fsdp": {frozenset(r.tolist()) for r in ids},
+          "data": {frozenset(r.tolist()) for r in ids.T},
+          "data+fsdp": {frozenset(ids.ravel().tolist())}}
+
+
+def name_axes(groups, mesh_shape):
+  if groups is None:
+    return "permute"
+  for name, want in axis_groups(mesh_shape).items():
+    if groups == want:
+      return name
+  return "?"
+
+
+def collectives(hlo_text, mesh_shape):
+  """Every collective of a compiled module with its per-step execution count."""
+  comps, entry = split_computations(hlo_text)
+  mult = multipliers(comps, entry)
+  num_devices = int(np.prod(mesh_shape))
+  found = []
+  for name, lines in comps.items():
+    if not mult.get(name):
+      continue
+    for line in lines:
+      match = _INSTR_RE.match(line)
+      if not match:
+        continue
+      kind = match.group(2)
+      if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
+        kind = "reduce-scatter"
+      # reduce-scatter: its input is the full buffer; the result type is one shard
+      size = (shape_bytes(match.group(1)) if kind != "reduce-scatter"
+              or name.startswith("all-reduce-scatter") else None)
+      groups = replica_groups(match.group(3), num_devices)
+      group_size = len(next(iter(groups))) if groups else 2
+      if size is None:
+        size = shape_bytes(match.group(1)) * group_size
+      where = re.search(r'op_name="([^"]*)"', line)
+      found.append(Collective(kind, size, group_size, name_axes(groups, mesh_shape),
+                              mult[name], where.group(1) if where else ""))
+  return found
+
+
+def summarize(found):
+  """{kind: {count, bytes, ici_bytes}} per step: bytes = sum of buffers, ici_bytes = what
+  each chip must send at least (ring algorithms, RING_FACTOR)."""
+  out = {k: {"count": 0, "bytes": 0, "ici_bytes": 0} for k in KINDS}
+  for c in found:
+    row = out[c.kind]
+    row["count"] += c.count
+    row["bytes"] += c.count * c.bytes
+    row["ici_bytes"] += round(c.count * c.bytes * RING_FACTOR[c.kind](c.group_size))
+  return out

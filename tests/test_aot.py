@@ -1,0 +1,174 @@
+"""mae_jax.aot: the trainer's step compiled for a TPU topology (libtpu, compile-only
+devices) on this CPU host: memory, batch and parameter sharding, collectives by mesh
+axis, the per-device batch search, the platform each program is built for, bad input."""
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from configs import default
+from mae_jax import aot, hlo, trainer
+
+TOPOLOGY = "v5e:2x2"  # 4 chips: mesh data=2 x fsdp=2
+
+
+def tiny_config(**mesh):
+  """A model whose big kernels (>= 4096 elements) are FSDP-sharded, compiled in seconds."""
+  c = default.get_config()
+  c.model.update(width=64, depth=2, num_heads=2, decoder_width=64, decoder_depth=1,
+                 decoder_heads=2, remat="none")
+  c.batch_size = 16
+  c.mesh.update(mesh)
+  return c
+
+
+@pytest.fixture(scope="module")
+def fsdp_step():
+  """(report, compiled, run) of the tiny model on v5e:2x2 with data=2, fsdp=2."""
+  devices = aot.topology_devices(TOPOLOGY)
+  config = aot.checked_config(tiny_config(data=2, fsdp=2), len(devices))
+  compiled, run, _ = aot.compile_step(config, devices)
+  _, hbm, ici = aot.chip_of(devices)
+  return aot.analyze(compiled, run, hbm, ici, headroom=0.1), compiled, run
+
+
+def test_memory_fields_are_positive_and_the_state_is_donated(fsdp_step):
+  rep, _, run = fsdp_step
+  m = rep["memory"]
+  for field in ("arguments", "outputs", "temporaries", "aliased", "total"):
+    assert m[field] > 0, field
+  assert m["hbm"] == 16 * 2**30 and m["fits"]
+  assert m["total"] == (m["arguments"] + m["outputs"] + m["temporaries"]
+                        + m["generated_code"] - m["aliased"])
+  # The donated state aliases its output: at least the float32 parameters' shard, x3 for
+  # the two AdamW moments.
+  assert m["aliased"] >= 3 * 4 * run.num_params / 2 / 2  # fsdp=2 halves the big leaves
+
+
+def test_batch_is_split_over_both_axes_and_params_over_fsdp(fsdp_step):
+  _, compiled, run = fsdp_step
+  state_sh, batch_sh, _ = compiled.input_shardings[0]
+  image = batch_sh["image"]
+  assert image.spec[0] == ("data", "fsdp")
+  assert image.shard_shape((16, 28, 28, 1)) == (4, 28, 28, 1)
+  kernels = {jax.tree_util.keystr(path): sh for path, sh
+             in jax.tree_util.tree_flatten_with_path(state_sh.params)[0]
+             if "qkv" in jax.tree_util.keystr(path)
+             and "kernel" in jax.tree_util.keystr(path)}
+  assert len(kernels) == 2  # the encoder's and the decoder's stacks
+  assert all("fsdp" in sh.spec for sh in kernels.values())
+
+
+def test_fsdp_gathers_params_and_reduce_scatters_grads_over_fsdp(fsdp_step):
+  rep, compiled, _ = fsdp_step
+  axes = rep["collectives_by_axes"]
+  assert axes.get("all-gather over fsdp", 0) > 0
+  assert axes.get("reduce-scatter over fsdp", 0) > 0
+  # No gradient of a sharded kernel (>= 4096 elements) is all-reduced whole over fsdp
+  # (what the qkv kernel's was, split by its output features), and no activation is
+  # re-sharded by feature (all-to-all).
+  found = hlo.collectives(compiled.as_text(), (2, 2))
+  whole = [(c.bytes, c.where) for c in found if c.kind == "all-reduce" and c.axes == "fsdp"
+           and c.bytes >= 4096 * 4]
+  assert not whole
+  assert rep["collectives"]["all-to-all"]["count"] == 0
+  # Loop bodies count once per scanned block: the encoder's 2 blocks gather twice.
+  assert rep["collectives"]["all-gather"]["count"] >= 2 * 4
+
+
+def test_collectives_count_scan_trips_and_all_reduce_scatter_fusions():
+  text = """HloModule m
+
+%all-reduce-scatter.1 (p: f32[8,4]) -> f32[4,4] {
+  %p = f32[8,4]{1,0} parameter(0)
+  %all-reduce.1 = f32[8,4]{1,0} all-reduce(%p), replica_groups={{0,1},{2,3}}, to_apply=%add
+  ROOT %ds = f32[4,4]{1,0} dynamic-slice(%all-reduce.1, %i, %i), dynamic_slice_sizes={4,4}
+}
+
+%cond (c: (s32[], f32[8])) -> pred[] {
+  %c = (s32[], f32[8]) parameter(0)
+  %k = s32[] constant(12)
+  ROOT %lt = pred[] compare(%g, %k), direction=LT
+}
+
+%body (b: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = bf16[16,8]{1,0} all-gather(%x), replica_groups=[2,2]<=[4], dimensions={0}
+  %f = f32[4,4]{1,0} fusion(%y), kind=kCustom, calls=%all-reduce-scatter.1
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body
+  %ar = f32[100]{0} all-reduce(%z), replica_groups=[1,4]<=[4], to_apply=%add
+}
+"""
+  found = {c.kind: c for c in hlo.collectives(text, (2, 2))}
+  assert found["all-gather"].count == 12 and found["all-gather"].bytes == 16 * 8 * 2
+  assert found["all-gather"].axes == "fsdp"
+  assert found["reduce-scatter"].count == 12 and found["reduce-scatter"].bytes == 8 * 4 * 4
+  assert found["all-reduce"].count == 1 and found["all-reduce"].axes == "data+fsdp"
+  s = hlo.summarize(hlo.collectives(text, (2, 2)))
+  assert s["all-reduce"]["ici_bytes"] == round(400 * 2 * 3 / 4)  # ring: 2 (n-1)/n
+
+
+def test_data_groups_are_named_data():
+  attrs = ("replica_groups=mesh['axis_0'=2,'axis_1'=2], device_ids=([2,2]T(1,0)) "
+           "{'axis_1'}")
+  groups = hlo.replica_groups(attrs, 4)
+  assert groups == {frozenset({0, 2}), frozenset({1, 3})}
+  assert hlo.name_axes(groups, (2, 2)) == "data"
+
+
+def test_each_platform_gets_its_own_program():
+  """The same config traced for TPU topology devices and for CPU devices: only the CPU
+  program calls the CPU matmul kernel (a custom_vjp)."""
+  config = tiny_config(data=-1, fsdp=1)
+  programs = {}
+  for devices in (aot.topology_devices(TOPOLOGY), jax.devices()[:1]):
+    run = trainer.step_run(aot.checked_config(config, len(devices)), devices, 1000,
+                           ((0.5,), (0.25,)))
+    traced = trainer.compile_train_step(run).trace(*aot.abstract_inputs(run))
+    programs[run.model.platform] = str(traced.jaxpr)
+  assert set(programs) == {"tpu", "cpu"}
+  assert re.search(r"custom_vjp_call\[\s*name=token_matmul", programs["cpu"])
+  assert "token_matmul" not in programs["tpu"]
+
+
+@pytest.mark.slow
+def test_max_batch_fits_and_one_more_does_not():
+  """On a chip given just enough memory for a handful of images, the search returns B
+  such that B fits and B + 1 does not (each checked by its own compile)."""
+  devices = aot.topology_devices(TOPOLOGY)
+  config = aot.checked_config(tiny_config(data=-1, fsdp=1), len(devices))
+  _, at_2 = aot.fits(config, devices, 2, "none", 2**50, 0.0)
+  _, at_8 = aot.fits(config, devices, 8, "none", 2**50, 0.0)
+  assert at_8 > at_2
+  hbm_gib = (at_2 + at_8) / 2 / 2**30
+  found = aot.max_batch(config, TOPOLOGY, ["none"], hbm_gib, 0.0, log=lambda s: None)
+  b = found["none"]
+  assert 2 <= b < 8
+  assert aot.fits(config, devices, b, "none", hbm_gib * 2**30, 0.0)[0]
+  assert not aot.fits(config, devices, b + 1, "none", hbm_gib * 2**30, 0.0)[0]
+
+
+def run_aot(*args):
+  env = dict(os.environ, PYTHONPATH=os.getcwd())
+  return subprocess.run([sys.executable, "-m", "mae_jax.aot", *args], capture_output=True,
+                        text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, says", [
+    (["--topology=v9z:2x2"], "--topology='v9z:2x2'"),
+    (["--topology=v5e:2x2", "--config.mesh.fsdp=3"], "config.mesh.fsdp: 3 does not divide"),
+    (["--topology=v5e:2x2", "--max_batch", "--remat=none", "--hbm_gib=0.001",
+      "--config.model.width=64", "--config.model.depth=1", "--config.model.num_heads=2"],
+     "does not fit"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, says):
+  proc = run_aot("--config=configs/default.py", *args)
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
