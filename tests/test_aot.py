@@ -15,6 +15,17 @@ from mae_jax import aot, hlo, trainer
 TOPOLOGY = "v5e:2x2"  # 4 chips: mesh data=2 x fsdp=2
 
 
+@pytest.fixture(scope="module", autouse=True)
+def libtpu_env():
+  """aot.topology_devices sets libtpu's single-host variables in os.environ, where this
+  process's later subprocesses would inherit them (TPU_WORKER_HOSTNAMES reads as a Cloud
+  TPU VM to jax.distributed): they are undone after this module."""
+  with pytest.MonkeyPatch.context() as mp:
+    for key, value in aot.LIBTPU_ENV.items():
+      mp.setenv(key, os.environ.get(key, value))
+    yield
+
+
 def tiny_config(**mesh):
   """A model whose big kernels (>= 4096 elements) are FSDP-sharded, compiled in seconds."""
   c = default.get_config()
