@@ -171,6 +171,7 @@ def test_pipeline_benchmark_runs_each_path(tmp_path):
              for r in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--classifier"]])
 def test_cpu_paths_benchmark_runs(extra):
   """benchmarks/cpu_paths.py times both programs (train step, classifier grad), one per
@@ -183,6 +184,7 @@ def test_cpu_paths_benchmark_runs(extra):
   assert all(s > 0 for s in medians.values())
 
 
+@pytest.mark.slow
 def test_vs_pytorch_times_both_frameworks(capsys):
   """One interleaved round of the Ti/4@32 case: both runners timed, the ratio theirs."""
   vs_pytorch = load_benchmark("vs_pytorch")
@@ -224,6 +226,7 @@ def test_gpu_targets_driver_runs_and_reports_failures(tmp_path, monkeypatch, cap
   assert capsys.readouterr().out.count("skipped: budget spent") == len(gpu_targets.TORCH_CASES)
 
 
+@pytest.mark.slow
 def test_profile_step_matmul_table_counts_the_steps_flops(tmp_path):
   """benchmarks/profile_step.py --by_matmul: the matrix products it finds in the trace and
   the compiled HLO add up to the analytic training FLOPs of the step (no remat, unrolled:

@@ -76,6 +76,7 @@ def metrics_records(run_dir):
 # End to end on the pattern folder.
 
 
+@pytest.mark.slow
 def test_knn_monitor_logs_during_pretraining(run_dir):
   """knn_every_epochs=0.25 logs eval/knn_top1 at steps 2 and 4 (metrics.jsonl and
   TensorBoard), well above chance on the patterns."""
@@ -128,6 +129,7 @@ def test_random_init_and_pixel_baselines_have_their_own_results(run_dir):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_knn_of_a_converted_checkpoint_into_a_new_directory(run_dir, tmp_path):
   """--config.params=IMPORT_DIR: the encoder of a `convert import` output, the dataset
   named by config.data, results in a directory that did not exist."""
