@@ -26,6 +26,8 @@ import time
 
 from absl import app, flags
 
+from mae_jax import pretrain
+
 GIB = 2**30
 # (HBM GiB, ICI GB/s per chip per direction) by device_kind. HBM: Cloud TPU system
 # architecture pages. ICI: their bidirectional per-chip figures halved (v5e 400, v5p 1200,
@@ -278,8 +280,6 @@ def table(rep):
 
 
 FLAGS = flags.FLAGS
-# What a bad flag raises (train.py's list): absl's errors and ml_collections'.
-FLAG_ERRORS = (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError)
 
 
 def fail(message):
@@ -288,13 +288,7 @@ def fail(message):
 
 
 def define_flags():
-  from ml_collections import config_flags
-  try:
-    config_flags.DEFINE_config_file("config", "configs/default.py", "Recipe file.",
-                                    lock_config=True)
-  except FLAG_ERRORS as e:
-    from mae_jax.config import flag_error
-    fail(flag_error(e, sys.argv))
+  pretrain.define_recipe_flag()
   flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x2, v5p:4x4x8.",
                       required=True)
   flags.DEFINE_bool("max_batch", False, "Find the largest per-device batch that fits.")
@@ -303,14 +297,7 @@ def define_flags():
   flags.DEFINE_float("headroom", 0.1, "Fraction of HBM left free for 'fits'.")
 
 
-def parse_flags(argv):
-  try:
-    argv = FLAGS(argv)
-    FLAGS.config.keys()
-    return argv
-  except FLAG_ERRORS as e:
-    from mae_jax.config import flag_error
-    fail(flag_error(e, argv))
+parse_flags = pretrain.parse_flags  # the same recipe flag, the same one-line errors
 
 
 def main(argv):

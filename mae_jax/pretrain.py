@@ -25,14 +25,20 @@ def flag_failure(error):
   sys.exit(2)
 
 
-def define_flags():
-  """The command's flags; without --config on the command line, the default recipe and
-  its overrides load right here (a failure is a flag error)."""
+def define_recipe_flag():
+  """--config (a recipe file, configs/default.py unless given) with --config.FIELD
+  overrides; without --config on the command line the default recipe loads right here,
+  and a failure is a flag error. Shared by the commands that take a pretraining recipe."""
   try:
     config_flags.DEFINE_config_file("config", "configs/default.py", "Recipe file.",
                                     lock_config=True)
   except FLAG_ERRORS as e:
     flag_failure(e)
+
+
+def define_flags():
+  """The command's flags."""
+  define_recipe_flag()
   flags.DEFINE_string("workdir", None, "Checkpoints, logs and results go here.", required=True)
   flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                     "Join jax.distributed: auto = when the flags below, SLURM (srun), Open MPI "
