@@ -399,7 +399,7 @@ def check_path(flag, path):
 
 def describe(run, restored):
   d = run.durations
-  unreadable = skipped_images(run)["train"]
+  unreadable = getattr(run.train_src, "listed_unreadable", 0)
   images = f"{len(run.train_src)} train images" + (  # the unreadable ones left out
       f", {unreadable} unreadable skipped" if unreadable else "")
   head = (f"mae_jax: {run.num_params / 1e6:.2f}M-parameter MAE on {run.config.data.name} "

@@ -71,7 +71,9 @@ def train_records(workdir):
     return []
   with open(path) as f:
     lines = [line for line in f.read().splitlines(keepends=True) if line.endswith("\n")]
-  return [r for r in map(json.loads, lines) if "train/loss" in r]
+  timing = ("train/input_wait",)  # a wall-clock share, not a computed value
+  return [{k: v for k, v in r.items() if k not in timing}
+          for r in map(json.loads, lines) if "train/loss" in r]
 
 
 def load_state(workdir, step):

@@ -41,7 +41,8 @@ class FolderSource(EncodedSource):
     self.paths = paths
     self.labels = labels
     self.strict = strict
-    self.skipped = dict(skipped or {})
+    self.skipped = dict(skipped or {})  # path -> why; grows as files fail to decode
+    self.listed_unreadable = len(self.skipped)  # left out of `paths` while listing
     self._lock = threading.Lock()
 
   def __getstate__(self):  # worker processes get a copy without the lock
