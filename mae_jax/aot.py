@@ -79,11 +79,12 @@ def chip_of(devices):
   return gen, hbm_gib * GIB // cores, ici / cores
 
 
-def checked_config(config, num_devices):
-  """The recipe (smoke applied) validated for the topology's device count."""
+def checked_config(config, num_devices, explicit=()):
+  """The recipe (smoke applied, keeping the `explicit` fields) validated for the topology's
+  device count."""
   from mae_jax import config as config_lib
   if config.smoke:
-    config = config_lib.apply_smoke(config)
+    config = config_lib.apply_smoke(config, explicit)
   try:
     config_lib.validate(config, num_devices)
   except config_lib.ConfigError as e:
@@ -185,12 +186,13 @@ def by_axes(found):
   return dict(sorted(out.items()))
 
 
-def report(config, topology, hbm_override=None, headroom=0.1):
-  """Compile the recipe's step for `topology` and return the JSON-able report."""
+def report(config, topology, hbm_override=None, headroom=0.1, explicit=()):
+  """Compile the recipe's step for `topology` and return the JSON-able report. `explicit`:
+  the config fields given on the command line."""
   devices = topology_devices(topology)
   gen, hbm, ici = chip_of(devices)
   hbm = hbm_override * GIB if hbm_override else hbm
-  config = checked_config(config, len(devices))
+  config = checked_config(config, len(devices), explicit)
   compiled, run, seconds = compile_step(config, devices)
   head = {"topology": topology, "chip": gen, "devices": len(devices),
           "mesh": dict(run.mesh.shape), "variant": config.model.variant,
@@ -215,13 +217,14 @@ def fits(config, devices, per_device, remat, hbm, headroom):
   return m["fits"], m["total"]
 
 
-def max_batch(config, topology, remats, hbm_override=None, headroom=0.1, log=print):
+def max_batch(config, topology, remats, hbm_override=None, headroom=0.1, log=print,
+              explicit=()):
   """{remat: largest per-device batch that fits}, by doubling then bisection (in steps of
   grad_accum_steps, which must divide each chip's batch)."""
   devices = topology_devices(topology)
   _, hbm, _ = chip_of(devices)
   hbm = hbm_override * GIB if hbm_override else hbm
-  config = checked_config(config, len(devices))
+  config = checked_config(config, len(devices), explicit)
   unit = config.grad_accum_steps
   out = {}
   for remat in remats:
@@ -313,11 +316,13 @@ def main(argv):
       if bad:
         raise AotError(f"--remat: {bad[0]!r} is not one of {sorted(vit.REMAT_POLICIES)}")
       found = max_batch(FLAGS.config, FLAGS.topology, FLAGS.remat, FLAGS.hbm_gib,
-                        FLAGS.headroom, log=lambda s: print(s, file=sys.stderr))
+                        FLAGS.headroom, log=lambda s: print(s, file=sys.stderr),
+                        explicit=pretrain.explicit_fields())
       rep = {"topology": FLAGS.topology, "variant": FLAGS.config.model.variant,
              "max_batch": found}
     else:
-      rep = report(FLAGS.config, FLAGS.topology, FLAGS.hbm_gib, FLAGS.headroom)
+      rep = report(FLAGS.config, FLAGS.topology, FLAGS.hbm_gib, FLAGS.headroom,
+                   pretrain.explicit_fields())
   except AotError as e:
     fail(e)
   print(table(rep))

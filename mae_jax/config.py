@@ -194,18 +194,27 @@ def smoke_replaced(before, after):
           if f in theirs and theirs[f] != ours[f]]
 
 
-def apply_smoke(config):
-  """Shrink any recipe to a seconds-long check: tiny model, few steps, small batches."""
+# What smoke=True sets: a tiny model, a few steps, small batches. {config path: value}.
+SMOKE = {
+    "model.width": 32, "model.depth": 1, "model.num_heads": 2, "model.decoder_width": 32,
+    "model.decoder_depth": 1, "model.decoder_heads": 2, "batch_size": 16, "num_steps": 4,
+    "optim.warmup_steps": 1, "log_every_steps": 1, "checkpoint_every_steps": 2,
+    "eval_batch_size": 64, "data.synthetic_size": 128,
+}
+
+
+def apply_smoke(config, explicit=()):
+  """Shrink any recipe to a seconds-long check. Fields named in `explicit` (the ones given
+  on the command line, e.g. --config.num_steps=20) keep their values."""
+  keep = set(explicit)
   with config.unlocked():
-    config.model.update(width=32, depth=1, num_heads=2, decoder_width=32,
-                        decoder_depth=1, decoder_heads=2)
-    config.batch_size = 16
-    config.num_steps = 4
-    config.optim.warmup_steps = 1
-    config.log_every_steps = 1
-    config.checkpoint_every_steps = 2
-    config.eval_batch_size = 64
-    config.data.synthetic_size = 128
+    for path, value in SMOKE.items():
+      if path not in keep:
+        *parents, name = path.split(".")
+        node = config
+        for parent in parents:
+          node = node[parent]
+        node[name] = value
   return config
 
 

@@ -147,6 +147,8 @@ class Evaluation:
     self.subject = load_subject(config, workdir, self.mesh)
     self.train_src = data.load_source(self.subject.data_config, "train")
     self.test_src = data.load_source(self.subject.data_config, "test")
+    if self.test_src.note:
+      log(self.test_src.note)
     self.num_classes = self.train_src.num_classes
     check(self.num_classes, "data.name", f"{self.subject.data_config.name}: the dataset has "
           "no class labels to evaluate against")

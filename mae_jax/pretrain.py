@@ -66,6 +66,11 @@ def parse_flags(argv):
     flag_failure(e)
 
 
+def explicit_fields():
+  """The --config.FIELD names given on the command line (smoke=True keeps their values)."""
+  return tuple(config_flags.get_override_values(FLAGS["config"]))
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep library INFO chatter out of the run's output
@@ -83,7 +88,7 @@ def main(argv):
   from mae_jax.config import ConfigError
   from mae_jax.data import DatasetError
   try:
-    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, explicit_fields())
   except (ConfigError, DatasetError, ParamsError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

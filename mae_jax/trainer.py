@@ -46,16 +46,21 @@ class Run:
   notes: list = dataclasses.field(default_factory=list)  # for the run's log at start-up
 
 
-def build_run(config, workdir):
-  """Validate the config and build data sources, model, optimizer and mesh."""
+def build_run(config, workdir, explicit=()):
+  """Validate the config and build data sources, model, optimizer and mesh. `explicit`:
+  the config fields given on the command line (smoke=True leaves them as they are)."""
   notes = []
   if config.smoke:
     before = config.copy_and_resolve_references()
-    config = config_lib.apply_smoke(config)
-    notes.append("smoke=True replaced " + ", ".join(config_lib.smoke_replaced(before, config)))
+    config = config_lib.apply_smoke(config, explicit)
+    kept = sorted(set(explicit) & set(config_lib.SMOKE))
+    notes.append("smoke=True replaced " + ", ".join(config_lib.smoke_replaced(before, config))
+                 + ("; kept the command line's " + ", ".join(kept) if kept else ""))
   config_lib.validate(config)
   train_src = data.load_source(config.data, "train")
   test_src = data.load_source(config.data, "test")
+  if test_src.note:
+    notes.append(test_src.note)
   config_lib.check_data_size(config, len(train_src))
   run = step_run(config, jax.devices(), len(train_src), (train_src.mean, train_src.std),
                  workdir, train_src, test_src)
@@ -309,13 +314,14 @@ def write_summary(run, results, train_seconds, final_loss, images_per_sec, skipp
   return path
 
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config, workdir, explicit=()):
   """Pretrain (resuming from `workdir` if it holds checkpoints), then evaluate.
 
-  `workdir` may be local or gs://BUCKET/PATH (mae_jax.paths)."""
+  `workdir` may be local or gs://BUCKET/PATH (mae_jax.paths). `explicit`: the config fields
+  given on the command line (build_run)."""
   checkpoint.check_workdir(workdir)
   workdir = check_path("--workdir", workdir)
-  run = build_run(config, workdir)
+  run = build_run(config, workdir, explicit)
   # the lock file needs a writable workdir; an unwritable one is named for its checkpoints
   checkpoint.check_writable(paths.join(workdir, "checkpoints"))
   lock = checkpoint.lock_workdir(workdir)  # before anything in the workdir is touched

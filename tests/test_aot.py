@@ -46,6 +46,7 @@ def fsdp_step():
   return aot.analyze(compiled, run, hbm, ici, headroom=0.1), compiled, run
 
 
+@pytest.mark.slow
 def test_memory_fields_are_positive_and_the_state_is_donated(fsdp_step):
   rep, _, run = fsdp_step
   m = rep["memory"]
@@ -59,6 +60,7 @@ def test_memory_fields_are_positive_and_the_state_is_donated(fsdp_step):
   assert m["aliased"] >= 3 * 4 * run.num_params / 2 / 2  # fsdp=2 halves the big leaves
 
 
+@pytest.mark.slow
 def test_batch_is_split_over_both_axes_and_params_over_fsdp(fsdp_step):
   _, compiled, run = fsdp_step
   state_sh, batch_sh, _ = compiled.input_shardings[0]
@@ -73,6 +75,7 @@ def test_batch_is_split_over_both_axes_and_params_over_fsdp(fsdp_step):
   assert all("fsdp" in sh.spec for sh in kernels.values())
 
 
+@pytest.mark.slow
 def test_fsdp_gathers_params_and_reduce_scatters_grads_over_fsdp(fsdp_step):
   rep, compiled, _ = fsdp_step
   axes = rep["collectives_by_axes"]

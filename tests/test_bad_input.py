@@ -196,6 +196,7 @@ def runs(workdir, files, tmp_path_factory):
               bad_config_run=damaged_copy(workdir, root / "c", "bad_config"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,expected", VISUALIZE_CASES,
                          ids=[str(i) for i in range(len(VISUALIZE_CASES))])
 def test_visualize_bad_input(runs, capsys, args, expected):

@@ -67,6 +67,7 @@ def test_all_tokens_forward_flops_match_xla():
   assert xla > 2 * flops.forward_flops(model)  # the masked-token encoder is far cheaper
 
 
+@pytest.mark.slow
 def test_train_step_flops_match_xla():
   """The real train step with SGD (AdamW's many small kernels double the CPU compile
   time; test_bench_cli_json_line checks a step with AdamW at the other size)."""
@@ -203,6 +204,7 @@ def test_vs_pytorch_gpu_case_needs_a_gpu(capsys):
   assert "need a CUDA GPU" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_gpu_targets_driver_runs_and_reports_failures(tmp_path, monkeypatch, capsys):
   """benchmarks/gpu_targets.py's plumbing on a tiny CPU config: each run a subprocess,
   its JSON kept, a failing run reported in the table and the exit code."""

@@ -2,6 +2,7 @@
 import gzip
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -300,11 +301,36 @@ def test_folder_batches_in_worker_threads(tmp_path):
 
 
 def test_flat_folder_has_no_labels(tmp_path):
-  for i, shape in enumerate([(9, 9), (12, 5, 3)]):
+  for i, shape in enumerate([(9, 9), (12, 5, 3), (7, 8)]):
     Image.fromarray(np.full(shape, 10 * i, np.uint8)).save(tmp_path / f"{i}.png")
   source = data.load_source(config(name="folder", data_dir=str(tmp_path)), "train")
-  assert len(source) == 2 and source.num_classes is None
+  assert len(source) == 2 and source.num_classes is None  # one of 3 held out as the test
   assert [source[i]["label"] for i in range(2)] == [-1, -1]
+
+
+@pytest.mark.parametrize("layout", ["train", "classes"])
+def test_folder_without_a_test_folder_holds_out_a_test_split(tmp_path, layout):
+  """root/train/<class>/* alone, or root/<class>/*: every 10th image of the sorted list is
+  the test split and is not trained on; the two splits partition the folder."""
+  top = tmp_path / "train" if layout == "train" else tmp_path
+  for cls, count in (("a", 12), ("b", 13)):
+    (top / cls).mkdir(parents=True)
+    for i in range(count):
+      Image.fromarray(np.full((4, 4), i, np.uint8)).save(top / cls / f"{i:02d}.png")
+  cfg = config(name="folder", data_dir=str(tmp_path))
+  train, test = (data.load_source(cfg, split) for split in ("train", "test"))
+  assert (len(train), len(test)) == (23, 2)
+  assert set(train.paths).isdisjoint(test.paths)
+  assert sorted(train.paths + test.paths) == sorted(str(p) for p in top.rglob("*.png"))
+  # evenly spaced over the sorted list, so both classes are in the test split
+  assert [os.path.relpath(p, top) for p in test.paths] == ["a/00.png", "b/00.png"]
+  assert test.num_classes == train.num_classes == 2
+  assert "has no test split: 2 of its 25 images" in test.note and test.note == train.note
+  shutil.rmtree(top / "b")  # a folder of one image cannot be split
+  for f in list((top / "a").iterdir())[1:]:
+    f.unlink()
+  with pytest.raises(data.DatasetError, match="1 image.*at least 2"):
+    data.load_source(cfg, "test")
 
 
 # --- TFDS -----------------------------------------------------------------------------------
@@ -452,10 +478,10 @@ def test_folder_errors(tmp_path):
   (tmp_path / "notes.txt").write_text("not an image")
   with pytest.raises(data.DatasetError, match="no images"):
     data.load_source(config(name="folder", data_dir=str(tmp_path)), "train")
-  (tmp_path / "train").mkdir()
-  Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "train" / "x.png")
-  with pytest.raises(data.DatasetError, match="none for 'test'"):
-    data.load_source(config(name="folder", data_dir=str(tmp_path)), "test")
+  (tmp_path / "val").mkdir()
+  Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "val" / "x.png")
+  with pytest.raises(data.DatasetError, match=r"split folders \['val'\] but none for 'train'"):
+    data.load_source(config(name="folder", data_dir=str(tmp_path)), "train")
 
 
 def test_bad_channels_and_split():

@@ -272,6 +272,7 @@ def classifier_params(depth, **kw):
                                                       jnp.zeros((1, 8, 8, 1)))["params"]
 
 
+@pytest.mark.slow
 def test_learned_pos_embed_starts_at_the_sincos_table_and_is_trained():
   """The reference's fine-tuning: pos_embed is a parameter loaded with the fixed table, so
   the classifier computes what the fixed-table one does until it is trained."""

@@ -97,7 +97,7 @@ def test_prepared_batches_equal_the_folder_batches(tmp_path, repeat_samples, pro
               "--processes", 1)
   folder = data.load_source(config(tmp_path / "in", "folder"), "train")
   ours = data.load_source(config(tmp_path / "out"), "train")
-  assert len(folder) == len(ours) == 20
+  assert len(folder) == len(ours) == 18  # 2 of 20 held out as the test split
   for p in range(processes):
     kwargs = dict(image_size=24, global_batch_size=8, seed=3, repeat_samples=repeat_samples,
                   process_index=p, process_count=processes)
@@ -140,6 +140,18 @@ def test_prepare_from_tfds(tmp_path):
     assert ours[i]["label"] == reference[i]["label"]
     diff = np.abs(ours[i]["image"].astype(int) - reference[i]["image"]).mean()
     assert ours[i]["image"].shape == reference[i]["image"].shape and diff < 4
+
+
+def test_prepared_train_only_holds_out_its_test_split(tmp_path):
+  """A prepared folder of train/ alone: every 10th image is the test split, not trained on."""
+  write_jpeg_folder(tmp_path / "in", counts=(("train", 21),), size=(20, 24))
+  assert run_prepare("--folder", tmp_path / "in", "--out", tmp_path / "out",
+                     "--processes", 1) == 0
+  train, test = (data.load_source(config(tmp_path / "out"), s) for s in ("train", "test"))
+  assert (len(train), len(test)) == (19, 2)
+  assert list(test.indices) == [0, 10] and 0 not in train.indices and 10 not in train.indices
+  np.testing.assert_array_equal(test[1]["image"], test.base[10]["image"])
+  assert "2 of its 21 images" in test.note and test.num_classes == 3
 
 
 def write_noise_folder(root, n, seed=0):

@@ -527,6 +527,7 @@ def folder_config(root, **fields):
 
 def test_folder_bad_files_are_skipped_and_counted(tmp_path):
   arrays = write_bad_folder(tmp_path)
+  (tmp_path / "test").mkdir()  # a test folder of its own: the train split is all of train/
   source = data.load_source(folder_config(tmp_path), "train")
   names = [os.path.relpath(p, tmp_path / "train") for p in source.paths]
   assert names == ["a/0_gray.png", "a/1_wide.png", "a/2_rgba.png", "b/0_rgb.png",
@@ -561,6 +562,7 @@ def test_folder_bad_files_are_skipped_and_counted(tmp_path):
 
 def test_folder_strict_names_the_bad_file(tmp_path):
   write_bad_folder(tmp_path)
+  (tmp_path / "test").mkdir()  # a test folder of its own: the train split is all of train/
   with pytest.raises(data.DatasetError, match=r"3_empty.png: cannot read image: empty file"):
     data.load_source(folder_config(tmp_path, strict=True), "train")
   os.remove(tmp_path / "train/a/3_empty.png")
@@ -857,6 +859,7 @@ def test_workdir_lock_in_process(tmp_path):
 # --- 10: resuming with a changed config ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_with_changed_config_is_refused_listing_the_fields(reference, tmp_path):
   """Another seed, learning rate and dataset size: refused in one line naming each field
   with both values, before anything compiles, the workdir unchanged; fields that only
@@ -936,6 +939,11 @@ def test_smoke_says_what_it_replaced():
   note = run.notes[0]
   assert note.startswith("smoke=True replaced ") and "num_steps 7 -> 4" in note, note
   assert "model.width 32" not in note  # unchanged fields are not listed
+  # fields given on the command line keep their values
+  run = trainer.build_run(small_config({"smoke": True, "num_steps": 7, "batch_size": 32}),
+                          "unused", explicit=("num_steps", "batch_size", "seed"))
+  assert (run.config.num_steps, run.config.batch_size, run.config.model.depth) == (7, 32, 1)
+  assert run.notes[0].endswith("; kept the command line's batch_size, num_steps"), run.notes
 
 
 @pytest.mark.slow

@@ -49,17 +49,21 @@ def run_train(tmp_path, *flags):
 
 @pytest.mark.slow
 def test_train_py_end_to_end(tmp_path):
+  """A smoke run whose explicit --config.num_steps and batch_size win over smoke's."""
   proc = run_train(tmp_path, "--config.data.name=synthetic", "--config.smoke=True",
-                   "--config.data.image_size=16")
+                   "--config.data.image_size=16", "--config.num_steps=6",
+                   "--config.batch_size=32")
   assert proc.returncode == 0, proc.stderr[-3000:]
   run = tmp_path / "run"
   summary = json.loads((run / "summary.json").read_text())
-  assert summary["steps"] == 4 and summary["baseline_masked_mse"] > 0
+  assert summary["steps"] == 6 and summary["baseline_masked_mse"] > 0
   assert (run / "reconstructions.png").stat().st_size > 0
-  assert (run / "config.json").exists()
-  assert sorted(os.listdir(run / "checkpoints"))[-1] == "4"
+  saved = json.loads((run / "config.json").read_text())
+  assert (saved["batch_size"], saved["num_steps"], saved["model"]["width"]) == (32, 6, 32)
+  assert sorted(os.listdir(run / "checkpoints"), key=int)[-1] == "6"
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(run))
-  assert "step 4/4" in proc.stdout
+  assert "step 6/6" in proc.stdout
+  assert "kept the command line's batch_size, num_steps" in proc.stdout + proc.stderr
 
 
 BAD_CONFIGS = [  # (overrides, the field the message must name)
@@ -112,6 +116,7 @@ def test_train_py_bad_input_is_one_line_exit_2(tmp_path, capsys, flags, field):
   assert "Traceback" not in stderr
 
 
+@pytest.mark.slow
 def test_input_wait_is_reported_and_warned_once(tmp_path, capsys):
   """The share of wall time spent waiting for batches: in metrics.jsonl (TensorBoard's
   scalars), on the progress line and in summary.json; one note when above the threshold."""

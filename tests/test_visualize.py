@@ -64,6 +64,7 @@ def write_pth(path, fields, seed=0):
   save_pth(official_state(fields, True, seed, scale=0.05), path)
 
 
+@pytest.mark.slow
 def test_visualize_a_converted_checkpoint_on_image_files(tmp_path, capsys):
   write_pth(tmp_path / "mae.pth", FIELDS)
   assert convert.main(["import", str(tmp_path / "mae.pth"), str(tmp_path / "conv"),

@@ -1,6 +1,8 @@
 """A folder of images: root/<split>/<class>/*, root/<class>/*, or flat files.
 
-Labels are the index of the class folder in sorted order (-1 for flat files). Images are
+Labels are the index of the class folder in sorted order (-1 for flat files). A folder
+with no test split (only root/train/, or no split folders at all) holds out every tenth
+image of the sorted list as its test split (source.holdout), and says so. Images are
 decoded with PIL lazily, one per `source[i]`, so worker threads decode in parallel. Any
 PIL mode is converted to data.channels: gray, RGB, RGBA (alpha dropped), palette, CMYK,
 and 16-bit images scaled down to 8 bits (PIL's own conversion would clip them).
@@ -23,6 +25,7 @@ from absl import logging
 
 from mae_jax import paths as paths_lib
 from mae_jax.data import decode as decode_lib
+from mae_jax.data import source as source_lib
 from mae_jax.data.source import DatasetError, EncodedSource
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -36,8 +39,9 @@ class FolderSource(EncodedSource):
   """
 
   def __init__(self, paths: list[str], labels: list[int], *, strict: bool = False,
-               skipped: dict | None = None, **kwargs):
+               skipped: dict | None = None, note: str | None = None, **kwargs):
     super().__init__(**kwargs)
+    self.note = note  # how the split was made, where a run should say it (a held-out test)
     self.paths = paths
     self.labels = labels
     self.strict = strict
@@ -130,16 +134,19 @@ def images_under(directory: str) -> list[str]:
   return sorted(found)
 
 
-def split_dir(root: str, split: str) -> str:
-  """root/<split> (test: test, val or validation) where the root has split folders, else root."""
-  split_folders = [d for names in SPLIT_DIRS.values() for d in names
-                   if paths_lib.isdir(paths_lib.join(root, d))]
-  if not split_folders:
-    return root  # no split folders: train and test are the same images
-  for name in SPLIT_DIRS[split]:
-    if name in split_folders:
-      return paths_lib.join(root, name)
-  raise DatasetError(f"data.data_dir={root}: has split folders {split_folders} but none "
+def split_dir(root: str, split: str) -> tuple[str, bool]:
+  """(the folder that holds `split`, whether the split is a hold-out of it).
+
+  root/test (or val, validation) for the test split where there is one; else root/train,
+  or the root itself where it has no split folders, for both splits, held out."""
+  test_folders = [d for d in SPLIT_DIRS["test"] if paths_lib.isdir(paths_lib.join(root, d))]
+  if split == "test" and test_folders:
+    return paths_lib.join(root, test_folders[0]), False
+  if paths_lib.isdir(paths_lib.join(root, "train")):
+    return paths_lib.join(root, "train"), not test_folders
+  if not test_folders:
+    return root, True
+  raise DatasetError(f"data.data_dir={root}: has split folders {test_folders} but none "
                      f"for {split!r} (expected one of {list(SPLIT_DIRS[split])})")
 
 
@@ -167,18 +174,22 @@ def load_folder(data_config, split: str) -> FolderSource:
   if not is_dir:
     raise DatasetError(f"data.data_dir={root}: not a directory (data.name='folder' needs the "
                        "root of an image folder: root/<split>/<class>/*.jpg or root/<class>/*)")
-  directory = split_dir(root, split)
+  directory, held_out = split_dir(root, split)
   paths, labels, num_classes = list_examples(directory)
   if not paths:
     raise DatasetError(f"data.data_dir={root}: no images ({', '.join(EXTENSIONS)}) in "
                        f"{directory} or its class folders")
+  note = None
+  if held_out:
+    keep, note = source_lib.holdout(len(paths), split, directory)
+    paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
   strict = bool(data_config.get("strict", False))
   paths, labels, skipped = drop_unreadable(paths, labels, strict)
   if not paths:
     raise DatasetError(f"data.data_dir={root}: none of the {len(skipped)} image files in "
                        f"{directory} can be read (e.g. {next(iter(skipped.items()))})")
   train = None if split == "train" else functools.partial(load_folder, data_config, "train")
-  return FolderSource(paths, labels, strict=strict, skipped=skipped,
+  return FolderSource(paths, labels, strict=strict, skipped=skipped, note=note,
                       channels=data_config.channels, num_classes=num_classes,
                       stats_source=train, draft=bool(data_config.get("jpeg_draft", True)))
 

@@ -17,7 +17,7 @@ import struct
 
 import numpy as np
 
-from mae_jax.data.source import DatasetError, EncodedSource
+from mae_jax.data.source import DatasetError, EncodedSource, Source, Subset, holdout
 
 MANIFEST = "manifest.json"
 FORMAT = "mae_jax.prepared/1"
@@ -119,18 +119,18 @@ class PreparedSource(EncodedSource):
             np.array([label for _, label in examples], np.int32).reshape(len(examples)))
 
 
-def load_prepared(data_config, split: str) -> PreparedSource:
-  """Split `split` of the prepared dataset in data.data_dir ('test': test, else val, else
-  the training split, as for folders)."""
+def load_prepared(data_config, split: str) -> Source:
+  """Split `split` of the prepared dataset in data.data_dir (test: its test, val or
+  validation split; without one, both splits are held out of train, as for folders)."""
   root = data_config.data_dir
   if not root or not os.path.isdir(root):
     raise DatasetError(f"data.data_dir={root}: not a directory (data.name='prepared' needs "
                        "the output of `python -m mae_jax.prepare`)")
   manifest = read_manifest(root)
   splits = manifest["splits"]
-  candidates = ("train",) if split == "train" else ("test", "val", "validation", "train")
-  name = next((s for s in candidates if s in splits), None)
-  if name is None:
+  test_names = [s for s in ("test", "val", "validation") if s in splits]
+  name = test_names[0] if split == "test" and test_names else "train"
+  if name not in splits:
     raise DatasetError(f"data.data_dir={root}: no {split!r} split in {MANIFEST} (it has "
                        f"{sorted(splits)})")
   entry = splits[name]
@@ -140,7 +140,11 @@ def load_prepared(data_config, split: str) -> PreparedSource:
       else None
   train = None if known or name == "train" else functools.partial(load_prepared, data_config,
                                                                    "train")
-  return PreparedSource(paths, entry["num_examples"], f"{root}/{name}",
-                        channels=data_config.channels, num_classes=manifest.get("num_classes"),
-                        known_stats=known, stats_source=train,
-                        draft=bool(data_config.get("jpeg_draft", True)))
+  source = PreparedSource(paths, entry["num_examples"], f"{root}/{name}",
+                          channels=data_config.channels,
+                          num_classes=manifest.get("num_classes"), known_stats=known,
+                          stats_source=train, draft=bool(data_config.get("jpeg_draft", True)))
+  if test_names:
+    return source
+  indices, note = holdout(len(source), split, f"data.data_dir={root}")
+  return Subset(source, indices=indices, note=note)

@@ -20,6 +20,9 @@ KNOWN_STATS = {
 }
 STATS_EXAMPLES = 2000  # images averaged where a dataset's stats are not known
 SPLITS = ("train", "test")
+# A dataset with no test split holds out every 10th training example (at most 10,000).
+HOLDOUT_EVERY = 10
+HOLDOUT_MAX = 10_000
 
 
 
@@ -28,8 +31,10 @@ class Source:
   """Base of all sources: subclasses define __len__ and get(i) -> (image_HWC, label).
 
   Stats are `known_stats` where given, else estimated lazily from `stats_source()` (the
-  training split; None means this source itself).
+  training split; None means this source itself). `note`: how the split was made, where a
+  run should say so (e.g. a test split held out of the training images).
   """
+  note: str | None = None
 
   def __init__(self, *, channels: int, num_classes: int | None,
                known_stats: tuple | None = None,
@@ -105,15 +110,18 @@ class ArraySource(Source):
 
 
 class Subset(Source):
-  """`count` evenly spaced examples of `base` (all of them where it has fewer); the
-  normalization stats stay the base split's."""
+  """`count` evenly spaced examples of `base` (all of them where it has fewer), or those
+  at `indices`; the normalization stats stay the base split's."""
 
-  def __init__(self, base: Source, count: int):
+  def __init__(self, base: Source, count: int | None = None, indices=None,
+               note: str | None = None):
     super().__init__(channels=base.channels, num_classes=base.num_classes,
                      stats_source=lambda: base)
     self._stats = base._stats
     self.base = base
-    self.indices = evenly_spaced(len(base), count)
+    self.indices = evenly_spaced(len(base), count) if indices is None else np.asarray(
+        indices, np.int64)
+    self.note = note or base.note
 
   def __len__(self) -> int:
     return len(self.indices)
@@ -188,6 +196,20 @@ def stats_for(name: str, channels: int) -> tuple | None:
   if len(mean) == 1:  # a gray image repeated to RGB has the same stats in every channel
     return mean * channels, std * channels
   return None  # RGB -> gray: the std is not a function of the RGB stats; estimate it
+
+
+def holdout(n: int, split: str, where: str) -> tuple[np.ndarray, str]:
+  """(indices of `split`, a note saying so) where a dataset's test split is held out of its
+  n training examples: every HOLDOUT_EVERY-th (at most HOLDOUT_MAX, evenly spaced) is test,
+  the rest train. `where` names the data in the note and errors."""
+  if n < 2:
+    raise DatasetError(f"{where}: {n} image(s); a dataset without a test split needs at "
+                       "least 2, one to hold out for the test split")
+  test = evenly_spaced(n, min(max(1, n // HOLDOUT_EVERY), HOLDOUT_MAX))
+  indices = test if split == "test" else np.setdiff1d(np.arange(n), test)
+  note = (f"{where} has no test split: {len(test)} of its {n} images (evenly spaced) are "
+          "held out as the test split (test MSE, reconstructions) and not trained on")
+  return indices, note
 
 
 def evenly_spaced(n: int, count: int | None) -> np.ndarray:
