@@ -129,13 +129,19 @@ def load_subject(config, workdir, mesh):
   return Subject(model, params, dcfg, f"{paths.absolute(workdir)} at step {step}")
 
 
-def result_name(mode, config):
-  kind = config[mode].get("features")
-  if kind == "pixels":
+def result_name(mode, init="pretrained", features=None):
+  """The name of an evaluation's results (DIR/eval_<name>.json): the mode, + _pixels (raw
+  pixel features) / _scratch (fine-tuning a random init) / _random (a random-init encoder)."""
+  if features == "pixels":
     return f"{mode}_pixels"
-  if config.init == "random":
+  if init == "random":
     return mode + ("_scratch" if mode == "finetune" else "_random")
   return mode
+
+
+def config_result_name(mode, config):
+  """result_name of `mode` under an evaluation config."""
+  return result_name(mode, config.init, config[mode].get("features"))
 
 
 class Evaluation:
@@ -179,7 +185,7 @@ class Evaluation:
     cfg = self.config.linprobe
     train, test = self.features(cfg.features)
     dur = config_lib.durations(cfg, len(train[0]))
-    logger = Logger(self.logdir(result_name("linprobe", self.config)), dur.total_steps)
+    logger = Logger(self.logdir(config_result_name("linprobe", self.config)), dur.total_steps)
     results = linprobe.train_and_test(train, test, cfg, num_classes=self.num_classes,
                                       mesh=self.mesh, seed=self.config.seed, logger=logger,
                                       eval_batch_size=self.config.eval_batch_size)
@@ -187,7 +193,7 @@ class Evaluation:
     return dict(results, features=cfg.features)
 
   def finetune(self):
-    cfg, name = self.config.finetune, result_name("finetune", self.config)
+    cfg, name = self.config.finetune, config_result_name("finetune", self.config)
     tuner = finetune.Finetuner(
         self.subject.model, cfg, train_src=self.train_src, test_src=self.test_src,
         mesh=self.mesh, seed=self.config.seed, image_size=self.subject.model.image_size,
@@ -206,7 +212,7 @@ class Evaluation:
   def run(self, mode):
     """Evaluate in `mode`; write DIR/eval_<name>.json and return the results."""
     t0 = time.perf_counter()
-    name = result_name(mode, self.config)
+    name = config_result_name(mode, self.config)
     batch_size = self.config[mode].get("batch_size")
     check(batch_size is None or batch_size <= len(self.train_src), f"{mode}.batch_size",
           f"{batch_size} is larger than the {len(self.train_src)} training images")

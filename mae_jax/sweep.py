@@ -15,6 +15,10 @@ A sweep file defines get_sweep() -> dict:
   evals         evaluations per point: "knn,linprobe" (add ",finetune" for fine-tuning)
   axes          {config field: [values]}: every combination is a point, or
   points        [{"label": str, "program": "mae" | "conv", "overrides": {...}}, ...]
+                A field named eval.FIELD (an axis or a point's override) is a field of the
+                evaluation recipe, e.g. "eval.init": ["pretrained", "random"] fine-tunes the
+                pretrained encoder and the same encoder from scratch. A point's seed seeds
+                its evaluation too, unless it sets eval.seed.
   plot_x        the field on the plots' x axis (default: the first axis)
 
 Each point runs in DIR/points/<hash of its pretraining command>/ (sweeps sharing a DIR
@@ -31,7 +35,9 @@ Outputs in DIR/<name>/: results.csv, results.md (a markdown table), one PNG per 
 against plot_x (a line for numeric values, bars for names) and summary.png (all of them).
 A sweep with a `seed` axis also gets results_seeds.csv and a second table in results.md:
 each metric's mean ± sample standard deviation over the seeds of every other-axis value;
-its plots show those means with the deviations as error bars.
+its plots show those means with the deviations as error bars. Fine-tuning points also get
+finetune_curves.png and a table of test top-1 after each fine-tuning epoch (mean ± spread
+over seeds where there is a seed axis).
 """
 import argparse
 import csv
@@ -48,6 +54,7 @@ import time
 from mae_jax import cli
 
 PROGRAMS = ("mae", "conv")
+EVAL_PREFIX = "eval."  # an axis or point field of the evaluation recipe: eval.init, ...
 EVALS = ("knn", "linprobe", "finetune")
 # Result columns: (name, header in the markdown table, formatter).
 METRICS = (
@@ -228,24 +235,36 @@ def without_defaults(recipe_path, overrides):
   return kept
 
 
+def split_overrides(sweep, point):
+  """(pretraining overrides, evaluation overrides) of a point: the sweep's, then the
+  point's own (eval.FIELD to the evaluation recipe as FIELD). The point's seed seeds its
+  evaluation as well, unless it sets eval.seed."""
+  own = point["overrides"]
+  evaluation = {k[len(EVAL_PREFIX):]: v for k, v in own.items() if k.startswith(EVAL_PREFIX)}
+  own = {k: v for k, v in own.items() if not k.startswith(EVAL_PREFIX)}
+  if "seed" in own:
+    evaluation.setdefault("seed", own["seed"])
+  base = sweep["conv_overrides" if point["program"] == "conv" else "overrides"]
+  return dict(base, **own), dict(sweep["eval_overrides"], **evaluation)
+
+
 def point_commands(sweep, point, point_dir):
   """The subprocess argv lists that produce a point's results in point_dir."""
   py, evals = sys.executable, sweep["evals"]
   resolve_path = lambda key: resolve(sweep[key], sweep["path"])
   eval_cfg = resolve_path("eval_config")
-  eval_flags = flags("config", without_defaults(eval_cfg, sweep["eval_overrides"]))
+  pretraining, evaluation = split_overrides(sweep, point)
+  eval_flags = flags("config", without_defaults(eval_cfg, evaluation))
   if point["program"] == "conv":
     base = resolve_path("conv_base")
-    overrides = without_defaults(base, dict(sweep["conv_overrides"], **point["overrides"]))
     return [[py, "-m", "mae_jax.conv_mae", "--config", base,
-             "--workdir", point_dir, *flags("config", overrides),
-             "--eval_config", eval_cfg,
-             *flags("eval_config", without_defaults(eval_cfg, sweep["eval_overrides"])),
+             "--workdir", point_dir, *flags("config", without_defaults(base, pretraining)),
+             "--eval_config", eval_cfg, *flags("eval_config", without_defaults(eval_cfg,
+                                                                               evaluation)),
              "--mode", ",".join(e for e in evals.split(",") if e != "finetune")]]
   base = resolve_path("base")
-  overrides = without_defaults(base, dict(sweep["overrides"], **point["overrides"]))
   commands = [[py, "-m", "mae_jax.pretrain", "--config", base,
-               "--workdir", point_dir, *flags("config", overrides)]]
+               "--workdir", point_dir, *flags("config", without_defaults(base, pretraining))]]
   if evals:
     commands.append([py, "-m", "mae_jax.evaluate", "--workdir", point_dir, "--mode", evals,
                      "--config", eval_cfg, *eval_flags])
@@ -264,10 +283,24 @@ def point_dir(workdir, commands):
   return os.path.join(workdir, "points", digest(commands[:1]))
 
 
+def finished_runs(directory):
+  """{digest of a point's commands: its row} of the runs finished in a point directory
+  (point.json; several points share a directory when only their evaluations differ)."""
+  done = read_json(os.path.join(directory, "point.json")) or {}
+  return {done["commands"]: done} if "commands" in done else done  # one-run form
+
+
 def is_done(directory, commands):
-  """Whether point.json records a finished run of exactly these commands."""
-  done = read_json(os.path.join(directory, "point.json"))
-  return done if done is not None and done.get("commands") == digest(commands) else None
+  """point.json's record of a finished run of exactly these commands, or None."""
+  return finished_runs(directory).get(digest(commands))
+
+
+def record_done(directory, commands, row, seconds):
+  """Add this run to point.json."""
+  runs = finished_runs(directory)
+  runs[digest(commands)] = dict(row, commands=digest(commands), run_seconds=round(seconds, 1))
+  with open(os.path.join(directory, "point.json"), "w") as f:
+    json.dump(runs, f, indent=2)
 
 
 def plan(sweep, workdir):
@@ -302,16 +335,32 @@ def collect(sweep, point, directory):
   evals = [e for e in sweep["evals"].split(",") if e]
   if point["program"] == "conv":
     evals = [e for e in evals if e != "finetune"]
+  names = result_names(sweep, point, evals)
   for e in evals:
-    result = read_json(os.path.join(directory, f"eval_{e}.json"))
+    result = read_json(os.path.join(directory, f"eval_{names[e]}.json"))
     if result is None:
       return None
     row[f"{e}_top1"] = result["top1"]
+    if e == "finetune" and result.get("history"):
+      row["finetune_curve"] = [(h["epoch"], h["top1"]) for h in result["history"]]
     wall += result.get("seconds") or 0.0
   # Pretraining loop + evaluations, as their own files record them (process start-up and
   # the final reconstruction test left out): the same whichever run produced them.
   row["wall_seconds"] = round(wall, 1)
   return row
+
+
+def result_names(sweep, point, evals):
+  """{mode: the name of its results file} of a point's evaluations (the conv baseline's
+  are named by mode; mae_jax.evaluate's by mode, init and features)."""
+  if point["program"] == "conv":
+    return {e: e for e in evals}
+  from mae_jax.evaluate import result_name  # pylint: disable=g-import-not-at-top
+  fields = recipe(resolve(sweep["eval_config"], sweep["path"]))
+  evaluation = split_overrides(sweep, point)[1]
+  init = evaluation.get("init", fields.init)
+  return {e: result_name(e, init, evaluation.get(f"{e}.features", fields[e].get("features")))
+          for e in evals}
 
 
 def run_point(point, directory, commands, log, index, total):
@@ -385,12 +434,66 @@ def aggregate_seeds(rows, columns):
     for name, *_ in METRICS:
       values = [m[name] for m in members if m.get(name) is not None]
       if values:
-        agg[name] = sum(values) / len(values)
-        var = (sum((v - agg[name])**2 for v in values) / (len(values) - 1)
-               if len(values) > 1 else 0.0)
-        agg[f"{name}_std"] = var**0.5
+        agg[name], agg[f"{name}_std"] = mean_std(values)
+    curves = [m["finetune_curve"] for m in members if m.get("finetune_curve")]
+    if curves:
+      agg["finetune_curve"] = mean_curve(curves)
     out.append(agg)
   return out
+
+
+def mean_std(values):
+  """(mean, sample standard deviation with ddof=1; 0 for a single value)."""
+  mean = sum(values) / len(values)
+  var = sum((v - mean)**2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+  return mean, var**0.5
+
+
+def mean_curve(curves):
+  """[(epoch, mean, std)] of several [(epoch, top1)] curves, at the epochs all reached."""
+  by_epoch = [dict(c) for c in curves]
+  epochs = sorted(set.intersection(*(set(c) for c in by_epoch)))
+  return [(e, *mean_std([c[e] for c in by_epoch])) for e in epochs]
+
+
+def write_curves(items, outdir, title):
+  """finetune_curves.png (test top-1 against fine-tuning epoch, one line per item, a band
+  of +- one standard deviation where the items are seed means) and its markdown table; the
+  markdown, or "" where no item has a curve."""
+  items = [i for i in items if i.get("finetune_curve")]
+  if not items:
+    return ""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  curves = [(i["label"], [(p[0], p[1], p[2] if len(p) > 2 else None)
+                          for p in i["finetune_curve"]]) for i in items]
+  fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+  for label, pts in curves:
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    if all(p[2] is not None for p in pts):
+      ax.fill_between(xs, [y - p[2] for y, p in zip(ys, pts)],
+                      [y + p[2] for y, p in zip(ys, pts)], alpha=0.2)
+  ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+  ax.set_xlabel("fine-tuning epoch")
+  ax.set_ylabel("test top-1")
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(outdir, "finetune_curves.png"))
+  plt.close(fig)
+  epochs = sorted({p[0] for _, pts in curves for p in pts})
+  lines = [f"**{title}: fine-tuning test top-1 after each epoch**", "",
+           "| | " + " | ".join(f"epoch {fmt_value(e)}" for e in epochs) + " |",
+           "|---|" + "---|" * len(epochs)]
+  for label, pts in curves:
+    at = {p[0]: p for p in pts}
+    cells = ["—" if e not in at else f"{at[e][1]:.1%}" + (
+        f" ± {at[e][2]:.1%}" if at[e][2] is not None else "") for e in epochs]
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 def write_seed_table(groups, columns, path_csv, title):
@@ -506,9 +609,7 @@ def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, log=pr
     if row is None:
       failed.append(point["label"])
       continue
-    with open(os.path.join(directory, "point.json"), "w") as f:
-      json.dump(dict(row, commands=digest(commands), run_seconds=round(wall, 1)), f,
-                indent=2)
+    record_done(directory, commands, row, wall)
     rows.append(row)
     log(f"[{i}/{len(planned)}] {point['label']}: " + ", ".join(
         f"{m[1]} {format_cell(row.get(m[0]), m[2])}" for m in METRICS
@@ -519,16 +620,19 @@ def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, log=pr
                       os.path.join(outdir, "results.md"), title)
   x_field = sweep.get("plot_x") or columns[0]
   plotted = rows
-  if SEED_AXIS in columns and rows:
-    groups = aggregate_seeds(rows, columns)
+  groups = aggregate_seeds(rows, columns) if SEED_AXIS in columns and rows else None
+  if groups:
     table += "\n\n" + write_seed_table(groups, columns,
                                         os.path.join(outdir, "results_seeds.csv"), title)
-    with open(os.path.join(outdir, "results.md"), "w") as f:
-      f.write(table + "\n")
     if x_field == SEED_AXIS:
       x_field = next((c for c in columns if c != SEED_AXIS), SEED_AXIS)
     if x_field != SEED_AXIS:
       plotted = groups
+  curves = write_curves(groups or rows, outdir, title)
+  if curves:
+    table += "\n\n" + curves
+  with open(os.path.join(outdir, "results.md"), "w") as f:
+    f.write(table + "\n")
   plots = write_plots(plotted, x_field, outdir, title) if rows else []
   log(table)
   log(f"results: {os.path.join(outdir, 'results.csv')}, results.md"

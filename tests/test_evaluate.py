@@ -183,13 +183,13 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, flags, message):
 
 def test_result_names():
   c = get_eval_config()
-  assert [evaluate.result_name(m, c) for m in evaluate.MODES] == ["knn", "linprobe",
+  assert [evaluate.config_result_name(m, c) for m in evaluate.MODES] == ["knn", "linprobe",
                                                                    "finetune"]
   c.init = "random"
-  assert [evaluate.result_name(m, c) for m in evaluate.MODES] == [
+  assert [evaluate.config_result_name(m, c) for m in evaluate.MODES] == [
       "knn_random", "linprobe_random", "finetune_scratch"]
   c.knn.features = "pixels"
-  assert evaluate.result_name("knn", c) == "knn_pixels"
+  assert evaluate.config_result_name("knn", c) == "knn_pixels"
 
 
 @pytest.mark.parametrize("field,value", [

@@ -175,6 +175,57 @@ def test_a_seed_axis_gets_mean_and_spread(tmp_path):
   assert os.path.basename(paths[0]) == "knn_top1.png" and os.path.getsize(paths[0]) > 0
 
 
+def test_eval_axes_share_the_pretraining_and_the_seed_seeds_the_evaluation(tmp_path):
+  """eval.init x seed: both arms of a seed share one pretraining directory, only the
+  scratch arm's evaluation says init=random, the seed reaches both commands, each arm reads
+  its own results file, and point.json keeps both arms' finished runs apart."""
+  path = write_sweep(tmp_path / "arms.py", "arms",
+                     'axes={"seed": [0, 1], "eval.init": ["pretrained", "random"]}')
+  planned = sweep.plan(sweep.load_sweep(path), str(tmp_path))
+  assert [p["label"] for p, _, _ in planned] == [
+      "seed=0,init=pretrained", "seed=0,init=random", "seed=1,init=pretrained",
+      "seed=1,init=random"]
+  (_, d0p, c0p), (_, d0r, c0r), (_, d1p, c1p), (_, d1r, c1r) = planned
+  assert d0p == d0r != d1p == d1r
+  assert c0p[0] == c0r[0] and not any("init" in a for a in c0p[0] + c0p[1])
+  assert "--config.init=random" in c0r[1] and "--config.init=random" in c1r[1]
+  assert "--config.seed=1" in c1p[0] and "--config.seed=1" in c1p[1]
+  loaded = sweep.load_sweep(path)
+  names = [sweep.result_names(loaded, p, ["finetune", "knn"]) for p, _, _ in planned[:2]]
+  assert names == [{"finetune": "finetune", "knn": "knn"},
+                   {"finetune": "finetune_scratch", "knn": "knn_random"}]
+  os.makedirs(d0p)
+  sweep.record_done(d0p, c0p, {"knn_top1": 0.5}, 1.0)
+  sweep.record_done(d0r, c0r, {"knn_top1": 0.25}, 2.0)
+  assert sweep.is_done(d0p, c0p)["knn_top1"] == 0.5
+  assert sweep.is_done(d0r, c0r)["knn_top1"] == 0.25
+  assert sweep.is_done(d0p, c1p) is None
+  # a point.json of the one-run form (written before arms shared directories) still counts
+  with open(os.path.join(d0p, "point.json"), "w") as f:
+    json.dump({"knn_top1": 0.5, "commands": sweep.digest(c0p)}, f)
+  assert sweep.is_done(d0p, c0p)["knn_top1"] == 0.5 and sweep.is_done(d0r, c0r) is None
+
+
+def test_finetune_curves_get_mean_and_spread_per_arm(tmp_path):
+  """Per-epoch fine-tuning curves of two arms x three seeds: the mean and sample standard
+  deviation at each epoch all seeds reached, in a table and a plot."""
+  curves = {"pretrained": [[0.80, 0.86], [0.82, 0.88], [0.81, 0.87, 0.9]],
+            "random": [[0.70, 0.80], [0.74, 0.84], [0.72, 0.82]]}
+  rows = [{"label": f"{arm},{s}", "program": "mae", "eval.init": arm, "seed": s,
+           "finetune_top1": c[-1], "finetune_curve": [(e + 1.0, t) for e, t in enumerate(c)]}
+          for arm, cs in curves.items() for s, c in enumerate(cs)]
+  groups = sweep.aggregate_seeds(rows, ["seed", "eval.init"])
+  pre, scratch = (g["finetune_curve"] for g in groups)
+  assert [p[0] for p in pre] == [1.0, 2.0]  # epoch 3: one seed only
+  assert pre[1][1:] == pytest.approx((0.87, 0.01))
+  assert scratch[0][1:] == pytest.approx((0.72, 0.02))
+  md = sweep.write_curves(groups, str(tmp_path), "pays")
+  assert "| init=random | 72.0% ± 2.0% | 82.0% ± 2.0% |" in md.splitlines()
+  assert os.path.getsize(tmp_path / "finetune_curves.png") > 0
+  single = sweep.write_curves(rows[:1], str(tmp_path), "one")
+  assert "| pretrained,0 | 80.0% | 86.0% |" in single.splitlines()
+
+
 @pytest.mark.parametrize("spec, message", [
     ('axes={"model.mask_ratio": [0.5]}, points=[{"label": "x"}]', "exactly one of"),
     ('axes={"model.no_such_field": [1]}', "model.no_such_field: no such field"),
@@ -203,7 +254,7 @@ def test_every_shipped_ablation_sweep_loads_and_plans(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   files = sorted(f for f in os.listdir(os.path.join(ROOT, "configs", "ablations"))
                  if f.endswith(".py") and f not in ("__init__.py", "common.py"))
-  assert len(files) == 10
+  assert len(files) == 11
   default_dirs = set()
   for f in files:
     planned = sweep.plan(sweep.load_sweep(os.path.join(ROOT, "configs", "ablations", f)),
@@ -215,7 +266,7 @@ def test_every_shipped_ablation_sweep_loads_and_plans(tmp_path, monkeypatch):
       assert os.path.dirname(recipe) == os.path.join(ROOT, "configs")
       if point["program"] == "mae" and not any(
           a.startswith(("--config.model.", "--config.data.augment", "--config.seed=",
-                        "--config.data.repeat_samples"))
+                        "--config.data.repeat_samples", "--config.num_epochs="))
           for a in commands[0]):
         default_dirs.add(directory)
   assert len(default_dirs) == 1
