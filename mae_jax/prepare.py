@@ -27,6 +27,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from mae_jax import cli
 from mae_jax.data import decode, folder, prepared
 from mae_jax.data.errors import DatasetError
 
@@ -38,7 +39,7 @@ GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(prog="python -m mae_jax.prepare", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m mae_jax.prepare", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--folder", help="image folder root")
@@ -66,6 +67,22 @@ def check_args(args) -> None:
       raise DatasetError(f"--{name}={getattr(args, name)}: expected {lo} to {hi}")
   if args.folder and not os.path.isdir(args.folder):
     raise DatasetError(f"--folder={args.folder}: not a directory")
+  check_out(args.out)
+
+
+def check_out(out) -> None:
+  """--out is a directory to resume or one that can be made: neither a file nor below one,
+  and writable."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise DatasetError(f"--out={out}: is a file; expected a directory (a new one, or one "
+                       "to resume)")
+  existing = os.path.abspath(out)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise DatasetError(f"--out={out}: {existing} is a file, so the directory cannot be made")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise DatasetError(f"--out={out}: {existing} is not writable (permission denied)")
 
 
 # --- Inputs: per split, the examples to write ----------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from mae_jax import bench, checkpoint, convert, evaluate, sweep, trainer, visualize
+from mae_jax import bench, checkpoint, convert, evaluate, prepare, sweep, trainer, visualize
 from configs.eval import get_config as get_eval_config
 from test_trainer import synthetic_config
 
@@ -315,6 +315,48 @@ def test_sweep_bad_workdir(recipes, tmp_path, capsys):
     assert_one_line(capsys, expected)
   assert exit_code(sweep.main, [str(path), "--workdir", str(tmp_path / "w"),
                                 "--commands"]) is None  # the same file works elsewhere
+
+
+PREPARE_CASES = [
+    ([], "one of the arguments --folder --tfds --verify is required"),
+    (["--folder", "{images}"], "--out: required"),
+    (["--folder", "{root}/nowhere", "--out", "{root}/p0"], "nowhere: not a directory"),
+    (["--folder", "{file}", "--out", "{root}/p0"], "a_file: not a directory"),
+    (["--folder", "{root}/hf", "--out", "{root}/p0"], "hf: no images"),
+    (["--folder", "{images}", "--out", "{file}"], "a_file: is a file"),
+    (["--folder", "{images}", "--out", "{file}/sub/dir"], "a_file is a file"),
+    (["--folder", "{images}", "--out", "{readonly}/p"], "not writable"),
+    (["--folder", "{images}", "--out", "{root}/p0", "--max_side", "0"], "--max_side=0"),
+    (["--folder", "{images}", "--out", "{root}/p0", "--max_side", "big"],
+     "--max_side: invalid int value: 'big'"),
+    (["--folder", "{images}", "--out", "{root}/p0", "--quality", "101"], "--quality=101"),
+    (["--folder", "{images}", "--out", "{root}/p0", "--shard_size", "0"], "--shard_size=0"),
+    (["--folder", "{images}", "--out", "{root}/p0", "--processes", "-1"], "--processes=-1"),
+    (["--folder", "{images}", "--tfds", "mnist", "--out", "{root}/p0"],
+     "not allowed with argument --folder"),
+    (["--tfds", "no_such_dataset", "--tfds_data_dir", "{root}/hf", "--out", "{root}/p0"],
+     "'no_such_dataset': unknown dataset"),
+    (["--verify", "{root}/nowhere"], "not a prepared dataset"),
+    (["--verify", "{images}"], "not a prepared dataset"),
+]
+
+
+@pytest.fixture(scope="module")
+def image_folder(files):
+  """files + `images`: a folder of one JPEG in train/c/."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  (files["root"] / "images" / "train" / "c").mkdir(parents=True)
+  Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(
+      files["root"] / "images" / "train" / "c" / "a.jpg")
+  return dict(files, images=files["root"] / "images")
+
+
+@pytest.mark.parametrize("args,expected", PREPARE_CASES,
+                         ids=[str(i) for i in range(len(PREPARE_CASES))])
+def test_prepare_bad_input(image_folder, capsys, args, expected):
+  assert exit_code(prepare.main, fill(args, image_folder)) == 2
+  assert_one_line(capsys, expected)
+  assert not os.path.exists(image_folder["root"] / "p0")  # nothing made
 
 
 def test_train_empty_workdir_creates_nothing(tmp_path, monkeypatch):
