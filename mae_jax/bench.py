@@ -46,7 +46,7 @@ AllTokensMAE = mae.AllTokensMAE
 def parse_args(argv):
   p = cli.ArgumentParser(prog="python -m mae_jax.bench", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", default="configs/default.py",
+  p.add_argument("--config", default=cli.default_recipe("default.py"),
                  help="recipe file; only its optimizer block is used")
   p.add_argument("--variant", default="B/16", help="SIZE/PATCH, e.g. Ti/16, S/16, B/16, L/16")
   for f in ("width", "depth", "num_heads", "patch_size"):

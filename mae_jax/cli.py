@@ -11,6 +11,25 @@ import importlib.util
 import math
 import os
 import sys
+import traceback
+
+
+def default_recipe(name):
+  """configs/<name> for a command's default --config: the current directory's where it
+  has one (a checkout, or the user's own copy), else the one beside the installed package
+  (a checkout's, or the `configs` package installed with mae_jax)."""
+  local = os.path.join("configs", name)
+  if os.path.isfile(local):
+    return local
+  beside = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "configs", name)
+  if os.path.isfile(beside):
+    return beside
+  spec = importlib.util.find_spec("configs")
+  for directory in (spec.submodule_search_locations or []) if spec else []:
+    if os.path.isfile(os.path.join(directory, name)):
+      return os.path.join(directory, name)
+  return local  # not found: loading it names the file
 
 
 class UsageError(ValueError):
@@ -99,6 +118,33 @@ def check_output_dir(path, flag):
 def _first_line(error):
   text = " ".join(str(error).split())
   return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def user_code_error(error):
+  """(the exception, its innermost frame) where the code of a user's file (a recipe) raised
+  `error` or an exception it wraps (__cause__, __context__): the frame outside mae_jax and
+  the Python installation; None where no user code raised."""
+  library = (os.path.dirname(os.path.abspath(__file__)), sys.prefix, sys.base_prefix)
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not f.filename.startswith("<")
+              and not os.path.abspath(f.filename).startswith(library)]
+    if frames:
+      return error, frames[-1]
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def user_code_failure(error):
+  """'FILE:LINE: Type: message' of an exception that a user's file raised (user_code_error),
+  or the error's first line."""
+  found = user_code_error(error)
+  if found is None:
+    return _first_line(error)
+  error, frame = found
+  return f"{frame.filename}:{frame.lineno}: {_first_line(error)}"
 
 
 def load_python_file(path, what, name="user_file"):

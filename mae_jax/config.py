@@ -7,7 +7,7 @@ import re
 import jax
 import ml_collections
 
-from mae_jax import kernels, masking, models, sharding, vit
+from mae_jax import cli, kernels, masking, models, sharding, vit
 
 
 class ConfigError(ValueError):
@@ -319,6 +319,8 @@ def flag_error(error, argv, recipe="configs/default.py"):
   """One line for a bad --config, --config.FIELD or other flag: absl and ml_collections raise
   several kinds of error, some of them multi-line or quoted twice. `recipe` is the file an
   unknown field's message points to."""
+  if cli.user_code_error(error) is not None:  # the recipe file's own code raised it
+    return f"a recipe file fails to load: {cli.user_code_failure(error)}"
   text = " ".join(str(error).replace("\\n", " ").replace("\\'", "'").split())
   if isinstance(error, (KeyError, AttributeError)):  # an unknown --config.FIELD
     key = re.search(r"'(\w+)'", text)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mae_jax import config as config_lib, data, optim, sharding
+from mae_jax import cli, config as config_lib, data, optim, sharding
 from mae_jax.evaluation import knn as knn_lib, linprobe, loop
 from mae_jax.logger import Logger
 
@@ -289,28 +289,48 @@ def main(argv):
   from absl import flags, logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   modes = [m.strip() for m in flags.FLAGS.mode.split(",") if m.strip()]
+  workdir = flags.FLAGS.workdir
   try:
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.eval_config, flags.FLAGS.workdir,
-                       modes)
-  except (config_lib.ConfigError, data.DatasetError) as e:
+    if not workdir or os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise cli.UsageError(f"--workdir {workdir!r}: expected a directory (new, or this "
+                           "command's own)")
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.eval_config, workdir, modes)
+  except (cli.UsageError, config_lib.ConfigError, data.DatasetError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
+def parse_flags(argv):
+  """absl's parsing; a bad flag, field or recipe file is one `error:` line and exit 2."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from mae_jax import pretrain  # pylint: disable=g-import-not-at-top
+  try:
+    argv = flags.FLAGS(argv)
+    for name in ("config", "eval_config"):  # recipes load lazily: a bad one raises here
+      flags.FLAGS[name].value.keys()
+    return argv
+  except Exception as e:  # pylint: disable=broad-except (absl, ml_collections, the recipe)
+    pretrain.flag_failure(e)
+
+
 def run():
   """`python -m mae_jax.conv_mae`, the console script `mae-conv`; relative recipe paths are
-  read from the current directory."""
+  read from the current directory (the defaults: cli.default_recipe)."""
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", "configs/conv_mae.py", "Conv MAE recipe.",
-                                  lock_config=True)
-  config_flags.DEFINE_config_file("eval_config", "configs/eval.py",
-                                  "Evaluation recipe (knn, linprobe blocks).",
-                                  lock_config=True)
+  from mae_jax import pretrain  # pylint: disable=g-import-not-at-top
+  try:  # without --config, a recipe and its overrides load right here
+    config_flags.DEFINE_config_file("config", cli.default_recipe("conv_mae.py"),
+                                    "Conv MAE recipe.", lock_config=True)
+    config_flags.DEFINE_config_file("eval_config", cli.default_recipe("eval.py"),
+                                    "Evaluation recipe (knn, linprobe blocks).",
+                                    lock_config=True)
+  except Exception as e:  # pylint: disable=broad-except (absl, ml_collections, the recipe)
+    pretrain.flag_failure(e)
   flags.DEFINE_string("workdir", None, "Results go here.", required=True)
   flags.DEFINE_string("mode", "knn,linprobe", "Comma-separated evaluations: knn, linprobe; "
                       "empty for none.")
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

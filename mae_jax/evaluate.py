@@ -19,7 +19,8 @@ import time
 import jax
 import ml_collections
 
-from mae_jax import checkpoint, config as config_lib, data, paths, pretrained, sharding, vit
+from mae_jax import checkpoint, cli, config as config_lib, data, paths, pretrained, sharding
+from mae_jax import vit
 from mae_jax.data import augment as data_augment
 from mae_jax.evaluation import classifier, features as features_lib, finetune, linprobe
 from mae_jax.evaluation import knn as knn_lib
@@ -284,9 +285,8 @@ def main(argv):
 def define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "configs", "eval.py")
-  config_flags.DEFINE_config_file("config", default, "Evaluation recipe.", lock_config=True)
+  config_flags.DEFINE_config_file("config", cli.default_recipe("eval.py"), "Evaluation recipe.",
+                                  lock_config=True)
   flags.DEFINE_string("workdir", None, "Pretraining workdir; results go here.", required=True)
   flags.DEFINE_string("mode", None, f"Comma-separated: {', '.join(MODES)}.", required=True)
 
@@ -305,7 +305,7 @@ def parse_flags(argv):
     argv = flags.FLAGS(argv)
     flags.FLAGS.config  # the recipe file loads lazily; a failure to load it is a flag error
     return argv
-  except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+  except Exception as e:  # pylint: disable=broad-except (absl, ml_collections, the recipe)
     flag_failure(e, argv)
 
 
@@ -314,7 +314,7 @@ def run():
   from absl import app  # pylint: disable=g-import-not-at-top
   try:  # without --config, the recipe and its overrides load right here
     define_flags()
-  except (AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+  except Exception as e:  # pylint: disable=broad-except (absl, ml_collections, the recipe)
     flag_failure(e, sys.argv)
   app.run(main, flags_parser=parse_flags)
 

@@ -12,27 +12,27 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mae_jax import cli
+
 FLAGS = flags.FLAGS
-# What a bad flag raises: absl's errors, and ml_collections' for an unknown or ill-typed
-# --config.FIELD or a recipe file that does not load.
-FLAG_ERRORS = (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError)
 
 
 def flag_failure(error):
-  """One `error:` line naming the flag and what it expects; exit 2."""
+  """One `error:` line naming the flag and what it expects (or, for an exception of a
+  recipe file's own code, the file and line); exit 2."""
   from mae_jax.config import flag_error  # imported here: it imports JAX
   print(f"error: {flag_error(error, sys.argv)}", file=sys.stderr)
   sys.exit(2)
 
 
 def define_recipe_flag():
-  """--config (a recipe file, configs/default.py unless given) with --config.FIELD
+  """--config (a recipe file, configs/default.py unless given: cli.default_recipe) with --config.FIELD
   overrides; without --config on the command line the default recipe loads right here,
   and a failure is a flag error. Shared by the commands that take a pretraining recipe."""
   try:
-    config_flags.DEFINE_config_file("config", "configs/default.py", "Recipe file.",
+    config_flags.DEFINE_config_file("config", cli.default_recipe("default.py"), "Recipe file.",
                                     lock_config=True)
-  except FLAG_ERRORS as e:
+  except Exception as e:  # pylint: disable=broad-except (absl, ml_collections, the recipe)
     flag_failure(e)
 
 
@@ -62,7 +62,7 @@ def parse_flags(argv):
     argv = FLAGS(argv)
     FLAGS.config.keys()  # the recipe loads lazily: a file that failed to load raises here
     return argv
-  except FLAG_ERRORS as e:
+  except Exception as e:  # pylint: disable=broad-except (absl, ml_collections, the recipe)
     flag_failure(e)
 
 

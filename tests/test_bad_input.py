@@ -7,14 +7,17 @@ with syntax errors, unwritable outputs.
 import os
 import shutil
 import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 import torch
 
-from mae_jax import bench, checkpoint, convert, evaluate, prepare, sweep, trainer, visualize
+from mae_jax import bench, checkpoint, cli, convert, evaluate, prepare, sweep, trainer
+from mae_jax import visualize
 from configs.eval import get_config as get_eval_config
+from helpers import ROOT
 from test_trainer import synthetic_config
 
 FIELDS = dict(image_size=16, patch_size=4, channels=3, width=32, depth=1, num_heads=4,
@@ -357,6 +360,45 @@ def test_prepare_bad_input(image_folder, capsys, args, expected):
   assert exit_code(prepare.main, fill(args, image_folder)) == 2
   assert_one_line(capsys, expected)
   assert not os.path.exists(image_folder["root"] / "p0")  # nothing made
+
+
+CONV_CASES = [
+    ([], "Flag --workdir must have a value"),
+    (["--workdir", "{file}"], "a_file': expected a directory"),
+    (["--workdir", "{root}/c0", "--mode", "finetune"], "--mode: 'finetune'"),
+    (["--workdir", "{root}/c0", "--config.batch_size=0"], "config.batch_size: 0"),
+    (["--workdir", "{root}/c0", "--config.model.widht=3"], "unknown field 'widht'"),
+    (["--workdir", "{root}/c0", "--config", "{root}/raises.py"],
+     "raises.py:1: RuntimeError: boom"),
+    (["--workdir", "{root}/c0", "--eval_config", "{root}/missing.py"], "No such file"),
+]
+
+
+@pytest.mark.slow
+def test_conv_mae_bad_input(recipes, tmp_path):
+  """python -m mae_jax.conv_mae, run from a directory without configs/ (its default recipes
+  are the installed ones): one line and exit 2 per row, nothing made."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  for args, expected in CONV_CASES:
+    proc = subprocess.run([sys.executable, "-m", "mae_jax.conv_mae", *fill(args, recipes)],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, (args, proc.stderr[-2000:])
+    assert lines[0].startswith("error: ") and expected in lines[0], (args, lines)
+    assert not os.path.exists(recipes["root"] / "c0")
+
+
+def test_default_recipes_are_found_outside_a_checkout(tmp_path, monkeypatch):
+  """A command's default --config: configs/<name> of the working directory where there is
+  one, else the one installed beside mae_jax, so the console scripts run anywhere."""
+  monkeypatch.chdir(tmp_path)
+  installed = cli.default_recipe("default.py")
+  assert os.path.isabs(installed) and os.path.isfile(installed)
+  assert open(installed).read() == open(os.path.join(ROOT, "configs", "default.py")).read()
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "default.py").write_text("# the user's own copy\n")
+  assert cli.default_recipe("default.py") == os.path.join("configs", "default.py")
+  assert cli.default_recipe("eval.py") == os.path.join(ROOT, "configs", "eval.py")
 
 
 def test_train_empty_workdir_creates_nothing(tmp_path, monkeypatch):

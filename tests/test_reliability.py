@@ -675,6 +675,10 @@ def test_bad_config_is_one_line_before_anything_compiles(tmp_path, overrides, fi
      "[Errno 2] No such file or directory"),
     (["--config.model=vit"], "error: config.model: 'vit' is not valid; it is a group of "
      "fields"),
+    (["--config={tmp}/raises.py"], "error: a recipe file fails to load: {tmp}/raises.py:3: "
+     "ValueError: no such size"),
+    (["--config={tmp}/typo.py"], "error: a recipe file fails to load: {tmp}/typo.py:1: "
+     "NameError: name 'hi' is not defined"),
     (["--no_such_flag=1"], "error: Unknown command line flag 'no_such_flag'"),
     (["--num_processes=two"], "error: flag --num_processes=two: invalid literal for int()"),
     (["--num_processes=2", "--process_id=2"], "error: --process_id=2: must be in [0, "
@@ -687,6 +691,11 @@ def test_train_py_bad_flag_is_one_line_exit_2(tmp_path, capsys, monkeypatch, fla
   """train.py's flag parsing and checks in-process, from the repository root as a user runs
   it (the default recipe path is relative)."""
   monkeypatch.chdir(ROOT)
+  (tmp_path / "raises.py").write_text("def get_config():\n  size = 'XXL'\n"
+                                      "  raise ValueError('no such size')\n")
+  (tmp_path / "typo.py").write_text("hi\n")
+  flags = [f.format(tmp=tmp_path) for f in flags]
+  expected = expected.format(tmp=tmp_path)
   code = run_train_py(["--workdir", str(tmp_path / "run"), *flags])
   stderr = capsys.readouterr().err
   assert code == 2, stderr[-2000:]
