@@ -26,9 +26,10 @@ def flag_failure(error):
 
 
 def define_recipe_flag():
-  """--config (a recipe file, configs/default.py unless given: cli.default_recipe) with --config.FIELD
-  overrides; without --config on the command line the default recipe loads right here,
-  and a failure is a flag error. Shared by the commands that take a pretraining recipe."""
+  """--config (a recipe file; configs/default.py unless given, see cli.default_recipe) with
+  --config.FIELD overrides; without --config on the command line the default recipe loads
+  right here, and a failure is a flag error. Shared by the commands that take a pretraining
+  recipe."""
   try:
     config_flags.DEFINE_config_file("config", cli.default_recipe("default.py"), "Recipe file.",
                                     lock_config=True)
