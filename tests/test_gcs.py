@@ -422,3 +422,162 @@ def test_two_processes_write_one_gs_checkpoint(gcs_server, tmp_path):
   ours, theirs = load_state(workdir, 5), load_state(tmp_path / "one", 5)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+# --- the workdir lock on gs:// (checkpoint.GcsWorkdirLock) -----------------------------------
+
+import socket  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+
+
+def holder_text(pid, host=None):
+  return json.dumps({"host": host or socket.gethostname(), "pid": pid, "started": "then"})
+
+
+def dead_pid():
+  """The pid of a process of this host that has exited."""
+  proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  return int(proc.stdout)
+
+
+def in_use(workdir, holder):
+  return (f"{workdir} is in use by another run ({holder}; lock {workdir}/run.lock): wait for "
+          "it to finish or stop it; if it ran on a machine that is gone, remove that lock "
+          "object")
+
+
+def test_gcs_lock_refuses_a_live_holder_and_one_on_another_host(gcs_bucket):
+  """A lock naming a live process of this host, or any process of another host (which
+  cannot be checked from here), refuses the launch naming the holder, and stays as it was."""
+  workdir, host = f"{gcs_bucket}/run", socket.gethostname()
+  live = subprocess.Popen(["sleep", "60"])
+  gone = dead_pid()
+  try:
+    for text, holder in [(holder_text(live.pid), f"pid {live.pid} on host {host}, started then"),
+                         (holder_text(gone, "another-vm"), f"pid {gone} on host another-vm, "
+                          "started then")]:
+      paths.write_atomic(f"{workdir}/run.lock", text)
+      with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.lock_workdir(workdir)
+      assert str(e.value) == in_use(workdir, holder)
+      assert paths.read_text(f"{workdir}/run.lock") == text
+  finally:
+    live.kill()
+    live.wait()
+
+
+def test_gcs_lock_takes_over_a_dead_holder_of_this_host_and_releases_only_its_own(gcs_bucket):
+  workdir, host = f"{gcs_bucket}/run", socket.gethostname()
+  lock_path = f"{workdir}/run.lock"
+  gone = dead_pid()
+  paths.write_atomic(lock_path, holder_text(gone))
+  lock = checkpoint.lock_workdir(workdir)
+  assert lock.note == (f"took over {lock_path}, left by a run that is no longer running (pid "
+                       f"{gone} on host {host}, started then)")
+  mine = json.loads(paths.read_text(lock_path))
+  assert (mine["pid"], mine["host"]) == (os.getpid(), host)
+  lock.release()
+  assert not paths.exists(lock_path)
+  lock = checkpoint.lock_workdir(workdir)  # free: taken without a note
+  assert lock.note is None
+  paths.write_atomic(lock_path, holder_text(4242, "another-vm"))  # replaced by hand meanwhile
+  lock.release()
+  assert json.loads(paths.read_text(lock_path))["host"] == "another-vm"  # not ours: kept
+
+
+def test_gcs_lock_has_one_winner_among_racing_launches(gcs_bucket):
+  """Launches that find the workdir free at the same moment: exactly one takes the lock
+  (it is created with a does-not-exist precondition), the others are refused."""
+  workdir = f"{gcs_bucket}/run"
+  start, results = threading.Barrier(6), []
+
+  def launch():
+    start.wait()
+    try:
+      results.append(checkpoint.GcsWorkdirLock(workdir).acquire())
+    except checkpoint.CheckpointError as e:
+      results.append(e)
+
+  threads = [threading.Thread(target=launch) for _ in range(6)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=60)
+  winners = [r for r in results if isinstance(r, checkpoint.GcsWorkdirLock)]
+  assert len(results) == 6 and len(winners) == 1, results
+  assert all(f"is in use by another run (pid {os.getpid()}" in str(r)
+             for r in results if r not in winners)
+  winners[0].release()
+  assert not paths.exists(f"{workdir}/run.lock")
+
+
+@pytest.mark.slow
+def test_second_launch_on_a_held_gs_workdir_is_refused_then_the_lock_taken_over(
+    gcs_server, train_env, tmp_path):
+  """train.py holds gs://.../run.lock: a second launch exits 2 with one line naming it;
+  once the holder is SIGKILLed, the next launch takes the lock over, finishes and removes
+  it."""
+  workdir = f"gs://{gcs_server.create_bucket()}/run"
+  lock_path = f"{workdir}/{checkpoint.LOCK_FILE}"
+
+  def holder():
+    try:
+      return json.loads(paths.read_text(lock_path))
+    except (FileNotFoundError, ValueError):
+      return {}
+
+  with open(tmp_path / "first.log", "w") as log:
+    first = subprocess.Popen(train_cmd(workdir), env=train_env, cwd=ROOT, stdout=log,
+                             stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline = time.monotonic() + 300
+    while holder().get("pid") != first.pid:
+      assert first.poll() is None and time.monotonic() < deadline, (
+          (tmp_path / "first.log").read_text()[-3000:])
+      time.sleep(0.1)
+    first.send_signal(signal.SIGSTOP)  # alive and holding the lock
+    wait_stopped(first.pid)
+    held = holder()
+    second = run_train(workdir, train_env)
+  finally:
+    first.kill()
+    first.wait()
+  assert second.returncode == 2, second.stderr[-3000:]
+  assert "Traceback" not in second.stderr
+  assert second.stderr.strip().splitlines()[-1] == "error: " + in_use(
+      workdir, f"pid {first.pid} on host {held['host']}, started {held['started']}")
+  assert holder()["pid"] == first.pid  # left behind by the killed run
+  third = run_train(workdir, train_env)
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert (f"took over {lock_path}, left by a run that is no longer running (pid {first.pid} "
+          f"on host {held['host']}") in third.stdout
+  assert not paths.exists(lock_path)
+  assert checkpoint.complete_steps(f"{workdir}/checkpoints")[-1] == STEPS
+
+
+# --- no credentials ---------------------------------------------------------------------------
+
+GCS_VARIABLES = ("GOOGLE_AUTH_TOKEN_FOR_TESTING", "STORAGE_EMULATOR_HOST",
+                 "TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT",
+                 "GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG")
+
+
+@pytest.mark.slow
+def test_no_credentials_is_one_line_exit_2_in_bounded_time(train_env, tmp_path):
+  """A gs:// workdir with no credentials anywhere (no token, no emulator, no key file, an
+  empty home without gcloud's) and no reachable server: stderr is exactly one `error:` line
+  naming the workdir, exit 2, within gcsfs's retries (one request allowed 3 s)."""
+  env = {k: v for k, v in train_env.items() if k not in GCS_VARIABLES}
+  env.update(HOME=str(tmp_path), MAE_JAX_GCS_TIMEOUT_S="3")
+  t0 = time.monotonic()
+  proc = subprocess.run(train_cmd("gs://mae-jax-no-credentials/run"), env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  elapsed = time.monotonic() - t0
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr[-6000:]
+  assert lines[0].startswith("error: gs://mae-jax-no-credentials/run/checkpoints: cannot write "
+                             "checkpoints there ("), lines[0]
+  assert elapsed < 200, elapsed
