@@ -864,10 +864,12 @@ def _taken(path):
   return paths.exists(path) if paths.is_gcs(path) else os.path.lexists(path)
 
 
-def _check_gcs_output(out):
-  """Write and delete a probe object under a gs:// output: a missing bucket, missing
-  credentials or an unreachable server is one ConversionError before anything is read."""
-  probe = paths.join(out, f".write-probe-{os.getpid()}")
+def _check_gcs_output(out, is_file=False):
+  """Write and delete a probe object under a gs:// output directory (beside an output
+  file): a missing bucket, missing credentials or an unreachable server is one
+  ConversionError before anything is read."""
+  folder = os.fspath(paths.resolve(out).parent) if is_file else out
+  probe = paths.join(folder, f".write-probe-{os.getpid()}")
   try:
     paths.write_atomic(probe, b"")
     paths.remove(probe)
@@ -884,7 +886,7 @@ def _check_new_output(out, fmt, overwrite):
   if paths.is_gcs(out):
     if paths.exists(out) and not overwrite:
       raise ConversionError(f"{out} exists; pass --overwrite to replace it")
-    return _check_gcs_output(out)
+    return _check_gcs_output(out, is_file=fmt == "official")
   taken = os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out))
   if taken and not overwrite:
     raise ConversionError(f"{out} exists; pass --overwrite to replace it")

@@ -1,5 +1,6 @@
 """gs:// paths against a real GCS API server on 127.0.0.1 (fake-gcs-server, tests/gcs_emulator.py):
 Orbax checkpoints, the path layer, manifests and verification, and train.py end to end."""
+import io
 import json
 
 import jax
@@ -662,3 +663,69 @@ def test_tfds_dataset_in_a_gcs_data_dir_gives_the_local_batches(gcs_bucket, tmp_
       np.testing.assert_array_equal(remote[i]["image"], local[i]["image"])
       assert remote[i]["label"] == local[i]["label"]
   assert_same_batches(local, remote, steps=2)  # the train split
+
+
+# --- convert import / export and init_from on gs:// -------------------------------------------
+
+
+@pytest.mark.slow
+def test_convert_import_to_gcs_and_export_back(gcs_bucket, tmp_path, capsys):
+  """An official .pth imported into gs://, exported from there (to a local .pth, to a
+  gs:// .pth and to a gs:// Hugging Face directory): the same tensors every way; a taken
+  gs:// output and a missing bucket are one line, exit 2."""
+  import torch
+  from helpers import official_state, save_pth
+  from test_convert import FIELDS, HEADS, assert_same_tensors, load_pth
+  from mae_jax import convert
+  state = official_state(FIELDS)
+  src = save_pth(state, tmp_path / "x.pth")
+  out = f"{gcs_bucket}/imported"
+  assert convert.main(["import", src, out, *HEADS]) == 0
+  assert checkpoint.read_meta(out)["model"] == FIELDS
+  assert convert.main(["export", out, str(tmp_path / "back.pth")]) == 0
+  assert_same_tensors(load_pth(tmp_path / "back.pth"), state)
+  assert convert.main(["export", out, f"{gcs_bucket}/back.pth"]) == 0
+  paths_back = torch.load(io.BytesIO(paths.read_bytes(f"{gcs_bucket}/back.pth")),
+                          weights_only=True)["model"]
+  assert_same_tensors({k: v.numpy() for k, v in paths_back.items()}, state)
+  assert convert.main(["export", out, f"{gcs_bucket}/hf", "--format", "hf"]) == 0
+  assert sorted(paths.listdir(f"{gcs_bucket}/hf")) == ["config.json", "model.safetensors"]
+  capsys.readouterr()
+  assert convert.main(["import", src, out, *HEADS]) == 2
+  assert capsys.readouterr().err == f"error: {out} already exists; choose a new output directory\n"
+  assert convert.main(["import", src, "gs://no-such-bucket-convert/x", *HEADS]) == 2
+  assert capsys.readouterr().err == ("error: gs://no-such-bucket-convert/x: bucket "
+                                     "no-such-bucket-convert does not exist (or these "
+                                     "credentials cannot see it)\n")
+  assert convert.main(["export", out, f"{gcs_bucket}/back.pth"]) == 2
+  assert capsys.readouterr().err == f"error: {gcs_bucket}/back.pth exists; pass --overwrite to replace it\n"
+
+
+@pytest.mark.slow
+def test_init_from_a_gs_parameter_directory(gcs_bucket, tmp_path, capsys):
+  """--config.init_from=gs://...: one step at the warmup's learning rate of 0 ends with the
+  imported parameters, as from the local copy of the same import; `convert export` of its
+  gs:// workdir gives back the tensors of the .pth that was imported."""
+  from helpers import TINY, config_flags, model_fields, official_state, run_train_py, save_pth
+  from test_convert import assert_same_tensors, load_pth
+  from mae_jax import convert
+  fields = model_fields(mlp_ratio=4.0, mask_ratio=0.75)  # what a .pth cannot say
+  state = official_state(fields, seed=4)
+  src = save_pth(state, tmp_path / "x.pth")
+  heads = ["--num_heads", "2", "--decoder_heads", "2"]
+  assert convert.main(["import", src, f"{gcs_bucket}/init", *heads]) == 0
+  assert convert.main(["import", src, str(tmp_path / "init"), *heads]) == 0
+  imported, _ = checkpoint.load_params(str(tmp_path / "init"))
+  finals = []
+  for init, workdir in [(f"{gcs_bucket}/init", f"{gcs_bucket}/run"),
+                        (str(tmp_path / "init"), tmp_path / "run")]:
+    flags = config_flags({**TINY, "data.channels": 3, "num_steps": 1,
+                          "checkpoint_every_steps": 1, "optim.warmup_steps": 2,
+                          "init_from": init})  # step 0's learning rate is 0
+    assert run_train_py(["--config", os.path.join(ROOT, "configs", "default.py"),
+                         "--workdir", str(workdir), *flags]) == 0, capsys.readouterr().err[-3000:]
+    finals.append(load_state(workdir, 1)["params"])
+  assert_trees_equal(finals[0], finals[1])
+  assert_trees_equal(finals[0], jax.device_get(imported))
+  assert convert.main(["export", f"{gcs_bucket}/run", str(tmp_path / "back.pth")]) == 0
+  assert_same_tensors(load_pth(tmp_path / "back.pth"), state)
