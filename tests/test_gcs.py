@@ -1,5 +1,6 @@
 """gs:// paths against a real GCS API server on 127.0.0.1 (fake-gcs-server, tests/gcs_emulator.py):
 Orbax checkpoints, the path layer, manifests and verification, and train.py end to end."""
+import csv
 import io
 import json
 
@@ -698,7 +699,8 @@ def test_convert_import_to_gcs_and_export_back(gcs_bucket, tmp_path, capsys):
                                      "no-such-bucket-convert does not exist (or these "
                                      "credentials cannot see it)\n")
   assert convert.main(["export", out, f"{gcs_bucket}/back.pth"]) == 2
-  assert capsys.readouterr().err == f"error: {gcs_bucket}/back.pth exists; pass --overwrite to replace it\n"
+  assert capsys.readouterr().err == (f"error: {gcs_bucket}/back.pth exists; pass --overwrite "
+                                     "to replace it\n")
 
 
 @pytest.mark.slow
@@ -729,3 +731,85 @@ def test_init_from_a_gs_parameter_directory(gcs_bucket, tmp_path, capsys):
   assert_trees_equal(finals[0], jax.device_get(imported))
   assert convert.main(["export", f"{gcs_bucket}/run", str(tmp_path / "back.pth")]) == 0
   assert_same_tensors(load_pth(tmp_path / "back.pth"), state)
+
+
+# --- python -m mae_jax.sweep --workdir gs://... -----------------------------------------------
+
+
+def gcs_sweep_file(tmp_path, spec='axes={"model.mask_ratio": [0.5, 0.75]}', name="toy"):
+  """The toy sweep of tests/test_sweep.py (tiny model, 4 steps, synthetic data) with kNN
+  as its one evaluation, as tmp_path/<name>.py."""
+  from test_sweep import write_sweep
+  path = write_sweep(tmp_path / f"{name}.py", name, spec)
+  text = (tmp_path / f"{name}.py").read_text().replace('evals="knn,linprobe"', 'evals="knn"')
+  (tmp_path / f"{name}.py").write_text(text)
+  return path
+
+
+def test_sweep_commands_on_gcs_and_its_one_line_errors(gcs_bucket, tmp_path, capsys):
+  """--commands writes commands.sh on gs:// (each point's train.py and evaluate aimed at
+  its gs:// point directory, no mkdir); a conv point and a missing bucket are one line."""
+  from helpers import exit_code
+  from mae_jax import sweep
+  path = gcs_sweep_file(tmp_path)
+  workdir = f"{gcs_bucket}/sw"
+  assert exit_code(sweep.main, [path, "--workdir", workdir, "--commands"]) == 0
+  lines = paths.read_text(f"{workdir}/toy/commands.sh").splitlines()[1:]
+  assert len(lines) == 2 and not any("mkdir" in line for line in lines)
+  for line in lines:
+    point = re.search(rf"--workdir ({re.escape(workdir)}/points/[0-9a-f]{{12}}) ", line).group(1)
+    assert f"-m mae_jax.evaluate --workdir {point} " in line
+  conv = gcs_sweep_file(tmp_path, 'points=[{"label": "c", "program": "conv"}]', "conv")
+  capsys.readouterr()
+  assert exit_code(sweep.main, [conv, "--workdir", workdir]) == 2
+  assert capsys.readouterr().err == (
+      f"error: --workdir {workdir}: point 'c' is a conv point, and mae_jax.conv_mae writes "
+      "local workdirs only; use a local --workdir\n")
+  assert exit_code(sweep.main, [path, "--workdir", "gs://no-such-bucket-sweep/sw"]) == 2
+  assert capsys.readouterr().err == ("error: --workdir gs://no-such-bucket-sweep/sw: cannot "
+                                     "make gs://no-such-bucket-sweep/sw/toy there (bucket "
+                                     "no-such-bucket-sweep does not exist)\n")
+  assert exit_code(sweep.main, [path, "--workdir", "gs:///sw"]) == 2
+  assert capsys.readouterr().err == ("error: --workdir: gs:///sw: no bucket; a Cloud Storage "
+                                     "path is gs://BUCKET/PATH\n")
+
+
+@pytest.mark.slow
+def test_sweep_runs_on_a_gs_workdir(gcs_server, train_env, tmp_path):
+  """Two ViT points (train.py + kNN as subprocesses) on gs://: each row of results.csv is
+  what the point's own result objects say, the table, plots, point.json and log.txt are
+  objects there, nothing is written locally, and a second run runs nothing."""
+  path = gcs_sweep_file(tmp_path)
+  workdir = f"gs://{gcs_server.create_bucket()}/sw"
+  proc = subprocess.run([sys.executable, "-m", "mae_jax.sweep", path, "--workdir", workdir],
+                        env=train_env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["toy.py"]  # no local "gs:" folder
+  out = f"{workdir}/toy"
+  rows = list(csv.DictReader(io.StringIO(paths.read_text(f"{out}/results.csv"))))
+  assert [r["model.mask_ratio"] for r in rows] == ["0.5", "0.75"]
+  points = [f"{workdir}/points/{p}" for p in paths.listdir(f"{workdir}/points")]
+  assert len(points) == 2
+  by_ratio = {}
+  for point in points:
+    summary = json.loads(paths.read_text(f"{point}/summary.json"))
+    by_ratio[str(summary["model"]["mask_ratio"])] = (
+        summary, json.loads(paths.read_text(f"{point}/eval_knn.json")), point)
+  for row in rows:
+    summary, knn, point = by_ratio[row["model.mask_ratio"]]
+    assert float(row["test_masked_mse"]) == pytest.approx(summary["test_masked_mse"])
+    assert float(row["knn_top1"]) == pytest.approx(knn["top1"])
+    assert json.loads(paths.read_text(f"{point}/point.json"))["knn_top1"] == knn["top1"]
+    log = paths.read_text(f"{point}/log.txt")
+    assert "-m mae_jax.pretrain" in log and "-m mae_jax.evaluate" in log
+    assert checkpoint.complete_steps(f"{point}/checkpoints")[-1] == 4
+  assert "| mask_ratio |" in paths.read_text(f"{out}/results.md")
+  assert {n for n in paths.listdir(out) if n.endswith(".png")} == {
+      "images_per_sec.png", "knn_top1.png", "summary.png", "test_masked_mse.png"}
+  assert paths.read_bytes(f"{out}/summary.png")[:4] == b"\x89PNG"
+  again = subprocess.run([sys.executable, "-m", "mae_jax.sweep", path, "--workdir", workdir],
+                         env=train_env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.count("done before, skipped") == 2
+  assert list(csv.DictReader(io.StringIO(paths.read_text(f"{out}/results.csv")))) == rows
