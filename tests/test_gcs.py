@@ -666,6 +666,28 @@ def test_tfds_dataset_in_a_gcs_data_dir_gives_the_local_batches(gcs_bucket, tmp_
   assert_same_batches(local, remote, steps=2)  # the train split
 
 
+@pytest.mark.slow
+def test_tfds_dataset_on_gcs_reads_without_tensorflow(gcs_bucket, tmp_path):
+  """Training's process never imports TensorFlow: TFDS's metadata on gs:// then goes
+  through etils epath over gcsfs, the records through ArrayRecord, and both reach the
+  server."""
+  from test_data import MaeJaxTinyImages
+  MaeJaxTinyImages(data_dir=str(tmp_path / "tfds"),
+                   file_format="array_record").download_and_prepare()
+  root = f"{gcs_bucket}/tfds"
+  upload_tree(tmp_path / "tfds", root)
+  code = (f"import sys, ml_collections\nfrom mae_jax import data\n"
+          f"c = ml_collections.ConfigDict(dict(name='mae_jax_tiny_images', data_dir={root!r}, "
+          "manual_dir=None, channels=3))\n"
+          "s = data.load_source(c, 'train')\n"
+          "print(len(s), sorted(s[i]['image'].shape for i in range(10))[-1], "
+          "'tensorflow' in sys.modules)\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == ["10", "(17,", "10,", "3)", "False"]
+
+
 # --- convert import / export and init_from on gs:// -------------------------------------------
 
 
