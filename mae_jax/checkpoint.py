@@ -645,17 +645,21 @@ class GcsWorkdirLock(WorkdirLock):
     self.note = None
 
   def acquire(self):
+    """Create the lock object only where none exists (one atomic request: of two launches
+    racing, one wins and the other finds the winner's lock); a lock left by a dead run of
+    this host is removed and the creation tried again."""
     me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                      "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
-    try:
-      previous = paths.read_text(self.path)
-    except FileNotFoundError:
-      previous = ""
-    if previous.strip():
-      self._check_by_contents(previous)
+    while not paths.create_new(self.path, me):
+      try:
+        previous = paths.read_text(self.path)
+      except FileNotFoundError:
+        continue  # its holder released it meanwhile
+      self._check_by_contents(previous)  # raises unless the holder is gone
       self.note = (f"took over {self.path}, left by a run that is no longer running "
                    f"({_holder_of(previous)})")
-    paths.write_atomic(self.path, me)
+      with contextlib.suppress(FileNotFoundError):
+        paths.remove(self.path)
     self.fd = me
     return self
 

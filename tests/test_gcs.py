@@ -1,5 +1,7 @@
 """gs:// paths against a real GCS API server on 127.0.0.1 (fake-gcs-server, tests/gcs_emulator.py):
 Orbax checkpoints, the path layer, manifests and verification, and train.py end to end."""
+import csv
+import io
 import json
 
 import jax
@@ -422,3 +424,414 @@ def test_two_processes_write_one_gs_checkpoint(gcs_server, tmp_path):
   ours, theirs = load_state(workdir, 5), load_state(tmp_path / "one", 5)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+# --- the workdir lock on gs:// (checkpoint.GcsWorkdirLock) -----------------------------------
+
+import socket  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+
+
+def holder_text(pid, host=None):
+  return json.dumps({"host": host or socket.gethostname(), "pid": pid, "started": "then"})
+
+
+def dead_pid():
+  """The pid of a process of this host that has exited."""
+  proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  return int(proc.stdout)
+
+
+def in_use(workdir, holder):
+  return (f"{workdir} is in use by another run ({holder}; lock {workdir}/run.lock): wait for "
+          "it to finish or stop it; if it ran on a machine that is gone, remove that lock "
+          "object")
+
+
+def test_gcs_lock_refuses_a_live_holder_and_one_on_another_host(gcs_bucket):
+  """A lock naming a live process of this host, or any process of another host (which
+  cannot be checked from here), refuses the launch naming the holder, and stays as it was."""
+  workdir, host = f"{gcs_bucket}/run", socket.gethostname()
+  live = subprocess.Popen(["sleep", "60"])
+  gone = dead_pid()
+  try:
+    for text, holder in [(holder_text(live.pid), f"pid {live.pid} on host {host}, started then"),
+                         (holder_text(gone, "another-vm"), f"pid {gone} on host another-vm, "
+                          "started then")]:
+      paths.write_atomic(f"{workdir}/run.lock", text)
+      with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.lock_workdir(workdir)
+      assert str(e.value) == in_use(workdir, holder)
+      assert paths.read_text(f"{workdir}/run.lock") == text
+  finally:
+    live.kill()
+    live.wait()
+
+
+def test_gcs_lock_takes_over_a_dead_holder_of_this_host_and_releases_only_its_own(gcs_bucket):
+  workdir, host = f"{gcs_bucket}/run", socket.gethostname()
+  lock_path = f"{workdir}/run.lock"
+  gone = dead_pid()
+  paths.write_atomic(lock_path, holder_text(gone))
+  lock = checkpoint.lock_workdir(workdir)
+  assert lock.note == (f"took over {lock_path}, left by a run that is no longer running (pid "
+                       f"{gone} on host {host}, started then)")
+  mine = json.loads(paths.read_text(lock_path))
+  assert (mine["pid"], mine["host"]) == (os.getpid(), host)
+  lock.release()
+  assert not paths.exists(lock_path)
+  lock = checkpoint.lock_workdir(workdir)  # free: taken without a note
+  assert lock.note is None
+  paths.write_atomic(lock_path, holder_text(4242, "another-vm"))  # replaced by hand meanwhile
+  lock.release()
+  assert json.loads(paths.read_text(lock_path))["host"] == "another-vm"  # not ours: kept
+
+
+def test_gcs_lock_has_one_winner_among_racing_launches(gcs_bucket):
+  """Launches that find the workdir free at the same moment: exactly one takes the lock
+  (it is created with a does-not-exist precondition), the others are refused."""
+  workdir = f"{gcs_bucket}/run"
+  start, results = threading.Barrier(6), []
+
+  def launch():
+    start.wait()
+    try:
+      results.append(checkpoint.GcsWorkdirLock(workdir).acquire())
+    except checkpoint.CheckpointError as e:
+      results.append(e)
+
+  threads = [threading.Thread(target=launch) for _ in range(6)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=60)
+  winners = [r for r in results if isinstance(r, checkpoint.GcsWorkdirLock)]
+  assert len(results) == 6 and len(winners) == 1, results
+  assert all(f"is in use by another run (pid {os.getpid()}" in str(r)
+             for r in results if r not in winners)
+  winners[0].release()
+  assert not paths.exists(f"{workdir}/run.lock")
+
+
+@pytest.mark.slow
+def test_second_launch_on_a_held_gs_workdir_is_refused_then_the_lock_taken_over(
+    gcs_server, train_env, tmp_path):
+  """train.py holds gs://.../run.lock: a second launch exits 2 with one line naming it;
+  once the holder is SIGKILLed, the next launch takes the lock over, finishes and removes
+  it."""
+  workdir = f"gs://{gcs_server.create_bucket()}/run"
+  lock_path = f"{workdir}/{checkpoint.LOCK_FILE}"
+
+  def holder():
+    try:
+      return json.loads(paths.read_text(lock_path))
+    except (FileNotFoundError, ValueError):
+      return {}
+
+  with open(tmp_path / "first.log", "w") as log:
+    first = subprocess.Popen(train_cmd(workdir), env=train_env, cwd=ROOT, stdout=log,
+                             stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline = time.monotonic() + 300
+    while holder().get("pid") != first.pid:
+      assert first.poll() is None and time.monotonic() < deadline, (
+          (tmp_path / "first.log").read_text()[-3000:])
+      time.sleep(0.1)
+    first.send_signal(signal.SIGSTOP)  # alive and holding the lock
+    wait_stopped(first.pid)
+    held = holder()
+    second = run_train(workdir, train_env)
+  finally:
+    first.kill()
+    first.wait()
+  assert second.returncode == 2, second.stderr[-3000:]
+  assert "Traceback" not in second.stderr
+  assert second.stderr.strip().splitlines()[-1] == "error: " + in_use(
+      workdir, f"pid {first.pid} on host {held['host']}, started {held['started']}")
+  assert holder()["pid"] == first.pid  # left behind by the killed run
+  third = run_train(workdir, train_env)
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert (f"took over {lock_path}, left by a run that is no longer running (pid {first.pid} "
+          f"on host {held['host']}") in third.stdout
+  assert not paths.exists(lock_path)
+  assert checkpoint.complete_steps(f"{workdir}/checkpoints")[-1] == STEPS
+
+
+# --- no credentials ---------------------------------------------------------------------------
+
+GCS_VARIABLES = ("GOOGLE_AUTH_TOKEN_FOR_TESTING", "STORAGE_EMULATOR_HOST",
+                 "TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT",
+                 "GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG")
+
+
+@pytest.mark.slow
+def test_no_credentials_is_one_line_exit_2_in_bounded_time(train_env, tmp_path):
+  """A gs:// workdir with no credentials anywhere (no token, no emulator, no key file, an
+  empty home without gcloud's) and no reachable server: stderr is exactly one `error:` line
+  naming the workdir, exit 2, within gcsfs's retries (one request allowed 3 s)."""
+  env = {k: v for k, v in train_env.items() if k not in GCS_VARIABLES}
+  env.update(HOME=str(tmp_path), MAE_JAX_GCS_TIMEOUT_S="3")
+  t0 = time.monotonic()
+  proc = subprocess.run(train_cmd("gs://mae-jax-no-credentials/run"), env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  elapsed = time.monotonic() - t0
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr[-6000:]
+  assert lines[0].startswith("error: gs://mae-jax-no-credentials/run/checkpoints: cannot write "
+                             "checkpoints there ("), lines[0]
+  assert elapsed < 200, elapsed
+
+
+# --- datasets on gs:// ------------------------------------------------------------------------
+
+
+def upload_tree(local, root):
+  """Copy every file below the local folder `local` to gs:// `root` (same relative paths)."""
+  for path in sorted(local.rglob("*")):
+    if path.is_file():
+      paths.write_atomic(f"{root}/{path.relative_to(local).as_posix()}", path.read_bytes())
+
+
+def assert_same_batches(local, remote, processes=2, steps=3, **kwargs):
+  """Each process's train batches from the two sources are equal, over `steps` steps."""
+  from mae_jax import data
+  for p in range(processes):
+    args = dict(image_size=16, global_batch_size=4, seed=5, process_index=p,
+                process_count=processes, **kwargs)
+    a, b = data.make_train_batches(local, **args), data.make_train_batches(remote, **args)
+    for _ in range(steps):
+      x, y = next(a), next(b)
+      np.testing.assert_array_equal(x["label"], y["label"])
+      np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def test_prepared_dataset_on_gcs_gives_the_local_batches(gcs_bucket, tmp_path):
+  """A prepared dataset copied to gs://: the same examples and, for each of 2 processes,
+  the same batches as from the local copy (records read by ArrayRecord's own GCS reader);
+  a shard that does not match the manifest is named."""
+  from mae_jax import data
+  from test_prepare import config as prepared_config, run_prepare, write_jpeg_folder
+  write_jpeg_folder(tmp_path / "in", counts=(("train", 9), ("val", 3)), size=(30, 40))
+  assert run_prepare("--folder", tmp_path / "in", "--out", tmp_path / "out", "--shard_size",
+                     4, "--processes", 1) == 0
+  root = f"{gcs_bucket}/prepared"
+  upload_tree(tmp_path / "out", root)
+  for split in ("test", "train"):
+    local = data.load_source(prepared_config(tmp_path / "out"), split)
+    remote = data.load_source(prepared_config(root), split)
+    assert len(remote) == len(local) == {"train": 9, "test": 3}[split]
+    assert remote.paths[0].startswith(f"{root}/")
+    for i in range(len(local)):
+      np.testing.assert_array_equal(remote[i]["image"], local[i]["image"])
+      assert remote[i]["label"] == local[i]["label"]
+  assert_same_batches(local, remote)  # the train split
+  shard = remote.paths[0]
+  paths.write_atomic(shard, paths.read_bytes(shard)[:-7])
+  with pytest.raises(data.DatasetError, match=rf"^{re.escape(shard)}: \d+ bytes but "
+                     r"manifest.json says \d+ \(shard and manifest do not match\)$"):
+    data.load_source(prepared_config(root), "train")
+
+
+def test_prepared_dataset_in_a_missing_bucket_is_one_line(gcs_server):
+  from mae_jax import data
+  from test_prepare import config as prepared_config
+  with pytest.raises(data.DatasetError) as e:
+    data.load_source(prepared_config("gs://no-such-bucket-for-data/prepared"), "train")
+  assert str(e.value) == ("data.data_dir=gs://no-such-bucket-for-data/prepared: not a "
+                          "directory (data.name='prepared' needs the output of `python -m "
+                          "mae_jax.prepare`)")
+
+
+def test_tfds_dataset_in_a_gcs_data_dir_gives_the_local_batches(gcs_bucket, tmp_path):
+  """A TFDS dataset prepared as ArrayRecord and copied to gs://: data.name=<its name> with
+  data.data_dir=gs://... reads the same examples and batches as the local data_dir."""
+  from mae_jax import data
+  from test_data import MaeJaxTinyImages, config as tfds_config
+  MaeJaxTinyImages(data_dir=str(tmp_path / "tfds"),
+                   file_format="array_record").download_and_prepare()
+  root = f"{gcs_bucket}/tfds"
+  upload_tree(tmp_path / "tfds", root)
+  for split, n in (("test", 4), ("train", 10)):
+    local = data.load_source(tfds_config(name="mae_jax_tiny_images",
+                                         data_dir=str(tmp_path / "tfds"), channels=3), split)
+    remote = data.load_source(tfds_config(name="mae_jax_tiny_images", data_dir=root,
+                                          channels=3), split)
+    assert len(remote) == len(local) == n
+    for i in range(n):
+      np.testing.assert_array_equal(remote[i]["image"], local[i]["image"])
+      assert remote[i]["label"] == local[i]["label"]
+  assert_same_batches(local, remote, steps=2)  # the train split
+
+
+@pytest.mark.slow
+def test_tfds_dataset_on_gcs_reads_without_tensorflow(gcs_bucket, tmp_path):
+  """Training's process never imports TensorFlow: TFDS's metadata on gs:// then goes
+  through etils epath over gcsfs, the records through ArrayRecord, and both reach the
+  server."""
+  from test_data import MaeJaxTinyImages
+  MaeJaxTinyImages(data_dir=str(tmp_path / "tfds"),
+                   file_format="array_record").download_and_prepare()
+  root = f"{gcs_bucket}/tfds"
+  upload_tree(tmp_path / "tfds", root)
+  code = (f"import sys, ml_collections\nfrom mae_jax import data\n"
+          f"c = ml_collections.ConfigDict(dict(name='mae_jax_tiny_images', data_dir={root!r}, "
+          "manual_dir=None, channels=3))\n"
+          "s = data.load_source(c, 'train')\n"
+          "print(len(s), sorted(s[i]['image'].shape for i in range(10))[-1], "
+          "'tensorflow' in sys.modules)\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == ["10", "(17,", "10,", "3)", "False"]
+
+
+# --- convert import / export and init_from on gs:// -------------------------------------------
+
+
+@pytest.mark.slow
+def test_convert_import_to_gcs_and_export_back(gcs_bucket, tmp_path, capsys):
+  """An official .pth imported into gs://, exported from there (to a local .pth, to a
+  gs:// .pth and to a gs:// Hugging Face directory): the same tensors every way; a taken
+  gs:// output and a missing bucket are one line, exit 2."""
+  import torch
+  from helpers import official_state, save_pth
+  from test_convert import FIELDS, HEADS, assert_same_tensors, load_pth
+  from mae_jax import convert
+  state = official_state(FIELDS)
+  src = save_pth(state, tmp_path / "x.pth")
+  out = f"{gcs_bucket}/imported"
+  assert convert.main(["import", src, out, *HEADS]) == 0
+  assert checkpoint.read_meta(out)["model"] == FIELDS
+  assert convert.main(["export", out, str(tmp_path / "back.pth")]) == 0
+  assert_same_tensors(load_pth(tmp_path / "back.pth"), state)
+  assert convert.main(["export", out, f"{gcs_bucket}/back.pth"]) == 0
+  paths_back = torch.load(io.BytesIO(paths.read_bytes(f"{gcs_bucket}/back.pth")),
+                          weights_only=True)["model"]
+  assert_same_tensors({k: v.numpy() for k, v in paths_back.items()}, state)
+  assert convert.main(["export", out, f"{gcs_bucket}/hf", "--format", "hf"]) == 0
+  assert sorted(paths.listdir(f"{gcs_bucket}/hf")) == ["config.json", "model.safetensors"]
+  capsys.readouterr()
+  assert convert.main(["import", src, out, *HEADS]) == 2
+  assert capsys.readouterr().err == f"error: {out} already exists; choose a new output directory\n"
+  assert convert.main(["import", src, "gs://no-such-bucket-convert/x", *HEADS]) == 2
+  assert capsys.readouterr().err == ("error: gs://no-such-bucket-convert/x: bucket "
+                                     "no-such-bucket-convert does not exist (or these "
+                                     "credentials cannot see it)\n")
+  assert convert.main(["export", out, f"{gcs_bucket}/back.pth"]) == 2
+  assert capsys.readouterr().err == (f"error: {gcs_bucket}/back.pth exists; pass --overwrite "
+                                     "to replace it\n")
+
+
+@pytest.mark.slow
+def test_init_from_a_gs_parameter_directory(gcs_bucket, tmp_path, capsys):
+  """--config.init_from=gs://...: one step at the warmup's learning rate of 0 ends with the
+  imported parameters, as from the local copy of the same import; `convert export` of its
+  gs:// workdir gives back the tensors of the .pth that was imported."""
+  from helpers import TINY, config_flags, model_fields, official_state, run_train_py, save_pth
+  from test_convert import assert_same_tensors, load_pth
+  from mae_jax import convert
+  fields = model_fields(mlp_ratio=4.0, mask_ratio=0.75)  # what a .pth cannot say
+  state = official_state(fields, seed=4)
+  src = save_pth(state, tmp_path / "x.pth")
+  heads = ["--num_heads", "2", "--decoder_heads", "2"]
+  assert convert.main(["import", src, f"{gcs_bucket}/init", *heads]) == 0
+  assert convert.main(["import", src, str(tmp_path / "init"), *heads]) == 0
+  imported, _ = checkpoint.load_params(str(tmp_path / "init"))
+  finals = []
+  for init, workdir in [(f"{gcs_bucket}/init", f"{gcs_bucket}/run"),
+                        (str(tmp_path / "init"), tmp_path / "run")]:
+    flags = config_flags({**TINY, "data.channels": 3, "num_steps": 1,
+                          "checkpoint_every_steps": 1, "optim.warmup_steps": 2,
+                          "init_from": init})  # step 0's learning rate is 0
+    assert run_train_py(["--config", os.path.join(ROOT, "configs", "default.py"),
+                         "--workdir", str(workdir), *flags]) == 0, capsys.readouterr().err[-3000:]
+    finals.append(load_state(workdir, 1)["params"])
+  assert_trees_equal(finals[0], finals[1])
+  assert_trees_equal(finals[0], jax.device_get(imported))
+  assert convert.main(["export", f"{gcs_bucket}/run", str(tmp_path / "back.pth")]) == 0
+  assert_same_tensors(load_pth(tmp_path / "back.pth"), state)
+
+
+# --- python -m mae_jax.sweep --workdir gs://... -----------------------------------------------
+
+
+def gcs_sweep_file(tmp_path, spec='axes={"model.mask_ratio": [0.5, 0.75]}', name="toy"):
+  """The toy sweep of tests/test_sweep.py (tiny model, 4 steps, synthetic data) with kNN
+  as its one evaluation, as tmp_path/<name>.py."""
+  from test_sweep import write_sweep
+  path = write_sweep(tmp_path / f"{name}.py", name, spec)
+  text = (tmp_path / f"{name}.py").read_text().replace('evals="knn,linprobe"', 'evals="knn"')
+  (tmp_path / f"{name}.py").write_text(text)
+  return path
+
+
+def test_sweep_commands_on_gcs_and_its_one_line_errors(gcs_bucket, tmp_path, capsys):
+  """--commands writes commands.sh on gs:// (each point's train.py and evaluate aimed at
+  its gs:// point directory, no mkdir); a conv point and a missing bucket are one line."""
+  from helpers import exit_code
+  from mae_jax import sweep
+  path = gcs_sweep_file(tmp_path)
+  workdir = f"{gcs_bucket}/sw"
+  assert exit_code(sweep.main, [path, "--workdir", workdir, "--commands"]) == 0
+  lines = paths.read_text(f"{workdir}/toy/commands.sh").splitlines()[1:]
+  assert len(lines) == 2 and not any("mkdir" in line for line in lines)
+  for line in lines:
+    point = re.search(rf"--workdir ({re.escape(workdir)}/points/[0-9a-f]{{12}}) ", line).group(1)
+    assert f"-m mae_jax.evaluate --workdir {point} " in line
+  conv = gcs_sweep_file(tmp_path, 'points=[{"label": "c", "program": "conv"}]', "conv")
+  capsys.readouterr()
+  assert exit_code(sweep.main, [conv, "--workdir", workdir]) == 2
+  assert capsys.readouterr().err == (
+      f"error: --workdir {workdir}: point 'c' is a conv point, and mae_jax.conv_mae writes "
+      "local workdirs only; use a local --workdir\n")
+  assert exit_code(sweep.main, [path, "--workdir", "gs://no-such-bucket-sweep/sw"]) == 2
+  assert capsys.readouterr().err == ("error: --workdir gs://no-such-bucket-sweep/sw: cannot "
+                                     "make gs://no-such-bucket-sweep/sw/toy there (bucket "
+                                     "no-such-bucket-sweep does not exist)\n")
+  assert exit_code(sweep.main, [path, "--workdir", "gs:///sw"]) == 2
+  assert capsys.readouterr().err == ("error: --workdir: gs:///sw: no bucket; a Cloud Storage "
+                                     "path is gs://BUCKET/PATH\n")
+
+
+@pytest.mark.slow
+def test_sweep_runs_on_a_gs_workdir(gcs_server, train_env, tmp_path):
+  """Two ViT points (train.py + kNN as subprocesses) on gs://: each row of results.csv is
+  what the point's own result objects say, the table, plots, point.json and log.txt are
+  objects there, nothing is written locally, and a second run runs nothing."""
+  path = gcs_sweep_file(tmp_path)
+  workdir = f"gs://{gcs_server.create_bucket()}/sw"
+  proc = subprocess.run([sys.executable, "-m", "mae_jax.sweep", path, "--workdir", workdir],
+                        env=train_env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert not os.path.exists(os.path.join(ROOT, "gs:"))  # nothing written locally
+  out = f"{workdir}/toy"
+  rows = list(csv.DictReader(io.StringIO(paths.read_text(f"{out}/results.csv"))))
+  assert [r["model.mask_ratio"] for r in rows] == ["0.5", "0.75"]
+  points = [f"{workdir}/points/{p}" for p in paths.listdir(f"{workdir}/points")]
+  assert len(points) == 2
+  by_ratio = {}
+  for point in points:
+    summary = json.loads(paths.read_text(f"{point}/summary.json"))
+    by_ratio[str(summary["model"]["mask_ratio"])] = (
+        summary, json.loads(paths.read_text(f"{point}/eval_knn.json")), point)
+  for row in rows:
+    summary, knn, point = by_ratio[row["model.mask_ratio"]]
+    assert float(row["test_masked_mse"]) == pytest.approx(summary["test_masked_mse"])
+    assert float(row["knn_top1"]) == pytest.approx(knn["top1"])
+    assert json.loads(paths.read_text(f"{point}/point.json"))["knn_top1"] == knn["top1"]
+    log = paths.read_text(f"{point}/log.txt")
+    assert "-m mae_jax.pretrain" in log and "-m mae_jax.evaluate" in log
+    assert checkpoint.complete_steps(f"{point}/checkpoints")[-1] == 4
+  assert "| mask_ratio |" in paths.read_text(f"{out}/results.md")
+  assert {n for n in paths.listdir(out) if n.endswith(".png")} == {
+      "images_per_sec.png", "knn_top1.png", "summary.png", "test_masked_mse.png"}
+  assert paths.read_bytes(f"{out}/summary.png")[:4] == b"\x89PNG"
+  again = subprocess.run([sys.executable, "-m", "mae_jax.sweep", path, "--workdir", workdir],
+                         env=train_env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.count("done before, skipped") == 2
+  assert list(csv.DictReader(io.StringIO(paths.read_text(f"{out}/results.csv")))) == rows

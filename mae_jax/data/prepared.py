@@ -9,6 +9,12 @@ Record i of the split is record i - offset of the shard holding it (shards in or
 the example order is the input's (an image folder's sorted order, a TFDS split's order)
 with the skipped images left out. Each process reads only the records of its part of each
 batch (pipeline.ProcessSlice), never whole shards.
+
+data.data_dir may be gs://BUCKET/PATH: the manifest and the shard listing are read through
+mae_jax.paths (gcsfs), and the records by ArrayRecord's own Cloud Storage reader (ranged
+reads, so each process still fetches only its records). That reader is google-cloud-cpp's:
+it finds credentials as every Google client library does, and an emulator through
+CLOUD_STORAGE_EMULATOR_ENDPOINT (the tests' fake-gcs-server).
 """
 import functools
 import json
@@ -17,6 +23,7 @@ import struct
 
 import numpy as np
 
+from mae_jax import paths
 from mae_jax.data.source import DatasetError, EncodedSource, Source, Subset, holdout
 
 MANIFEST = "manifest.json"
@@ -41,10 +48,10 @@ def unpack(record: bytes) -> tuple[int, tuple[int, int], tuple[int, int], bytes]
 
 def read_manifest(root: str) -> dict:
   """The manifest of a complete prepared dataset; DatasetError (one line) otherwise."""
-  path = os.path.join(root, MANIFEST)
-  if not os.path.isfile(path):
-    started = os.path.isdir(root) and any(n.endswith((".array_record", ".done.json"))
-                                          for n in os.listdir(root))
+  path = paths.join(root, MANIFEST)
+  if not paths.isfile(path):
+    started = paths.isdir(root) and any(n.endswith((".array_record", ".done.json"))
+                                        for n in paths.listdir(root))
     raise DatasetError(
         f"data.data_dir={root}: " + ("half-written prepared dataset (no manifest.json); "
                                      "rerun `python -m mae_jax.prepare` with the same "
@@ -52,8 +59,7 @@ def read_manifest(root: str) -> dict:
                                      "not a prepared dataset (no manifest.json); make one "
                                      "with `python -m mae_jax.prepare --out DIR ...`"))
   try:
-    with open(path) as f:
-      manifest = json.load(f)
+    manifest = json.loads(paths.read_text(path))
   except (OSError, ValueError) as e:
     raise DatasetError(f"{path}: unreadable manifest: {type(e).__name__}: {e}") from None
   if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -65,12 +71,12 @@ def check_shards(root: str, split: str, entry: dict) -> list[str]:
   """The shard paths of `split`, each checked against the manifest's size and record count
   (checksums: `python -m mae_jax.prepare --verify DIR`)."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  paths = []
+  found, sizes = [], shard_sizes(root)
   for shard in entry["shards"]:
-    path = os.path.join(root, shard["file"])
-    if not os.path.isfile(path):
+    path = paths.join(root, shard["file"])
+    size = sizes(shard["file"])
+    if size is None:
       raise DatasetError(f"{path}: shard listed in {MANIFEST} is missing")
-    size = os.path.getsize(path)
     if size != shard["bytes"]:
       raise DatasetError(f"{path}: {size} bytes but {MANIFEST} says {shard['bytes']} "
                          "(shard and manifest do not match)")
@@ -80,11 +86,20 @@ def check_shards(root: str, split: str, entry: dict) -> list[str]:
     if count != shard["num_records"]:
       raise DatasetError(f"{path}: {count} records but {MANIFEST} says "
                          f"{shard['num_records']} (shard and manifest do not match)")
-    paths.append(path)
+    found.append(path)
   if sum(s["num_records"] for s in entry["shards"]) != entry["num_examples"]:
-    raise DatasetError(f"{os.path.join(root, MANIFEST)}: split {split!r}: shard record "
+    raise DatasetError(f"{paths.join(root, MANIFEST)}: split {split!r}: shard record "
                        f"counts do not add up to num_examples={entry['num_examples']}")
-  return paths
+  return found
+
+
+def shard_sizes(root):
+  """file name -> its size in bytes, or None where it is missing: on Cloud Storage from one
+  listing of `root` (not a request per shard), locally from os.stat."""
+  if paths.is_gcs(root):
+    return paths.walk_files(root).get
+  return lambda name: (os.path.getsize(os.path.join(root, name))
+                       if os.path.isfile(os.path.join(root, name)) else None)
 
 
 class PreparedSource(EncodedSource):
@@ -123,10 +138,10 @@ def load_prepared(data_config, split: str) -> Source:
   """Split `split` of the prepared dataset in data.data_dir (test: its test, val or
   validation split; without one, both splits are held out of train, as for folders)."""
   root = data_config.data_dir
-  if not root or not os.path.isdir(root):
+  if not root or not _is_dir(root):
     raise DatasetError(f"data.data_dir={root}: not a directory (data.name='prepared' needs "
                        "the output of `python -m mae_jax.prepare`)")
-  manifest = read_manifest(root)
+  manifest = _on_gcs_errors(root, read_manifest, root)
   splits = manifest["splits"]
   test_names = [s for s in ("test", "val", "validation") if s in splits]
   name = test_names[0] if split == "test" and test_names else "train"
@@ -134,13 +149,13 @@ def load_prepared(data_config, split: str) -> Source:
     raise DatasetError(f"data.data_dir={root}: no {split!r} split in {MANIFEST} (it has "
                        f"{sorted(splits)})")
   entry = splits[name]
-  paths = check_shards(root, name, entry)
+  shard_paths = _on_gcs_errors(root, check_shards, root, name, entry)
   stats = manifest.get("stats")
   known = (tuple(stats["mean"]), tuple(stats["std"])) if stats and data_config.channels == 3 \
       else None
   train = None if known or name == "train" else functools.partial(load_prepared, data_config,
                                                                    "train")
-  source = PreparedSource(paths, entry["num_examples"], f"{root}/{name}",
+  source = PreparedSource(shard_paths, entry["num_examples"], f"{root}/{name}",
                           channels=data_config.channels,
                           num_classes=manifest.get("num_classes"), known_stats=known,
                           stats_source=train, draft=bool(data_config.get("jpeg_draft", True)))
@@ -148,3 +163,26 @@ def load_prepared(data_config, split: str) -> Source:
     return source
   indices, note = holdout(len(source), split, f"data.data_dir={root}")
   return Subset(source, indices=indices, note=note)
+
+
+def _is_dir(root) -> bool:
+  """Whether data.data_dir is a directory (on gs://: a prefix with objects below it)."""
+  try:
+    return _on_gcs_errors(root, paths.isdir, root)
+  except paths.PathError as e:
+    raise DatasetError(f"data.data_dir={e}") from None
+
+
+def _on_gcs_errors(root, fn, *args):
+  """fn(*args); on gs://, a client error (credentials, network, server) becomes one
+  DatasetError naming data.data_dir instead of a traceback from gcsfs or aiohttp."""
+  try:
+    return fn(*args)
+  except (DatasetError, paths.PathError):
+    raise
+  except Exception as e:  # gcsfs, aiohttp, google-auth and ArrayRecord errors
+    if not paths.is_gcs(root):
+      raise
+    reason = " ".join(str(e).split())[:200]
+    raise DatasetError(f"data.data_dir={root}: cannot read it ({type(e).__name__}: "
+                       f"{reason}); check the bucket, the credentials and the network") from None
