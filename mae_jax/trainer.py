@@ -16,6 +16,7 @@ from mae_jax import checkpoint, config as config_lib, data, distributed, models,
 from mae_jax import sharding
 from mae_jax import train_step as ts
 from mae_jax import visualize
+from mae_jax.data import device_resize
 from mae_jax.evaluation import knn
 from mae_jax.logger import InputWait, Logger
 
@@ -159,12 +160,22 @@ def device_batches(run, start_step):
       seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count(),
       augment=cfg.data.augment, crop_scale=tuple(cfg.data.crop_scale), start_step=start_step,
       num_workers=cfg.data.num_workers, repeat_samples=cfg.data.get("repeat_samples", 1),
-      worker_processes=cfg.data.get("worker_processes", 0))
+      worker_processes=cfg.data.get("worker_processes", 0),
+      resize=cfg.data.get("resize", "host"))
+  finish = device_crops(run) if cfg.data.get("resize", "host") == "device" else None
   queue = collections.deque()
   for batch in host:
-    queue.append(sharding.global_batch(batch, run.mesh))
+    batch = sharding.global_batch(batch, run.mesh)
+    queue.append(finish(batch) if finish else batch)
     if len(queue) == 2:
       yield queue.popleft()
+
+
+def device_crops(run):
+  """data.resize='device': the jitted resize of the host's crop regions to the batch the
+  train step takes (mae_jax.data.device_resize), sharded as the batch."""
+  crops = functools.partial(device_resize.crops_of, image_size=run.config.data.image_size)
+  return jax.jit(crops, out_shardings=sharding.batch_sharding(run.mesh))
 
 
 def check_finite(step, metrics, ckpt, skip_nonfinite=False):

@@ -71,11 +71,12 @@ def draft_size(width: int, height: int, boxes_K4, image_size: int):
   return math.ceil(width / factor), math.ceil(height / factor)
 
 
-def decode_crops(encoded, draws_KD, augment, image_size: int, crop_scale, channels: int,
-                 draft: bool, name: str = "image") -> np.ndarray:
-  """K crops of one encoded image, resized to uint8 (K, image_size, image_size, channels),
-  flipped where augment.flip and the draw says so. DatasetError naming `name` if the image
-  cannot be decoded."""
+def decode_for_boxes(encoded, draws_KD, augment, image_size: int, crop_scale, channels: int,
+                     draft: bool, name: str = "image"):
+  """(decoded uint8 (h, w, channels), float boxes (K, 4) in its pixels) for K crops of one
+  encoded image: the boxes are drawn on the original size (from the header), the JPEG is
+  decoded as small as draft allows and the boxes scaled to what was decoded. DatasetError
+  naming `name` if the image cannot be decoded."""
   try:
     with open_image(encoded) as image:
       width, height = image.size
@@ -87,15 +88,37 @@ def decode_crops(encoded, draws_KD, augment, image_size: int, crop_scale, channe
       array = to_array(image, channels)
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
     raise DatasetError(f"{name}: cannot decode image: {type(e).__name__}: {e}") from e
-  scaled = boxes * np.array([array.shape[0] / height, array.shape[1] / width] * 2)
-  pil = Image.fromarray(array[..., 0] if channels == 1 else array)  # once for the k crops
-  out = np.stack([np.asarray(pil.resize((image_size,) * 2, augment_lib.RESAMPLE,
-                                        box=(left, top, left + w, top + h)))
-                  for top, left, h, w in scaled.tolist()]).reshape(-1, image_size, image_size,
-                                                                   channels)
-  if augment.flip:
-    flip = draws_KD[:, augment_lib.FLIP] < 0.5
-    out[flip] = out[flip, :, ::-1]
+  return array, boxes * np.array([array.shape[0] / height, array.shape[1] / width] * 2)
+
+
+def flips(draws_KD, augment, k: int) -> np.ndarray:
+  """bool (K,): which of K crops are mirrored."""
+  if not augment.flip:
+    return np.zeros(k, bool)
+  return draws_KD[:, augment_lib.FLIP] < 0.5
+
+
+def resize_boxes(array_HWC, boxes_K4, image_size: int) -> np.ndarray:
+  """uint8 (K, image_size, image_size, C): each float box of the image resized bicubically
+  (PIL's resize with a box crops before it resamples)."""
+  channels = array_HWC.shape[-1]
+  pil = Image.fromarray(array_HWC[..., 0] if channels == 1 else array_HWC)  # once for all K
+  return np.stack([np.asarray(pil.resize((image_size,) * 2, augment_lib.RESAMPLE,
+                                         box=(left, top, left + w, top + h)))
+                   for top, left, h, w in boxes_K4.tolist()]).reshape(
+                       -1, image_size, image_size, channels)
+
+
+def decode_crops(encoded, draws_KD, augment, image_size: int, crop_scale, channels: int,
+                 draft: bool, name: str = "image") -> np.ndarray:
+  """K crops of one encoded image, resized to uint8 (K, image_size, image_size, channels),
+  flipped where augment.flip and the draw says so. DatasetError naming `name` if the image
+  cannot be decoded."""
+  array, boxes = decode_for_boxes(encoded, draws_KD, augment, image_size, crop_scale,
+                                  channels, draft, name)
+  out = resize_boxes(array, boxes, image_size)
+  flip = flips(draws_KD, augment, len(out))
+  out[flip] = out[flip, :, ::-1]
   return out
 
 
