@@ -155,14 +155,14 @@ def compile_train_step(run):
 def device_batches(run, start_step):
   """Host batches for steps start_step.. as global arrays, two steps ahead."""
   cfg = run.config
+  resize = device_resize.resolve(cfg.data.get("resize", "auto"), sharding.platform(run.mesh))
   host = data.make_train_batches(
       run.train_src, image_size=cfg.data.image_size, global_batch_size=cfg.batch_size,
       seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count(),
       augment=cfg.data.augment, crop_scale=tuple(cfg.data.crop_scale), start_step=start_step,
       num_workers=cfg.data.num_workers, repeat_samples=cfg.data.get("repeat_samples", 1),
-      worker_processes=cfg.data.get("worker_processes", 0),
-      resize=cfg.data.get("resize", "host"))
-  finish = device_crops(run) if cfg.data.get("resize", "host") == "device" else None
+      worker_processes=cfg.data.get("worker_processes", 0), resize=resize)
+  finish = device_crops(run) if resize == "device" else None
   queue = collections.deque()
   for batch in host:
     batch = sharding.global_batch(batch, run.mesh)

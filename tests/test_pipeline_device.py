@@ -172,7 +172,10 @@ def test_libjpeg_turbo_decodes_as_pil(folder, draft):
   assert (shrunk > 0) == draft  # the 24 px crops let draft shrink some images
 
 
-def test_bad_resize_value_is_one_line():
+def test_resize_auto_and_bad_values():
+  assert [device_resize.resolve(r, p) for r, p in [("auto", "cpu"), ("auto", "gpu"),
+          ("auto", "tpu"), ("host", "gpu"), ("device", "cpu")]] == [
+              "host", "device", "device", "host", "device"]
   c = tiny_config({"data.resize": "gpu"})
   with pytest.raises(config_lib.ConfigError, match=r"^config\.data\.resize: .*'gpu'"):
     config_lib.validate(c)

@@ -34,6 +34,15 @@ BUCKET_RATIO = 2  # bucket side = BUCKET_RATIO * image_size: fits every crop dra
 KEYS = ("region", "box", "extent", "flip")  # a device-resize host batch's keys (and label)
 
 
+def resolve(resize: str, platform: str) -> str:
+  """data.resize for devices of `platform`: 'auto' is 'device' on GPU and TPU (matmuls
+  are cheap there, host cores are the limit) and 'host' on CPU (where the "device" is the
+  host's cores, and Pillow's fixed-point resize is the cheaper one)."""
+  if resize != "auto":
+    return resize
+  return "host" if platform == "cpu" else "device"
+
+
 def bucket_side(image_size: int) -> int:
   return BUCKET_RATIO * image_size
 
