@@ -20,6 +20,11 @@ ImageNet-like folder of --num_images JPEGs of 500 x 375). Every batch is RandomR
             and the accelerator resizes it. Only the host's part is timed; the device's
             part is printed as XLA's FLOP count per sample.
 
+Before the table, the JPEG decoders alone (--decoders, on by default): median CPU ms to decode
+one whole image to a numpy array with PIL (open, load, asarray) and with libjpeg-turbo through
+simplejpeg (what the crop path uses for RGB and gray JPEGs), on the folder's and the prepared
+dataset's JPEGs.
+
 Columns: samples/s (training rows per second of wall time); per core (that divided by the
 cores this process may use); per CPU-s (rows per CPU-second used by this process and its
 worker processes: what one fully used core makes, less sensitive to other jobs sharing
@@ -27,6 +32,7 @@ the machine); images/s decoded (samples / repeat). Prints a table and one JSON l
 """
 import argparse
 import functools
+import io
 import json
 import os
 import sys
@@ -37,13 +43,15 @@ import jax
 import ml_collections
 import numpy as np
 import psutil
+import simplejpeg
 from absl import logging
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import photos  # pylint: disable=wrong-import-position
 
 from mae_jax import data, prepare  # pylint: disable=wrong-import-position
-from mae_jax.data import device_resize  # pylint: disable=wrong-import-position
+from mae_jax.data import decode, device_resize  # pylint: disable=wrong-import-position
 from mae_jax.data.source import Source  # pylint: disable=wrong-import-position
 
 
@@ -71,6 +79,8 @@ def parse_args(argv):
   p.add_argument("--jpeg_size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"))
   p.add_argument("--max_side", type=int, default=prepare.MAX_SIDE, help="prepared max side")
   p.add_argument("--folder", help="an existing image folder to read instead of the photos")
+  p.add_argument("--decoders", action=argparse.BooleanOptionalAction, default=True,
+                 help="time the JPEG decoders alone first")
   return p.parse_args(argv)
 
 
@@ -83,7 +93,7 @@ def workers_of(spec: str) -> tuple[int, int]:
   raise SystemExit(f"error: --workers={spec!r}: expected 0, tN or pN")
 
 
-def load(path, folder, out, decode):
+def load(path, folder, out, how):
   """(source, image_size or None) of one path; decode 'full' swaps in the base class's
   decode-everything crops."""
   if path == "fashion_mnist":
@@ -91,7 +101,7 @@ def load(path, folder, out, decode):
   else:
     cfg = dict(name=path, data_dir=folder if path == "folder" else out, channels=3)
   source = data.load_source(ml_collections.ConfigDict(dict(cfg, manual_dir=None)), "train")
-  if decode == "full" and path != "fashion_mnist":
+  if how == "full" and path != "fashion_mnist":
     source.crop_batch = functools.partial(Source.crop_batch, source)
   return source
 
@@ -140,6 +150,41 @@ def run_case(path, decode, spec, repeat, resize, source, args):
           "samples_per_cpu_s": round(rows / max(cpu, 1e-9), 1),
           "images_per_s": round(rows / seconds / repeat, 1), "cores": cores(),
           "load_1min": round(os.getloadavg()[0], 2)}
+
+
+def decode_times(jpegs, repeats=3):
+  """{decoder: median CPU ms per image} over the encoded JPEGs."""
+  def pil(jpeg):
+    with Image.open(io.BytesIO(jpeg)) as image:
+      image.load()
+      return np.asarray(image.convert("RGB"))
+
+  def turbo(jpeg):
+    return simplejpeg.decode_jpeg(jpeg, "RGB")
+
+  times = {}
+  for name, fn in (("pil", pil), ("libjpeg-turbo", turbo)):
+    samples = []
+    for _ in range(repeats):
+      for jpeg in jpegs:
+        t0 = time.thread_time()
+        fn(jpeg)
+        samples.append(time.thread_time() - t0)
+    times[name] = round(1e3 * float(np.median(samples)), 3)
+  return times
+
+
+def print_decoders(sources, count=64):
+  """The decoders alone on the first `count` JPEGs of each loaded source."""
+  for path, source in sources.items():
+    if not hasattr(source, "encoded") and hasattr(source, "base"):
+      source = source.base
+    jpegs = [decode.jpeg_bytes(source.encoded(i)[0]) for i in range(min(count, len(source)))]
+    jpegs = [j for j in jpegs if j is not None]
+    if jpegs:
+      sizes = simplejpeg.decode_jpeg_header(jpegs[0])[:2]
+      print(json.dumps({"decoders_cpu_ms": decode_times(jpegs), "path": path,
+                        "first_image_hw": list(sizes), "load_1min": round(os.getloadavg()[0], 2)}))
 
 
 def make_prepared(folder, out, args):
@@ -191,10 +236,13 @@ def main(argv=None):
     if any(c[0] == "prepared" for c in todo):
       make_prepared(folder, out, args)
     sources = {}
-    for path, decode, spec, repeat, resize in todo:
-      if (path, decode) not in sources:
-        sources[path, decode] = load(path, folder, out, decode)
-      rows.append(run_case(path, decode, spec, repeat, resize, sources[path, decode], args))
+    if args.decoders:
+      print_decoders({path: load(path, folder, out, "crop") for path in {c[0] for c in todo}
+                      if path != "fashion_mnist"})
+    for path, how, spec, repeat, resize in todo:
+      if (path, how) not in sources:
+        sources[path, how] = load(path, folder, out, how)
+      rows.append(run_case(path, how, spec, repeat, resize, sources[path, how], args))
   print_table(rows)
   if any(r["resize"] == "device" for r in rows):
     print_device_cost(args.image_size, 3)
