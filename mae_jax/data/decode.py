@@ -1,11 +1,13 @@
 """Decode only what a training crop needs, from an encoded image (a file or its bytes).
 
 The crop boxes are computed from the image's size as read from its header, before any pixel
-is decoded. A JPEG is then decoded with PIL's `draft`, which scales it down by 2, 4 or 8 in
-the DCT domain while decoding, as far as the smallest crop of that image still has at least
-`image_size` pixels on each side; the box is resized straight from the decoded pixels (PIL's
-resize with a `box` crops before it resamples). Several crops of one image (repeated
-sampling) share one decode.
+is decoded. A JPEG is then decoded scaled down by 2, 4 or 8 in the DCT domain (PIL's
+`draft`), as far as the smallest crop of that image still has at least `image_size` pixels
+on each side; the box is resized straight from the decoded pixels (PIL's resize with a `box`
+crops before it resamples), or cut out for the accelerator to resize (device_resize).
+Several crops of one image (repeated sampling) share one decode. RGB and gray JPEGs decoded
+to RGB go through libjpeg-turbo directly (simplejpeg: no PIL image, no copy; the same scale
+and pixels as PIL's draft); everything else through PIL.
 
 With draft off the result is exactly the decode-everything path's (folder.decode then
 augment.augment_batch); with draft on, pixels of downscaled crops differ by the difference

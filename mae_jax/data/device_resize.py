@@ -7,8 +7,12 @@ path), decodes as small as JPEG draft allows and cuts each box out together with
 pixels around it that the bicubic kernel reaches; it pads that region into a fixed bucket of
 BUCKET_RATIO * image_size pixels per side and sends it, uint8, with the box inside it. The
 accelerator resizes every box to image_size with PIL's own weights (antialiased bicubic,
-horizontal pass then vertical, rounded to uint8 between and after them, as PIL does) as two
-batched matmuls, and mirrors the flipped rows.
+horizontal pass then vertical, rounded to uint8 between and after them) as two batched
+matmuls, and mirrors the flipped rows. Where Pillow also resizes horizontally first the
+pixels agree to one level; Pillow 13 resizes some images vertically first (e.g. every
+384 x 288 portrait image, not 500 x 375 ones: its rule depends on the image and output
+sizes, not on the box), and for those the different rounding between the passes moves
+about 15 % of the pixels, by a few levels at most (docs/benchmarks.md).
 
 A region larger than the bucket (a large crop that draft could not shrink enough: not a
 JPEG, a crop of 2 to 2.7 times image_size on its longer side, or crops of very different
@@ -30,7 +34,10 @@ import numpy as np
 from mae_jax.data import augment as augment_lib
 from mae_jax.data import decode as decode_lib
 
-BUCKET_RATIO = 2  # bucket side = BUCKET_RATIO * image_size: fits every crop draft left < 2x
+# Bucket side / image_size: regions (crop + kernel margin) up to twice image_size per side
+# fit, as every crop of a 384 px prepared image at 224 px does; larger ones are resized on
+# the host. Its square is the upload per sample (602 KB at 224 px) and the resize's cost.
+BUCKET_RATIO = 2
 KEYS = ("region", "box", "extent", "flip")  # a device-resize host batch's keys (and label)
 
 
@@ -79,8 +86,8 @@ def cut_regions(array_HWC: np.ndarray, boxes_K4, image_size: int, out_KPPC: np.n
 
 
 def resize_regions(region_BPPC, box_B4, extent_B2, flip_B, image_size: int):
-  """uint8 (B, image_size, image_size, C): each box of its region resized as PIL's bicubic
-  resize does (horizontal pass, round to uint8, vertical pass, round), mirrored where
+  """uint8 (B, image_size, image_size, C): each box of its region resized with PIL's
+  bicubic weights (horizontal pass, round to uint8, vertical pass, round), mirrored where
   flip_B. jnp throughout: runs inside a jitted program on the accelerator."""
   _, p_h, p_w, _ = region_BPPC.shape
   hi = jax.lax.Precision.HIGHEST  # float32 matmuls: no TF32 / bf16 passes on GPU or TPU
