@@ -193,6 +193,18 @@ def test_libjpeg_turbo_decodes_as_pil(folder, draft):
   assert (shrunk > 0) == draft  # the 24 px crops let draft shrink some images
 
 
+def test_without_simplejpeg_pil_decodes_the_same(folder, monkeypatch):
+  """simplejpeg is optional at import: without it every image goes through PIL."""
+  draws = np.random.default_rng(5).random((2, augment.NUM_DRAWS))
+  crop = augment.AUGMENTS["crop_flip"]
+  fast = [decode.decode_for_boxes(p, draws, crop, 24, (0.2, 1.0), 3, True) for p in folder.paths]
+  monkeypatch.setattr(decode, "simplejpeg", None)
+  for path, (array, boxes) in zip(folder.paths, fast):
+    pil_array, pil_boxes = decode.decode_for_boxes(path, draws, crop, 24, (0.2, 1.0), 3, True)
+    np.testing.assert_array_equal(array, pil_array, err_msg=path)
+    np.testing.assert_allclose(boxes, pil_boxes)
+
+
 def test_resize_auto_and_bad_values():
   assert [device_resize.resolve(r, p) for r, p in [("auto", "cpu"), ("auto", "gpu"),
           ("auto", "tpu"), ("host", "gpu"), ("device", "cpu")]] == [

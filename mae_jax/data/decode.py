@@ -17,8 +17,12 @@ import io
 import math
 
 import numpy as np
-import simplejpeg
 from PIL import Image
+
+try:
+  import simplejpeg
+except ImportError:  # an install without it (a GPU machine off the network): PIL decodes all
+  simplejpeg = None
 
 from mae_jax.data import augment as augment_lib
 from mae_jax.data.errors import DatasetError
@@ -117,7 +121,7 @@ def decode_for_boxes(encoded, draws_KD, augment, image_size: int, crop_scale, ch
   decoded as small as draft allows and the boxes scaled to what was decoded. DatasetError
   naming `name` if the image cannot be decoded."""
   try:
-    jpeg = jpeg_bytes(encoded) if channels == 3 else None
+    jpeg = jpeg_bytes(encoded) if channels == 3 and simplejpeg is not None else None
   except OSError as e:
     raise DatasetError(f"{name}: cannot decode image: {type(e).__name__}: {e}") from e
   if jpeg is not None:
