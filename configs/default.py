@@ -23,6 +23,11 @@ def get_config():
   c.data.worker_processes = 0  # host processes making whole batches (grain multiprocessing)
   c.data.repeat_samples = 1  # k crops/flips/masks of each decoded image per batch (MAE-ST)
   c.data.jpeg_draft = True  # JPEGs: DCT-domain downscale on decode where the crop allows
+  # Where training crops are resized to image_size: host (Pillow, in the input pipeline),
+  # device (the host cuts each crop's region, the accelerator resizes it: 2.6-2.8x the
+  # samples per host CPU-second, the same crops, pixels within a few levels of Pillow's;
+  # docs/benchmarks.md), or auto: device on GPU / TPU, host on CPU.
+  c.data.resize = "auto"
   # Warn once when more than this share of wall time goes to waiting for the next batch.
   c.data.input_wait_warn = 0.2
   c.data.synthetic_size = 4096

@@ -96,6 +96,7 @@ def validate_data(config):
   _check_int(d.num_workers, "data.num_workers", 0)
   _check_int(d.get("worker_processes", 0), "data.worker_processes", 0)
   _check_int(d.get("repeat_samples", 1), "data.repeat_samples", 1)
+  _check_choice(d.get("resize", "auto"), "data.resize", ["auto", "host", "device"])
   _check(not _is_int(config.batch_size) or config.batch_size % d.get("repeat_samples", 1) == 0,
          "data.repeat_samples",
          f"{d.get('repeat_samples')} must divide batch_size={config.batch_size}")

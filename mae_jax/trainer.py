@@ -16,6 +16,7 @@ from mae_jax import checkpoint, config as config_lib, data, distributed, models,
 from mae_jax import sharding
 from mae_jax import train_step as ts
 from mae_jax import visualize
+from mae_jax.data import device_resize
 from mae_jax.evaluation import knn
 from mae_jax.logger import InputWait, Logger
 
@@ -154,17 +155,27 @@ def compile_train_step(run):
 def device_batches(run, start_step):
   """Host batches for steps start_step.. as global arrays, two steps ahead."""
   cfg = run.config
+  resize = device_resize.resolve(cfg.data.get("resize", "auto"), sharding.platform(run.mesh))
   host = data.make_train_batches(
       run.train_src, image_size=cfg.data.image_size, global_batch_size=cfg.batch_size,
       seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count(),
       augment=cfg.data.augment, crop_scale=tuple(cfg.data.crop_scale), start_step=start_step,
       num_workers=cfg.data.num_workers, repeat_samples=cfg.data.get("repeat_samples", 1),
-      worker_processes=cfg.data.get("worker_processes", 0))
+      worker_processes=cfg.data.get("worker_processes", 0), resize=resize)
+  finish = device_crops(run) if resize == "device" else None
   queue = collections.deque()
   for batch in host:
-    queue.append(sharding.global_batch(batch, run.mesh))
+    batch = sharding.global_batch(batch, run.mesh)
+    queue.append(finish(batch) if finish else batch)
     if len(queue) == 2:
       yield queue.popleft()
+
+
+def device_crops(run):
+  """data.resize='device': the jitted resize of the host's crop regions to the batch the
+  train step takes (mae_jax.data.device_resize), sharded as the batch."""
+  crops = functools.partial(device_resize.crops_of, image_size=run.config.data.image_size)
+  return jax.jit(crops, out_shardings=sharding.batch_sharding(run.mesh))
 
 
 def check_finite(step, metrics, ckpt, skip_nonfinite=False):

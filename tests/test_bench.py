@@ -157,15 +157,16 @@ def test_photo_folder_is_made_of_the_bundled_photographs(tmp_path):
 
 
 def test_pipeline_benchmark_runs_each_path(tmp_path):
-  """benchmarks/pipeline.py on a tiny case: a JSON line per (path, decode, workers,
-  repeat) whose batch shapes it checked."""
+  """benchmarks/pipeline.py on a tiny case: a JSON line per (path, decode, resize, workers,
+  repeat) whose batch shapes it checked (the device resize only with crop decoding)."""
   pipeline = load_benchmark("pipeline")
   rows = pipeline.main(["--path", "folder", "--path", "prepared", "--workers", "0",
                         "--workers", "t2", "--repeat", "1", "--repeat", "2",
                         "--batch_size", "4", "--batches", "2", "--warmup", "1",
                         "--num_images", "12", "--image_size", "32", "--jpeg_size", "64", "48"])
-  assert [(r["path"], r["decode"], r["workers"], r["repeat"]) for r in rows] == [
-      (p, d, w, k) for p in ("folder", "prepared") for d in ("full", "crop")
+  assert [(r["path"], r["decode"], r["resize"], r["workers"], r["repeat"]) for r in rows] == [
+      (p, d, z, w, k) for p in ("folder", "prepared") for d in ("full", "crop")
+      for z in ("host", "device") if (d, z) != ("full", "device")
       for w in ("0", "t2") for k in (1, 2)]
   assert all(r["samples_per_s"] > 0 and r["samples_per_cpu_s"] > 0 for r in rows)
   assert all(r["images_per_s"] * r["repeat"] == pytest.approx(r["samples_per_s"], rel=0.01)

@@ -3,8 +3,12 @@ two devices each, against one process with four devices; checkpoints restored on
 topologies; SIGTERM / SIGINT stop every process at one agreed step; a killed process makes
 the other fail within a bounded time instead of hanging."""
 import functools
+import json
+import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import jax
@@ -12,9 +16,12 @@ import numpy as np
 import pytest
 from ml_collections import config_dict
 
-from helpers import tiny_config
-from mae_jax import checkpoint, distributed, models, optim, sharding, train_step as ts
-from trainproc import (TrainProcess, checkpoint_steps, kill_started, launch_group,
+from helpers import ROOT, tiny_config
+from mae_jax import checkpoint, data, distributed, models, optim, prepare, sharding
+from mae_jax import train_step as ts
+from mae_jax.data import device_resize, pipeline
+from test_prepare import write_jpeg_folder
+from trainproc import (TrainProcess, checkpoint_steps, free_port, kill_started, launch_group,
                        scalars, wait_all)
 
 # One program for every launch (the compile cache then serves all but the first); a
@@ -203,3 +210,82 @@ def test_bad_distributed_flags_fail_before_joining(options, message):
     distributed.initialize(options, env={})
   assert str(e.value).startswith(message)
   assert not jax.distributed.is_initialized()
+
+
+# --- Prepared data on two processes ---------------------------------------------------------
+# Each process joins the distributed runtime, reads its part of every global batch from a
+# prepared dataset (recording which records it decodes), and the device-resized crops of
+# both parts are gathered into the global batch. Process 0 saves what it gathered.
+PREPARED_WORKER = """
+import json, sys
+import jax, ml_collections, numpy as np
+from mae_jax import data, distributed, sharding
+from mae_jax.data import device_resize
+address, pid, data_dir, out = sys.argv[1:5]
+distributed.initialize(distributed.Options(coordinator_address=address, num_processes=2,
+                                           process_id=int(pid)))
+source = data.load_source(ml_collections.ConfigDict(dict(
+    name="prepared", data_dir=data_dir, manual_dir=None, channels=3)), "train")
+read, encoded = [], source.encoded
+source.encoded = lambda i: (read.append(int(i)), encoded(i))[1]
+mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(-1, 1), ("data", "fsdp"))
+crops = jax.jit(lambda b: device_resize.crops_of(b, 16),
+                out_shardings=sharding.batch_sharding(mesh))
+batches = data.make_train_batches(
+    source, image_size=16, global_batch_size=8, seed=5, repeat_samples=2, resize="device",
+    process_index=jax.process_index(), process_count=jax.process_count(), start_step=1)
+saved, reads = {}, []
+for step in (1, 2, 3):
+  local = next(batches)
+  out_batch = crops(sharding.global_batch(local, mesh))
+  saved[f"image{step}"] = sharding.to_host(out_batch["image"])
+  saved[f"label{step}"] = sharding.to_host(out_batch["label"])
+  saved[f"region{step}"] = local["region"]
+  reads.append(sorted(read))
+  read.clear()
+np.savez(f"{out}/p{pid}.npz", **saved)
+with open(f"{out}/reads{pid}.json", "w") as f:
+  json.dump({"process_index": jax.process_index(), "reads": reads}, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_read_their_parts_of_a_prepared_dataset(tmp_path):
+  """Two real processes (jax.distributed on localhost) each decode only the records of
+  their half of every global batch; gathered, the device-resized crops are the global batch
+  of one process reading it all."""
+  write_jpeg_folder(tmp_path / "in", counts=(("train", 20), ("val", 4)), size=(40, 50))
+  assert prepare.main(["--folder", str(tmp_path / "in"), "--out", str(tmp_path / "ds"),
+                       "--shard_size", "6", "--processes", "1"]) == 0
+  address = f"localhost:{free_port()}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  procs = [subprocess.Popen([sys.executable, "-c", PREPARED_WORKER, address, str(p),
+                             str(tmp_path / "ds"), str(tmp_path)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for p in range(2)]
+  try:
+    outputs = [p.communicate(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for _, e in outputs)
+  one = data.load_source(config_dict.ConfigDict(dict(
+      name="prepared", data_dir=str(tmp_path / "ds"), manual_dir=None, channels=3)), "train")
+  want = data.make_train_batches(one, image_size=16, global_batch_size=8, seed=5,
+                                 repeat_samples=2, resize="device", start_step=1)
+  parts = [np.load(tmp_path / f"p{p}.npz") for p in range(2)]
+  reads = [json.loads((tmp_path / f"reads{p}.json").read_text()) for p in range(2)]
+  assert [r["process_index"] for r in reads] == [0, 1]
+  for i, step in enumerate((1, 2, 3)):
+    w = next(want)
+    indices = pipeline.global_indices(5, step, len(one), 8, 2)
+    for p in range(2):  # process p decoded exactly its half's records, each once
+      assert reads[p]["reads"][i] == sorted(set(indices[4 * p:4 * p + 4].tolist()))
+      np.testing.assert_array_equal(parts[p][f"region{step}"], w["region"][4 * p:4 * p + 4])
+    crops = jax.jit(lambda b: device_resize.crops_of(b, 16))(w)
+    for p in range(2):  # every process holds the whole gathered global batch
+      np.testing.assert_array_equal(parts[p][f"label{step}"], w["label"])
+      diff = np.abs(parts[p][f"image{step}"].astype(int) - np.asarray(crops["image"]))
+      assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+  assert not set(reads[0]["reads"][0]) & set(reads[1]["reads"][0])

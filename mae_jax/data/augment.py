@@ -71,21 +71,28 @@ def crop_resize(image_HWC: np.ndarray, box, size: int) -> np.ndarray:
   return out.reshape(size, size, channels)
 
 
-def cubic(x):
-  """PIL's bicubic kernel (a = -0.5), zero outside (-2, 2)."""
-  x = np.minimum(np.abs(x), 2)
-  return np.where(x < 1, (1.5 * x - 2.5) * x * x + 1, ((-0.5 * x + 2.5) * x - 4) * x + 2)
+def cubic(x, xp=np):
+  """PIL's bicubic kernel (a = -0.5), zero outside (-2, 2); xp: numpy or jax.numpy."""
+  x = xp.minimum(xp.abs(x), 2)
+  return xp.where(x < 1, (1.5 * x - 2.5) * x * x + 1, ((-0.5 * x + 2.5) * x - 4) * x + 2)
 
 
-def resize_weights(start_B, length_B, in_size: int, out_size: int) -> np.ndarray:
+def resize_weights(start_B, length_B, in_size: int, out_size: int, extent_B=None, xp=np):
   """(B, out_size, in_size) weights resampling [start, start + length) of each row to
-  out_size pixels, as PIL's antialiased bicubic resize (kernel widened when shrinking)."""
-  scale_B = (length_B / out_size).astype(np.float32)
-  widen_B11 = np.maximum(scale_B, 1)[:, None, None]
-  centers_BO = start_B[:, None].astype(np.float32) + (np.arange(out_size, dtype=np.float32)
-                                                      + 0.5) * scale_B[:, None]
-  pixels_I = np.arange(in_size, dtype=np.float32) + 0.5
-  w_BOI = cubic((pixels_I - centers_BO[..., None]) / widen_B11)
+  out_size pixels, as PIL's antialiased bicubic resize (kernel widened when shrinking).
+
+  extent_B: where given, each row's pixels from extent on are padding (zero weight), as
+  PIL clips its kernel at the image's edge. xp: numpy or jax.numpy (the same weights
+  on the host or inside a jitted program).
+  """
+  scale_B = (xp.asarray(length_B) / out_size).astype(xp.float32)
+  widen_B11 = xp.maximum(scale_B, 1)[:, None, None]
+  centers_BO = (xp.asarray(start_B)[:, None].astype(xp.float32)
+                + (xp.arange(out_size, dtype=xp.float32) + 0.5) * scale_B[:, None])
+  pixels_I = xp.arange(in_size, dtype=xp.float32) + 0.5
+  w_BOI = cubic((pixels_I - centers_BO[..., None]) / widen_B11, xp)
+  if extent_B is not None:
+    w_BOI = xp.where(pixels_I < xp.asarray(extent_B)[:, None, None], w_BOI, 0)
   return w_BOI / w_BOI.sum(-1, keepdims=True)
 
 

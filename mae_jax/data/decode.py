@@ -1,11 +1,13 @@
 """Decode only what a training crop needs, from an encoded image (a file or its bytes).
 
 The crop boxes are computed from the image's size as read from its header, before any pixel
-is decoded. A JPEG is then decoded with PIL's `draft`, which scales it down by 2, 4 or 8 in
-the DCT domain while decoding, as far as the smallest crop of that image still has at least
-`image_size` pixels on each side; the box is resized straight from the decoded pixels (PIL's
-resize with a `box` crops before it resamples). Several crops of one image (repeated
-sampling) share one decode.
+is decoded. A JPEG is then decoded scaled down by 2, 4 or 8 in the DCT domain (PIL's
+`draft`), as far as the smallest crop of that image still has at least `image_size` pixels
+on each side; the box is resized straight from the decoded pixels (PIL's resize with a `box`
+crops before it resamples), or cut out for the accelerator to resize (device_resize).
+Several crops of one image (repeated sampling) share one decode. RGB and gray JPEGs decoded
+to RGB go through libjpeg-turbo directly (simplejpeg: no PIL image, no copy; the same scale
+and pixels as PIL's draft); everything else through PIL.
 
 With draft off the result is exactly the decode-everything path's (folder.decode then
 augment.augment_batch); with draft on, pixels of downscaled crops differ by the difference
@@ -17,10 +19,16 @@ import math
 import numpy as np
 from PIL import Image
 
+try:
+  import simplejpeg
+except ImportError:  # an install without it (a GPU machine off the network): PIL decodes all
+  simplejpeg = None
+
 from mae_jax.data import augment as augment_lib
 from mae_jax.data.errors import DatasetError
 
 PIL_MODES = {1: "L", 3: "RGB"}  # data.channels -> PIL mode decoded to
+JPEG_MAGIC = b"\xff\xd8\xff"
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit gray (PIL: "I" from some PNGs)
 
 
@@ -71,11 +79,56 @@ def draft_size(width: int, height: int, boxes_K4, image_size: int):
   return math.ceil(width / factor), math.ceil(height / factor)
 
 
-def decode_crops(encoded, draws_KD, augment, image_size: int, crop_scale, channels: int,
-                 draft: bool, name: str = "image") -> np.ndarray:
-  """K crops of one encoded image, resized to uint8 (K, image_size, image_size, channels),
-  flipped where augment.flip and the draw says so. DatasetError naming `name` if the image
-  cannot be decoded."""
+def draft_scale(width: int, height: int, wanted) -> int:
+  """The DCT scale (1, 2, 4 or 8) PIL's draft picks for a request of `wanted` (w, h)."""
+  if wanted is None:
+    return 1
+  most = min(width // wanted[0], height // wanted[1])
+  return next(s for s in (8, 4, 2, 1) if s <= most)
+
+
+def turbo_for_boxes(jpeg: bytes, draws_KD, augment, image_size: int, crop_scale, draft: bool):
+  """decode_for_boxes of an RGB or gray JPEG's bytes decoded to RGB with libjpeg-turbo
+  straight into numpy (simplejpeg: about 1.6x PIL's decode and copy); the same DCT scale
+  as PIL's draft, the same decoder settings, the same pixels. None where it cannot
+  (CMYK, a damaged file: PIL then decodes it or says why not)."""
+  try:
+    height, width, colorspace, _ = simplejpeg.decode_jpeg_header(jpeg)
+    if colorspace not in ("YCbCr", "Gray", "RGB"):
+      return None
+    boxes = crop_boxes(height, width, draws_KD, augment, image_size, crop_scale)
+    s = draft_scale(width, height, draft_size(width, height, boxes, image_size) if draft
+                    else None)
+    array = simplejpeg.decode_jpeg(jpeg, "RGB", min_height=-(-height // s),
+                                   min_width=-(-width // s))
+  except ValueError:
+    return None
+  return array, boxes * np.array([array.shape[0] / height, array.shape[1] / width] * 2)
+
+
+def jpeg_bytes(encoded) -> bytes | None:
+  """The bytes of a JPEG (a path or bytes), None for other formats."""
+  if isinstance(encoded, str):
+    with open(encoded, "rb") as f:
+      encoded = f.read()
+  return encoded if encoded[:3] == JPEG_MAGIC else None
+
+
+def decode_for_boxes(encoded, draws_KD, augment, image_size: int, crop_scale, channels: int,
+                     draft: bool, name: str = "image"):
+  """(decoded uint8 (h, w, channels), float boxes (K, 4) in its pixels) for K crops of one
+  encoded image: the boxes are drawn on the original size (from the header), the JPEG is
+  decoded as small as draft allows and the boxes scaled to what was decoded. DatasetError
+  naming `name` if the image cannot be decoded."""
+  try:
+    jpeg = jpeg_bytes(encoded) if channels == 3 and simplejpeg is not None else None
+  except OSError as e:
+    raise DatasetError(f"{name}: cannot decode image: {type(e).__name__}: {e}") from e
+  if jpeg is not None:
+    done = turbo_for_boxes(jpeg, draws_KD, augment, image_size, crop_scale, draft)
+    if done is not None:
+      return done
+    encoded = jpeg
   try:
     with open_image(encoded) as image:
       width, height = image.size
@@ -87,15 +140,37 @@ def decode_crops(encoded, draws_KD, augment, image_size: int, crop_scale, channe
       array = to_array(image, channels)
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
     raise DatasetError(f"{name}: cannot decode image: {type(e).__name__}: {e}") from e
-  scaled = boxes * np.array([array.shape[0] / height, array.shape[1] / width] * 2)
-  pil = Image.fromarray(array[..., 0] if channels == 1 else array)  # once for the k crops
-  out = np.stack([np.asarray(pil.resize((image_size,) * 2, augment_lib.RESAMPLE,
-                                        box=(left, top, left + w, top + h)))
-                  for top, left, h, w in scaled.tolist()]).reshape(-1, image_size, image_size,
-                                                                   channels)
-  if augment.flip:
-    flip = draws_KD[:, augment_lib.FLIP] < 0.5
-    out[flip] = out[flip, :, ::-1]
+  return array, boxes * np.array([array.shape[0] / height, array.shape[1] / width] * 2)
+
+
+def flips(draws_KD, augment, k: int) -> np.ndarray:
+  """bool (K,): which of K crops are mirrored."""
+  if not augment.flip:
+    return np.zeros(k, bool)
+  return draws_KD[:, augment_lib.FLIP] < 0.5
+
+
+def resize_boxes(array_HWC, boxes_K4, image_size: int) -> np.ndarray:
+  """uint8 (K, image_size, image_size, C): each float box of the image resized bicubically
+  (PIL's resize with a box crops before it resamples)."""
+  channels = array_HWC.shape[-1]
+  pil = Image.fromarray(array_HWC[..., 0] if channels == 1 else array_HWC)  # once for all K
+  return np.stack([np.asarray(pil.resize((image_size,) * 2, augment_lib.RESAMPLE,
+                                         box=(left, top, left + w, top + h)))
+                   for top, left, h, w in boxes_K4.tolist()]).reshape(
+                       -1, image_size, image_size, channels)
+
+
+def decode_crops(encoded, draws_KD, augment, image_size: int, crop_scale, channels: int,
+                 draft: bool, name: str = "image") -> np.ndarray:
+  """K crops of one encoded image, resized to uint8 (K, image_size, image_size, channels),
+  flipped where augment.flip and the draw says so. DatasetError naming `name` if the image
+  cannot be decoded."""
+  array, boxes = decode_for_boxes(encoded, draws_KD, augment, image_size, crop_scale,
+                                  channels, draft, name)
+  out = resize_boxes(array, boxes, image_size)
+  flip = flips(draws_KD, augment, len(out))
+  out[flip] = out[flip, :, ::-1]
   return out
 
 

@@ -66,9 +66,9 @@ class FolderSource(EncodedSource):
     """Image `index` as uint8 (H, W, channels), or the next one that decodes."""
     return self.first_decodable(index, super().get)
 
-  def crops(self, index, *args):
-    """Crops of image `index`, or of the next one that decodes."""
-    return self.first_decodable(index, lambda i: super(FolderSource, self).crops(i, *args))
+  def decoded(self, index, *args):
+    """Image `index` decoded for its crops, or the next one that decodes."""
+    return self.first_decodable(index, lambda i: super(FolderSource, self).decoded(i, *args))
 
   def first_decodable(self, index, read):
     """read(i) for the first i from `index` on (wrapping) whose file decodes."""

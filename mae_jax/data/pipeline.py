@@ -23,6 +23,9 @@ from mae_jax.data.source import DatasetError, Source, evenly_spaced
 
 ORDER_STREAM, AUGMENT_STREAM = 0, 1  # keep the two seed streams apart
 PAD_LABEL = -1  # label of eval padding (its 'valid' is False)
+# data.resize: where each training crop is resized to image_size. host: Pillow in the input
+# pipeline; device: the accelerator, from regions the host cuts (mae_jax.data.device_resize).
+RESIZE = ("host", "device")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,22 +72,30 @@ def augment_draws(seed: int, step: int, global_batch_size: int) -> np.ndarray:
 
 
 def train_batch(step: int, *, source: Source, part: ProcessSlice, seed: int, image_size: int,
-                augment: augment_lib.Augment, crop_scale, repeat_samples: int = 1) -> dict:
+                augment: augment_lib.Augment, crop_scale, repeat_samples: int = 1,
+                resize: str = "host") -> dict:
   """This process's part of the global batch of `step`: image uint8 (L, S, S, C), label (L,).
-  Row k is cropped and flipped by its own draws, also where an example repeats."""
+  Row k is cropped and flipped by its own draws, also where an example repeats.
+  resize='device': the regions of those crops instead of 'image' (device_resize.KEYS), for
+  device_resize.crops_of to finish on the accelerator."""
   g = part.global_batch_size
   indices = global_indices(seed, step, len(source), g, repeat_samples)[part.local]
   draws = augment_draws(seed, step, g)[part.local]
+  if resize == "device":
+    regions, labels = source.region_batch(indices, draws, augment, image_size, crop_scale)
+    return {**regions, "label": labels}
   images, labels = source.crop_batch(indices, draws, augment, image_size, crop_scale)
   return {"image": images, "label": labels}
 
 
 def check_train_args(source, image_size, global_batch_size, augment, crop_scale, start_step,
-                     num_workers, repeat_samples=1, worker_processes=0) -> None:
+                     num_workers, repeat_samples=1, worker_processes=0, resize="host") -> None:
   """One clear line for each bad argument, before any work starts."""
   if augment not in augment_lib.AUGMENTS:
     raise DatasetError(f"data.augment={augment!r}: expected one of "
                        f"{', '.join(augment_lib.AUGMENTS)}")
+  if resize not in RESIZE:
+    raise DatasetError(f"data.resize={resize!r}: expected one of {', '.join(RESIZE)}")
   lo, hi = crop_scale
   if not 0 < lo <= hi <= 1:
     raise DatasetError(f"data.crop_scale={tuple(crop_scale)}: must satisfy 0 < min <= max <= 1")
@@ -122,18 +133,21 @@ def make_train_batches(source: Source, *, image_size: int, global_batch_size: in
                        process_index: int = 0, process_count: int = 1,
                        augment: str = "crop_flip", crop_scale=(0.2, 1.0), start_step: int = 0,
                        num_workers: int = 0, repeat_samples: int = 1,
-                       worker_processes: int = 0) -> Iterator[dict]:
+                       worker_processes: int = 0, resize: str = "host") -> Iterator[dict]:
   """Infinite iterator of this process's batches from step start_step on.
 
   Yields {'image': uint8 (G // process_count, S, S, C), 'label': int32 (G // process_count,)}.
   repeat_samples = k: G // k distinct examples per global batch, k independent crops each.
+  resize='device': 'image' replaced by the crops' regions (device_resize's host batch);
+  device_resize.crops_of makes the same 'image' from them on the accelerator.
   """
   check_train_args(source, image_size, global_batch_size, augment, crop_scale, start_step,
-                   num_workers, repeat_samples, worker_processes)
+                   num_workers, repeat_samples, worker_processes, resize)
   part = ProcessSlice(global_batch_size, process_index, process_count)
   make = functools.partial(train_batch, source=source, part=part, seed=int(seed) % 2**64,
                            image_size=image_size, augment=augment_lib.AUGMENTS[augment],
-                           crop_scale=tuple(crop_scale), repeat_samples=repeat_samples)
+                           crop_scale=tuple(crop_scale), repeat_samples=repeat_samples,
+                           resize=resize)
   return iterate(grain.MapDataset.range(start_step, sys.maxsize).map(make), num_workers,
                  worker_processes)
 

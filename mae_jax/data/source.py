@@ -10,6 +10,7 @@ import numpy as np
 
 from mae_jax.data import augment as augment_lib
 from mae_jax.data import decode as decode_lib
+from mae_jax.data import device_resize
 from mae_jax.data.errors import DatasetError  # pylint: disable=unused-import (re-exported)
 
 # Normalisation stats in each dataset's own channels, on [0, 1] pixels: (mean, std).
@@ -62,6 +63,19 @@ class Source:
     draws_BD[k]): here everything decoded, then cropped; EncodedSource decodes less."""
     images, labels = self.batch(indices)
     return augment_lib.augment_batch(images, draws_BD, augment, image_size, crop_scale), labels
+
+  def region_batch(self, indices, draws_BD, augment, image_size: int, crop_scale):
+    """data.resize='device': the crops of crop_batch as regions for the accelerator to
+    resize (device_resize's host batch, without the label) and the labels int32 (B,)."""
+    images, labels = self.batch(indices)
+    out = device_resize.regions_batch(len(labels), image_size, self.channels)
+    for k, image in enumerate(images):
+      draws = None if draws_BD is None else draws_BD[k:k + 1]
+      boxes = decode_lib.crop_boxes(*image.shape[:2], draws, augment, image_size, crop_scale)
+      out["box"][k:k + 1], out["extent"][k:k + 1] = device_resize.cut_regions(
+          image, boxes, image_size, out["region"][k:k + 1])
+    out["flip"] = decode_lib.flips(draws_BD, augment, len(labels))
+    return out, labels
 
   def __getitem__(self, index: int) -> dict:
     if not -len(self) <= index < len(self):
@@ -135,6 +149,9 @@ class Subset(Source):
   def crop_batch(self, indices, *args):
     return self.base.crop_batch(self.indices[np.asarray(indices, np.int64)], *args)
 
+  def region_batch(self, indices, *args):
+    return self.base.region_batch(self.indices[np.asarray(indices, np.int64)], *args)
+
 
 class EncodedSource(Source):
   """A source of encoded images (files or bytes): subclasses define __len__ and
@@ -152,11 +169,21 @@ class EncodedSource(Source):
     encoded, label, name = self.encoded(index)
     return decode_lib.decode(encoded, self.channels, name), label
 
+  def decoded(self, index: int, draws_KD, augment, image_size, crop_scale):
+    """(decoded uint8 (h, w, C), float boxes (K, 4) in its pixels, label) of example
+    `index` for K crops: decoded once, as small as draft allows."""
+    encoded, label, name = self.encoded(index)
+    array, boxes = decode_lib.decode_for_boxes(encoded, draws_KD, augment, image_size,
+                                               crop_scale, self.channels, self.draft, name)
+    return array, boxes, label
+
   def crops(self, index: int, draws_KD, augment, image_size, crop_scale):
     """(crops uint8 (K, S, S, C), label) of example `index`, decoded once."""
-    encoded, label, name = self.encoded(index)
-    return decode_lib.decode_crops(encoded, draws_KD, augment, image_size, crop_scale,
-                                   self.channels, self.draft, name), label
+    array, boxes, label = self.decoded(index, draws_KD, augment, image_size, crop_scale)
+    out = decode_lib.resize_boxes(array, boxes, image_size)
+    flip = decode_lib.flips(draws_KD, augment, len(out))
+    out[flip] = out[flip, :, ::-1]
+    return out, label
 
   def crop_batch(self, indices, draws_BD, augment, image_size, crop_scale):
     indices = np.asarray(indices, np.int64)
@@ -166,6 +193,19 @@ class EncodedSource(Source):
       draws = None if draws_BD is None else draws_BD[start:stop]
       out[start:stop], labels[start:stop] = self.crops(int(indices[start]), draws, augment,
                                                        image_size, crop_scale)
+    return out, labels
+
+  def region_batch(self, indices, draws_BD, augment, image_size, crop_scale):
+    indices = np.asarray(indices, np.int64)
+    out = device_resize.regions_batch(len(indices), image_size, self.channels)
+    labels = np.zeros(len(indices), np.int32)
+    for start, stop in decode_lib.runs(indices):  # one decode for the repeated samples
+      draws = None if draws_BD is None else draws_BD[start:stop]
+      array, boxes, labels[start:stop] = self.decoded(int(indices[start]), draws, augment,
+                                                      image_size, crop_scale)
+      out["box"][start:stop], out["extent"][start:stop] = device_resize.cut_regions(
+          array, boxes, image_size, out["region"][start:stop])
+    out["flip"] = decode_lib.flips(draws_BD, augment, len(indices))
     return out, labels
 
 
