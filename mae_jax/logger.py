@@ -172,4 +172,5 @@ class InputWait:
     return (f"input-bound: {share:.0%} of wall time at step {step} went to waiting for the "
             f"next batch (data.input_wait_warn={self.warn_above}); try more "
             "data.num_workers or data.worker_processes, a prepared dataset (python -m "
-            "mae_jax.prepare, then data.name=prepared) or data.repeat_samples=2")
+            "mae_jax.prepare, then data.name=prepared), data.resize=device (on a GPU or "
+            "TPU) or data.repeat_samples=2")
