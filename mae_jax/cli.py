@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import math
 import os
+import re
 import sys
 import traceback
 
@@ -120,27 +121,38 @@ def _first_line(error):
   return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def user_code_error(error):
-  """(the exception, its innermost frame) where the code of a user's file (a recipe) raised
-  `error` or an exception it wraps (__cause__, __context__): the frame outside mae_jax and
-  the Python installation; None where no user code raised."""
-  library = (os.path.dirname(os.path.abspath(__file__)), sys.prefix, sys.base_prefix)
+def user_code_error(error, files):
+  """(the exception, its innermost frame in one of `files`) where the code of one of those
+  files (recipes) raised `error` or an exception it wraps (__cause__, __context__); None
+  where none of them did."""
+  files = {os.path.abspath(f) for f in files}
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
     frames = [f for f in traceback.extract_tb(error.__traceback__)
-              if not f.filename.startswith("<")
-              and not os.path.abspath(f.filename).startswith(library)]
+              if os.path.abspath(f.filename) in files]
     if frames:
       return error, frames[-1]
     error = error.__cause__ or error.__context__
   return None
 
 
-def user_code_failure(error):
-  """'FILE:LINE: Type: message' of an exception that a user's file raised (user_code_error),
-  or the error's first line."""
-  found = user_code_error(error)
+def recipe_files(argv, defaults=()):
+  """The recipe files a command line names (--config=F, --eval_config F, ...; F:ARG as
+  ml_collections takes it), and `defaults`."""
+  found = list(defaults)
+  for i, arg in enumerate(argv):
+    name, eq, value = arg.partition("=")
+    if re.fullmatch(r"--?\w*config", name):
+      value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+      found.append(value.split(":", 1)[0])
+  return [f for f in found if f]
+
+
+def user_code_failure(error, files):
+  """'FILE:LINE: Type: message' of an exception that one of `files` raised, or the error's
+  first line."""
+  found = user_code_error(error, files)
   if found is None:
     return _first_line(error)
   error, frame = found

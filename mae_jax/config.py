@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import os
 import re
 
 import jax
@@ -320,8 +321,9 @@ def flag_error(error, argv, recipe="configs/default.py"):
   """One line for a bad --config, --config.FIELD or other flag: absl and ml_collections raise
   several kinds of error, some of them multi-line or quoted twice. `recipe` is the file an
   unknown field's message points to."""
-  if cli.user_code_error(error) is not None:  # the recipe file's own code raised it
-    return f"a recipe file fails to load: {cli.user_code_failure(error)}"
+  files = cli.recipe_files(argv, [cli.default_recipe(os.path.basename(recipe))])
+  if cli.user_code_error(error, files) is not None:  # the recipe file's own code raised it
+    return f"a recipe file fails to load: {cli.user_code_failure(error, files)}"
   text = " ".join(str(error).replace("\\n", " ").replace("\\'", "'").split())
   if isinstance(error, (KeyError, AttributeError)):  # an unknown --config.FIELD
     key = re.search(r"'(\w+)'", text)

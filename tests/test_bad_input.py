@@ -223,6 +223,7 @@ EVALUATE_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workdir_arg,fields,expected", EVALUATE_CASES,
                          ids=[str(i) for i in range(len(EVALUATE_CASES))])
 def test_evaluate_bad_input(runs, capsys, workdir_arg, fields, expected):
@@ -409,6 +410,7 @@ def test_train_empty_workdir_creates_nothing(tmp_path, monkeypatch):
   assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_convert_export_of_a_train_workdir(workdir, tmp_path, capsys):
   """`convert export WORKDIR out.pth` writes the run's latest checkpoint's params in the
   official layout, and they import back to the same values."""

@@ -974,6 +974,7 @@ def test_skipped_images_are_counted_in_the_summary(tmp_path, capsys):
   assert "skipped: 0 non-finite update(s) (skip_nonfinite); 4 train and 4 test" in out
 
 
+@pytest.mark.slow
 def test_missing_config_json_never_leads_to_deleting_checkpoints(reference, tmp_path):
   """Checkpoints of another model in a workdir without config.json: the refusal says the
   config is unknown and advises no deletion (the checkpoints are not damaged)."""
