@@ -4,7 +4,10 @@ Each collective is counted as often as it runs in one step: an op inside a while
 body (a scanned block stack) counts trip-count times, the trip count read from the loop
 condition's bound. An all-reduce inside a computation the TPU compiler names
 `all-reduce-scatter...` (its fusion of an all-reduce with each device keeping its slice)
-counts as a reduce-scatter. `bytes` is the full buffer an op works on (all-gather: its
+counts as a reduce-scatter. The TPU compiler's asynchronous collective fusions (v5e) keep a
+copy of their collective in the computation of each of their parts (`async-collective-start`,
+the `async_collective_fusion` steps that overlap it with compute, `async-collective-done`):
+it is counted once, at its start. `bytes` is the full buffer an op works on (all-gather: its
 result; reduce-scatter: its input; the others: their operand), per device; replica groups
 are decoded in XLA's three spellings and named by the mesh axes they span.
 """
@@ -34,6 +37,7 @@ _INSTR_RE = re.compile(
 _SHAPE_RE = re.compile(r"\b([a-z]+[0-9]*(?:e\d+m\d+(?:fn)?)?)\[([0-9,]*)\]")
 _CALL_RE = re.compile(r"\b(?:calls|true_computation|false_computation)=%([\w.\-]+)")
 _BRANCH_RE = re.compile(r"branch_computations=\{([^}]*)\}")
+_ASYNC_DONE_RE = re.compile(r"^\s*(?:ROOT )?%async-collective-done[.\d]* = ")
 _WHILE_RE = re.compile(r"condition=%([\w.\-]+), body=%([\w.\-]+)")
 
 
@@ -69,6 +73,18 @@ def split_computations(hlo_text):
     elif name is not None:
       comps[name].append(line)
   return comps, entry
+
+
+def async_copies(comps):
+  """Computations that hold a copy of an asynchronous collective fusion's collective: the
+  `async_collective_fusion` steps and what `async-collective-done` calls. The collective
+  runs once, and is counted in the computation its `async-collective-start` calls."""
+  copies = {name for name in comps if name.startswith("async_collective_fusion")}
+  for lines in comps.values():
+    for line in lines:
+      if _ASYNC_DONE_RE.match(line):
+        copies.update(_CALL_RE.findall(line))
+  return copies
 
 
 def trip_count(cond_lines):
@@ -153,9 +169,10 @@ def collectives(hlo_text, mesh_shape):
   comps, entry = split_computations(hlo_text)
   mult = multipliers(comps, entry)
   num_devices = int(np.prod(mesh_shape))
+  copies = async_copies(comps)
   found = []
   for name, lines in comps.items():
-    if not mult.get(name):
+    if not mult.get(name) or name in copies:
       continue
     for line in lines:
       match = _INSTR_RE.match(line)

@@ -93,6 +93,19 @@ def test_fsdp_gathers_params_and_reduce_scatters_grads_over_fsdp(fsdp_step):
   assert rep["collectives"]["all-gather"]["count"] >= 2 * 4
 
 
+@pytest.mark.slow
+def test_fsdp_gathers_each_parameter_at_most_twice(fsdp_step):
+  """The all-gather bytes per step are at most twice (forward and backward) the sharded
+  parameters' bytes. v5e writes each gather as an asynchronous collective fusion whose
+  parts all hold a copy of it: counting every copy read about 5.7 times the parameters."""
+  rep, _, run = fsdp_step
+  gathered = sum(x.size * x.dtype.itemsize for x, sh in zip(
+      jax.tree.leaves(trainer.abstract_state(run.model, run.tx, run.config).params),
+      jax.tree.leaves(run.state_shardings.params)) if "fsdp" in sh.spec)
+  assert gathered > 0
+  assert 0 < rep["collectives_by_axes"]["all-gather over fsdp"] <= 2 * gathered
+
+
 def test_collectives_count_scan_trips_and_all_reduce_scatter_fusions():
   text = """HloModule m
 
@@ -125,6 +138,37 @@ ENTRY %main (a: f32[8]) -> f32[8] {
   assert found["all-reduce"].count == 1 and found["all-reduce"].axes == "data+fsdp"
   s = hlo.summarize(hlo.collectives(text, (2, 2)))
   assert s["all-reduce"]["ici_bytes"] == round(400 * 2 * 3 / 4)  # ring: 2 (n-1)/n
+
+
+def test_async_collective_fusion_parts_count_once():
+  """v5e's asynchronous collective fusions copy their all-gather into the computations of
+  the start, of each overlapping step and of the done: it runs (and is counted) once."""
+  text = """HloModule m
+
+%fused_start (p0: bf16[4,8]) -> bf16[16,8] {
+  %p0 = bf16[4,8]{1,0} parameter(0)
+  ROOT %all-gather.1 = bf16[16,8]{1,0} all-gather(%p0), channel_id=7, replica_groups=[1,4]<=[4], dimensions={0}
+}
+
+%async_collective_fusion.3 (p1: bf16[4,8]) -> bf16[16,8] {
+  %p1 = bf16[4,8]{1,0} parameter(0)
+  ROOT %all-gather.2 = bf16[16,8]{1,0} all-gather(%p1), channel_id=7, replica_groups=[1,4]<=[4], dimensions={0}
+}
+
+%fused_done (p2: bf16[4,8]) -> bf16[16,8] {
+  %p2 = bf16[4,8]{1,0} parameter(0)
+  ROOT %all-gather.3 = bf16[16,8]{1,0} all-gather(%p2), channel_id=7, replica_groups=[1,4]<=[4], dimensions={0}
+}
+
+ENTRY %main (a: bf16[4,8]) -> bf16[16,8] {
+  %a = bf16[4,8]{1,0} parameter(0)
+  %async-collective-start.1 = (bf16[4,8], bf16[16,8]) fusion(%a), kind=kCustom, calls=%fused_start
+  %fusion.3 = (bf16[4,8], bf16[16,8]) fusion(%async-collective-start.1), kind=kCustom, calls=%async_collective_fusion.3
+  ROOT %async-collective-done.1 = bf16[16,8]{1,0} fusion(%fusion.3), kind=kCustom, calls=%fused_done
+}
+"""
+  found = hlo.collectives(text, (1, 4))
+  assert [(c.kind, c.count, c.bytes) for c in found] == [("all-gather", 1, 16 * 8 * 2)]
 
 
 def test_data_groups_are_named_data():
