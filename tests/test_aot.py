@@ -211,6 +211,20 @@ def test_max_batch_fits_and_one_more_does_not():
   assert not aot.fits(config, devices, b + 1, "none", hbm_gib * 2**30, 0.0)[0]
 
 
+def test_batch_search_finds_the_edge_from_any_guess():
+  """aot.search returns the largest k that fits from a guess on either side of it, and a
+  close guess costs few compiles."""
+  for edge in (1, 2, 7, 64, 100, 1000):
+    for guess in {1, max(edge - 3, 1), edge, edge + 1, edge + 5, 4 * edge}:
+      asked = []
+      def ok(k, edge=edge, asked=asked):
+        asked.append(k)
+        return k <= edge
+      assert aot.search(ok, guess) == edge, (edge, guess)
+      if abs(guess - edge) <= 1:  # the compiles at the guess and beside it
+        assert len(set(asked)) <= 2 + (guess != edge), (edge, guess, asked)
+
+
 def run_aot(*args):
   env = dict(os.environ, PYTHONPATH=os.getcwd())
   return subprocess.run([sys.executable, "-m", "mae_jax.aot", *args], capture_output=True,
