@@ -140,6 +140,25 @@ ENTRY %main (a: f32[8]) -> f32[8] {
   assert s["all-reduce"]["ici_bytes"] == round(400 * 2 * 3 / 4)  # ring: 2 (n-1)/n
 
 
+@pytest.mark.slow
+def test_whole_slice_fsdp_gathers_are_counted_as_gathers():
+  """FSDP over all 64 chips of v5p:4x4x4 (data=1): the compiler writes the parameter
+  gathers as all-reduces of zero buffers; they are counted as all-gathers, at most twice
+  the sharded parameters' bytes a step (before: no all-gather at all, everything an
+  all-reduce)."""
+  devices = aot.topology_devices("v5p:4x4x4")
+  config = tiny_config(data=1, fsdp=64)
+  config.model.update(width=256, num_heads=4, decoder_width=128, decoder_heads=4)
+  config.batch_size = 64
+  compiled, run, _ = aot.compile_step(aot.checked_config(config, 64), devices)
+  _, hbm, ici = aot.chip_of(devices)
+  rep = aot.analyze(compiled, run, hbm, ici, headroom=0.1)
+  params = jax.tree.leaves(trainer.abstract_state(run.model, run.tx, run.config).params)
+  gathered = sum(x.size * x.dtype.itemsize for x, sh in zip(
+      params, jax.tree.leaves(run.state_shardings.params)) if "fsdp" in sh.spec)
+  assert 0 < rep["collectives_by_axes"]["all-gather over fsdp"] <= 2 * gathered
+
+
 def test_async_collective_fusion_parts_count_once():
   """v5e's asynchronous collective fusions copy their all-gather into the computations of
   the start, of each overlapping step and of the done: it runs (and is counted) once."""
@@ -169,6 +188,41 @@ ENTRY %main (a: bf16[4,8]) -> bf16[16,8] {
 """
   found = hlo.collectives(text, (1, 4))
   assert [(c.kind, c.count, c.bytes) for c in found] == [("all-gather", 1, 16 * 8 * 2)]
+
+
+def test_a_shard_written_into_zeros_and_all_reduced_is_an_all_gather():
+  """On whole-slice groups the TPU compiler writes an all-gather as an all-reduce of a zero
+  buffer holding each device's shard, combined with real reductions in one tuple
+  all-reduce: the zero-buffer operands (directly or through a fusion and a copy) count as
+  all-gathers sent at the all-reduce rate, the gradient operand stays an all-reduce."""
+  text = """HloModule m
+
+%fused_dus (param_0.1: bf16[64,8], param_1.1: bf16[1,8]) -> bf16[64,8] {
+  %param_0.1 = bf16[64,8]{1,0} parameter(0)
+  %param_1.1 = bf16[1,8]{1,0} parameter(1)
+  ROOT %dynamic-update-slice.2 = bf16[64,8]{1,0} dynamic-update-slice(%param_0.1, %param_1.1, %i, %j)
+}
+
+ENTRY %main (a: bf16[1,8], g: bf16[64,8]) -> bf16[64,8] {
+  %a = bf16[1,8]{1,0} parameter(0)
+  %constant.1 = bf16[] constant(0)
+  %broadcast.1 = bf16[64,8]{1,0} broadcast(%constant.1), dimensions={}
+  %broadcast.2 = bf16[64,16]{1,0} broadcast(%constant.1), dimensions={}
+  %dynamic-update-slice.1 = bf16[64,16]{1,0} dynamic-update-slice(%broadcast.2, %b, %i, %j)
+  %fusion.1 = bf16[64,8]{1,0} fusion(%broadcast.1, %a), kind=kLoop, calls=%fused_dus
+  %copy-start.1 = (bf16[64,8]{1,0}, bf16[64,8]{1,0}, u32[]) copy-start(%fusion.1)
+  %copy-done.1 = bf16[64,8]{1,0} copy-done(%copy-start.1)
+  %convolution.1 = bf16[64,4]{1,0} convolution(%x, %y), dim_labels=bf_io->bf
+  %all-reduce.1 = (bf16[64,8]{1,0}, bf16[64,16]{1,0}, bf16[64,4]{1,0}) all-reduce(%copy-done.1, %dynamic-update-slice.1, %convolution.1), channel_id=3, replica_groups=[1,64]<=[64], use_global_device_ids=true, to_apply=%add
+}
+"""
+  found = hlo.collectives(text, (1, 64))
+  kinds = {c.kind: c for c in found}
+  assert set(kinds) == {"all-gather", "all-reduce"}
+  assert kinds["all-gather"].bytes == (64 * 8 + 64 * 16) * 2
+  assert kinds["all-reduce"].bytes == 64 * 4 * 2
+  s = hlo.summarize(found)
+  assert s["all-gather"]["ici_bytes"] == round((64 * 8 + 64 * 16) * 2 * 2 * 63 / 64)
 
 
 def test_data_groups_are_named_data():
