@@ -265,18 +265,31 @@ def test_max_batch_fits_and_one_more_does_not():
   assert not aot.fits(config, devices, b + 1, "none", hbm_gib * 2**30, 0.0)[0]
 
 
-def test_batch_search_finds_the_edge_from_any_guess():
-  """aot.search returns the largest k that fits from a guess on either side of it, and a
-  close guess costs few compiles."""
-  for edge in (1, 2, 7, 64, 100, 1000):
-    for guess in {1, max(edge - 3, 1), edge, edge + 1, edge + 5, 4 * edge}:
-      asked = []
-      def ok(k, edge=edge, asked=asked):
-        asked.append(k)
-        return k <= edge
-      assert aot.search(ok, guess) == edge, (edge, guess)
-      if abs(guess - edge) <= 1:  # the compiles at the guess and beside it
-        assert len(set(asked)) <= 2 + (guess != edge), (edge, guess, asked)
+def test_batch_search_finds_the_edge_in_few_compiles():
+  """aot.search returns the largest batch whose memory is under the limit, for memory
+  that grows linearly, faster than linearly, in steps, or with the compiler giving no
+  total past a size; near-linear memory costs few compiles."""
+  limit = 1000.0
+  cases = {
+      "linear": lambda k: 100 + 3 * k,                   # edge 300
+      "convex": lambda k: 100 + 2 * k + 0.004 * k * k,   # edge 286
+      "steps": lambda k: 100 + 50 * (k // 8),            # edge 151
+      "one": lambda k: 990 + 20 * k,                     # edge 0 (k = 1 is over)
+  }
+  for name, memory in cases.items():
+    asked = []
+    def measure(k, memory=memory, asked=asked):
+      asked.append(k)
+      return memory(k) <= limit, memory(k)
+    edge = max([k for k in range(1, 5000) if memory(k) <= limit], default=0)
+    assert aot.search(measure, limit) == edge, name
+    assert len(asked) == len(set(asked)), name  # no batch compiled twice
+    if name == "linear":
+      assert len(asked) <= 5, asked
+    if name == "convex":
+      assert len(asked) <= 10, asked
+  no_total = lambda k: (k <= 37, 100.0 * k if k <= 37 else None)
+  assert aot.search(no_total, 3700.0) == 37
 
 
 def run_aot(*args):
