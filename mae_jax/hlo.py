@@ -9,8 +9,8 @@ copy of their collective in the computation of each of their parts (`async-colle
 the `async_collective_fusion` steps that overlap it with compute, `async-collective-done`):
 it is counted once, at its start. On groups that span the whole slice the TPU compiler may
 write an all-gather as an all-reduce of a zero buffer holding each device's shard
-(`dynamic-update-slice` into a broadcast): those operands count as all-gathers, sent at the
-all-reduce's rate. `bytes` is the full buffer an op works on (all-gather: its
+(`dynamic-update-slice` into a broadcast, at an offset computed from the device's id):
+those operands count as all-gathers, sent at the all-reduce's rate. `bytes` is the full buffer an op works on (all-gather: its
 result; reduce-scatter: its input; the others: their operand), per device; replica groups
 are decoded in XLA's three spellings and named by the mesh axes they span.
 """
@@ -251,8 +251,9 @@ class Values:
     op, operands, rest = entry
     if op in _PASS_THROUGH and operands:
       return self.source(comp, operands[0], index, depth + 1)
-    if op == "get-tuple-element" and operands:
-      return self.source(comp, operands[0], int(_INDEX_RE.search(rest).group(1)), depth + 1)
+    index_of = _INDEX_RE.search(rest)
+    if op == "get-tuple-element" and operands and index_of:
+      return self.source(comp, operands[0], int(index_of.group(1)), depth + 1)
     if op == "tuple" and index is not None and index < len(operands):
       return self.source(comp, operands[index], None, depth + 1)
     if op == "fusion":
@@ -266,13 +267,33 @@ class Values:
     return comp, var, op
 
   def is_shard_in_zeros(self, comp, var):
-    """Whether the value is a dynamic-update-slice into a broadcast (a zero buffer)."""
+    """Whether the value is a dynamic-update-slice into a broadcast (a zero buffer) at an
+    offset computed from the device's id: each device writes its own part, as in a
+    gather (a write at the same offset on every device would be a real reduction)."""
     src = self.source(comp, var)
     if src is None or src[2] != "dynamic-update-slice":
       return False
     _, operands, _ = self.defs[(src[0], src[1])]
     base = self.source(src[0], operands[0]) if operands else None
-    return base is not None and base[2] in ("broadcast", "constant")
+    return (base is not None and base[2] in ("broadcast", "constant")
+            and any(self.from_device_id(src[0], i) for i in operands[2:]))
+
+  def from_device_id(self, comp, var, depth=0):
+    """Whether a (scalar index) value is computed from partition-id or replica-id."""
+    entry = self.defs.get((comp, var))
+    if entry is None or depth > 12:
+      return False
+    op, operands, rest = entry
+    if op in ("partition-id", "replica-id"):
+      return True
+    if op == "parameter" and comp in self.callers and rest.isdigit():
+      caller, args = self.callers[comp]
+      return int(rest) < len(args) and self.from_device_id(caller, args[int(rest)], depth + 1)
+    if op == "fusion":
+      callee = _CALL_RE.findall(rest)
+      if callee and callee[0] in self.roots:
+        return self.from_device_id(callee[0], self.roots[callee[0]], depth + 1)
+    return any(self.from_device_id(comp, o, depth + 1) for o in operands)
 
 
 def summarize(found):

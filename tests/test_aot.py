@@ -197,10 +197,12 @@ def test_a_shard_written_into_zeros_and_all_reduced_is_an_all_gather():
   all-gathers sent at the all-reduce rate, the gradient operand stays an all-reduce."""
   text = """HloModule m
 
-%fused_dus (param_0.1: bf16[64,8], param_1.1: bf16[1,8]) -> bf16[64,8] {
+%fused_dus (param_0.1: bf16[64,8], param_1.1: bf16[1,8], param_2.1: s32[]) -> bf16[64,8] {
   %param_0.1 = bf16[64,8]{1,0} parameter(0)
   %param_1.1 = bf16[1,8]{1,0} parameter(1)
-  ROOT %dynamic-update-slice.2 = bf16[64,8]{1,0} dynamic-update-slice(%param_0.1, %param_1.1, %i, %j)
+  %param_2.1 = s32[] parameter(2)
+  %zero.1 = s32[] constant(0)
+  ROOT %dynamic-update-slice.2 = bf16[64,8]{1,0} dynamic-update-slice(%param_0.1, %param_1.1, %param_2.1, %zero.1)
 }
 
 ENTRY %main (a: bf16[1,8], g: bf16[64,8]) -> bf16[64,8] {
@@ -208,19 +210,25 @@ ENTRY %main (a: bf16[1,8], g: bf16[64,8]) -> bf16[64,8] {
   %constant.1 = bf16[] constant(0)
   %broadcast.1 = bf16[64,8]{1,0} broadcast(%constant.1), dimensions={}
   %broadcast.2 = bf16[64,16]{1,0} broadcast(%constant.1), dimensions={}
-  %dynamic-update-slice.1 = bf16[64,16]{1,0} dynamic-update-slice(%broadcast.2, %b, %i, %j)
-  %fusion.1 = bf16[64,8]{1,0} fusion(%broadcast.1, %a), kind=kLoop, calls=%fused_dus
+  %partition-id.1 = u32[] partition-id()
+  %convert.1 = s32[] convert(%partition-id.1)
+  %row.1 = s32[] multiply(%convert.1, %one)
+  %zero = s32[] constant(0)
+  %dynamic-update-slice.1 = bf16[64,16]{1,0} dynamic-update-slice(%broadcast.2, %b, %row.1, %zero)
+  %broadcast.3 = bf16[64,2]{1,0} broadcast(%constant.1), dimensions={}
+  %same-row = bf16[64,2]{1,0} dynamic-update-slice(%broadcast.3, %c, %zero, %zero)
+  %fusion.1 = bf16[64,8]{1,0} fusion(%broadcast.1, %a, %row.1), kind=kLoop, calls=%fused_dus
   %copy-start.1 = (bf16[64,8]{1,0}, bf16[64,8]{1,0}, u32[]) copy-start(%fusion.1)
   %copy-done.1 = bf16[64,8]{1,0} copy-done(%copy-start.1)
   %convolution.1 = bf16[64,4]{1,0} convolution(%x, %y), dim_labels=bf_io->bf
-  %all-reduce.1 = (bf16[64,8]{1,0}, bf16[64,16]{1,0}, bf16[64,4]{1,0}) all-reduce(%copy-done.1, %dynamic-update-slice.1, %convolution.1), channel_id=3, replica_groups=[1,64]<=[64], use_global_device_ids=true, to_apply=%add
+  %all-reduce.1 = (bf16[64,8]{1,0}, bf16[64,16]{1,0}, bf16[64,4]{1,0}, bf16[64,2]{1,0}) all-reduce(%copy-done.1, %dynamic-update-slice.1, %convolution.1, %same-row), channel_id=3, replica_groups=[1,64]<=[64], use_global_device_ids=true, to_apply=%add
 }
 """
   found = hlo.collectives(text, (1, 64))
   kinds = {c.kind: c for c in found}
   assert set(kinds) == {"all-gather", "all-reduce"}
   assert kinds["all-gather"].bytes == (64 * 8 + 64 * 16) * 2
-  assert kinds["all-reduce"].bytes == 64 * 4 * 2
+  assert kinds["all-reduce"].bytes == (64 * 4 + 64 * 2) * 2  # the same-row write is a sum
   s = hlo.summarize(found)
   assert s["all-gather"]["ici_bytes"] == round((64 * 8 + 64 * 16) * 2 * 2 * 63 / 64)
 
