@@ -17,7 +17,8 @@ bytes per step (mae_jax.hlo) and the lower bound on their time at the ICI bandwi
 (mae_jax.flops) and XLA's count, which is complete only where no block stack is scanned
 (model.unroll=True). A table to stdout, then one JSON line; docs/scaling.md explains each
 field. `--max_batch` instead finds, by compiling, the largest per-device batch that fits
-for each remat policy given.
+for each remat policy given (aot.search: steps along the memory measured at each batch,
+checked by compiles).
 """
 import json
 import os
@@ -219,8 +220,8 @@ def fits(config, devices, per_device, remat, hbm, headroom):
 
 def max_batch(config, topology, remats, hbm_override=None, headroom=0.1, log=print,
               explicit=()):
-  """{remat: largest per-device batch that fits}, by doubling then bisection (in steps of
-  grad_accum_steps, which must divide each chip's batch)."""
+  """{remat: largest per-device batch that fits}, found by compiling (in steps of
+  grad_accum_steps, which must divide each chip's batch); see `search`."""
   devices = topology_devices(topology)
   _, hbm, _ = chip_of(devices)
   hbm = hbm_override * GIB if hbm_override else hbm
@@ -228,26 +229,70 @@ def max_batch(config, topology, remats, hbm_override=None, headroom=0.1, log=pri
   unit = config.grad_accum_steps
   out = {}
   for remat in remats:
-    def ok(k, remat=remat):
+    def measure(k, remat=remat):
       good, total = fits(config, devices, k * unit, remat, hbm, headroom)
-      if k == 1 and not good:
-        return False  # said once, as the error below
-      log(f"  remat={remat} per-device batch {k * unit}: "
-          f"{'fits' if good else 'does not fit'}"
-          + (f" ({total / GIB:.2f} GiB)" if total is not None else " (compiler: out of memory)"))
-      return good
-    if not ok(1):
+      if k > 1 or good:  # batch 1 not fitting is said once, as the error below
+        log(f"  remat={remat} per-device batch {k * unit}: "
+            f"{'fits' if good else 'does not fit'}"
+            + (f" ({total / GIB:.2f} GiB)" if total is not None
+               else " (compiler: out of memory)"))
+      return good, total
+
+    found = search(measure, hbm * (1 - headroom))
+    if not found:
       raise AotError(f"--config.model.variant={config.model.variant}: does not fit on a "
                      f"{hbm / GIB:g} GiB chip even at per-device batch {unit} "
                      f"(remat={remat}); add mesh.fsdp or a smaller model")
-    lo, hi = 1, 2  # ok(lo) holds; find hi with not ok(hi)
-    while hi * unit <= MAX_PER_DEVICE and ok(hi):
-      lo, hi = hi, hi * 2
-    while hi - lo > 1:
-      mid = (lo + hi) // 2
-      lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    out[remat] = lo * unit
+    out[remat] = found * unit
   return out
+
+
+def search(measure, limit):
+  """The largest k >= 1 with measure(k) = (fits, total bytes or None) fitting, 0 if k = 1
+  does not; fitting is taken to be monotone in k.
+
+  Each next k comes from the memory measured so far: beyond the largest k that fits, the
+  line through the two largest that fit; between one that fits and one that does not,
+  the line through both (a secant step), or their midpoint where the compiler gave no
+  total or the last secant step did not halve the interval. XLA's memory is close to
+  linear in the batch, so this takes a few compiles where doubling from 1 and bisecting
+  took 9 or more for batches in the hundreds; the answer B is always checked by compiles
+  (B fits, B + 1 does not)."""
+  seen = {}
+  def at(k):
+    if k not in seen:
+      seen[k] = measure(k)
+    return seen[k]
+  if not at(1)[0]:
+    return 0
+  lo, hi, k, halve = 1, None, 2, False
+  while True:
+    width = None if hi is None else hi - lo
+    if at(k)[0]:
+      lo = k
+    else:
+      hi = k
+    if hi is not None and hi - lo <= 1:
+      return lo
+    if lo >= MAX_PER_DEVICE:
+      return MAX_PER_DEVICE
+    halve = width is not None and (hi - lo) * 2 > width and not halve
+    k = next_k(seen, lo, hi, limit, halve)
+
+
+def next_k(seen, lo, hi, limit, halve):
+  """The next batch to compile between lo (fits) and hi (does not; None: none known)."""
+  if hi is None:
+    below = max((k for k, (good, _) in seen.items() if good and k < lo), default=None)
+    t_lo = seen[lo][1]
+    slope = (t_lo - seen[below][1]) / (lo - below) if below else 0
+    guess = lo + int((limit - t_lo) // slope) if slope > 0 else 2 * lo
+    return int(min(max(guess, lo + 1), 64 * lo, MAX_PER_DEVICE))
+  t_lo, t_hi = seen[lo][1], seen[hi][1]
+  if halve or t_hi is None or t_hi <= t_lo:
+    return (lo + hi) // 2
+  guess = lo + int((limit - t_lo) * (hi - lo) // (t_hi - t_lo))
+  return min(max(guess, lo + 1), hi - 1)
 
 
 def table(rep):

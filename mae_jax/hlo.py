@@ -4,7 +4,13 @@ Each collective is counted as often as it runs in one step: an op inside a while
 body (a scanned block stack) counts trip-count times, the trip count read from the loop
 condition's bound. An all-reduce inside a computation the TPU compiler names
 `all-reduce-scatter...` (its fusion of an all-reduce with each device keeping its slice)
-counts as a reduce-scatter. `bytes` is the full buffer an op works on (all-gather: its
+counts as a reduce-scatter. The TPU compiler's asynchronous collective fusions (v5e) keep a
+copy of their collective in the computation of each of their parts (`async-collective-start`,
+the `async_collective_fusion` steps that overlap it with compute, `async-collective-done`):
+it is counted once, at its start. On groups that span the whole slice the TPU compiler may
+write an all-gather as an all-reduce of a zero buffer holding each device's shard
+(`dynamic-update-slice` into a broadcast, at an offset computed from the device's id):
+those operands count as all-gathers, sent at the all-reduce's rate. `bytes` is the full buffer an op works on (all-gather: its
 result; reduce-scatter: its input; the others: their operand), per device; replica groups
 are decoded in XLA's three spellings and named by the mesh axes they span.
 """
@@ -34,6 +40,7 @@ _INSTR_RE = re.compile(
 _SHAPE_RE = re.compile(r"\b([a-z]+[0-9]*(?:e\d+m\d+(?:fn)?)?)\[([0-9,]*)\]")
 _CALL_RE = re.compile(r"\b(?:calls|true_computation|false_computation)=%([\w.\-]+)")
 _BRANCH_RE = re.compile(r"branch_computations=\{([^}]*)\}")
+_ASYNC_DONE_RE = re.compile(r"^\s*(?:ROOT )?%async-collective-done[.\d]* = ")
 _WHILE_RE = re.compile(r"condition=%([\w.\-]+), body=%([\w.\-]+)")
 
 
@@ -45,6 +52,7 @@ class Collective:
   axes: str        # mesh axes the groups span ("fsdp", "data", "data+fsdp", "?")
   count: int       # executions per step
   where: str       # the op_name of its metadata (the JAX operation it came from)
+  form: str = ""   # the op the compiler wrote it as, where not `kind` (ICI: that op's rate)
 
 
 def shape_bytes(type_text):
@@ -69,6 +77,18 @@ def split_computations(hlo_text):
     elif name is not None:
       comps[name].append(line)
   return comps, entry
+
+
+def async_copies(comps):
+  """Computations that hold a copy of an asynchronous collective fusion's collective: the
+  `async_collective_fusion` steps and what `async-collective-done` calls. The collective
+  runs once, and is counted in the computation its `async-collective-start` calls."""
+  copies = {name for name in comps if name.startswith("async_collective_fusion")}
+  for lines in comps.values():
+    for line in lines:
+      if _ASYNC_DONE_RE.match(line):
+        copies.update(_CALL_RE.findall(line))
+  return copies
 
 
 def trip_count(cond_lines):
@@ -153,9 +173,11 @@ def collectives(hlo_text, mesh_shape):
   comps, entry = split_computations(hlo_text)
   mult = multipliers(comps, entry)
   num_devices = int(np.prod(mesh_shape))
+  copies = async_copies(comps)
+  values = Values(comps)
   found = []
   for name, lines in comps.items():
-    if not mult.get(name):
+    if not mult.get(name) or name in copies:
       continue
     for line in lines:
       match = _INSTR_RE.match(line)
@@ -164,26 +186,124 @@ def collectives(hlo_text, mesh_shape):
       kind = match.group(2)
       if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
         kind = "reduce-scatter"
-      # reduce-scatter: its input is the full buffer; the result type is one shard
-      size = (shape_bytes(match.group(1)) if kind != "reduce-scatter"
-              or name.startswith("all-reduce-scatter") else None)
       groups = replica_groups(match.group(3), num_devices)
       group_size = len(next(iter(groups))) if groups else 2
-      if size is None:
-        size = shape_bytes(match.group(1)) * group_size
       where = re.search(r'op_name="([^"]*)"', line)
-      found.append(Collective(kind, size, group_size, name_axes(groups, mesh_shape),
-                              mult[name], where.group(1) if where else ""))
+      common = dict(group_size=group_size, axes=name_axes(groups, mesh_shape),
+                    count=mult[name], where=where.group(1) if where else "")
+      if kind == "all-reduce":
+        found += all_reduce_parts(match, name, values, common)
+        continue
+      # reduce-scatter: its input is the full buffer; the result type is one shard
+      size = shape_bytes(match.group(1))
+      if kind == "reduce-scatter" and not name.startswith("all-reduce-scatter"):
+        size *= group_size
+      found.append(Collective(kind, size, **common))
   return found
+
+
+def all_reduce_parts(match, comp, values, common):
+  """An all-reduce as Collectives: the operands that are a zero buffer with this device's
+  shard written in (`dynamic-update-slice` into a broadcast constant: the TPU compiler's
+  form of an all-gather, on full-slice groups) count as all-gathers of their size, the
+  rest as the all-reduce. A tuple all-reduce (combined by the compiler) is split so."""
+  operands = re.findall(r"%[\w.\-]+", match.group(3).split(")")[0])
+  sizes = [shape_bytes(f"{dtype}[{dims}]") for dtype, dims in _SHAPE_RE.findall(match.group(1))
+           if dtype in DTYPE_BYTES]
+  if len(sizes) != len(operands):  # not a plain list of array operands: one all-reduce
+    return [Collective("all-reduce", shape_bytes(match.group(1)), **common)]
+  gathered = sum(size for op, size in zip(operands, sizes) if values.is_shard_in_zeros(comp, op))
+  parts = [("all-gather", gathered, "all-reduce"), ("all-reduce", sum(sizes) - gathered, "")]
+  return [Collective(kind, size, form=form, **common) for kind, size, form in parts if size]
+
+
+_DEF_RE = re.compile(r"^\s*(?:ROOT )?(%[\w.\-]+) = (.*?) ([a-z][\w\-]*)\(([^)]*)\)(.*)$")
+_INDEX_RE = re.compile(r"\bindex=(\d+)")
+# Ops that pass their (first) operand's value through unchanged in content.
+_PASS_THROUGH = ("copy", "copy-start", "copy-done", "bitcast", "reshape", "convert")
+
+
+class Values:
+  """Where an HLO value comes from, following copies, tuple elements, fusion roots and
+  fusion parameters (to the fusion's operand in its caller)."""
+
+  def __init__(self, comps):
+    self.defs, self.roots, self.callers = {}, {}, {}
+    for name, lines in comps.items():
+      for line in lines:
+        match = _DEF_RE.match(line)
+        if not match:
+          continue
+        var, _, op, args, rest = match.groups()
+        operands = re.findall(r"%[\w.\-]+", args)
+        self.defs[(name, var)] = (op, operands, args if op == "parameter" else rest)
+        if line.lstrip().startswith("ROOT "):
+          self.roots[name] = var
+        if op == "fusion":
+          for callee in _CALL_RE.findall(rest):
+            self.callers[callee] = (name, operands)
+
+  def source(self, comp, var, index=None, depth=0):
+    """(computation, variable, opcode) of the op that produces the value, or None."""
+    entry = self.defs.get((comp, var))
+    if entry is None or depth > 50:
+      return None
+    op, operands, rest = entry
+    if op in _PASS_THROUGH and operands:
+      return self.source(comp, operands[0], index, depth + 1)
+    index_of = _INDEX_RE.search(rest)
+    if op == "get-tuple-element" and operands and index_of:
+      return self.source(comp, operands[0], int(index_of.group(1)), depth + 1)
+    if op == "tuple" and index is not None and index < len(operands):
+      return self.source(comp, operands[index], None, depth + 1)
+    if op == "fusion":
+      callee = _CALL_RE.findall(rest)
+      if callee and callee[0] in self.roots:
+        return self.source(callee[0], self.roots[callee[0]], index, depth + 1)
+    if op == "parameter" and comp in self.callers and rest.isdigit():
+      caller, args = self.callers[comp]
+      if int(rest) < len(args):
+        return self.source(caller, args[int(rest)], index, depth + 1)
+    return comp, var, op
+
+  def is_shard_in_zeros(self, comp, var):
+    """Whether the value is a dynamic-update-slice into a broadcast (a zero buffer) at an
+    offset computed from the device's id: each device writes its own part, as in a
+    gather (a write at the same offset on every device would be a real reduction)."""
+    src = self.source(comp, var)
+    if src is None or src[2] != "dynamic-update-slice":
+      return False
+    _, operands, _ = self.defs[(src[0], src[1])]
+    base = self.source(src[0], operands[0]) if operands else None
+    return (base is not None and base[2] in ("broadcast", "constant")
+            and any(self.from_device_id(src[0], i) for i in operands[2:]))
+
+  def from_device_id(self, comp, var, depth=0):
+    """Whether a (scalar index) value is computed from partition-id or replica-id."""
+    entry = self.defs.get((comp, var))
+    if entry is None or depth > 12:
+      return False
+    op, operands, rest = entry
+    if op in ("partition-id", "replica-id"):
+      return True
+    if op == "parameter" and comp in self.callers and rest.isdigit():
+      caller, args = self.callers[comp]
+      return int(rest) < len(args) and self.from_device_id(caller, args[int(rest)], depth + 1)
+    if op == "fusion":
+      callee = _CALL_RE.findall(rest)
+      if callee and callee[0] in self.roots:
+        return self.from_device_id(callee[0], self.roots[callee[0]], depth + 1)
+    return any(self.from_device_id(comp, o, depth + 1) for o in operands)
 
 
 def summarize(found):
   """{kind: {count, bytes, ici_bytes}} per step: bytes = sum of buffers, ici_bytes = what
-  each chip must send at least (ring algorithms, RING_FACTOR)."""
+  each chip must send at least (ring algorithms, RING_FACTOR, at the rate of the op the
+  compiler wrote: an all-gather written as an all-reduce sends as an all-reduce)."""
   out = {k: {"count": 0, "bytes": 0, "ici_bytes": 0} for k in KINDS}
   for c in found:
     row = out[c.kind]
     row["count"] += c.count
     row["bytes"] += c.count * c.bytes
-    row["ici_bytes"] += round(c.count * c.bytes * RING_FACTOR[c.kind](c.group_size))
+    row["ici_bytes"] += round(c.count * c.bytes * RING_FACTOR[c.form or c.kind](c.group_size))
   return out

@@ -93,6 +93,19 @@ def test_fsdp_gathers_params_and_reduce_scatters_grads_over_fsdp(fsdp_step):
   assert rep["collectives"]["all-gather"]["count"] >= 2 * 4
 
 
+@pytest.mark.slow
+def test_fsdp_gathers_each_parameter_at_most_twice(fsdp_step):
+  """The all-gather bytes per step are at most twice (forward and backward) the sharded
+  parameters' bytes. v5e writes each gather as an asynchronous collective fusion whose
+  parts all hold a copy of it: counting every copy read about 5.7 times the parameters."""
+  rep, _, run = fsdp_step
+  gathered = sum(x.size * x.dtype.itemsize for x, sh in zip(
+      jax.tree.leaves(trainer.abstract_state(run.model, run.tx, run.config).params),
+      jax.tree.leaves(run.state_shardings.params)) if "fsdp" in sh.spec)
+  assert gathered > 0
+  assert 0 < rep["collectives_by_axes"]["all-gather over fsdp"] <= 2 * gathered
+
+
 def test_collectives_count_scan_trips_and_all_reduce_scatter_fusions():
   text = """HloModule m
 
@@ -125,6 +138,99 @@ ENTRY %main (a: f32[8]) -> f32[8] {
   assert found["all-reduce"].count == 1 and found["all-reduce"].axes == "data+fsdp"
   s = hlo.summarize(hlo.collectives(text, (2, 2)))
   assert s["all-reduce"]["ici_bytes"] == round(400 * 2 * 3 / 4)  # ring: 2 (n-1)/n
+
+
+@pytest.mark.slow
+def test_whole_slice_fsdp_gathers_are_counted_as_gathers():
+  """FSDP over all 64 chips of v5p:4x4x4 (data=1): the compiler writes the parameter
+  gathers as all-reduces of zero buffers; they are counted as all-gathers, at most twice
+  the sharded parameters' bytes a step (before: no all-gather at all, everything an
+  all-reduce)."""
+  devices = aot.topology_devices("v5p:4x4x4")
+  config = tiny_config(data=1, fsdp=64)
+  config.model.update(width=256, num_heads=4, decoder_width=128, decoder_heads=4)
+  config.batch_size = 64
+  compiled, run, _ = aot.compile_step(aot.checked_config(config, 64), devices)
+  _, hbm, ici = aot.chip_of(devices)
+  rep = aot.analyze(compiled, run, hbm, ici, headroom=0.1)
+  params = jax.tree.leaves(trainer.abstract_state(run.model, run.tx, run.config).params)
+  gathered = sum(x.size * x.dtype.itemsize for x, sh in zip(
+      params, jax.tree.leaves(run.state_shardings.params)) if "fsdp" in sh.spec)
+  assert 0 < rep["collectives_by_axes"]["all-gather over fsdp"] <= 2 * gathered
+
+
+def test_async_collective_fusion_parts_count_once():
+  """v5e's asynchronous collective fusions copy their all-gather into the computations of
+  the start, of each overlapping step and of the done: it runs (and is counted) once."""
+  text = """HloModule m
+
+%fused_start (p0: bf16[4,8]) -> bf16[16,8] {
+  %p0 = bf16[4,8]{1,0} parameter(0)
+  ROOT %all-gather.1 = bf16[16,8]{1,0} all-gather(%p0), channel_id=7, replica_groups=[1,4]<=[4], dimensions={0}
+}
+
+%async_collective_fusion.3 (p1: bf16[4,8]) -> bf16[16,8] {
+  %p1 = bf16[4,8]{1,0} parameter(0)
+  ROOT %all-gather.2 = bf16[16,8]{1,0} all-gather(%p1), channel_id=7, replica_groups=[1,4]<=[4], dimensions={0}
+}
+
+%fused_done (p2: bf16[4,8]) -> bf16[16,8] {
+  %p2 = bf16[4,8]{1,0} parameter(0)
+  ROOT %all-gather.3 = bf16[16,8]{1,0} all-gather(%p2), channel_id=7, replica_groups=[1,4]<=[4], dimensions={0}
+}
+
+ENTRY %main (a: bf16[4,8]) -> bf16[16,8] {
+  %a = bf16[4,8]{1,0} parameter(0)
+  %async-collective-start.1 = (bf16[4,8], bf16[16,8]) fusion(%a), kind=kCustom, calls=%fused_start
+  %fusion.3 = (bf16[4,8], bf16[16,8]) fusion(%async-collective-start.1), kind=kCustom, calls=%async_collective_fusion.3
+  ROOT %async-collective-done.1 = bf16[16,8]{1,0} fusion(%fusion.3), kind=kCustom, calls=%fused_done
+}
+"""
+  found = hlo.collectives(text, (1, 4))
+  assert [(c.kind, c.count, c.bytes) for c in found] == [("all-gather", 1, 16 * 8 * 2)]
+
+
+def test_a_shard_written_into_zeros_and_all_reduced_is_an_all_gather():
+  """On whole-slice groups the TPU compiler writes an all-gather as an all-reduce of a zero
+  buffer holding each device's shard, combined with real reductions in one tuple
+  all-reduce: the zero-buffer operands (directly or through a fusion and a copy) count as
+  all-gathers sent at the all-reduce rate, the gradient operand stays an all-reduce."""
+  text = """HloModule m
+
+%fused_dus (param_0.1: bf16[64,8], param_1.1: bf16[1,8], param_2.1: s32[]) -> bf16[64,8] {
+  %param_0.1 = bf16[64,8]{1,0} parameter(0)
+  %param_1.1 = bf16[1,8]{1,0} parameter(1)
+  %param_2.1 = s32[] parameter(2)
+  %zero.1 = s32[] constant(0)
+  ROOT %dynamic-update-slice.2 = bf16[64,8]{1,0} dynamic-update-slice(%param_0.1, %param_1.1, %param_2.1, %zero.1)
+}
+
+ENTRY %main (a: bf16[1,8], g: bf16[64,8]) -> bf16[64,8] {
+  %a = bf16[1,8]{1,0} parameter(0)
+  %constant.1 = bf16[] constant(0)
+  %broadcast.1 = bf16[64,8]{1,0} broadcast(%constant.1), dimensions={}
+  %broadcast.2 = bf16[64,16]{1,0} broadcast(%constant.1), dimensions={}
+  %partition-id.1 = u32[] partition-id()
+  %convert.1 = s32[] convert(%partition-id.1)
+  %row.1 = s32[] multiply(%convert.1, %one)
+  %zero = s32[] constant(0)
+  %dynamic-update-slice.1 = bf16[64,16]{1,0} dynamic-update-slice(%broadcast.2, %b, %row.1, %zero)
+  %broadcast.3 = bf16[64,2]{1,0} broadcast(%constant.1), dimensions={}
+  %same-row = bf16[64,2]{1,0} dynamic-update-slice(%broadcast.3, %c, %zero, %zero)
+  %fusion.1 = bf16[64,8]{1,0} fusion(%broadcast.1, %a, %row.1), kind=kLoop, calls=%fused_dus
+  %copy-start.1 = (bf16[64,8]{1,0}, bf16[64,8]{1,0}, u32[]) copy-start(%fusion.1)
+  %copy-done.1 = bf16[64,8]{1,0} copy-done(%copy-start.1)
+  %convolution.1 = bf16[64,4]{1,0} convolution(%x, %y), dim_labels=bf_io->bf
+  %all-reduce.1 = (bf16[64,8]{1,0}, bf16[64,16]{1,0}, bf16[64,4]{1,0}, bf16[64,2]{1,0}) all-reduce(%copy-done.1, %dynamic-update-slice.1, %convolution.1, %same-row), channel_id=3, replica_groups=[1,64]<=[64], use_global_device_ids=true, to_apply=%add
+}
+"""
+  found = hlo.collectives(text, (1, 64))
+  kinds = {c.kind: c for c in found}
+  assert set(kinds) == {"all-gather", "all-reduce"}
+  assert kinds["all-gather"].bytes == (64 * 8 + 64 * 16) * 2
+  assert kinds["all-reduce"].bytes == (64 * 4 + 64 * 2) * 2  # the same-row write is a sum
+  s = hlo.summarize(found)
+  assert s["all-gather"]["ici_bytes"] == round((64 * 8 + 64 * 16) * 2 * 2 * 63 / 64)
 
 
 def test_data_groups_are_named_data():
@@ -165,6 +271,33 @@ def test_max_batch_fits_and_one_more_does_not():
   assert 2 <= b < 8
   assert aot.fits(config, devices, b, "none", hbm_gib * 2**30, 0.0)[0]
   assert not aot.fits(config, devices, b + 1, "none", hbm_gib * 2**30, 0.0)[0]
+
+
+def test_batch_search_finds_the_edge_in_few_compiles():
+  """aot.search returns the largest batch whose memory is under the limit, for memory
+  that grows linearly, faster than linearly, in steps, or with the compiler giving no
+  total past a size; near-linear memory costs few compiles."""
+  limit = 1000.0
+  cases = {
+      "linear": lambda k: 100 + 3 * k,                   # edge 300
+      "convex": lambda k: 100 + 2 * k + 0.004 * k * k,   # edge 286
+      "steps": lambda k: 100 + 50 * (k // 8),            # edge 151
+      "one": lambda k: 990 + 20 * k,                     # edge 0 (k = 1 is over)
+  }
+  for name, memory in cases.items():
+    asked = []
+    def measure(k, memory=memory, asked=asked):
+      asked.append(k)
+      return memory(k) <= limit, memory(k)
+    edge = max([k for k in range(1, 5000) if memory(k) <= limit], default=0)
+    assert aot.search(measure, limit) == edge, name
+    assert len(asked) == len(set(asked)), name  # no batch compiled twice
+    if name == "linear":
+      assert len(asked) <= 5, asked
+    if name == "convex":
+      assert len(asked) <= 10, asked
+  no_total = lambda k: (k <= 37, 100.0 * k if k <= 37 else None)
+  assert aot.search(no_total, 3700.0) == 37
 
 
 def run_aot(*args):
