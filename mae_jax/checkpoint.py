@@ -317,10 +317,8 @@ def check_writable(directory):
 def check_gcs_writable(directory):
   """Write and delete a probe object under `directory`: a missing bucket, missing
   credentials or an unreachable server is one CheckpointError before any work starts."""
-  probe = paths.join(directory, f".write-probe-{jax.process_index()}-{os.getpid()}")
   try:
-    paths.write_atomic(probe, b"\0")
-    paths.remove(probe)
+    paths.write_probe(directory, f"{jax.process_index()}-")
   except FileNotFoundError:
     raise CheckpointError(f"{directory}: bucket {paths.bucket(directory)} does not exist "
                           "(or these credentials cannot see it); create it or choose another "

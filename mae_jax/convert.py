@@ -869,10 +869,8 @@ def _check_gcs_output(out, is_file=False):
   file): a missing bucket, missing credentials or an unreachable server is one
   ConversionError before anything is read."""
   folder = os.fspath(paths.resolve(out).parent) if is_file else out
-  probe = paths.join(folder, f".write-probe-{os.getpid()}")
   try:
-    paths.write_atomic(probe, b"")
-    paths.remove(probe)
+    paths.write_probe(folder)
   except FileNotFoundError:
     raise ConversionError(f"{out}: bucket {paths.bucket(out)} does not exist (or these "
                           "credentials cannot see it)") from None

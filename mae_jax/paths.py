@@ -105,6 +105,15 @@ def read_bytes(path):
   return resolve(path).read_bytes()
 
 
+def write_probe(directory, tag=""):
+  """Write and delete a small object in `directory` (local or gs://): what a missing bucket,
+  missing credentials, an unreachable server or an unwritable folder raises, it raises,
+  before a command starts its work."""
+  probe = join(directory, f".write-probe-{tag}{os.getpid()}")
+  write_atomic(probe, b"")
+  remove(probe)
+
+
 def write_atomic(path, data):
   """Write `data` (str or bytes) to `path` so that a reader sees the old or the new
   contents, never a part."""

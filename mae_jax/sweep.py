@@ -610,11 +610,9 @@ def save_png(fig, path):
 def make_outdir(workdir, outdir):
   """Make DIR/<name> and write a probe there: an unwritable folder, a missing bucket or
   an unreachable server is one SweepError before any point runs."""
-  probe = paths.join(outdir, f".write-probe-{os.getpid()}")
   try:
     paths.makedirs(outdir)
-    paths.write_atomic(probe, b"")
-    paths.remove(probe)
+    paths.write_probe(outdir)
   except FileNotFoundError:
     raise SweepError(f"--workdir {workdir}: cannot make {outdir} there (" + (
         f"bucket {paths.bucket(outdir)} does not exist)" if paths.is_gcs(outdir)
