@@ -22,7 +22,9 @@ A sweep file defines get_sweep() -> dict:
   plot_x        the field on the plots' x axis (default: the first axis)
 
 Each point runs in DIR/points/<hash of its pretraining command>/ (sweeps sharing a DIR
-share identical points; overrides equal to the recipe's own values are dropped first) as
+share identical points; overrides equal to the recipe's own values are dropped first; the
+hash names the shipped recipes by their place in the package, not by the checkout's path,
+so finished point directories copied into another machine's DIR count as done there) as
 subprocesses of the installed package: `python -m mae_jax.pretrain` (train.py) then
 `python -m mae_jax.evaluate`
 (ViT MAE) or `python -m mae_jax.conv_mae` (conv baseline); their output goes to the
@@ -278,13 +280,30 @@ def point_commands(sweep, point, point_dir):
   return commands
 
 
+def portable(argv):
+  """An argv as a point's hash sees it: the interpreter and the --workdir value left out, and
+  a recipe file inside a Python package (configs/default.py) named relative to the directory
+  above the package. A point directory so keeps its name and its finished runs in another
+  checkout, on another machine, or copied into another sweep workdir."""
+  out = []
+  for i, arg in enumerate(argv[1:], 1):
+    if argv[i - 1] == "--workdir":
+      arg = "__DIR__"
+    elif os.path.isabs(arg) and arg.endswith(".py"):
+      root = package_root(arg)
+      if root != os.path.dirname(arg):
+        arg = os.path.relpath(arg, root)
+    out.append(arg)
+  return out
+
+
 def digest(commands):
-  """Hash of argv lists, the interpreter left out."""
-  return hashlib.sha256(json.dumps([c[1:] for c in commands]).encode()).hexdigest()[:12]
+  """Hash of argv lists, as `portable` writes them."""
+  return hashlib.sha256(json.dumps([portable(c) for c in commands]).encode()).hexdigest()[:12]
 
 
 def point_dir(workdir, commands):
-  """DIR/points/<hash of the pretraining command (the point's own directory left out)>:
+  """DIR/points/<hash of the pretraining command>:
   a point shared by several sweeps pretrains once, and changed evaluation settings reuse
   the pretraining."""
   return paths.join(workdir, "points", digest(commands[:1]))

@@ -127,6 +127,39 @@ def test_a_default_value_is_the_same_point_in_every_sweep(tmp_path):
   assert p75["label"] == "mask_ratio=0.75"
 
 
+def test_finished_points_count_in_another_checkout_and_workdir(tmp_path, monkeypatch):
+  """A point's hash leaves out where the checkout and the workdir are: the finished point
+  directories of one checkout, copied into another checkout's sweep workdir, are skipped
+  there with their rows, and nothing runs."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  checkouts = [tmp_path / "a", tmp_path / "elsewhere" / "b"]
+  for c in checkouts:
+    shutil.copytree(os.path.join(ROOT, "configs"), c / "configs")
+  loaded = [sweep.load_sweep(str(c / "configs" / "ablations" / "pretrain_pays.py"))
+            for c in checkouts]
+  first = sweep.plan(loaded[0], str(tmp_path / "w1"))
+  for point, directory, commands in first:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "summary.json"), "w") as f:
+      json.dump({"test_masked_mse": 0.03, "train_seconds": 1.0}, f)
+    (name,) = sweep.result_names(loaded[0], point, ["finetune"]).values()
+    top1 = 0.9 if point["values"]["eval.init"] == "pretrained" else 0.8
+    with open(os.path.join(directory, f"eval_{name}.json"), "w") as f:
+      json.dump({"top1": top1 + point["values"]["seed"] / 100}, f)
+    sweep.record_done(directory, commands, sweep.collect(loaded[0], point, directory), 1.0)
+  shutil.copytree(tmp_path / "w1" / "points", tmp_path / "w2" / "points")
+
+  def must_not_run(*args):
+    raise AssertionError(f"ran {args[0]['label']} again")
+  monkeypatch.setattr(sweep, "run_point", must_not_run)
+  logged = []
+  rows = sweep.run_sweep(loaded[1], str(tmp_path / "w2"), log=logged.append)
+  assert [r["finetune_top1"] for r in rows] == pytest.approx([0.9, 0.8, 0.91, 0.81, 0.92, 0.82])
+  assert sum("done before, skipped" in m for m in logged) == 6
+  assert [os.path.basename(d) for _, d, _ in first] == [
+      os.path.basename(d) for _, d, _ in sweep.plan(loaded[1], str(tmp_path / "w2"))]
+
+
 def test_results_table_format(tmp_path):
   rows = [
       {"label": "mask_ratio=0.5", "program": "mae", "model.mask_ratio": 0.5,
