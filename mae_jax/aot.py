@@ -2,6 +2,7 @@
 
   python -m mae_jax.aot --topology v5p:4x4x8 --config configs/mae_imagenet.py \
       [--config.FIELD=VALUE ...] [--max_batch --remat none,full]
+      [--max_batch --remat full --max_batch_range 4064:79.71,4374:85.70]
 
 The program is the trainer's own (trainer.step_run + trainer.compile_train_step: the same
 jitted train_step, shardings, donation, accumulation, remat and dtype), lowered with
@@ -219,14 +220,19 @@ def fits(config, devices, per_device, remat, hbm, headroom):
 
 
 def max_batch(config, topology, remats, hbm_override=None, headroom=0.1, log=print,
-              explicit=()):
+              explicit=(), bracket=None):
   """{remat: largest per-device batch that fits}, found by compiling (in steps of
-  grad_accum_steps, which must divide each chip's batch); see `search`."""
+  grad_accum_steps, which must divide each chip's batch); see `search`. `bracket`: the
+  --max_batch_range text (one remat policy), two known ends that are not compiled again."""
+  if bracket is not None and len(remats) != 1:
+    raise AotError(f"--max_batch_range: a bracket holds for one remat policy; give one "
+                   f"--remat, not {','.join(remats)}")
   devices = topology_devices(topology)
   _, hbm, _ = chip_of(devices)
   hbm = hbm_override * GIB if hbm_override else hbm
   config = checked_config(config, len(devices), explicit)
   unit = config.grad_accum_steps
+  known = {} if bracket is None else known_ends(bracket, unit, hbm * (1 - headroom))
   out = {}
   for remat in remats:
     def measure(k, remat=remat):
@@ -238,7 +244,7 @@ def max_batch(config, topology, remats, hbm_override=None, headroom=0.1, log=pri
                else " (compiler: out of memory)"))
       return good, total
 
-    found = search(measure, hbm * (1 - headroom))
+    found = search(measure, hbm * (1 - headroom), known)
     if not found:
       raise AotError(f"--config.model.variant={config.model.variant}: does not fit on a "
                      f"{hbm / GIB:g} GiB chip even at per-device batch {unit} "
@@ -247,37 +253,73 @@ def max_batch(config, topology, remats, hbm_override=None, headroom=0.1, log=pri
   return out
 
 
-def search(measure, limit):
+def known_ends(bracket, unit, limit):
+  """--max_batch_range LO[:GIB],HI[:GIB] -> search's `known` {k: (fits, bytes or None)}:
+  per-device batch LO fits, HI does not, each with the total measured there if given
+  (the secant steps need it; without, the search bisects). k counts units of
+  grad_accum_steps images."""
+  if len(bracket) != 2:
+    raise AotError(f"--max_batch_range: {','.join(bracket)!r} is not LO[:GIB],HI[:GIB], "
+                   "e.g. 4064:79.71,4374:85.70")
+  ends = [parse_end(text) for text in bracket]
+  (lo, t_lo), (hi, t_hi) = ends
+  if not 1 <= lo < hi:
+    raise AotError(f"--max_batch_range: needs 1 <= LO < HI, got {lo},{hi}")
+  for batch, total, fit in ((lo, t_lo, True), (hi, t_hi, False)):
+    if batch % unit:
+      raise AotError(f"--max_batch_range: {batch} is not a multiple of "
+                     f"grad_accum_steps={unit}")
+    if total is not None and (total <= limit) != fit:
+      raise AotError(f"--max_batch_range: {batch} at {total / GIB:g} GiB "
+                     f"{'does not fit' if fit else 'fits'} under the {limit / GIB:g} GiB "
+                     f"limit, but is given as the {'LO' if fit else 'HI'} end")
+  return {lo // unit: (True, t_lo), hi // unit: (False, t_hi)}
+
+
+def parse_end(text):
+  """"4064:79.71" -> (4064, its bytes); "4064" -> (4064, None)."""
+  batch, _, gib = text.strip().partition(":")
+  try:
+    return int(batch), (float(gib) * GIB if gib else None)
+  except ValueError:
+    raise AotError(f"--max_batch_range: {text!r} is not BATCH or BATCH:GIB") from None
+
+
+def search(measure, limit, known=None):
   """The largest k >= 1 with measure(k) = (fits, total bytes or None) fitting, 0 if k = 1
-  does not; fitting is taken to be monotone in k.
+  does not; fitting is taken to be monotone in k. `known`: {k: (fits, total or None)}
+  already measured (--max_batch_range), never measured again; where it holds a k that
+  fits, the search starts there instead of at k = 1.
 
   Each next k comes from the memory measured so far: beyond the largest k that fits, the
   line through the two largest that fit; between one that fits and one that does not,
   the line through both (a secant step), or their midpoint where the compiler gave no
   total or the last secant step did not halve the interval. XLA's memory is close to
   linear in the batch, so this takes a few compiles where doubling from 1 and bisecting
-  took 9 or more for batches in the hundreds; the answer B is always checked by compiles
-  (B fits, B + 1 does not)."""
-  seen = {}
+  took 9 or more for batches in the hundreds; the answer B is checked (B fits, B + 1 does
+  not) by compiles or by the known ends."""
+  seen = dict(known or {})
   def at(k):
     if k not in seen:
       seen[k] = measure(k)
     return seen[k]
-  if not at(1)[0]:
+  if not any(good for good, _ in seen.values()) and not at(1)[0]:
     return 0
-  lo, hi, k, halve = 1, None, 2, False
+  lo = max(k for k, (good, _) in seen.items() if good)
+  hi = min((k for k, (good, _) in seen.items() if not good and k > lo), default=None)
+  halve = False
   while True:
-    width = None if hi is None else hi - lo
-    if at(k)[0]:
-      lo = k
-    else:
-      hi = k
     if hi is not None and hi - lo <= 1:
       return lo
     if lo >= MAX_PER_DEVICE:
       return MAX_PER_DEVICE
-    halve = width is not None and (hi - lo) * 2 > width and not halve
+    width = None if hi is None else hi - lo
     k = next_k(seen, lo, hi, limit, halve)
+    if at(k)[0]:
+      lo = k
+    else:
+      hi = k
+    halve = width is not None and (hi - lo) * 2 > width and not halve
 
 
 def next_k(seen, lo, hi, limit, halve):
@@ -341,6 +383,11 @@ def define_flags():
                       required=True)
   flags.DEFINE_bool("max_batch", False, "Find the largest per-device batch that fits.")
   flags.DEFINE_list("remat", ["none", "full"], "Remat policies for --max_batch.")
+  flags.DEFINE_list("max_batch_range", None,
+                    "LO[:GIB],HI[:GIB]: --max_batch between a per-device batch known to "
+                    "fit and one known not to (with the GiB measured at each, if known); "
+                    "neither is compiled again, nor are batches 1 and 2. Implies "
+                    "--max_batch; one --remat.")
   flags.DEFINE_float("hbm_gib", None, "Chip memory to plan for (default: the chip's HBM).")
   flags.DEFINE_float("headroom", 0.1, "Fraction of HBM left free for 'fits'.")
 
@@ -356,13 +403,14 @@ def main(argv):
   jax.config.update("jax_enable_compilation_cache", False)
   from mae_jax import vit
   try:
-    if FLAGS.max_batch:
+    if FLAGS.max_batch or FLAGS.max_batch_range:
       bad = [r for r in FLAGS.remat if r not in vit.REMAT_POLICIES]
       if bad:
         raise AotError(f"--remat: {bad[0]!r} is not one of {sorted(vit.REMAT_POLICIES)}")
       found = max_batch(FLAGS.config, FLAGS.topology, FLAGS.remat, FLAGS.hbm_gib,
                         FLAGS.headroom, log=lambda s: print(s, file=sys.stderr),
-                        explicit=pretrain.explicit_fields())
+                        explicit=pretrain.explicit_fields(),
+                        bracket=FLAGS.max_batch_range)
       rep = {"topology": FLAGS.topology, "variant": FLAGS.config.model.variant,
              "max_batch": found}
     else:

@@ -271,6 +271,15 @@ def test_max_batch_fits_and_one_more_does_not():
   assert 2 <= b < 8
   assert aot.fits(config, devices, b, "none", hbm_gib * 2**30, 0.0)[0]
   assert not aot.fits(config, devices, b + 1, "none", hbm_gib * 2**30, 0.0)[0]
+  # From the bracket 2..8 with their totals: the same answer, batches 1, 2 and 8 not
+  # compiled again (the log names each batch compiled).
+  logged = []
+  bracket = [f"2:{at_2 / 2**30!r}", f"8:{at_8 / 2**30!r}"]
+  again = aot.max_batch(config, TOPOLOGY, ["none"], hbm_gib, 0.0, log=logged.append,
+                        bracket=bracket)
+  assert again == found
+  compiled = [int(re.search(r"batch (\d+):", line).group(1)) for line in logged]
+  assert compiled and all(2 < k < 8 for k in compiled), logged
 
 
 def test_batch_search_finds_the_edge_in_few_compiles():
@@ -300,6 +309,48 @@ def test_batch_search_finds_the_edge_in_few_compiles():
   assert aot.search(no_total, 3700.0) == 37
 
 
+def test_batch_search_from_a_known_bracket_compiles_only_inside_it():
+  """With two known ends (--max_batch_range) the search measures neither them nor k = 1, 2:
+  with their totals a secant step lands on the edge; without, it bisects; a bracket whose
+  ends are adjacent is the answer at once."""
+  limit = 1000.0
+  memory = lambda k: 100 + 2 * k + 0.004 * k * k   # edge 286
+  asked = []
+  def measure(k):
+    asked.append(k)
+    return memory(k) <= limit, memory(k)
+  known = {200: (True, memory(200)), 300: (False, memory(300))}
+  assert aot.search(measure, limit, known) == 286
+  assert asked and all(200 < k < 300 for k in asked), asked
+  assert len(asked) <= 4, asked
+  asked.clear()
+  assert aot.search(measure, limit, {200: (True, None), 300: (False, None)}) == 286
+  assert all(200 < k < 300 for k in asked) and len(asked) <= 8, asked
+  asked.clear()
+  assert aot.search(measure, limit, {286: (True, None), 287: (False, None)}) == 286
+  assert asked == []
+
+
+def test_max_batch_range_is_read_as_known_ends():
+  """LO[:GIB],HI[:GIB] -> {k: (fits, bytes)} in units of grad_accum_steps; a bracket that
+  is not one (reversed, not divisible, a GiB on the wrong side of the limit) is an error
+  naming the flag."""
+  gib = aot.GIB
+  assert aot.known_ends(["4064:79.71", "4374:85.70"], 1, 85.5 * gib) == {
+      4064: (True, 79.71 * gib), 4374: (False, 85.70 * gib)}
+  assert aot.known_ends(["8", "12"], 4, 1.0) == {2: (True, None), 3: (False, None)}
+  for bracket, says in [(["8"], "not LO[:GIB],HI[:GIB]"), (["12", "8"], "1 <= LO < HI"),
+                        (["0", "8"], "1 <= LO < HI"), (["8", "10"], "multiple of"),
+                        (["8:x", "12"], "'8:x' is not BATCH"),
+                        (["8:90", "12"], "8 at 90 GiB does not fit"),
+                        (["8", "12:80"], "12 at 80 GiB fits")]:
+    with pytest.raises(aot.AotError, match="--max_batch_range") as e:
+      aot.known_ends(bracket, 4, 85.5 * gib)
+    assert says in str(e.value), (bracket, str(e.value))
+  with pytest.raises(aot.AotError, match="--max_batch_range: a bracket holds for one remat"):
+    aot.max_batch(tiny_config(), TOPOLOGY, ["none", "full"], bracket=["8", "12"])
+
+
 def run_aot(*args):
   env = dict(os.environ, PYTHONPATH=os.getcwd())
   return subprocess.run([sys.executable, "-m", "mae_jax.aot", *args], capture_output=True,
@@ -313,6 +364,8 @@ def run_aot(*args):
     (["--topology=v5e:2x2", "--max_batch", "--remat=none", "--hbm_gib=0.001",
       "--config.model.width=64", "--config.model.depth=1", "--config.model.num_heads=2"],
      "does not fit"),
+    (["--topology=v5e:2x2", "--max_batch_range=8,4", "--remat=none"],
+     "--max_batch_range: needs 1 <= LO < HI, got 8,4"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, says):
   proc = run_aot("--config=configs/default.py", *args)
