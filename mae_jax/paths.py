@@ -129,6 +129,12 @@ def write_atomic(path, data):
   os.replace(tmp, p)
 
 
+def upload(local_file, path):
+  """Copy the local file `local_file` to the gs:// `path`, streamed: the object appears
+  whole when the upload completes, or not at all."""
+  gcs_filesystem().put_file(local_file, os.fspath(resolve(path))[len("gs://"):])
+
+
 def create_new(path, data):
   """Write `data` (str) to `path` only if nothing is there: True if written, False if
   `path` exists. One atomic step on both sides (O_EXCL locally, the ifGenerationMatch=0

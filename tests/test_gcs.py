@@ -635,6 +635,62 @@ def test_prepared_dataset_on_gcs_gives_the_local_batches(gcs_bucket, tmp_path):
     data.load_source(prepared_config(root), "train")
 
 
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_prepare_writes_and_verifies_a_dataset_on_gcs(gcs_bucket, tmp_path, capsys,
+                                                      processes):
+  """python -m mae_jax.prepare --out gs://... (shards uploaded by the main process or by 2
+  worker processes): the same objects, sizes and manifest (every shard's sha256) as --out
+  on a local disk, and the same batches; a rerun finds every shard done; --verify passes
+  there, then names a shard whose bytes changed."""
+  from mae_jax import data
+  from test_prepare import config as prepared_config, run_prepare, write_jpeg_folder
+  write_jpeg_folder(tmp_path / "in", counts=(("train", 9), ("val", 3)), size=(30, 40))
+  args = ["--folder", tmp_path / "in", "--shard_size", 4]
+  local, root = tmp_path / "out", f"{gcs_bucket}/prepared"
+  assert run_prepare(*args, "--processes", 1, "--out", local) == 0
+  assert run_prepare(*args, "--processes", processes, "--out", root) == 0
+  assert paths.walk_files(root) == paths.walk_files(local)  # no temporary objects left
+  manifest = json.loads(paths.read_text(f"{root}/manifest.json"))
+  assert manifest == json.loads((local / "manifest.json").read_text())
+  assert len(manifest["splits"]["train"]["shards"]) == 3
+  capsys.readouterr()
+  assert run_prepare(*args, "--out", root) == 0
+  assert "resuming, 4 shards already done" in capsys.readouterr().err
+  assert run_prepare("--verify", root) == 0
+  assert capsys.readouterr().out == f"{root}: all shards match\n"
+  remote = data.load_source(prepared_config(root), "train")
+  assert_same_batches(data.load_source(prepared_config(local), "train"), remote)
+  shard = remote.paths[1]
+  damaged = bytearray(paths.read_bytes(shard))
+  damaged[-20] ^= 0xFF
+  paths.write_atomic(shard, bytes(damaged))
+  assert run_prepare("--verify", root) == 2
+  captured = capsys.readouterr()
+  assert captured.err == f"{shard}: checksum differs from manifest.json\n"
+  assert captured.out == f"{root}: 1 shard(s) corrupt\n"
+
+
+def test_prepare_bad_gcs_out_is_one_line_exit_2(gcs_bucket, tmp_path, capsys):
+  from mae_jax import prepare
+  from test_prepare import write_jpeg_folder
+  write_jpeg_folder(tmp_path / "in", counts=(("train", 2),))
+  paths.write_atomic(f"{gcs_bucket}/an_object", b"x")
+  for out, expected in [
+      ("gs:///p", "--out=gs:///p: no bucket; a Cloud Storage path is gs://BUCKET/PATH"),
+      ("gs://Bad_Bucket/p", "--out=gs://Bad_Bucket/p: 'Bad_Bucket' is not a valid bucket name"),
+      ("gs://no-such-bucket-prepare/p", "--out=gs://no-such-bucket-prepare/p: bucket "
+       "no-such-bucket-prepare does not exist (or these credentials cannot see it)"),
+      (f"{gcs_bucket}/an_object", f"--out={gcs_bucket}/an_object: is an object; expected a "
+       "directory")]:
+    assert prepare.main(["--folder", str(tmp_path / "in"), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {expected}") and err.count("\n") == 1, err
+  assert prepare.main(["--verify", "gs:///p"]) == 2
+  assert capsys.readouterr().err == ("error: --verify=gs:///p: no bucket; a Cloud Storage "
+                                     "path is gs://BUCKET/PATH\n")
+  assert paths.listdir(gcs_bucket) == ["an_object"]  # nothing written
+
+
 def test_prepared_dataset_in_a_missing_bucket_is_one_line(gcs_server):
   from mae_jax import data
   from test_prepare import config as prepared_config
