@@ -825,8 +825,9 @@ def gcs_sweep_file(tmp_path, spec='axes={"model.mask_ratio": [0.5, 0.75]}', name
 
 
 def test_sweep_commands_on_gcs_and_its_one_line_errors(gcs_bucket, tmp_path, capsys):
-  """--commands writes commands.sh on gs:// (each point's train.py and evaluate aimed at
-  its gs:// point directory, no mkdir); a conv point and a missing bucket are one line."""
+  """--commands writes commands.sh on gs:// (each point's train.py and evaluate, or
+  conv_mae, aimed at its gs:// point directory, no mkdir); a missing bucket and a path
+  without a bucket are one line."""
   from helpers import exit_code
   from mae_jax import sweep
   path = gcs_sweep_file(tmp_path)
@@ -838,11 +839,11 @@ def test_sweep_commands_on_gcs_and_its_one_line_errors(gcs_bucket, tmp_path, cap
     point = re.search(rf"--workdir ({re.escape(workdir)}/points/[0-9a-f]{{12}}) ", line).group(1)
     assert f"-m mae_jax.evaluate --workdir {point} " in line
   conv = gcs_sweep_file(tmp_path, 'points=[{"label": "c", "program": "conv"}]', "conv")
+  assert exit_code(sweep.main, [conv, "--workdir", workdir, "--commands"]) == 0
+  (line,) = paths.read_text(f"{workdir}/conv/commands.sh").splitlines()[1:]
+  assert re.search(rf"-m mae_jax.conv_mae .*--workdir {re.escape(workdir)}/points/"
+                   r"[0-9a-f]{12} ", line), line
   capsys.readouterr()
-  assert exit_code(sweep.main, [conv, "--workdir", workdir]) == 2
-  assert capsys.readouterr().err == (
-      f"error: --workdir {workdir}: point 'c' is a conv point, and mae_jax.conv_mae writes "
-      "local workdirs only; use a local --workdir\n")
   assert exit_code(sweep.main, [path, "--workdir", "gs://no-such-bucket-sweep/sw"]) == 2
   assert capsys.readouterr().err == ("error: --workdir gs://no-such-bucket-sweep/sw: cannot "
                                      "make gs://no-such-bucket-sweep/sw/toy there (bucket "
@@ -892,3 +893,89 @@ def test_sweep_runs_on_a_gs_workdir(gcs_server, train_env, tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count("done before, skipped") == 2
   assert list(csv.DictReader(io.StringIO(paths.read_text(f"{out}/results.csv")))) == rows
+
+
+# --- python -m mae_jax.conv_mae --workdir gs://... --------------------------------------------
+
+CONV_TINY = {"data.name": "synthetic", "data.synthetic_size": 64, "data.image_size": 16,
+             "model.features": (8, 16), "batch_size": 16, "num_steps": 4,
+             "optim.warmup_steps": 1, "eval_batch_size": 32, "log_every_steps": 2}
+EVAL_TINY = {"eval_batch_size": 32, "data.train_examples": 48, "linprobe.batch_size": 16,
+             "linprobe.num_steps": 6, "linprobe.optim.warmup_steps": 2}
+
+
+def conv_run(workdir):
+  """A 4-step conv_mae run with kNN and a 6-step linear probe into `workdir`."""
+  from configs.eval import get_config as eval_config
+  from mae_jax import conv_mae
+  from test_sweep import conv_config
+  config, evaluation = conv_config(), eval_config()
+  config.update_from_flattened_dict(CONV_TINY)
+  evaluation.update_from_flattened_dict(EVAL_TINY)
+  return conv_mae.train_and_evaluate(config, evaluation, workdir, ["knn", "linprobe"])
+
+
+@pytest.mark.slow
+def test_conv_mae_writes_a_gs_workdir(gcs_bucket, tmp_path):
+  """conv_mae into gs:// gives the summary and evaluation results of the same run into a
+  local workdir, all read back from the bucket, with its TensorBoard events and
+  metrics.jsonl (training's and the probe's) uploaded."""
+  workdir = f"{gcs_bucket}/conv"
+  ours, theirs = conv_run(workdir), conv_run(str(tmp_path / "conv"))
+  assert json.loads(paths.read_text(f"{workdir}/summary.json")) == ours
+  for key in ("test_masked_mse", "test_mse", "final_train_loss", "steps"):
+    assert ours[key] == theirs[key], key
+  for mode in ("knn", "linprobe"):
+    remote = json.loads(paths.read_text(f"{workdir}/eval_{mode}.json"))
+    local = json.loads((tmp_path / "conv" / f"eval_{mode}.json").read_text())
+    assert remote["top1"] == local["top1"], mode
+  files = paths.walk_files(workdir)
+  steps = [json.loads(line)["step"] for line in
+           paths.read_text(f"{workdir}/metrics.jsonl").splitlines()]
+  assert steps == [json.loads(line)["step"] for line in
+                   (tmp_path / "conv" / "metrics.jsonl").read_text().splitlines()]
+  assert "eval/linprobe/metrics.jsonl" in files
+  assert any(n.startswith("events.out.tfevents.") for n in files)
+  assert not any(n.startswith(".write-probe") for n in files)
+
+
+def test_conv_mae_bad_gs_workdir_is_one_line(gcs_bucket):
+  from mae_jax import cli, conv_mae
+  paths.write_atomic(f"{gcs_bucket}/an_object", b"x")
+  for workdir, expected in [
+      ("gs:///c", "--workdir gs:///c: no bucket; a Cloud Storage path is gs://BUCKET/PATH"),
+      ("gs://no-such-bucket-conv/c", "--workdir gs://no-such-bucket-conv/c: bucket "
+       "no-such-bucket-conv does not exist (or these credentials cannot see it)"),
+      (f"{gcs_bucket}/an_object", f"--workdir '{gcs_bucket}/an_object': expected a "
+       "directory (new, or this command's own)")]:
+    with pytest.raises(cli.UsageError) as e:
+      conv_mae.check_workdir(workdir)
+    assert str(e.value) == expected
+  conv_mae.check_workdir(f"{gcs_bucket}/c")  # free: the probe is written and removed
+  assert paths.listdir(gcs_bucket) == ["an_object"]
+
+
+@pytest.mark.slow
+def test_sweep_runs_a_conv_point_on_a_gs_workdir(gcs_server, train_env, tmp_path):
+  """A sweep's conv point (python -m mae_jax.conv_mae as a subprocess) on gs://: its row
+  is what the point's own summary.json and eval_knn.json objects say, and a second run
+  runs nothing."""
+  path = gcs_sweep_file(tmp_path, 'points=[{"label": "c", "program": "conv"}]', "conv")
+  workdir = f"gs://{gcs_server.create_bucket()}/sw"
+  run = lambda: subprocess.run([sys.executable, "-m", "mae_jax.sweep", path, "--workdir",
+                                workdir], env=train_env, cwd=ROOT, capture_output=True,
+                               text=True, timeout=600)
+  proc = run()
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  (row,) = csv.DictReader(io.StringIO(paths.read_text(f"{workdir}/conv/results.csv")))
+  (point,) = [f"{workdir}/points/{p}" for p in paths.listdir(f"{workdir}/points")]
+  summary = json.loads(paths.read_text(f"{point}/summary.json"))
+  assert summary["model"]["kind"] == "conv_mae"
+  assert float(row["test_masked_mse"]) == pytest.approx(summary["test_masked_mse"])
+  knn = json.loads(paths.read_text(f"{point}/eval_knn.json"))
+  assert float(row["knn_top1"]) == pytest.approx(knn["top1"])
+  assert "-m mae_jax.conv_mae" in paths.read_text(f"{point}/log.txt")
+  assert not os.path.exists(os.path.join(ROOT, "gs:"))  # nothing written locally
+  again = run()
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.count("done before, skipped") == 1
