@@ -489,11 +489,10 @@ def test_gcs_lock_takes_over_a_dead_holder_of_this_host_and_releases_only_its_ow
   assert json.loads(paths.read_text(lock_path))["host"] == "another-vm"  # not ours: kept
 
 
-def test_gcs_lock_has_one_winner_among_racing_launches(gcs_bucket):
-  """Launches that find the workdir free at the same moment: exactly one takes the lock
-  (it is created with a does-not-exist precondition), the others are refused."""
-  workdir = f"{gcs_bucket}/run"
-  start, results = threading.Barrier(6), []
+def race(workdir, n):
+  """n GcsWorkdirLock(workdir).acquire() calls in threads released at once by a barrier:
+  [the lock or the CheckpointError of each]."""
+  start, results = threading.Barrier(n), []
 
   def launch():
     start.wait()
@@ -502,17 +501,62 @@ def test_gcs_lock_has_one_winner_among_racing_launches(gcs_bucket):
     except checkpoint.CheckpointError as e:
       results.append(e)
 
-  threads = [threading.Thread(target=launch) for _ in range(6)]
+  threads = [threading.Thread(target=launch) for _ in range(n)]
   for t in threads:
     t.start()
   for t in threads:
     t.join(timeout=60)
+  assert len(results) == n, results
+  return results
+
+
+def test_gcs_lock_has_one_winner_among_racing_launches(gcs_bucket):
+  """Launches that find the workdir free at the same moment: exactly one takes the lock
+  (it is created with a does-not-exist precondition), the others are refused."""
+  workdir = f"{gcs_bucket}/run"
+  results = race(workdir, 6)
   winners = [r for r in results if isinstance(r, checkpoint.GcsWorkdirLock)]
-  assert len(results) == 6 and len(winners) == 1, results
+  assert len(winners) == 1, results
   assert all(f"is in use by another run (pid {os.getpid()}" in str(r)
              for r in results if r not in winners)
   winners[0].release()
   assert not paths.exists(f"{workdir}/run.lock")
+
+
+def test_gcs_lock_has_one_winner_among_racing_takeovers_of_a_dead_holder(gcs_bucket):
+  """Launches of one host that all find a dead run's lock at the same moment: the stale
+  lock is replaced only at the generation each read (ifGenerationMatch), so exactly one
+  takes it over and the others find the winner's lock and are refused. Rounds of 8."""
+  workdir = f"{gcs_bucket}/run"
+  lock_path = f"{workdir}/{checkpoint.LOCK_FILE}"
+  gone = dead_pid()
+  for _ in range(3):
+    paths.write_atomic(lock_path, holder_text(gone))
+    results = race(workdir, 8)
+    winners = [r for r in results if isinstance(r, checkpoint.GcsWorkdirLock)]
+    assert len(winners) == 1, results
+    assert f"(pid {gone} on host " in winners[0].note
+    assert all(f"is in use by another run (pid {os.getpid()}" in str(r)
+               for r in results if r is not winners[0])
+    assert paths.read_text(lock_path) == winners[0].fd
+    winners[0].release()
+    assert not paths.exists(lock_path)
+
+
+def test_gcs_lock_generation_preconditions_are_honoured(gcs_bucket):
+  """What the takeover relies on, checked on the server: a write at a generation that is
+  no longer the object's (replaced, or removed) is refused and changes nothing."""
+  path = f"{gcs_bucket}/obj"
+  paths.write_atomic(path, "first")
+  data, generation = paths.read_generation(path)
+  assert data == b"first"
+  assert paths.replace_generation(path, "second", generation)
+  assert not paths.replace_generation(path, "third", generation)  # stale generation
+  data, newer = paths.read_generation(path)
+  assert data == b"second" and newer != generation
+  paths.remove(path)
+  assert not paths.replace_generation(path, "fourth", newer)  # removed meanwhile
+  assert not paths.exists(path)
 
 
 @pytest.mark.slow
