@@ -176,9 +176,9 @@ def replace_generation(path, data, generation):
           + json.dumps({"name": key}).encode()
           + b"\n--==0==\nContent-Type: application/octet-stream\n\n"
           + data.encode() + b"\n--==0==--")
+  url = f"{fs._location}/upload/storage/v1/b/{bucket_name}/o"  # pylint: disable=protected-access
   try:
-    fs.call("POST", f"{fs._location}/upload/storage/v1/b/{bucket_name}/o",  # pylint: disable=protected-access
-            uploadType="multipart", ifGenerationMatch=str(generation), data=body,
+    fs.call("POST", url, uploadType="multipart", ifGenerationMatch=str(generation), data=body,
             headers={"Content-Type": 'multipart/related; boundary="==0=="'}, json_out=True)
   except FileExistsError:  # gcsfs's answer to 412 Precondition Failed
     return False

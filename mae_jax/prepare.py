@@ -51,7 +51,8 @@ def parse_args(argv):
   src.add_argument("--tfds", help="TFDS dataset name (prepared, read with tfds.data_source)")
   src.add_argument("--verify", metavar="DIR", help="check a prepared dataset's checksums")
   p.add_argument("--tfds_data_dir", help="TFDS data_dir")
-  p.add_argument("--out", help="output directory (created; rerun on it to resume)")
+  p.add_argument("--out", help="output directory, local or gs://BUCKET/PATH (created; rerun "
+                 "on it to resume)")
   p.add_argument("--max_side", type=int, default=MAX_SIDE,
                  help="longer side of stored images at most (larger ones are shrunk)")
   p.add_argument("--quality", type=int, default=QUALITY, help="JPEG quality of re-encoded images")
