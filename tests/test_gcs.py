@@ -1023,3 +1023,46 @@ def test_sweep_runs_a_conv_point_on_a_gs_workdir(gcs_server, train_env, tmp_path
   again = run()
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count("done before, skipped") == 1
+
+
+def test_failed_record_read_on_gcs_is_one_line(gcs_bucket, tmp_path):
+  """A prepared dataset on gs:// whose shard disappears after start-up: reading one of its
+  records is one DatasetError naming the record and the reader's reason (what
+  train.py prints as one `error:` line, exit 2), not a traceback from ArrayRecord."""
+  from mae_jax import data
+  from test_prepare import config as prepared_config, run_prepare, write_jpeg_folder
+  write_jpeg_folder(tmp_path / "in", counts=(("train", 8), ("val", 2)), size=(30, 40))
+  root = f"{gcs_bucket}/prepared"
+  assert run_prepare("--folder", tmp_path / "in", "--out", root, "--shard_size", 4,
+                     "--processes", 1) == 0
+  source = data.load_source(prepared_config(root), "train")
+  assert source[0]["label"] == 0
+  paths.remove(source.paths[1])
+  with pytest.raises(data.DatasetError) as e:
+    source[7]
+  message = str(e.value)
+  assert message.startswith(f"{root}/train record 7: cannot read it (RuntimeError: "), message
+  assert source.paths[1] in message and "\n" not in message
+
+
+def test_failed_tfds_record_read_on_gcs_is_one_line(gcs_bucket, tmp_path):
+  """The same for a TFDS dataset in a gs:// data_dir: its record files removed after
+  start-up, a read is one DatasetError naming the dataset, the split and the record."""
+  from mae_jax import data
+  from test_data import MaeJaxTinyImages, config as tfds_config
+  MaeJaxTinyImages(data_dir=str(tmp_path / "tfds"),
+                   file_format="array_record").download_and_prepare()
+  root = f"{gcs_bucket}/tfds"
+  upload_tree(tmp_path / "tfds", root)
+  source = data.load_source(tfds_config(name="mae_jax_tiny_images", data_dir=root,
+                                        channels=3), "train")
+  records = [n for n in paths.walk_files(root) if ".array_record" in n and "-train." in n]
+  assert records
+  for name in records:
+    paths.remove(f"{root}/{name}")
+  with pytest.raises(data.DatasetError) as e:
+    source[3]
+  message = str(e.value)
+  assert message.startswith(f"data.name='mae_jax_tiny_images' split 'train' in {root} "
+                            "record 3: cannot read it (RuntimeError: "), message
+  assert "\n" not in message
