@@ -643,21 +643,25 @@ class GcsWorkdirLock(WorkdirLock):
     self.note = None
 
   def acquire(self):
-    """Create the lock object only where none exists (one atomic request: of two launches
-    racing, one wins and the other finds the winner's lock); a lock left by a dead run of
-    this host is removed and the creation tried again."""
+    """Create the lock object only where none exists, or replace a lock left by a dead run
+    of this host only while it is the generation read: each is one request with a
+    precondition (ifGenerationMatch=0, or the stale lock's generation), so of launches
+    racing for a free workdir or for the same stale lock, one wins and the others find
+    the winner's lock."""
     me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                      "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
     while not paths.create_new(self.path, me):
       try:
-        previous = paths.read_text(self.path)
+        previous, generation = paths.read_generation(self.path)
       except FileNotFoundError:
         continue  # its holder released it meanwhile
+      previous = previous.decode(errors="replace")
       self._check_by_contents(previous)  # raises unless the holder is gone
-      self.note = (f"took over {self.path}, left by a run that is no longer running "
-                   f"({_holder_of(previous)})")
-      with contextlib.suppress(FileNotFoundError):
-        paths.remove(self.path)
+      if paths.replace_generation(self.path, me, generation):
+        self.note = (f"took over {self.path}, left by a run that is no longer running "
+                     f"({_holder_of(previous)})")
+        break
+      # replaced or removed meanwhile (another launch took it over): look again
     self.fd = me
     return self
 

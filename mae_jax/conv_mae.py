@@ -18,10 +18,12 @@ both models are read alike (python -m mae_jax.sweep):
 - eval_knn.json, eval_linprobe.json: top-1 of the `--eval_config` recipe on the encoder's
   features of the unmasked image, globally average-pooled (model.features[-1] dims).
 The run is short and not checkpointed: an interrupted run starts again from step 0.
+DIR may be gs://BUCKET/PATH (mae_jax.paths): the results are then objects there, and the
+TensorBoard events and metrics.jsonl are uploaded when training (and the linear probe)
+ends.
 """
 import functools
 import json
-import os
 import sys
 import time
 
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mae_jax import cli, config as config_lib, data, optim, sharding
+from mae_jax import cli, config as config_lib, data, optim, paths, sharding
 from mae_jax.evaluation import knn as knn_lib, linprobe, loop
 from mae_jax.logger import Logger
 
@@ -141,8 +143,7 @@ def extract(params, source, *, model, mesh, image_size, batch_size):
 
 def write_json(path, payload):
   if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(payload, f, indent=2, default=str)
+    paths.write_atomic(path, json.dumps(payload, indent=2, default=str))
   return path
 
 
@@ -192,7 +193,7 @@ def train(config, workdir):
                                       ratio=config.model.mask_ratio),
                     in_shardings=(repl, batch_sh, repl), out_shardings=(repl, repl),
                     donate_argnums=0).lower(state, abstract_batch, rng).compile()
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   logger = Logger(workdir, dur.total_steps)
   logger.info(f"conv_mae: {num_params / 1e6:.2f}M-parameter conv MAE (features "
               f"{tuple(config.model.features)}, pixel mask ratio {config.model.mask_ratio}) "
@@ -226,7 +227,7 @@ def train(config, workdir):
                 "mask_ratio": config.model.mask_ratio, "image_size": size,
                 "channels": config.data.channels, "num_params": int(num_params)},
   }
-  write_json(os.path.join(workdir, "summary.json"), summary)
+  write_json(paths.join(workdir, "summary.json"), summary)
   print(f"test masked-pixel MSE {summary['test_masked_mse']:.4f} (whole image "
         f"{summary['test_mse']:.4f}) after {summary['train_seconds']:.0f} s", flush=True)
   return model, params, mesh, (train_src, test_src)
@@ -259,7 +260,7 @@ def evaluate(model, params, mesh, sources, eval_config, workdir, modes, *, image
     else:
       cfg = eval_config.linprobe
       dur = config_lib.durations(cfg, len(train[0]))
-      logger = Logger(os.path.join(workdir, "eval", "linprobe"), dur.total_steps)
+      logger = Logger(paths.join(workdir, "eval", "linprobe"), dur.total_steps)
       out = linprobe.train_and_test(train, test, cfg, num_classes=num_classes, mesh=mesh,
                                     seed=eval_config.seed, logger=logger,
                                     eval_batch_size=eval_config.eval_batch_size)
@@ -268,7 +269,7 @@ def evaluate(model, params, mesh, sources, eval_config, workdir, modes, *, image
     out = dict(out, mode=mode, name=mode, features="avg", subject="conv_mae",
                train_examples=len(train[0]), seconds=round(seconds, 1),
                devices=jax.device_count(), config=eval_config[mode].to_dict())
-    write_json(os.path.join(workdir, f"eval_{mode}.json"), out)
+    write_json(paths.join(workdir, f"eval_{mode}.json"), out)
     print(f"{mode}: top-1 {out['top1']:.4f}", flush=True)
     results[mode] = out
   return results
@@ -280,8 +281,7 @@ def train_and_evaluate(config, eval_config, workdir, modes):
   model, params, mesh, sources = train(config, workdir)
   evaluate(model, params, mesh, sources, eval_config, workdir, modes,
            image_size=config.data.image_size)
-  with open(os.path.join(workdir, "summary.json")) as f:
-    return json.load(f)
+  return json.loads(paths.read_text(paths.join(workdir, "summary.json")))
 
 
 def main(argv):
@@ -291,13 +291,37 @@ def main(argv):
   modes = [m.strip() for m in flags.FLAGS.mode.split(",") if m.strip()]
   workdir = flags.FLAGS.workdir
   try:
-    if not workdir or os.path.exists(workdir) and not os.path.isdir(workdir):
-      raise cli.UsageError(f"--workdir {workdir!r}: expected a directory (new, or this "
-                           "command's own)")
+    check_workdir(workdir)
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.eval_config, workdir, modes)
   except (cli.UsageError, config_lib.ConfigError, data.DatasetError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+def check_workdir(workdir):
+  """--workdir is a directory (new, or this command's own) that takes a file: on gs://, a
+  probe object is written and deleted, so a missing bucket, missing credentials or an
+  unreachable server is one line before anything compiles."""
+  expected = cli.UsageError(f"--workdir {workdir!r}: expected a directory (new, or this "
+                            "command's own)")
+  if not workdir:
+    raise expected
+  try:
+    taken = paths.isfile(workdir)
+    if paths.is_gcs(workdir) and not taken:
+      paths.write_probe(workdir)
+  except paths.PathError as e:
+    raise cli.UsageError(f"--workdir {e}") from None
+  except Exception as e:  # gcsfs, aiohttp and google-auth errors
+    if not paths.is_gcs(workdir):
+      raise
+    if isinstance(e, FileNotFoundError):
+      raise cli.UsageError(f"--workdir {workdir}: bucket {paths.bucket(workdir)} does not "
+                           "exist (or these credentials cannot see it)") from None
+    raise cli.UsageError(f"--workdir {workdir}: cannot write there ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from None
+  if taken:
+    raise expected
 
 
 def parse_flags(argv):

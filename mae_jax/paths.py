@@ -10,6 +10,7 @@ Cloud Storage has no directories and no rename: "makedirs" is a no-op there, and
 object is written whole or not at all, so `write_atomic` writes it directly; on a local
 disk it writes a temporary file and renames it.
 """
+import json
 import logging
 import os
 import re
@@ -129,6 +130,12 @@ def write_atomic(path, data):
   os.replace(tmp, p)
 
 
+def upload(local_file, path):
+  """Copy the local file `local_file` to the gs:// `path`, streamed: the object appears
+  whole when the upload completes, or not at all."""
+  gcs_filesystem().put_file(local_file, os.fspath(resolve(path))[len("gs://"):])
+
+
 def create_new(path, data):
   """Write `data` (str) to `path` only if nothing is there: True if written, False if
   `path` exists. One atomic step on both sides (O_EXCL locally, the ifGenerationMatch=0
@@ -147,6 +154,42 @@ def create_new(path, data):
   with os.fdopen(fd, "w") as f:
     f.write(data)
   return True
+
+
+def read_generation(path):
+  """(contents as bytes, generation) of a gs:// object, from one request: the generation
+  names exactly the contents read (Cloud Storage gives every write a new one)."""
+  bucket_name, key = _bucket_and_key(path)
+  headers, contents = gcs_filesystem().call("GET", "b/{}/o/{}", bucket_name, key, alt="media")
+  return contents, int(headers["X-Goog-Generation"])
+
+
+def replace_generation(path, data, generation):
+  """Write `data` (str) to the gs:// `path` only if its object is still at `generation`
+  (the ifGenerationMatch precondition, checked by the server): True if written, False if
+  it was replaced or removed meanwhile. Of callers racing to replace one generation, one
+  wins. A multipart upload, as gcsfs's own: fake-gcs-server checks preconditions there
+  (and not on a media upload)."""
+  bucket_name, key = _bucket_and_key(path)
+  fs = gcs_filesystem()
+  body = (b"--==0==\nContent-Type: application/json; charset=UTF-8\n\n"
+          + json.dumps({"name": key}).encode()
+          + b"\n--==0==\nContent-Type: application/octet-stream\n\n"
+          + data.encode() + b"\n--==0==--")
+  url = f"{fs._location}/upload/storage/v1/b/{bucket_name}/o"  # pylint: disable=protected-access
+  try:
+    fs.call("POST", url, uploadType="multipart", ifGenerationMatch=str(generation), data=body,
+            headers={"Content-Type": 'multipart/related; boundary="==0=="'}, json_out=True)
+  except FileExistsError:  # gcsfs's answer to 412 Precondition Failed
+    return False
+  fs.invalidate_cache(os.fspath(resolve(path))[len("gs://"):])
+  return True
+
+
+def _bucket_and_key(path):
+  rest = os.fspath(resolve(path))[len("gs://"):]
+  bucket_name, _, key = rest.partition("/")
+  return bucket_name, key
 
 
 def remove(path):

@@ -5,7 +5,9 @@ ArrayRecord files of JPEGs at a maximum side (read with --config.data.name=prepa
   python -m mae_jax.prepare --tfds NAME [--tfds_data_dir D] --out DIR
   python -m mae_jax.prepare --verify DIR
 
-ROOT is ILSVRC-style (train/<class>/*.JPEG, val|test/<class>/...), or <class>/* (train
+DIR may be gs://BUCKET/PATH: each shard is then written to a local temporary file and
+uploaded whole when complete (an object appears entirely or not at all), its `.done.json`
+after it. ROOT is ILSVRC-style (train/<class>/*.JPEG, val|test/<class>/...), or <class>/* (train
 only). Each image becomes one record: label, original size, stored size and the JPEG,
 re-encoded (at --quality) only where it is not already an RGB or gray JPEG within
 --max_side. Images that cannot be decoded are skipped and counted.
@@ -16,18 +18,21 @@ killed run, rerun with the same arguments, redoes only the unfinished shards. ma
 (counts, per-shard checksums, pixel stats) is written last.
 """
 import argparse
+import contextlib
 import hashlib
 import io
 import json
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
 from PIL import Image
 
-from mae_jax import cli
+from mae_jax import cli, paths
 from mae_jax.data import decode, folder, prepared
 from mae_jax.data.errors import DatasetError
 
@@ -46,7 +51,8 @@ def parse_args(argv):
   src.add_argument("--tfds", help="TFDS dataset name (prepared, read with tfds.data_source)")
   src.add_argument("--verify", metavar="DIR", help="check a prepared dataset's checksums")
   p.add_argument("--tfds_data_dir", help="TFDS data_dir")
-  p.add_argument("--out", help="output directory (created; rerun on it to resume)")
+  p.add_argument("--out", help="output directory, local or gs://BUCKET/PATH (created; rerun "
+                 "on it to resume)")
   p.add_argument("--max_side", type=int, default=MAX_SIDE,
                  help="longer side of stored images at most (larger ones are shrunk)")
   p.add_argument("--quality", type=int, default=QUALITY, help="JPEG quality of re-encoded images")
@@ -73,6 +79,8 @@ def check_args(args) -> None:
 def check_out(out) -> None:
   """--out is a directory to resume or one that can be made: neither a file nor below one,
   and writable."""
+  if paths.is_gcs(out):
+    return check_gcs_out(out)
   if os.path.exists(out) and not os.path.isdir(out):
     raise DatasetError(f"--out={out}: is a file; expected a directory (a new one, or one "
                        "to resume)")
@@ -83,6 +91,37 @@ def check_out(out) -> None:
     raise DatasetError(f"--out={out}: {existing} is a file, so the directory cannot be made")
   if not os.access(existing, os.W_OK | os.X_OK):
     raise DatasetError(f"--out={out}: {existing} is not writable (permission denied)")
+
+
+def check_gcs_out(out) -> None:
+  """A gs:// --out names a bucket that exists and takes an object, and is not an object."""
+  with gcs_errors("--out", out):
+    if paths.isfile(out):
+      raise DatasetError(f"--out={out}: is an object; expected a directory (a new one, or "
+                         "one to resume)")
+    try:
+      paths.write_probe(out)
+    except FileNotFoundError:
+      raise DatasetError(f"--out={out}: bucket {paths.bucket(out)} does not exist (or these "
+                         "credentials cannot see it)") from None
+
+
+@contextlib.contextmanager
+def gcs_errors(flag, path):
+  """On a gs:// `path`, a bad path or a client error (credentials, network, server)
+  becomes one DatasetError naming `flag` instead of a traceback from gcsfs or aiohttp."""
+  try:
+    yield
+  except DatasetError:
+    raise
+  except paths.PathError as e:
+    raise DatasetError(f"{flag}={e}") from None
+  except Exception as e:  # gcsfs, aiohttp, google-auth and ArrayRecord errors
+    if not paths.is_gcs(path):
+      raise
+    reason = " ".join(str(e).split())[:200]
+    raise DatasetError(f"{flag}={path}: cannot reach it ({type(e).__name__}: {reason}); "
+                       "check the bucket, the credentials and the network") from None
 
 
 # --- Inputs: per split, the examples to write ----------------------------------------------
@@ -192,11 +231,30 @@ def read_input(task, item):
 
 
 def write_shard(task) -> dict:
-  """Write one shard (to a temporary file, renamed when complete) and its .done.json;
-  returns the done record."""
+  """Write one shard (to a temporary file, renamed or, on gs://, uploaded when complete)
+  and then its .done.json; returns the done record."""
+  path = paths.join(task["out"], task["file"])
+  if not paths.is_gcs(path):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    stats = write_records(task, tmp)
+    os.replace(tmp, path)
+  else:
+    staging = tempfile.mkdtemp(prefix="mae_jax_prepare_")
+    try:
+      tmp = os.path.join(staging, task["file"])
+      stats = write_records(task, tmp)
+      paths.upload(tmp, path)
+    finally:
+      shutil.rmtree(staging, ignore_errors=True)
+  done = dict(file=task["file"], **stats)
+  write_json(path[:-len(".array_record")] + ".done.json", done)
+  return done
+
+
+def write_records(task, tmp: str) -> dict:
+  """Write the shard's records to the local file `tmp`; its count, size, sha256, skipped
+  images and pixel sums."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  path = os.path.join(task["out"], task["file"])
-  tmp = f"{path}.tmp.{os.getpid()}"
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   skipped, sums, count = {}, np.zeros((3, 3)), 0
   for item in task["items"]:
@@ -210,23 +268,24 @@ def write_shard(task) -> dict:
     sums += pixel_sums(array)
     count += 1
   writer.close()
-  os.replace(tmp, path)
-  done = {"file": task["file"], "num_records": count, "bytes": os.path.getsize(path),
-          "sha256": sha256(path), "skipped": skipped, "pixel_sums": sums.tolist()}
-  write_json(path[:-len(".array_record")] + ".done.json", done)
-  return done
+  return {"num_records": count, "bytes": os.path.getsize(tmp), "sha256": sha256(tmp),
+          "skipped": skipped, "pixel_sums": sums.tolist()}
 
 
 def remove_partial_files(out: str) -> None:
-  """Delete the temporary files a killed run left (one run per output at a time)."""
+  """Delete the temporary files a killed run left (one run per output at a time; on
+  gs:// there are none: shards are written locally and uploaded whole)."""
+  if paths.is_gcs(out):
+    return
   for name in os.listdir(out):
-    if ".tmp." in name:
+    if ".tmp." in name or ".tmp-" in name:
       os.remove(os.path.join(out, name))
 
 
 def sha256(path: str) -> str:
+  """The sha256 of a local or gs:// file, read in 1 MiB blocks."""
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with paths.resolve(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()
@@ -234,21 +293,26 @@ def sha256(path: str) -> str:
 
 def write_json(path: str, obj) -> None:
   """Atomically: a reader sees the old file or the whole new one."""
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
+  paths.write_atomic(path, json.dumps(obj, indent=1))
 
 
-def read_done(out: str, file: str) -> dict | None:
-  """The done record of a complete shard (its file present at the recorded size), else None."""
-  done_path = os.path.join(out, file[:-len(".array_record")] + ".done.json")
-  try:
-    with open(done_path) as f:
-      done = json.load(f)
-    return done if os.path.getsize(os.path.join(out, file)) == done["bytes"] else None
-  except (OSError, ValueError, KeyError):
-    return None
+def finished_shards(out: str, tasks) -> dict:
+  """{file: done record} of the complete shards: a done record whose shard is present at
+  the recorded size (sizes from one listing on gs://)."""
+  sizes = prepared.shard_sizes(out)
+  finished = {}
+  for task in tasks:
+    file = task["file"]
+    done_name = file[:-len(".array_record")] + ".done.json"
+    if sizes(done_name) is None:
+      continue
+    try:
+      done = json.loads(paths.read_text(paths.join(out, done_name)))
+      if sizes(file) == done["bytes"]:
+        finished[file] = done
+    except (OSError, ValueError, KeyError):
+      pass
+  return finished
 
 
 # --- The run: plan, resume, progress, manifest ----------------------------------------------
@@ -275,15 +339,14 @@ def check_settings(args, inputs) -> None:
               "max_side": args.max_side, "quality": args.quality,
               "shard_size": args.shard_size,
               "num_inputs": {split: len(items) for split, items in inputs.items()}}
-  path = os.path.join(args.out, SETTINGS)
-  if os.path.exists(path):
-    with open(path) as f:
-      before = json.load(f)
+  path = paths.join(args.out, SETTINGS)
+  if paths.exists(path):
+    before = json.loads(paths.read_text(path))
     if before != settings:
       differ = sorted(k for k in settings if before.get(k) != settings[k])
       raise DatasetError(f"--out={args.out}: was started with other settings ({', '.join(differ)}: "
                          f"{[before.get(k) for k in differ]}); use another --out or delete it")
-  os.makedirs(args.out, exist_ok=True)
+  paths.makedirs(args.out)
   write_json(path, settings)
 
 
@@ -352,7 +415,7 @@ def prepare(args) -> dict:
   check_settings(args, inputs)
   remove_partial_files(args.out)
   tasks = plan(args, inputs)
-  finished = {t["file"]: d for t in tasks if (d := read_done(args.out, t["file"])) is not None}
+  finished = finished_shards(args.out, tasks)
   todo = [t for t in tasks if t["file"] not in finished]
   total = sum(len(items) for items in inputs.values())
   done_images = sum(len(t["items"]) for t in tasks if t["file"] in finished)
@@ -364,7 +427,7 @@ def prepare(args) -> dict:
     finished[task["file"]] = done
   manifest = manifest_for(args, tasks, [finished[t["file"]] for t in tasks], classes,
                           listing_skipped)
-  write_json(os.path.join(args.out, prepared.MANIFEST), manifest)
+  write_json(paths.join(args.out, prepared.MANIFEST), manifest)
   if progress.tty:
     sys.stderr.write("\n")
   return manifest
@@ -377,8 +440,8 @@ def verify(root: str) -> int:
   for split, entry in manifest["splits"].items():
     prepared.check_shards(root, split, entry)
     for shard in entry["shards"]:
-      if sha256(os.path.join(root, shard["file"])) != shard["sha256"]:
-        print(f"{os.path.join(root, shard['file'])}: checksum differs from {prepared.MANIFEST}",
+      if sha256(paths.join(root, shard["file"])) != shard["sha256"]:
+        print(f"{paths.join(root, shard['file'])}: checksum differs from {prepared.MANIFEST}",
               file=sys.stderr)
         bad += 1
   return bad
@@ -389,10 +452,12 @@ def main(argv=None) -> int:
   try:
     check_args(args)
     if args.verify:
-      bad = verify(args.verify)
+      with gcs_errors("--verify", args.verify):
+        bad = verify(args.verify)
       print(f"{args.verify}: " + (f"{bad} shard(s) corrupt" if bad else "all shards match"))
       return 2 if bad else 0
-    manifest = prepare(args)
+    with gcs_errors("--out", args.out):
+      manifest = prepare(args)
   except DatasetError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

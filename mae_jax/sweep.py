@@ -43,7 +43,7 @@ over seeds where there is a seed axis).
 
 DIR may be gs://BUCKET/PATH: the points' workdirs, their results and the table and plots
 are then objects there (mae_jax.paths), and a point's log.txt is uploaded when its
-commands end. Conv points write local workdirs only and are refused on gs://.
+commands end; ViT and conv points alike.
 """
 import argparse
 import contextlib
@@ -332,9 +332,6 @@ def plan(sweep, workdir):
   """[(point, its directory, its commands)] in sweep order."""
   planned = []
   for point in expand_points(sweep):
-    if point["program"] == "conv" and paths.is_gcs(workdir):
-      raise SweepError(f"--workdir {workdir}: point {point['label']!r} is a conv point, and "
-                       "mae_jax.conv_mae writes local workdirs only; use a local --workdir")
     template = point_commands(sweep, point, "__DIR__")
     directory = point_dir(workdir, template)
     commands = [[directory if a == "__DIR__" else a for a in c] for c in template]

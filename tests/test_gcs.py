@@ -489,11 +489,10 @@ def test_gcs_lock_takes_over_a_dead_holder_of_this_host_and_releases_only_its_ow
   assert json.loads(paths.read_text(lock_path))["host"] == "another-vm"  # not ours: kept
 
 
-def test_gcs_lock_has_one_winner_among_racing_launches(gcs_bucket):
-  """Launches that find the workdir free at the same moment: exactly one takes the lock
-  (it is created with a does-not-exist precondition), the others are refused."""
-  workdir = f"{gcs_bucket}/run"
-  start, results = threading.Barrier(6), []
+def race(workdir, n):
+  """n GcsWorkdirLock(workdir).acquire() calls in threads released at once by a barrier:
+  [the lock or the CheckpointError of each]."""
+  start, results = threading.Barrier(n), []
 
   def launch():
     start.wait()
@@ -502,17 +501,62 @@ def test_gcs_lock_has_one_winner_among_racing_launches(gcs_bucket):
     except checkpoint.CheckpointError as e:
       results.append(e)
 
-  threads = [threading.Thread(target=launch) for _ in range(6)]
+  threads = [threading.Thread(target=launch) for _ in range(n)]
   for t in threads:
     t.start()
   for t in threads:
     t.join(timeout=60)
+  assert len(results) == n, results
+  return results
+
+
+def test_gcs_lock_has_one_winner_among_racing_launches(gcs_bucket):
+  """Launches that find the workdir free at the same moment: exactly one takes the lock
+  (it is created with a does-not-exist precondition), the others are refused."""
+  workdir = f"{gcs_bucket}/run"
+  results = race(workdir, 6)
   winners = [r for r in results if isinstance(r, checkpoint.GcsWorkdirLock)]
-  assert len(results) == 6 and len(winners) == 1, results
+  assert len(winners) == 1, results
   assert all(f"is in use by another run (pid {os.getpid()}" in str(r)
              for r in results if r not in winners)
   winners[0].release()
   assert not paths.exists(f"{workdir}/run.lock")
+
+
+def test_gcs_lock_has_one_winner_among_racing_takeovers_of_a_dead_holder(gcs_bucket):
+  """Launches of one host that all find a dead run's lock at the same moment: the stale
+  lock is replaced only at the generation each read (ifGenerationMatch), so exactly one
+  takes it over and the others find the winner's lock and are refused. Rounds of 8."""
+  workdir = f"{gcs_bucket}/run"
+  lock_path = f"{workdir}/{checkpoint.LOCK_FILE}"
+  gone = dead_pid()
+  for _ in range(3):
+    paths.write_atomic(lock_path, holder_text(gone))
+    results = race(workdir, 8)
+    winners = [r for r in results if isinstance(r, checkpoint.GcsWorkdirLock)]
+    assert len(winners) == 1, results
+    assert f"(pid {gone} on host " in winners[0].note
+    assert all(f"is in use by another run (pid {os.getpid()}" in str(r)
+               for r in results if r is not winners[0])
+    assert paths.read_text(lock_path) == winners[0].fd
+    winners[0].release()
+    assert not paths.exists(lock_path)
+
+
+def test_gcs_lock_generation_preconditions_are_honoured(gcs_bucket):
+  """What the takeover relies on, checked on the server: a write at a generation that is
+  no longer the object's (replaced, or removed) is refused and changes nothing."""
+  path = f"{gcs_bucket}/obj"
+  paths.write_atomic(path, "first")
+  data, generation = paths.read_generation(path)
+  assert data == b"first"
+  assert paths.replace_generation(path, "second", generation)
+  assert not paths.replace_generation(path, "third", generation)  # stale generation
+  data, newer = paths.read_generation(path)
+  assert data == b"second" and newer != generation
+  paths.remove(path)
+  assert not paths.replace_generation(path, "fourth", newer)  # removed meanwhile
+  assert not paths.exists(path)
 
 
 @pytest.mark.slow
@@ -633,6 +677,62 @@ def test_prepared_dataset_on_gcs_gives_the_local_batches(gcs_bucket, tmp_path):
   with pytest.raises(data.DatasetError, match=rf"^{re.escape(shard)}: \d+ bytes but "
                      r"manifest.json says \d+ \(shard and manifest do not match\)$"):
     data.load_source(prepared_config(root), "train")
+
+
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_prepare_writes_and_verifies_a_dataset_on_gcs(gcs_bucket, tmp_path, capsys,
+                                                      processes):
+  """python -m mae_jax.prepare --out gs://... (shards uploaded by the main process or by 2
+  worker processes): the same objects, sizes and manifest (every shard's sha256) as --out
+  on a local disk, and the same batches; a rerun finds every shard done; --verify passes
+  there, then names a shard whose bytes changed."""
+  from mae_jax import data
+  from test_prepare import config as prepared_config, run_prepare, write_jpeg_folder
+  write_jpeg_folder(tmp_path / "in", counts=(("train", 9), ("val", 3)), size=(30, 40))
+  args = ["--folder", tmp_path / "in", "--shard_size", 4]
+  local, root = tmp_path / "out", f"{gcs_bucket}/prepared"
+  assert run_prepare(*args, "--processes", 1, "--out", local) == 0
+  assert run_prepare(*args, "--processes", processes, "--out", root) == 0
+  assert paths.walk_files(root) == paths.walk_files(local)  # no temporary objects left
+  manifest = json.loads(paths.read_text(f"{root}/manifest.json"))
+  assert manifest == json.loads((local / "manifest.json").read_text())
+  assert len(manifest["splits"]["train"]["shards"]) == 3
+  capsys.readouterr()
+  assert run_prepare(*args, "--out", root) == 0
+  assert "resuming, 4 shards already done" in capsys.readouterr().err
+  assert run_prepare("--verify", root) == 0
+  assert capsys.readouterr().out == f"{root}: all shards match\n"
+  remote = data.load_source(prepared_config(root), "train")
+  assert_same_batches(data.load_source(prepared_config(local), "train"), remote)
+  shard = remote.paths[1]
+  damaged = bytearray(paths.read_bytes(shard))
+  damaged[-20] ^= 0xFF
+  paths.write_atomic(shard, bytes(damaged))
+  assert run_prepare("--verify", root) == 2
+  captured = capsys.readouterr()
+  assert captured.err == f"{shard}: checksum differs from manifest.json\n"
+  assert captured.out == f"{root}: 1 shard(s) corrupt\n"
+
+
+def test_prepare_bad_gcs_out_is_one_line_exit_2(gcs_bucket, tmp_path, capsys):
+  from mae_jax import prepare
+  from test_prepare import write_jpeg_folder
+  write_jpeg_folder(tmp_path / "in", counts=(("train", 2),))
+  paths.write_atomic(f"{gcs_bucket}/an_object", b"x")
+  for out, expected in [
+      ("gs:///p", "--out=gs:///p: no bucket; a Cloud Storage path is gs://BUCKET/PATH"),
+      ("gs://Bad_Bucket/p", "--out=gs://Bad_Bucket/p: 'Bad_Bucket' is not a valid bucket name"),
+      ("gs://no-such-bucket-prepare/p", "--out=gs://no-such-bucket-prepare/p: bucket "
+       "no-such-bucket-prepare does not exist (or these credentials cannot see it)"),
+      (f"{gcs_bucket}/an_object", f"--out={gcs_bucket}/an_object: is an object; expected a "
+       "directory")]:
+    assert prepare.main(["--folder", str(tmp_path / "in"), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {expected}") and err.count("\n") == 1, err
+  assert prepare.main(["--verify", "gs:///p"]) == 2
+  assert capsys.readouterr().err == ("error: --verify=gs:///p: no bucket; a Cloud Storage "
+                                     "path is gs://BUCKET/PATH\n")
+  assert paths.listdir(gcs_bucket) == ["an_object"]  # nothing written
 
 
 def test_prepared_dataset_in_a_missing_bucket_is_one_line(gcs_server):
@@ -769,8 +869,9 @@ def gcs_sweep_file(tmp_path, spec='axes={"model.mask_ratio": [0.5, 0.75]}', name
 
 
 def test_sweep_commands_on_gcs_and_its_one_line_errors(gcs_bucket, tmp_path, capsys):
-  """--commands writes commands.sh on gs:// (each point's train.py and evaluate aimed at
-  its gs:// point directory, no mkdir); a conv point and a missing bucket are one line."""
+  """--commands writes commands.sh on gs:// (each point's train.py and evaluate, or
+  conv_mae, aimed at its gs:// point directory, no mkdir); a missing bucket and a path
+  without a bucket are one line."""
   from helpers import exit_code
   from mae_jax import sweep
   path = gcs_sweep_file(tmp_path)
@@ -782,11 +883,11 @@ def test_sweep_commands_on_gcs_and_its_one_line_errors(gcs_bucket, tmp_path, cap
     point = re.search(rf"--workdir ({re.escape(workdir)}/points/[0-9a-f]{{12}}) ", line).group(1)
     assert f"-m mae_jax.evaluate --workdir {point} " in line
   conv = gcs_sweep_file(tmp_path, 'points=[{"label": "c", "program": "conv"}]', "conv")
+  assert exit_code(sweep.main, [conv, "--workdir", workdir, "--commands"]) == 0
+  (line,) = paths.read_text(f"{workdir}/conv/commands.sh").splitlines()[1:]
+  assert re.search(rf"-m mae_jax.conv_mae .*--workdir {re.escape(workdir)}/points/"
+                   r"[0-9a-f]{12} ", line), line
   capsys.readouterr()
-  assert exit_code(sweep.main, [conv, "--workdir", workdir]) == 2
-  assert capsys.readouterr().err == (
-      f"error: --workdir {workdir}: point 'c' is a conv point, and mae_jax.conv_mae writes "
-      "local workdirs only; use a local --workdir\n")
   assert exit_code(sweep.main, [path, "--workdir", "gs://no-such-bucket-sweep/sw"]) == 2
   assert capsys.readouterr().err == ("error: --workdir gs://no-such-bucket-sweep/sw: cannot "
                                      "make gs://no-such-bucket-sweep/sw/toy there (bucket "
@@ -836,3 +937,132 @@ def test_sweep_runs_on_a_gs_workdir(gcs_server, train_env, tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count("done before, skipped") == 2
   assert list(csv.DictReader(io.StringIO(paths.read_text(f"{out}/results.csv")))) == rows
+
+
+# --- python -m mae_jax.conv_mae --workdir gs://... --------------------------------------------
+
+CONV_TINY = {"data.name": "synthetic", "data.synthetic_size": 64, "data.image_size": 16,
+             "model.features": (8, 16), "batch_size": 16, "num_steps": 4,
+             "optim.warmup_steps": 1, "eval_batch_size": 32, "log_every_steps": 2}
+EVAL_TINY = {"eval_batch_size": 32, "data.train_examples": 48, "linprobe.batch_size": 16,
+             "linprobe.num_steps": 6, "linprobe.optim.warmup_steps": 2}
+
+
+def conv_run(workdir):
+  """A 4-step conv_mae run with kNN and a 6-step linear probe into `workdir`."""
+  from configs.eval import get_config as eval_config
+  from mae_jax import conv_mae
+  from test_sweep import conv_config
+  config, evaluation = conv_config(), eval_config()
+  config.update_from_flattened_dict(CONV_TINY)
+  evaluation.update_from_flattened_dict(EVAL_TINY)
+  return conv_mae.train_and_evaluate(config, evaluation, workdir, ["knn", "linprobe"])
+
+
+@pytest.mark.slow
+def test_conv_mae_writes_a_gs_workdir(gcs_bucket, tmp_path):
+  """conv_mae into gs:// gives the summary and evaluation results of the same run into a
+  local workdir, all read back from the bucket, with its TensorBoard events and
+  metrics.jsonl (training's and the probe's) uploaded."""
+  workdir = f"{gcs_bucket}/conv"
+  ours, theirs = conv_run(workdir), conv_run(str(tmp_path / "conv"))
+  assert json.loads(paths.read_text(f"{workdir}/summary.json")) == ours
+  for key in ("test_masked_mse", "test_mse", "final_train_loss", "steps"):
+    assert ours[key] == theirs[key], key
+  for mode in ("knn", "linprobe"):
+    remote = json.loads(paths.read_text(f"{workdir}/eval_{mode}.json"))
+    local = json.loads((tmp_path / "conv" / f"eval_{mode}.json").read_text())
+    assert remote["top1"] == local["top1"], mode
+  files = paths.walk_files(workdir)
+  steps = [json.loads(line)["step"] for line in
+           paths.read_text(f"{workdir}/metrics.jsonl").splitlines()]
+  assert steps == [json.loads(line)["step"] for line in
+                   (tmp_path / "conv" / "metrics.jsonl").read_text().splitlines()]
+  assert "eval/linprobe/metrics.jsonl" in files
+  assert any(n.startswith("events.out.tfevents.") for n in files)
+  assert not any(n.startswith(".write-probe") for n in files)
+
+
+def test_conv_mae_bad_gs_workdir_is_one_line(gcs_bucket):
+  from mae_jax import cli, conv_mae
+  paths.write_atomic(f"{gcs_bucket}/an_object", b"x")
+  for workdir, expected in [
+      ("gs:///c", "--workdir gs:///c: no bucket; a Cloud Storage path is gs://BUCKET/PATH"),
+      ("gs://no-such-bucket-conv/c", "--workdir gs://no-such-bucket-conv/c: bucket "
+       "no-such-bucket-conv does not exist (or these credentials cannot see it)"),
+      (f"{gcs_bucket}/an_object", f"--workdir '{gcs_bucket}/an_object': expected a "
+       "directory (new, or this command's own)")]:
+    with pytest.raises(cli.UsageError) as e:
+      conv_mae.check_workdir(workdir)
+    assert str(e.value) == expected
+  conv_mae.check_workdir(f"{gcs_bucket}/c")  # free: the probe is written and removed
+  assert paths.listdir(gcs_bucket) == ["an_object"]
+
+
+@pytest.mark.slow
+def test_sweep_runs_a_conv_point_on_a_gs_workdir(gcs_server, train_env, tmp_path):
+  """A sweep's conv point (python -m mae_jax.conv_mae as a subprocess) on gs://: its row
+  is what the point's own summary.json and eval_knn.json objects say, and a second run
+  runs nothing."""
+  path = gcs_sweep_file(tmp_path, 'points=[{"label": "c", "program": "conv"}]', "conv")
+  workdir = f"gs://{gcs_server.create_bucket()}/sw"
+  run = lambda: subprocess.run([sys.executable, "-m", "mae_jax.sweep", path, "--workdir",
+                                workdir], env=train_env, cwd=ROOT, capture_output=True,
+                               text=True, timeout=600)
+  proc = run()
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  (row,) = csv.DictReader(io.StringIO(paths.read_text(f"{workdir}/conv/results.csv")))
+  (point,) = [f"{workdir}/points/{p}" for p in paths.listdir(f"{workdir}/points")]
+  summary = json.loads(paths.read_text(f"{point}/summary.json"))
+  assert summary["model"]["kind"] == "conv_mae"
+  assert float(row["test_masked_mse"]) == pytest.approx(summary["test_masked_mse"])
+  knn = json.loads(paths.read_text(f"{point}/eval_knn.json"))
+  assert float(row["knn_top1"]) == pytest.approx(knn["top1"])
+  assert "-m mae_jax.conv_mae" in paths.read_text(f"{point}/log.txt")
+  assert not os.path.exists(os.path.join(ROOT, "gs:"))  # nothing written locally
+  again = run()
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.count("done before, skipped") == 1
+
+
+def test_failed_record_read_on_gcs_is_one_line(gcs_bucket, tmp_path):
+  """A prepared dataset on gs:// whose shard disappears after start-up: reading one of its
+  records is one DatasetError naming the record and the reader's reason (what
+  train.py prints as one `error:` line, exit 2), not a traceback from ArrayRecord."""
+  from mae_jax import data
+  from test_prepare import config as prepared_config, run_prepare, write_jpeg_folder
+  write_jpeg_folder(tmp_path / "in", counts=(("train", 8), ("val", 2)), size=(30, 40))
+  root = f"{gcs_bucket}/prepared"
+  assert run_prepare("--folder", tmp_path / "in", "--out", root, "--shard_size", 4,
+                     "--processes", 1) == 0
+  source = data.load_source(prepared_config(root), "train")
+  assert source[0]["label"] == 0
+  paths.remove(source.paths[1])
+  with pytest.raises(data.DatasetError) as e:
+    source[7]
+  message = str(e.value)
+  assert message.startswith(f"{root}/train record 7: cannot read it (RuntimeError: "), message
+  assert source.paths[1] in message and "\n" not in message
+
+
+def test_failed_tfds_record_read_on_gcs_is_one_line(gcs_bucket, tmp_path):
+  """The same for a TFDS dataset in a gs:// data_dir: its record files removed after
+  start-up, a read is one DatasetError naming the dataset, the split and the record."""
+  from mae_jax import data
+  from test_data import MaeJaxTinyImages, config as tfds_config
+  MaeJaxTinyImages(data_dir=str(tmp_path / "tfds"),
+                   file_format="array_record").download_and_prepare()
+  root = f"{gcs_bucket}/tfds"
+  upload_tree(tmp_path / "tfds", root)
+  source = data.load_source(tfds_config(name="mae_jax_tiny_images", data_dir=root,
+                                        channels=3), "train")
+  records = [n for n in paths.walk_files(root) if ".array_record" in n and "-train." in n]
+  assert records
+  for name in records:
+    paths.remove(f"{root}/{name}")
+  with pytest.raises(data.DatasetError) as e:
+    source[3]
+  message = str(e.value)
+  assert message.startswith(f"data.name='mae_jax_tiny_images' split 'train' in {root} "
+                            "record 3: cannot read it (RuntimeError: "), message
+  assert "\n" not in message

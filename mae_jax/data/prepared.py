@@ -24,7 +24,8 @@ import struct
 import numpy as np
 
 from mae_jax import paths
-from mae_jax.data.source import DatasetError, EncodedSource, Source, Subset, holdout
+from mae_jax.data.source import (DatasetError, EncodedSource, Source, Subset, holdout,
+                                 record_read_error)
 
 MANIFEST = "manifest.json"
 FORMAT = "mae_jax.prepared/1"
@@ -125,8 +126,17 @@ class PreparedSource(EncodedSource):
     return self._records
 
   def encoded(self, index):
-    label, _, _, jpeg = unpack(self.records()[index])
+    label, _, _, jpeg = unpack(self.record(index))
     return jpeg, label, f"{self.name} record {index}"
+
+  def record(self, index) -> bytes:
+    """Record `index`; on gs://, a read that fails is one DatasetError naming it."""
+    try:
+      return self.records()[index]
+    except RuntimeError as e:  # how ArrayRecord's reader reports every failure
+      if not paths.is_gcs(self.name):
+        raise
+      raise record_read_error(f"{self.name} record {index}", e) from None
 
   def batch(self, indices):
     examples = [self.get(int(i)) for i in indices]

@@ -209,6 +209,15 @@ class EncodedSource(Source):
     return out, labels
 
 
+def record_read_error(where: str, error: Exception) -> DatasetError:
+  """One line for a record that ArrayRecord's Cloud Storage reader could not read, after
+  its own retries (google-cloud-cpp's: up to 15 minutes, not bounded by
+  MAE_JAX_GCS_TIMEOUT_S), instead of a traceback."""
+  reason = " ".join(str(error).split())[:300]
+  return DatasetError(f"{where}: cannot read it ({type(error).__name__}: {reason}); check "
+                      "the bucket, the credentials and the network")
+
+
 def convert_channels(image_HWC: np.ndarray, channels: int) -> np.ndarray:
   """uint8 (..., H, W, c) -> (..., H, W, channels): alpha dropped, gray <-> RGB as PIL does."""
   c = image_HWC.shape[-1]

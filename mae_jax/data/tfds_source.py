@@ -7,7 +7,9 @@ import functools
 
 import numpy as np
 
-from mae_jax.data.source import DatasetError, Source, convert_channels, stats_for
+from mae_jax import paths
+from mae_jax.data.source import (DatasetError, Source, convert_channels, record_read_error,
+                                 stats_for)
 
 # Our split name -> TFDS split names to try in order (imagenet2012 has no 'test').
 SPLIT_CANDIDATES = {"train": ("train",), "test": ("test", "validation")}
@@ -20,17 +22,25 @@ class UnknownDatasetError(DatasetError):
 class TfdsSource(Source):
   """One split of a prepared TFDS dataset: examples decoded lazily with PIL."""
 
-  def __init__(self, data_source, image_key: str, label_key: str | None, **kwargs):
+  def __init__(self, data_source, image_key: str, label_key: str | None, where: str = "",
+               remote: bool = False, **kwargs):
     super().__init__(**kwargs)
     self.data_source = data_source
     self.image_key = image_key
     self.label_key = label_key
+    self.where = where  # names the split in errors
+    self.remote = remote  # on gs://: a failed read is one DatasetError
 
   def __len__(self) -> int:
     return len(self.data_source)
 
   def get(self, index):
-    example = self.data_source[index]
+    try:
+      example = self.data_source[index]
+    except RuntimeError as e:  # how ArrayRecord's reader reports every failure
+      if not self.remote:
+        raise
+      raise record_read_error(f"{self.where} record {index}", e) from None
     image = np.asarray(example[self.image_key], np.uint8)
     image = image[..., None] if image.ndim == 2 else image
     label = int(example[self.label_key]) if self.label_key else -1
@@ -107,5 +117,8 @@ def load_tfds(data_config, split: str, name: str | None = None) -> TfdsSource:
   train = None if stats or split == "train" else functools.partial(
       load_tfds, data_config, "train", name=name)
   num_classes = builder.info.features[label_key].num_classes if label_key else None
-  return TfdsSource(data_source, image_key, label_key, channels=data_config.channels,
-                    num_classes=num_classes, known_stats=stats, stats_source=train)
+  return TfdsSource(data_source, image_key, label_key,
+                    where=f"data.name={name!r} split {tfds_split!r} in {data_config.data_dir}",
+                    remote=paths.is_gcs(data_config.data_dir or ""),
+                    channels=data_config.channels, num_classes=num_classes,
+                    known_stats=stats, stats_source=train)
