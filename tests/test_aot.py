@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import jax
 import pytest
@@ -231,6 +232,20 @@ ENTRY %main (a: bf16[1,8], g: bf16[64,8]) -> bf16[64,8] {
   assert kinds["all-reduce"].bytes == (64 * 4 + 64 * 2) * 2  # the same-row write is a sum
   s = hlo.summarize(found)
   assert s["all-gather"]["ici_bytes"] == round((64 * 8 + 64 * 16) * 2 * 2 * 63 / 64)
+
+
+def test_each_device_kind_gets_its_hbm_and_link_bandwidth():
+  """An H100 of the CUDA plugin (benchmarks/aot_gpu.py; one device per GPU) gets its whole
+  80 GiB and 450 GB/s of NVLink a direction; a v4 TensorCore half a chip; a kind without
+  figures is one clear error."""
+  def devices(kind, coords):
+    return [types.SimpleNamespace(device_kind=kind, coords=c) for c in coords]
+  gpus = devices("NVIDIA H100 80GB HBM3", [(0, 0, i) for i in range(8)])
+  assert aot.chip_of(gpus) == ("h100", 80 * 2**30, 450e9)
+  cores = devices("TPU v4", [(i // 2, 0, 0) for i in range(8)])  # 2 TensorCores a chip
+  assert aot.chip_of(cores) == ("v4", 16 * 2**30, 150e9)
+  with pytest.raises(aot.AotError, match="'NVIDIA A100-SXM4-40GB' has no HBM/ICI"):
+    aot.chip_of(devices("NVIDIA A100-SXM4-40GB", [(0, 0, 0)]))
 
 
 def test_data_groups_are_named_data():
