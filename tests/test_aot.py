@@ -141,6 +141,40 @@ ENTRY %main (a: f32[8]) -> f32[8] {
   assert s["all-reduce"]["ici_bytes"] == round(400 * 2 * 3 / 4)  # ring: 2 (n-1)/n
 
 
+def test_gpu_async_collectives_and_fused_loop_conditions_are_read():
+  """The GPU compiler's forms (CUDA plugin, benchmarks/aot_gpu.py): the loop bound only in
+  the while's known_trip_count (its condition's compare is a fusion), combined asynchronous
+  starts typed (operands, results), all-reduce-start typed as its operand."""
+  text = """HloModule m
+
+%cond (c: (s32[], f32[8])) -> pred[] {
+  %c = (s32[], f32[8]) parameter(0)
+  ROOT %f = pred[] fusion(%g), kind=kLoop, calls=%fused_compare
+}
+
+%body (b: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = ((bf16[32,64]{1,0}, bf16[16,8]{1,0}), (bf16[64,64]{1,0}, bf16[32,8]{1,0})) all-gather-start(%x, %y), replica_groups=[2,2]<=[4], dimensions={0}
+  %agd = (bf16[64,64]{1,0}, bf16[32,8]{1,0}) all-gather-done(%ag)
+  %rs = ((bf16[64,64]{1,0}), (bf16[32,64]{1,0})) reduce-scatter-start(%z), replica_groups=[2,2]<=[4], dimensions={0}, to_apply=%add
+  %rsd = (bf16[32,64]{1,0}) reduce-scatter-done(%rs)
+  %one = (f32[4]{0}, bf16[2]{0}) all-gather-start(%w), replica_groups=[2,2]<=[4], dimensions={0}
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"12"}}
+  %ar = bf16[100]{0} all-reduce-start(%z), replica_groups=[2,2]<=[4], to_apply=%add
+  %ard = bf16[100]{0} all-reduce-done(%ar)
+}
+"""
+  found = hlo.collectives(text, (2, 2))
+  by_kind = {}
+  for c in found:
+    by_kind.setdefault(c.kind, []).append((c.count, c.bytes))
+  assert sorted(by_kind["all-gather"]) == [(12, 2 * 2), (12, (64 * 64 + 32 * 8) * 2)]
+  assert by_kind["reduce-scatter"] == [(12, 64 * 64 * 2)]  # the full gradient, once
+  assert by_kind["all-reduce"] == [(1, 200)]
+
+
 @pytest.mark.slow
 def test_whole_slice_fsdp_gathers_are_counted_as_gathers():
   """FSDP over all 64 chips of v5p:4x4x4 (data=1): the compiler writes the parameter
