@@ -2,7 +2,7 @@
 
   pip install --no-deps --target /tmp/cuda "jax-cuda12-plugin==0.10.2" "jax-cuda12-pjrt==0.10.2"
   python benchmarks/aot_gpu.py --config configs/mae_imagenet.py [--config.FIELD=VALUE ...] \
-      [--gpus 8] [--plugin_dir /tmp/cuda]
+      [--gpus 8] [--plugin_dir /tmp/cuda] [--max_batch --remat none,full]
 
 `python -m mae_jax.aot` for GPUs: the CUDA PJRT plugin (478 MB, at the venv's jax version;
 not a dependency of mae_jax, hence a script and a folder of its own) gives compile-only H100
@@ -52,6 +52,11 @@ flags.DEFINE_integer("gpus", 8, "Number of H100s (one host, e.g. 8 on an HGX boa
 flags.DEFINE_string("plugin_dir", "/tmp/cuda",
                     "Folder holding jax-cuda12-plugin and jax-cuda12-pjrt (pip --target).")
 flags.DEFINE_float("headroom", 0.1, "Fraction of HBM left free for 'fits'.")
+flags.DEFINE_bool("max_batch", False, "Find the largest per-GPU batch that fits (aot.search).")
+flags.DEFINE_list("remat", ["none", "full"], "Remat policies for --max_batch.")
+flags.DEFINE_list("max_batch_range", None,
+                  "LO[:GIB],HI[:GIB]: --max_batch between a per-GPU batch known to fit and "
+                  "one known not to, as for mae_jax.aot. Implies --max_batch; one --remat.")
 
 
 def h100_devices(count, plugin_dir):
@@ -85,8 +90,16 @@ def main(argv):
         + " ".join(DEPARTURE_FLAGS), file=sys.stderr)
   try:
     devices = h100_devices(FLAGS.gpus, FLAGS.plugin_dir)
-    rep = aot.report_on(with_xla_attention(FLAGS.config), devices, f"h100:{FLAGS.gpus}",
-                        headroom=FLAGS.headroom, explicit=pretrain.explicit_fields())
+    config, name = with_xla_attention(FLAGS.config), f"h100:{FLAGS.gpus}"
+    if FLAGS.max_batch or FLAGS.max_batch_range:
+      found = aot.max_batch_on(config, devices, FLAGS.remat, headroom=FLAGS.headroom,
+                               log=lambda s: print(s, file=sys.stderr),
+                               explicit=pretrain.explicit_fields(),
+                               bracket=FLAGS.max_batch_range)
+      rep = {"topology": name, "variant": config.model.variant, "max_batch": found}
+    else:
+      rep = aot.report_on(config, devices, name, headroom=FLAGS.headroom,
+                          explicit=pretrain.explicit_fields())
   except aot.AotError as e:
     aot.fail(e)
   rep["departures"] = ["model.attn_impl=xla", *DEPARTURE_FLAGS]

@@ -234,10 +234,20 @@ def max_batch(config, topology, remats, hbm_override=None, headroom=0.1, log=pri
   """{remat: largest per-device batch that fits}, found by compiling (in steps of
   grad_accum_steps, which must divide each chip's batch); see `search`. `bracket`: the
   --max_batch_range text (one remat policy), two known ends that are not compiled again."""
+  return max_batch_on(config, topology_devices(topology), remats, hbm_override, headroom,
+                      log, explicit, bracket)
+
+
+def max_batch_on(config, devices, remats, hbm_override=None, headroom=0.1, log=print,
+                 explicit=(), bracket=None):
+  """`max_batch` for given compile-only devices of a kind in CHIPS (TPU or GPU)."""
+  from mae_jax import vit
+  bad = [r for r in remats if r not in vit.REMAT_POLICIES]
+  if bad:
+    raise AotError(f"--remat: {bad[0]!r} is not one of {sorted(vit.REMAT_POLICIES)}")
   if bracket is not None and len(remats) != 1:
     raise AotError(f"--max_batch_range: a bracket holds for one remat policy; give one "
                    f"--remat, not {','.join(remats)}")
-  devices = topology_devices(topology)
   _, hbm, _ = chip_of(devices)
   hbm = hbm_override * GIB if hbm_override else hbm
   config = checked_config(config, len(devices), explicit)
@@ -415,12 +425,8 @@ def main(argv):
   jax.config.update("jax_platforms", "cpu")  # compile-only: the host runs nothing
   # A cached compile-only TPU executable cannot be loaded without a TPU client.
   jax.config.update("jax_enable_compilation_cache", False)
-  from mae_jax import vit
   try:
     if FLAGS.max_batch or FLAGS.max_batch_range:
-      bad = [r for r in FLAGS.remat if r not in vit.REMAT_POLICIES]
-      if bad:
-        raise AotError(f"--remat: {bad[0]!r} is not one of {sorted(vit.REMAT_POLICIES)}")
       found = max_batch(FLAGS.config, FLAGS.topology, FLAGS.remat, FLAGS.hbm_gib,
                         FLAGS.headroom, log=lambda s: print(s, file=sys.stderr),
                         explicit=pretrain.explicit_fields(),
