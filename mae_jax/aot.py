@@ -19,7 +19,8 @@ bytes per step (mae_jax.hlo) and the lower bound on their time at the ICI bandwi
 (model.unroll=True). A table to stdout, then one JSON line; docs/scaling.md explains each
 field. `--max_batch` instead finds, by compiling, the largest per-device batch that fits
 for each remat policy given (aot.search: steps along the memory measured at each batch,
-checked by compiles).
+checked by compiles). benchmarks/aot_gpu.py reuses these functions for compile-only H100s
+(the CUDA plugin, not a dependency).
 """
 import json
 import os
