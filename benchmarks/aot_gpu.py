@@ -61,14 +61,14 @@ flags.DEFINE_list("max_batch_range", None,
 
 def h100_devices(count, plugin_dir):
   """`count` compile-only H100 devices from the CUDA plugin in `plugin_dir`."""
+  if count < 1:
+    raise aot.AotError(f"--gpus={count}: needs at least 1")
   if not os.path.isdir(os.path.join(plugin_dir, "jax_plugins")):
     raise aot.AotError(f"--plugin_dir={plugin_dir}: no CUDA plugin there; pip install "
                        "--no-deps --target DIR jax-cuda12-plugin jax-cuda12-pjrt at jax's "
                        "version")
   sys.path.insert(0, plugin_dir)  # jax finds jax_plugins.* on sys.path when it first needs them
   from jax.experimental import topologies
-  if count < 1:
-    raise aot.AotError(f"--gpus={count}: needs at least 1")
   return topologies.get_topology_desc(platform="cuda", topology_name="", target_config=H100,
                                       topology=f"1x1x{count}").devices
 
