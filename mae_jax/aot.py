@@ -19,7 +19,8 @@ bytes per step (mae_jax.hlo) and the lower bound on their time at the ICI bandwi
 (model.unroll=True). A table to stdout, then one JSON line; docs/scaling.md explains each
 field. `--max_batch` instead finds, by compiling, the largest per-device batch that fits
 for each remat policy given (aot.search: steps along the memory measured at each batch,
-checked by compiles).
+checked by compiles). benchmarks/aot_gpu.py reuses these functions for compile-only H100s
+(the CUDA plugin, not a dependency).
 """
 import json
 import os
@@ -39,6 +40,9 @@ CHIPS = {
     "TPU v5 lite": ("v5e", 16, 200e9),
     "TPU v5": ("v5p", 95, 600e9),
     "TPU v6 lite": ("v6e", 32, 400e9),
+    # Compile-only GPUs of the CUDA plugin (benchmarks/aot_gpu.py). NVIDIA's H100 datasheet:
+    # 80 GB HBM3 (80 GiB; CUDA shows 79.1 of it), NVLink 900 GB/s per GPU bidirectional.
+    "NVIDIA H100 80GB HBM3": ("h100", 80, 450e9),
 }
 # ImageNet-1k's train split: only the learning-rate schedule's step counts (constants of
 # the program) depend on it; memory, collectives and FLOPs do not.
@@ -72,10 +76,11 @@ def topology_devices(name):
 
 def chip_of(devices):
   """(generation, HBM bytes, ICI bytes/s) per device. v4 topologies list each chip's two
-  TensorCores as devices: each gets half the chip's HBM and ICI."""
+  TensorCores as devices: each gets half the chip's HBM and ICI. For a GPU the ICI figure
+  is its NVLink bandwidth."""
   kind = devices[0].device_kind
   if kind not in CHIPS:
-    raise AotError(f"--topology: chip {kind!r} has no HBM/ICI figures here ({list(CHIPS)})")
+    raise AotError(f"device {kind!r} has no HBM/ICI figures here ({list(CHIPS)})")
   gen, hbm_gib, ici = CHIPS[kind]
   cores = len(devices) // len({tuple(d.coords) for d in devices})
   return gen, hbm_gib * GIB // cores, ici / cores
@@ -164,7 +169,7 @@ def analyze(compiled, run, hbm, ici, headroom):
   n = run.mesh.devices.size
   per_image = flops.train_flops(run.model, run.config.model.get("encoder_tokens", "visible"))
   cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}  # GPU compile-only: None
   complete = bool(run.model.unroll) and run.config.grad_accum_steps == 1
   return {
       "memory": memory(compiled, hbm, headroom),
@@ -191,7 +196,13 @@ def by_axes(found):
 def report(config, topology, hbm_override=None, headroom=0.1, explicit=()):
   """Compile the recipe's step for `topology` and return the JSON-able report. `explicit`:
   the config fields given on the command line."""
-  devices = topology_devices(topology)
+  return report_on(config, topology_devices(topology), topology, hbm_override, headroom,
+                   explicit)
+
+
+def report_on(config, devices, topology, hbm_override=None, headroom=0.1, explicit=()):
+  """`report` for given compile-only devices of a kind in CHIPS (TPU or GPU); `topology`
+  names them in the report."""
   gen, hbm, ici = chip_of(devices)
   hbm = hbm_override * GIB if hbm_override else hbm
   config = checked_config(config, len(devices), explicit)
@@ -224,10 +235,20 @@ def max_batch(config, topology, remats, hbm_override=None, headroom=0.1, log=pri
   """{remat: largest per-device batch that fits}, found by compiling (in steps of
   grad_accum_steps, which must divide each chip's batch); see `search`. `bracket`: the
   --max_batch_range text (one remat policy), two known ends that are not compiled again."""
+  return max_batch_on(config, topology_devices(topology), remats, hbm_override, headroom,
+                      log, explicit, bracket)
+
+
+def max_batch_on(config, devices, remats, hbm_override=None, headroom=0.1, log=print,
+                 explicit=(), bracket=None):
+  """`max_batch` for given compile-only devices of a kind in CHIPS (TPU or GPU)."""
+  from mae_jax import vit
+  bad = [r for r in remats if r not in vit.REMAT_POLICIES]
+  if bad:
+    raise AotError(f"--remat: {bad[0]!r} is not one of {sorted(vit.REMAT_POLICIES)}")
   if bracket is not None and len(remats) != 1:
     raise AotError(f"--max_batch_range: a bracket holds for one remat policy; give one "
                    f"--remat, not {','.join(remats)}")
-  devices = topology_devices(topology)
   _, hbm, _ = chip_of(devices)
   hbm = hbm_override * GIB if hbm_override else hbm
   config = checked_config(config, len(devices), explicit)
@@ -362,8 +383,12 @@ def table(rep):
   lines.append(f"ICI lower bound (arithmetic: bytes / {rep['ici_bytes_per_s'] / 1e9:g} GB/s "
                f"per device, not a measurement): {rep['ici_lower_bound_s'] * 1e3:.2f} ms/step")
   f = rep["flops"]
-  xla = (f"{f['xla_per_device'] / 1e12:.3f} TFLOP" if f["xla_per_device"] is not None else
-         "incomplete (scanned stack: XLA counts a loop body once; set model.unroll=True)")
+  if f["xla_per_device"] is not None:
+    xla = f"{f['xla_per_device'] / 1e12:.3f} TFLOP"
+  elif f["xla_per_device_incomplete"] is not None:
+    xla = "incomplete (scanned stack: XLA counts a loop body once; set model.unroll=True)"
+  else:
+    xla = "none (the compiler gave no cost analysis)"
   lines.append(f"training FLOPs per device per step: analytic {f['analytic_per_device'] / 1e12:.3f}"
                f" TFLOP; XLA {xla}")
   return "\n".join(lines)
@@ -401,12 +426,8 @@ def main(argv):
   jax.config.update("jax_platforms", "cpu")  # compile-only: the host runs nothing
   # A cached compile-only TPU executable cannot be loaded without a TPU client.
   jax.config.update("jax_enable_compilation_cache", False)
-  from mae_jax import vit
   try:
     if FLAGS.max_batch or FLAGS.max_batch_range:
-      bad = [r for r in FLAGS.remat if r not in vit.REMAT_POLICIES]
-      if bad:
-        raise AotError(f"--remat: {bad[0]!r} is not one of {sorted(vit.REMAT_POLICIES)}")
       found = max_batch(FLAGS.config, FLAGS.topology, FLAGS.remat, FLAGS.hbm_gib,
                         FLAGS.headroom, log=lambda s: print(s, file=sys.stderr),
                         explicit=pretrain.explicit_fields(),

@@ -1,8 +1,10 @@
 """Collectives of a compiled (SPMD-partitioned) XLA program, read from its HLO text.
 
 Each collective is counted as often as it runs in one step: an op inside a while loop's
-body (a scanned block stack) counts trip-count times, the trip count read from the loop
-condition's bound. An all-reduce inside a computation the TPU compiler names
+body (a scanned block stack) counts trip-count times, the trip count read from the while's
+`known_trip_count` or else the loop condition's bound. The GPU compiler's asynchronous
+all-gather-start and reduce-scatter-start have a tuple type, (operands, results): an
+all-gather counts its results, a reduce-scatter its operands. An all-reduce inside a computation the TPU compiler names
 `all-reduce-scatter...` (its fusion of an all-reduce with each device keeping its slice)
 counts as a reduce-scatter. The TPU compiler's asynchronous collective fusions (v5e) keep a
 copy of their collective in the computation of each of their parts (`async-collective-start`,
@@ -42,6 +44,7 @@ _CALL_RE = re.compile(r"\b(?:calls|true_computation|false_computation)=%([\w.\-]
 _BRANCH_RE = re.compile(r"branch_computations=\{([^}]*)\}")
 _ASYNC_DONE_RE = re.compile(r"^\s*(?:ROOT )?%async-collective-done[.\d]* = ")
 _WHILE_RE = re.compile(r"condition=%([\w.\-]+), body=%([\w.\-]+)")
+_KNOWN_TRIPS_RE = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
 @dataclasses.dataclass
@@ -91,8 +94,13 @@ def async_copies(comps):
   return copies
 
 
-def trip_count(cond_lines):
-  """A scan's loop bound: the integer constant its condition compares the counter with."""
+def trip_count(while_line, cond_lines):
+  """A scan's loop bound: the while's `known_trip_count` where the compiler wrote one (the
+  GPU compiler fuses the condition's compare, constant and all), else the integer constant
+  its condition compares the counter with."""
+  known = _KNOWN_TRIPS_RE.search(while_line)
+  if known:
+    return int(known.group(1))
   consts = [int(c) for line in cond_lines
             for c in re.findall(r"s32\[\]\S* constant\((\d+)\)", line)]
   return consts[0] if len(consts) == 1 else 1
@@ -107,7 +115,7 @@ def multipliers(comps, entry):
       whiles = _WHILE_RE.search(line)
       callees = []
       if whiles:
-        callees.append((whiles.group(2), trip_count(comps.get(whiles.group(1), ()))))
+        callees.append((whiles.group(2), trip_count(line, comps.get(whiles.group(1), ()))))
       callees += [(c, 1) for c in _CALL_RE.findall(line)]
       for names in _BRANCH_RE.findall(line):  # a conditional: every branch counted once
         callees += [(c.strip().lstrip("%"), 1) for c in names.split(",") if c.strip()]
@@ -194,12 +202,38 @@ def collectives(hlo_text, mesh_shape):
       if kind == "all-reduce":
         found += all_reduce_parts(match, name, values, common)
         continue
-      # reduce-scatter: its input is the full buffer; the result type is one shard
-      size = shape_bytes(match.group(1))
-      if kind == "reduce-scatter" and not name.startswith("all-reduce-scatter"):
-        size *= group_size
+      parts = async_parts(match.group(1)) if f"{kind}-start(" in line else None
+      if parts:  # the GPU's asynchronous start: its type holds operands and results
+        size = shape_bytes(parts[0] if kind == "reduce-scatter" else parts[1])
+      else:
+        # reduce-scatter: its input is the full buffer; the result type is one shard
+        size = shape_bytes(match.group(1))
+        if kind == "reduce-scatter" and not name.startswith("all-reduce-scatter"):
+          size *= group_size
       found.append(Collective(kind, size, **common))
   return found
+
+
+def async_parts(type_text):
+  """The top-level elements of an asynchronous collective start's tuple type, e.g. the GPU's
+  `((operands...), (results...))` for a combined all-gather-start or reduce-scatter-start,
+  `(operand, result)` for a single one; None where the type is not such a tuple."""
+  text = type_text.strip()
+  if not text.startswith("("):
+    return None
+  parts, depth, start = [], 0, 1
+  for i, ch in enumerate(text):
+    if ch in "({[":
+      depth += 1
+    elif ch in ")}]":
+      depth -= 1
+      if depth == 0:
+        parts.append(text[start:i])
+        break
+    elif ch == "," and depth == 1:
+      parts.append(text[start:i])
+      start = i + 1
+  return parts if len(parts) >= 2 else None
 
 
 def all_reduce_parts(match, comp, values, common):

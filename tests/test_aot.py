@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import jax
 import pytest
@@ -140,6 +141,40 @@ ENTRY %main (a: f32[8]) -> f32[8] {
   assert s["all-reduce"]["ici_bytes"] == round(400 * 2 * 3 / 4)  # ring: 2 (n-1)/n
 
 
+def test_gpu_async_collectives_and_fused_loop_conditions_are_read():
+  """The GPU compiler's forms (CUDA plugin, benchmarks/aot_gpu.py): the loop bound only in
+  the while's known_trip_count (its condition's compare is a fusion), combined asynchronous
+  starts typed (operands, results), all-reduce-start typed as its operand."""
+  text = """HloModule m
+
+%cond (c: (s32[], f32[8])) -> pred[] {
+  %c = (s32[], f32[8]) parameter(0)
+  ROOT %f = pred[] fusion(%g), kind=kLoop, calls=%fused_compare
+}
+
+%body (b: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = ((bf16[32,64]{1,0}, bf16[16,8]{1,0}), (bf16[64,64]{1,0}, bf16[32,8]{1,0})) all-gather-start(%x, %y), replica_groups=[2,2]<=[4], dimensions={0}
+  %agd = (bf16[64,64]{1,0}, bf16[32,8]{1,0}) all-gather-done(%ag)
+  %rs = ((bf16[64,64]{1,0}), (bf16[32,64]{1,0})) reduce-scatter-start(%z), replica_groups=[2,2]<=[4], dimensions={0}, to_apply=%add
+  %rsd = (bf16[32,64]{1,0}) reduce-scatter-done(%rs)
+  %one = (f32[4]{0}, bf16[2]{0}) all-gather-start(%w), replica_groups=[2,2]<=[4], dimensions={0}
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"12"}}
+  %ar = bf16[100]{0} all-reduce-start(%z), replica_groups=[2,2]<=[4], to_apply=%add
+  %ard = bf16[100]{0} all-reduce-done(%ar)
+}
+"""
+  found = hlo.collectives(text, (2, 2))
+  by_kind = {}
+  for c in found:
+    by_kind.setdefault(c.kind, []).append((c.count, c.bytes))
+  assert sorted(by_kind["all-gather"]) == [(12, 2 * 2), (12, (64 * 64 + 32 * 8) * 2)]
+  assert by_kind["reduce-scatter"] == [(12, 64 * 64 * 2)]  # the full gradient, once
+  assert by_kind["all-reduce"] == [(1, 200)]
+
+
 @pytest.mark.slow
 def test_whole_slice_fsdp_gathers_are_counted_as_gathers():
   """FSDP over all 64 chips of v5p:4x4x4 (data=1): the compiler writes the parameter
@@ -231,6 +266,20 @@ ENTRY %main (a: bf16[1,8], g: bf16[64,8]) -> bf16[64,8] {
   assert kinds["all-reduce"].bytes == (64 * 4 + 64 * 2) * 2  # the same-row write is a sum
   s = hlo.summarize(found)
   assert s["all-gather"]["ici_bytes"] == round((64 * 8 + 64 * 16) * 2 * 2 * 63 / 64)
+
+
+def test_each_device_kind_gets_its_hbm_and_link_bandwidth():
+  """An H100 of the CUDA plugin (benchmarks/aot_gpu.py; one device per GPU) gets its whole
+  80 GiB and 450 GB/s of NVLink a direction; a v4 TensorCore half a chip; a kind without
+  figures is one clear error."""
+  def devices(kind, coords):
+    return [types.SimpleNamespace(device_kind=kind, coords=c) for c in coords]
+  gpus = devices("NVIDIA H100 80GB HBM3", [(0, 0, i) for i in range(8)])
+  assert aot.chip_of(gpus) == ("h100", 80 * 2**30, 450e9)
+  cores = devices("TPU v4", [(i // 2, 0, 0) for i in range(8)])  # 2 TensorCores a chip
+  assert aot.chip_of(cores) == ("v4", 16 * 2**30, 150e9)
+  with pytest.raises(aot.AotError, match="'NVIDIA A100-SXM4-40GB' has no HBM/ICI"):
+    aot.chip_of(devices("NVIDIA A100-SXM4-40GB", [(0, 0, 0)]))
 
 
 def test_data_groups_are_named_data():
