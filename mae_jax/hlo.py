@@ -4,8 +4,8 @@ Each collective is counted as often as it runs in one step: an op inside a while
 body (a scanned block stack) counts trip-count times, the trip count read from the while's
 `known_trip_count` or else the loop condition's bound. The GPU compiler's asynchronous
 all-gather-start and reduce-scatter-start have a tuple type, (operands, results): an
-all-gather counts its results, a reduce-scatter its operands. An all-reduce inside a computation the TPU compiler names
-`all-reduce-scatter...` (its fusion of an all-reduce with each device keeping its slice)
+all-gather counts its results, a reduce-scatter its operands. An all-reduce inside a
+computation the TPU compiler names `all-reduce-scatter...` (its fusion of an all-reduce with each device keeping its slice)
 counts as a reduce-scatter. The TPU compiler's asynchronous collective fusions (v5e) keep a
 copy of their collective in the computation of each of their parts (`async-collective-start`,
 the `async_collective_fusion` steps that overlap it with compute, `async-collective-done`):
