@@ -2,20 +2,20 @@
 
 Each collective is counted as often as it runs in one step: an op inside a while loop's body
 (a scanned block stack) counts trip-count times, the trip count read from the while's
-`known_trip_count` or else the loop condition's bound. The GPU compiler's asynchronous all-
-gather-start and reduce-scatter-start have a tuple type, (operands, results): an all-gather
-counts its results, a reduce-scatter its operands. An all-reduce inside a computation the
-TPU compiler names `all-reduce-scatter...` (its fusion of an all-reduce with each device
-keeping its slice) counts as a reduce-scatter. The TPU compiler's asynchronous collective
-fusions (v5e) keep a copy of their collective in the computation of each of their parts
-(`async-collective-start`, the `async_collective_fusion` steps that overlap it with compute,
-`async-collective-done`): it is counted once, at its start. On groups that span the whole
-slice the TPU compiler may write an all-gather as an all-reduce of a zero buffer holding
-each device's shard (`dynamic-update-slice` into a broadcast, at an offset computed from the
-device's id): those operands count as all-gathers, sent at the all-reduce's rate. `bytes` is
-the full buffer an op works on (all-gather: its result; reduce-scatter: its input; the
-others: their operand), per device; replica groups are decoded in XLA's three spellings and
-named by the mesh axes they span.
+`known_trip_count` or else the loop condition's bound. The GPU compiler's asynchronous
+all-gather-start and reduce-scatter-start have a tuple type, (operands, results): an
+all-gather counts its results, a reduce-scatter its operands. An all-reduce inside a
+computation the TPU compiler names `all-reduce-scatter...` (its fusion of an all-reduce with
+each device keeping its slice) counts as a reduce-scatter. The TPU compiler's asynchronous
+collective fusions (v5e) keep a copy of their collective in the computation of each of their
+parts (`async-collective-start`, the `async_collective_fusion` steps that overlap it with
+compute, `async-collective-done`): it is counted once, at its start. On groups that span the
+whole slice the TPU compiler may write an all-gather as an all-reduce of a zero buffer
+holding each device's shard (`dynamic-update-slice` into a broadcast, at an offset computed
+from the device's id): those operands count as all-gathers, sent at the all-reduce's rate.
+`bytes` is the full buffer an op works on (all-gather: its result; reduce-scatter: its
+input; the others: their operand), per device; replica groups are decoded in XLA's three
+spellings and named by the mesh axes they span.
 """
 import collections
 import dataclasses
