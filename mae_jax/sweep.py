@@ -639,25 +639,44 @@ def make_outdir(workdir, outdir):
                      f"({type(e).__name__}: {reason})") from None
 
 
-def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, log=print):
-  """Run (or write the commands of) every point, then the table and plots; the rows."""
+def selects(point, only):
+  """Whether `point` is one of the points `only` names: each selector is its whole label
+  or one of its label's comma-separated parts (`seed=1`); no selectors select all."""
+  parts = set(point["label"].split(",")) | {point["label"]}
+  return all(s in parts for s in only)
+
+
+def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, only=(),
+              log=print):
+  """Run (or write the commands of) every point, then the table and plots; the rows.
+  With `only`, the points it does not select are only collected (see `selects`)."""
   outdir = paths.join(workdir, sweep["name"])
   planned = plan(sweep, workdir)  # every recipe and field checked before anything is made
+  unknown = [s for s in only if not any(selects(p, [s]) for p, _, _ in planned)]
+  if unknown:
+    raise SweepError(f"--only {unknown[0]}: no point's label has it; labels: "
+                     + ", ".join(p["label"] for p, _, _ in planned))
   make_outdir(workdir, outdir)
   if commands_only:
     path = paths.join(outdir, "commands.sh")
     lines = [f"# {sweep['name']}: one line per point; then: python -m mae_jax.sweep ... "
              "--collect"]
-    for _, directory, commands in planned:  # train.py makes a gs:// workdir itself
+    for point, directory, commands in planned:  # train.py makes a gs:// workdir itself
+      if not selects(point, only):
+        continue
       mkdir = "" if paths.is_gcs(directory) else f"mkdir -p {shlex.quote(directory)} && "
       lines.append(mkdir + " && ".join(shlex.join(c) for c in commands))
     paths.write_atomic(path, "\n".join(lines) + "\n")
-    log(f"{len(planned)} commands -> {path}")
+    log(f"{len(lines) - 1} commands -> {path}")
     return []
   rows, failed = [], []
   for i, (point, directory, commands) in enumerate(planned, 1):
     row = collect(sweep, point, directory)
     done = is_done(directory, commands)
+    if not selects(point, only):
+      if row is not None:
+        rows.append(row)
+      continue
     if collect_only or (row is not None and done is not None):
       if row is None:
         log(f"[{i}/{len(planned)}] {point['label']}: no results in {directory}")
@@ -714,6 +733,11 @@ def main(argv=None):
                      help="write DIR/<name>/commands.sh (one line per point) and stop")
   group.add_argument("--collect", action="store_true",
                      help="run nothing: tabulate the points that have results")
+  p.add_argument("--only", action="append", default=[], metavar="SELECTOR",
+                 help="run only the points whose label is SELECTOR or has it as one of "
+                      "its comma-separated parts (e.g. seed=1); repeat to narrow; the "
+                      "other points' finished results still go in the table. Lets "
+                      "several launches, on one machine or several, share a sweep")
   args = p.parse_args(argv)
   try:
     if not args.workdir.strip():
@@ -724,7 +748,8 @@ def main(argv=None):
       raise SweepError(f"--workdir: {e}") from None
     sweep = load_sweep(args.sweep)
     run_sweep(sweep, workdir, commands_only=args.commands,
-              collect_only=args.collect, log=lambda m: print(m, flush=True))
+              collect_only=args.collect, only=args.only,
+              log=lambda m: print(m, flush=True))
   except SweepError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -139,13 +139,7 @@ def test_finished_points_count_in_another_checkout_and_workdir(tmp_path, monkeyp
             for c in checkouts]
   first = sweep.plan(loaded[0], str(tmp_path / "w1"))
   for point, directory, commands in first:
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "summary.json"), "w") as f:
-      json.dump({"test_masked_mse": 0.03, "train_seconds": 1.0}, f)
-    (name,) = sweep.result_names(loaded[0], point, ["finetune"]).values()
-    top1 = 0.9 if point["values"]["eval.init"] == "pretrained" else 0.8
-    with open(os.path.join(directory, f"eval_{name}.json"), "w") as f:
-      json.dump({"top1": top1 + point["values"]["seed"] / 100}, f)
+    fake_results(loaded[0], point, directory)
     sweep.record_done(directory, commands, sweep.collect(loaded[0], point, directory), 1.0)
   shutil.copytree(tmp_path / "w1" / "points", tmp_path / "w2" / "points")
 
@@ -158,6 +152,48 @@ def test_finished_points_count_in_another_checkout_and_workdir(tmp_path, monkeyp
   assert sum("done before, skipped" in m for m in logged) == 6
   assert [os.path.basename(d) for _, d, _ in first] == [
       os.path.basename(d) for _, d, _ in sweep.plan(loaded[1], str(tmp_path / "w2"))]
+
+
+def fake_results(loaded, point, directory):
+  """Write the result files a finished pretraining and its fine-tuning leave."""
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "summary.json"), "w") as f:
+    json.dump({"test_masked_mse": 0.03, "train_seconds": 1.0}, f)
+  (name,) = sweep.result_names(loaded, point, ["finetune"]).values()
+  top1 = 0.9 if point["values"]["eval.init"] == "pretrained" else 0.8
+  with open(os.path.join(directory, f"eval_{name}.json"), "w") as f:
+    json.dump({"top1": top1 + point["values"]["seed"] / 100}, f)
+
+
+def test_only_runs_the_selected_points_and_tables_every_finished_one(tmp_path, monkeypatch):
+  """--only seed=1 runs that seed's two arms and nothing else; the table still has the
+  points finished before (seed 0's pretrained arm), and a selector no label has is one
+  error before anything runs."""
+  loaded = sweep.load_sweep(os.path.join(ROOT, "configs", "ablations", "pretrain_pays.py"))
+  planned = sweep.plan(loaded, str(tmp_path))
+  point, directory, commands = planned[0]
+  fake_results(loaded, point, directory)
+  sweep.record_done(directory, commands, sweep.collect(loaded, point, directory), 1.0)
+  ran = []
+
+  def run_point(point, directory, commands, log, index, total):
+    ran.append(point["label"])
+    fake_results(loaded, point, directory)
+    return 1.0
+  monkeypatch.setattr(sweep, "run_point", run_point)
+  rows = sweep.run_sweep(loaded, str(tmp_path), only=["seed=1"], log=lambda m: None)
+  assert ran == ["seed=1,init=pretrained", "seed=1,init=random"]
+  assert [r["label"] for r in rows] == ["seed=0,init=pretrained"] + ran
+  assert [r["finetune_top1"] for r in rows] == pytest.approx([0.9, 0.91, 0.81])
+  ran.clear()
+  sweep.run_sweep(loaded, str(tmp_path), only=["seed=2", "init=random"], log=lambda m: None)
+  assert ran == ["seed=2,init=random"]
+  with pytest.raises(sweep.SweepError, match="--only seed=7: no point's label has it"):
+    sweep.run_sweep(loaded, str(tmp_path), only=["seed=7"], log=lambda m: None)
+  sweep.run_sweep(loaded, str(tmp_path), commands_only=True, only=["seed=0,init=random"],
+                  log=lambda m: None)
+  lines = (tmp_path / "pretrain_pays" / "commands.sh").read_text().splitlines()[1:]
+  assert len(lines) == 1 and "--config.init=random" in lines[0]
 
 
 def test_results_table_format(tmp_path):
