@@ -658,26 +658,37 @@ def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, only=(
                      + ", ".join(p["label"] for p, _, _ in planned))
   make_outdir(workdir, outdir)
   if commands_only:
-    path = paths.join(outdir, "commands.sh")
-    lines = [f"# {sweep['name']}: one line per point; then: python -m mae_jax.sweep ... "
-             "--collect"]
-    for point, directory, commands in planned:  # train.py makes a gs:// workdir itself
-      if not selects(point, only):
-        continue
-      mkdir = "" if paths.is_gcs(directory) else f"mkdir -p {shlex.quote(directory)} && "
-      lines.append(mkdir + " && ".join(shlex.join(c) for c in commands))
-    paths.write_atomic(path, "\n".join(lines) + "\n")
-    log(f"{len(lines) - 1} commands -> {path}")
+    write_commands(sweep, [p for p in planned if selects(p[0], only)], outdir, log)
     return []
+  rows, failed = run_points(sweep, planned, only, collect_only, log)
+  write_results(sweep, rows, outdir, log)
+  if failed:
+    raise PointsFailedError(f"{len(failed)} point(s) without results: {', '.join(failed)}")
+  return rows
+
+
+def write_commands(sweep, planned, outdir, log):
+  """DIR/<name>/commands.sh: one shell line per planned point."""
+  path = paths.join(outdir, "commands.sh")
+  lines = [f"# {sweep['name']}: one line per point; then: python -m mae_jax.sweep ... "
+           "--collect"]
+  for _, directory, commands in planned:  # train.py makes a gs:// workdir itself
+    mkdir = "" if paths.is_gcs(directory) else f"mkdir -p {shlex.quote(directory)} && "
+    lines.append(mkdir + " && ".join(shlex.join(c) for c in commands))
+  paths.write_atomic(path, "\n".join(lines) + "\n")
+  log(f"{len(planned)} commands -> {path}")
+
+
+def run_points(sweep, planned, only, collect_only, log):
+  """Run the selected points not done before; (the rows of every point with results,
+  the labels of the selected points without)."""
   rows, failed = [], []
   for i, (point, directory, commands) in enumerate(planned, 1):
     row = collect(sweep, point, directory)
-    done = is_done(directory, commands)
     if not selects(point, only):
-      if row is not None:
-        rows.append(row)
+      rows += [row] if row is not None else []
       continue
-    if collect_only or (row is not None and done is not None):
+    if collect_only or (row is not None and is_done(directory, commands) is not None):
       if row is None:
         log(f"[{i}/{len(planned)}] {point['label']}: no results in {directory}")
         failed.append(point["label"])
@@ -696,6 +707,11 @@ def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, only=(
     log(f"[{i}/{len(planned)}] {point['label']}: " + ", ".join(
         f"{m[1]} {format_cell(row.get(m[0]), m[2])}" for m in METRICS
         if row.get(m[0]) is not None))
+  return rows, failed
+
+
+def write_results(sweep, rows, outdir, log):
+  """The table (mean ± spread over a seed axis, fine-tuning curves) and the plots."""
   columns = list(sweep["axes"]) if sweep.get("axes") else ["point"]
   title = f"{sweep['name']}"
   table = write_table(rows, columns, paths.join(outdir, "results.csv"),
@@ -718,9 +734,6 @@ def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, only=(
   log(table)
   log(f"results: {paths.join(outdir, 'results.csv')}, results.md"
       + (f", {len(plots)} plots" if plots else ""))
-  if failed:
-    raise PointsFailedError(f"{len(failed)} point(s) without results: {', '.join(failed)}")
-  return rows
 
 
 def main(argv=None):
