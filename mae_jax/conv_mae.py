@@ -164,6 +164,26 @@ def test_errors(params, test_src, *, model, config, mesh):
   return totals
 
 
+def init_and_compile(config, model, tx, schedule, mesh):
+  """The replicated (params, opt_state, step) and the compiled train step."""
+  repl = sharding.replicated(mesh)
+  shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
+
+  def init(rng):
+    params = model.init(rng, jnp.zeros(shape))["params"]
+    return params, tx.init(params), jnp.zeros((), jnp.int32)
+
+  state = jax.jit(init, out_shardings=repl)(jax.random.key(config.seed))
+  batch_sh = {"image": sharding.batch_sharding(mesh)}
+  abstract_batch = {"image": jax.ShapeDtypeStruct((config.batch_size, *shape[1:]), jnp.uint8,
+                                                  sharding=batch_sh["image"])}
+  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                                      ratio=config.model.mask_ratio),
+                    in_shardings=(repl, batch_sh, repl), out_shardings=(repl, repl),
+                    donate_argnums=0).lower(state, abstract_batch, jax.random.key(0)).compile()
+  return state, step_fn
+
+
 def train(config, workdir):
   """Train and write summary.json; returns (model, params, mesh, (train_src, test_src)),
   what `evaluate` takes."""
@@ -175,24 +195,10 @@ def train(config, workdir):
   tx, schedule = optim.make_optimizer(config.optim, config.batch_size, dur.warmup_steps,
                                       dur.total_steps)
   mesh = sharding.make_mesh(config.mesh)
-  repl = sharding.replicated(mesh)
   size = config.data.image_size
-  shape = (1, size, size, config.data.channels)
-
-  def init(rng):
-    params = model.init(rng, jnp.zeros(shape))["params"]
-    return params, tx.init(params), jnp.zeros((), jnp.int32)
-
-  state = jax.jit(init, out_shardings=repl)(jax.random.key(config.seed))
+  state, step_fn = init_and_compile(config, model, tx, schedule, mesh)
   num_params = sum(x.size for x in jax.tree.leaves(state[0]))
-  batch_sh = {"image": sharding.batch_sharding(mesh)}
-  abstract_batch = {"image": jax.ShapeDtypeStruct((config.batch_size, *shape[1:]), jnp.uint8,
-                                                  sharding=batch_sh["image"])}
   rng = jax.random.key(config.seed + 1)
-  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                                      ratio=config.model.mask_ratio),
-                    in_shardings=(repl, batch_sh, repl), out_shardings=(repl, repl),
-                    donate_argnums=0).lower(state, abstract_batch, rng).compile()
   paths.makedirs(workdir)
   logger = Logger(workdir, dur.total_steps)
   logger.info(f"conv_mae: {num_params / 1e6:.2f}M-parameter conv MAE (features "
