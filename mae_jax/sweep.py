@@ -466,7 +466,7 @@ SEED_AXIS = "seed"  # an axis of this name is repetitions, summarized by mean +-
 def aggregate_seeds(rows, columns):
   """Rows grouped over the seed axis, in sweep order: one row per value of the other axes
   with `seeds` (how many), each metric's mean and its sample standard deviation
-  (`<metric>_std`, ddof=1; 0 for a single seed)."""
+  (`<metric>_std`, ddof=1; None for a single seed, which has no spread)."""
   others = [c for c in columns if c != SEED_AXIS]
   groups = {}
   for r in rows:
@@ -488,10 +488,11 @@ def aggregate_seeds(rows, columns):
 
 
 def mean_std(values):
-  """(mean, sample standard deviation with ddof=1; 0 for a single value)."""
+  """(mean, sample standard deviation with ddof=1; None for a single value)."""
   mean = sum(values) / len(values)
-  var = sum((v - mean)**2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-  return mean, var**0.5
+  if len(values) == 1:
+    return mean, None
+  return mean, (sum((v - mean)**2 for v in values) / (len(values) - 1))**0.5
 
 
 def mean_curve(curves):
@@ -557,7 +558,8 @@ def write_seed_table(groups, columns, path_csv, title):
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for g in groups:
     cells = [format_cell(g.get(c), "{}") for c in others] + [str(g["seeds"])]
-    cells += [format_cell(g.get(m[0]), m[2]) + " ± " + format_cell(g.get(m[0] + "_std"), m[2])
+    cells += [format_cell(g.get(m[0]), m[2]) + (
+        "" if g.get(m[0] + "_std") is None else " ± " + format_cell(g[m[0] + "_std"], m[2]))
               if g.get(m[0]) is not None else "—" for m in metrics]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -583,7 +585,8 @@ def write_plots(rows, x_field, outdir, title):
 
   def draw(ax, name):
     pts = series[name]
-    err = [p[2] for p in pts] if all(p[2] is not None for p in pts) else None
+    err = ([0.0 if p[2] is None else p[2] for p in pts]  # a single seed: no bar
+           if any(p[2] is not None for p in pts) else None)
     if numeric:
       ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=err, marker="o", capsize=3)
     else:

@@ -242,6 +242,13 @@ def test_a_seed_axis_gets_mean_and_spread(tmp_path):
   assert float(first[header.index("knn_top1_std")]) == pytest.approx(0.02)
   paths = sweep.write_plots(groups, "model.mask_ratio", str(tmp_path), "t")
   assert os.path.basename(paths[0]) == "knn_top1.png" and os.path.getsize(paths[0]) > 0
+  # A group with one seed has no spread: its mean alone, not "± 0".
+  (single,) = sweep.aggregate_seeds(rows[:1], ["model.mask_ratio", "seed"])
+  assert single["knn_top1"] == pytest.approx(0.70) and single["knn_top1_std"] is None
+  md = sweep.write_seed_table(groups + [single], ["model.mask_ratio", "seed"],
+                              tmp_path / "s1.csv", "t")
+  assert "| 0.5 | 1 | 0.0400 | 70.0% |" in md.splitlines()
+  assert sweep.write_plots(groups + [single], "model.mask_ratio", str(tmp_path), "t")
 
 
 def test_eval_axes_share_the_pretraining_and_the_seed_seeds_the_evaluation(tmp_path):
