@@ -14,6 +14,8 @@ A sweep file defines get_sweep() -> dict:
   eval_overrides  {field: value} of the evaluation recipe, for every point
   evals         evaluations per point: "knn,linprobe" (add ",finetune" for fine-tuning)
   axes          {config field: [values]}: every combination is a point, or
+  exclude       (with axes) [{axis: value, ...}]: the combinations that match every field
+                of one of these are left out (e.g. an arm that does not depend on an axis)
   points        [{"label": str, "program": "mae" | "conv", "overrides": {...}}, ...]
                 A field named eval.FIELD (an axis or a point's override) is a field of the
                 evaluation recipe, e.g. "eval.init": ["pretrained", "random"] fine-tunes the
@@ -87,7 +89,7 @@ class PointsFailedError(RuntimeError):
 
 
 SWEEP_KEYS = ("name", "base", "conv_base", "overrides", "conv_overrides", "eval_config",
-              "eval_overrides", "evals", "axes", "points", "plot_x")
+              "eval_overrides", "evals", "axes", "exclude", "points", "plot_x")
 
 
 def load_sweep(path):
@@ -149,6 +151,15 @@ def check_types(sweep, path):
     for field, values in axes.items():
       _expect(isinstance(field, str) and isinstance(values, (list, tuple)) and values,
               path, f"axes[{field!r}]", "a non-empty list of values", values)
+  exclude = sweep.get("exclude")
+  if exclude is not None:
+    _expect(isinstance(exclude, (list, tuple)) and all(
+        isinstance(e, dict) and e for e in exclude) and axes, path, "exclude",
+            "a list of non-empty dicts {axis: value} beside 'axes'", exclude)
+    for i, entry in enumerate(exclude):
+      for field, value in entry.items():
+        _expect(field in axes and value in axes[field], path, f"exclude[{i}][{field!r}]",
+                "an axis and one of its values", value)
   points = sweep.get("points")
   if points:
     _expect(isinstance(points, (list, tuple)) and all(isinstance(p, dict) for p in points),
@@ -165,9 +176,13 @@ def expand_points(sweep):
     points = []
     for combo in itertools.product(*(sweep["axes"][f] for f in fields)):
       values = dict(zip(fields, combo))
+      if any(all(values[f] == v for f, v in e.items()) for e in sweep.get("exclude") or ()):
+        continue
       label = ",".join(f"{f.split('.')[-1]}={fmt_value(v)}" for f, v in values.items())
       points.append({"label": label, "program": "mae", "overrides": values,
                      "values": values})
+    if not points:
+      raise SweepError("exclude leaves no point to run")
     return points
   points = []
   for i, p in enumerate(sweep["points"]):
@@ -565,6 +580,14 @@ def write_seed_table(groups, columns, path_csv, title):
   return "\n".join(lines)
 
 
+def bar_names(rows, xs):
+  """The x tick of each row's bar: its x value, or its whole label where the x values
+  repeat (other axes vary too: init=pretrained at two pretraining lengths)."""
+  if len(set(map(str, xs))) == len(xs):
+    return [str(x) for x in xs]
+  return [r.get("label") or str(x) for x, r in zip(xs, rows)]
+
+
 def write_plots(rows, x_field, outdir, title):
   """One PNG per metric present (<metric>.png: the metric against x_field; a line for
   numbers, bars for names; error bars where the rows carry `<metric>_std`) and summary.png
@@ -575,10 +598,11 @@ def write_plots(rows, x_field, outdir, title):
   rows = [r for r in rows if r.get(x_field) is not None]
   xs = [r[x_field] for r in rows]
   numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+  names = bar_names(rows, xs)
   headers = {m[0]: m[1] for m in METRICS}
   series = {}
   for name in PLOTTED:
-    pts = [(x, r[name], r.get(f"{name}_std")) for x, r in zip(xs, rows)
+    pts = [(x, r[name], r.get(f"{name}_std"), n) for x, r, n in zip(xs, rows, names)
            if r.get(name) is not None]
     if pts:
       series[name] = sorted(pts, key=lambda p: p[0]) if numeric else pts
@@ -591,7 +615,7 @@ def write_plots(rows, x_field, outdir, title):
       ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=err, marker="o", capsize=3)
     else:
       ax.bar(range(len(pts)), [p[1] for p in pts], yerr=err, capsize=3)
-      ax.set_xticks(range(len(pts)), [str(p[0]) for p in pts], rotation=20)
+      ax.set_xticks(range(len(pts)), [p[3] for p in pts], rotation=20, fontsize=7)
     if name.endswith("top1"):
       ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax.set_xlabel(x_field.split(".")[-1])

@@ -115,6 +115,28 @@ def test_commands_file_has_one_line_per_point_and_runs_nothing(tmp_path):
       (tmp_path / "w" / "points").rglob("summary.json"))
 
 
+def test_exclude_leaves_out_the_matching_combinations(tmp_path):
+  """An arm that does not depend on an axis runs once: exclude drops every combination
+  that matches all fields of an entry, and no other."""
+  path = write_sweep(tmp_path / "ex.py", "ex",
+                     'axes={"model.mask_ratio": [0.25, 0.75], "seed": [0, 1], '
+                     '"eval.init": ["pretrained", "random"]}, '
+                     'exclude=[{"model.mask_ratio": 0.25, "eval.init": "random"}]')
+  planned = sweep.plan(sweep.load_sweep(path), str(tmp_path / "w"))
+  assert [p["label"] for p, _, _ in planned] == [
+      "mask_ratio=0.25,seed=0,init=pretrained", "mask_ratio=0.25,seed=1,init=pretrained",
+      "mask_ratio=0.75,seed=0,init=pretrained", "mask_ratio=0.75,seed=0,init=random",
+      "mask_ratio=0.75,seed=1,init=pretrained", "mask_ratio=0.75,seed=1,init=random"]
+
+
+def test_bars_are_named_by_the_whole_label_where_x_repeats():
+  rows = [{"label": "n=2,init=pretrained"}, {"label": "n=10,init=pretrained"},
+          {"label": "n=10,init=random"}]
+  assert sweep.bar_names(rows, ["pretrained", "pretrained", "random"]) == [
+      "n=2,init=pretrained", "n=10,init=pretrained", "n=10,init=random"]
+  assert sweep.bar_names(rows[1:], ["pretrained", "random"]) == ["pretrained", "random"]
+
+
 def test_a_default_value_is_the_same_point_in_every_sweep(tmp_path):
   """mask_ratio=0.75 (the recipe's own value) and decoder_depth=1 (the toy's) name the
   same pretraining; a changed value does not."""
@@ -308,6 +330,11 @@ def test_finetune_curves_get_mean_and_spread_per_arm(tmp_path):
     ('points=[{"label": "x", "program": "tf"}]', "program 'tf'"),
     ('points=[{"label": "x"}, {"label": "x"}]', "unique"),
     ('axes={"model.mask_ratio": [0.5]}#probe', "'probe' is not one of"),
+    ('axes={"seed": [0, 1]}, exclude=[{"model.mask_ratio": 0.5}]',
+     "exclude[0]['model.mask_ratio'] is 0.5; expected an axis and one of its values"),
+    ('axes={"seed": [0, 1]}, exclude=[{"seed": 2}]', "exclude[0]['seed'] is 2"),
+    ('axes={"seed": [0, 1]}, exclude={"seed": 0}', "exclude is {'seed': 0}; expected a list"),
+    ('axes={"seed": [0, 1]}, exclude=[{"seed": 0}, {"seed": 1}]', "exclude leaves no point"),
 ])
 def test_bad_sweep_is_one_line_exit_2(tmp_path, capsys, spec, message):
   """The sweep command's checks, in-process: exit 2 and one line, before any point runs."""
@@ -340,12 +367,15 @@ def test_every_shipped_ablation_sweep_loads_and_plans(tmp_path, monkeypatch):
       module, recipe = commands[0][2], commands[0][4]
       assert module in ("mae_jax.pretrain", "mae_jax.conv_mae")
       assert os.path.dirname(recipe) == os.path.join(ROOT, "configs")
-      if point["program"] == "mae" and not any(
+      if point["program"] == "mae" and "--config.num_steps=150" in commands[0] and not any(
           a.startswith(("--config.model.", "--config.data.augment", "--config.seed=",
                         "--config.data.repeat_samples", "--config.num_epochs="))
           for a in commands[0]):
         default_dirs.add(directory)
+      if f == "pretrain_pays.py" and point["label"] == "num_epochs=2.0,seed=0,init=pretrained":
+        demo = commands[0]  # the default recipe whole: the demo's pretraining
   assert len(default_dirs) == 1
+  assert not any(a.startswith("--config.") for a in demo), demo
 
 
 def test_conv_mae_masks_pixels_and_reconstructs_the_image_shape():
