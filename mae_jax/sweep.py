@@ -668,9 +668,10 @@ def make_outdir(workdir, outdir):
 
 def selects(point, only):
   """Whether `point` is one of the points `only` names: each selector is its whole label
-  or one of its label's comma-separated parts (`seed=1`); no selectors select all."""
-  parts = set(point["label"].split(",")) | {point["label"]}
-  return all(s in parts for s in only)
+  or some of its label's comma-separated parts (`seed=1`, `seed=1,init=random`); no
+  selectors select all."""
+  parts = set(point["label"].split(","))
+  return all(s == point["label"] or set(s.split(",")) <= parts for s in only)
 
 
 def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, only=(),
@@ -774,8 +775,9 @@ def main(argv=None):
   group.add_argument("--collect", action="store_true",
                      help="run nothing: tabulate the points that have results")
   p.add_argument("--only", action="append", default=[], metavar="SELECTOR",
-                 help="run only the points whose label is SELECTOR or has it as one of "
-                      "its comma-separated parts (e.g. seed=1); repeat to narrow; the "
+                 help="run only the points whose label is SELECTOR or has its "
+                      "comma-separated parts among its own (e.g. seed=1 or "
+                      "seed=1,init=random); repeat to narrow; the "
                       "other points' finished results still go in the table. Lets "
                       "several launches, on one machine or several, share a sweep")
   args = p.parse_args(argv)

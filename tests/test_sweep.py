@@ -170,8 +170,10 @@ def test_finished_points_count_in_another_checkout_and_workdir(tmp_path, monkeyp
   monkeypatch.setattr(sweep, "run_point", must_not_run)
   logged = []
   rows = sweep.run_sweep(loaded[1], str(tmp_path / "w2"), log=logged.append)
-  assert [r["finetune_top1"] for r in rows] == pytest.approx([0.9, 0.8, 0.91, 0.81, 0.92, 0.82])
-  assert sum("done before, skipped" in m for m in logged) == 6
+  # 2-epoch pretrained arm of seeds 0-2, then the 10-epoch arms pretrained and scratch.
+  assert [r["finetune_top1"] for r in rows] == pytest.approx(
+      [0.9, 0.91, 0.92, 0.9, 0.8, 0.91, 0.81, 0.92, 0.82])
+  assert sum("done before, skipped" in m for m in logged) == 9
   assert [os.path.basename(d) for _, d, _ in first] == [
       os.path.basename(d) for _, d, _ in sweep.plan(loaded[1], str(tmp_path / "w2"))]
 
@@ -188,9 +190,9 @@ def fake_results(loaded, point, directory):
 
 
 def test_only_runs_the_selected_points_and_tables_every_finished_one(tmp_path, monkeypatch):
-  """--only seed=1 runs that seed's two arms and nothing else; the table still has the
-  points finished before (seed 0's pretrained arm), and a selector no label has is one
-  error before anything runs."""
+  """--only seed=1 runs that seed's three points and nothing else; the table still has the
+  points finished before (seed 0's 2-epoch pretrained arm), and a selector no label has is
+  one error before anything runs."""
   loaded = sweep.load_sweep(os.path.join(ROOT, "configs", "ablations", "pretrain_pays.py"))
   planned = sweep.plan(loaded, str(tmp_path))
   point, directory, commands = planned[0]
@@ -204,12 +206,13 @@ def test_only_runs_the_selected_points_and_tables_every_finished_one(tmp_path, m
     return 1.0
   monkeypatch.setattr(sweep, "run_point", run_point)
   rows = sweep.run_sweep(loaded, str(tmp_path), only=["seed=1"], log=lambda m: None)
-  assert ran == ["seed=1,init=pretrained", "seed=1,init=random"]
-  assert [r["label"] for r in rows] == ["seed=0,init=pretrained"] + ran
-  assert [r["finetune_top1"] for r in rows] == pytest.approx([0.9, 0.91, 0.81])
+  assert ran == ["num_epochs=2.0,seed=1,init=pretrained", "num_epochs=10.0,seed=1,init=pretrained",
+                 "num_epochs=10.0,seed=1,init=random"]
+  assert [r["label"] for r in rows] == ["num_epochs=2.0,seed=0,init=pretrained"] + ran
+  assert [r["finetune_top1"] for r in rows] == pytest.approx([0.9, 0.91, 0.91, 0.81])
   ran.clear()
   sweep.run_sweep(loaded, str(tmp_path), only=["seed=2", "init=random"], log=lambda m: None)
-  assert ran == ["seed=2,init=random"]
+  assert ran == ["num_epochs=10.0,seed=2,init=random"]
   with pytest.raises(sweep.SweepError, match="--only seed=7: no point's label has it"):
     sweep.run_sweep(loaded, str(tmp_path), only=["seed=7"], log=lambda m: None)
   sweep.run_sweep(loaded, str(tmp_path), commands_only=True, only=["seed=0,init=random"],
