@@ -367,11 +367,15 @@ def collect(sweep, point, directory):
   summary = read_json(paths.join(directory, "summary.json"))
   if summary is None:
     return None
-  row = {"label": point["label"], "program": point["program"], **point["values"],
-         "final_train_loss": summary.get("final_train_loss"),
-         "test_masked_mse": summary.get("test_masked_mse"),
-         "images_per_sec": summary.get("images_per_sec")}
-  wall = summary.get("train_seconds") or 0.0
+  row = {"label": point["label"], "program": point["program"], **point["values"]}
+  # An encoder evaluated at its random init owes nothing to the pretraining that shares its
+  # directory: its row leaves the pretraining's figures and time out.
+  pretrained = point["program"] == "conv" or eval_init(sweep, point) != "random"
+  if pretrained:
+    row.update(final_train_loss=summary.get("final_train_loss"),
+               test_masked_mse=summary.get("test_masked_mse"),
+               images_per_sec=summary.get("images_per_sec"))
+  wall = (summary.get("train_seconds") or 0.0) if pretrained else 0.0
   evals = [e for e in sweep["evals"].split(",") if e]
   if point["program"] == "conv":
     evals = [e for e in evals if e != "finetune"]
@@ -384,8 +388,9 @@ def collect(sweep, point, directory):
     if e == "finetune" and result.get("history"):
       row["finetune_curve"] = [(h["epoch"], h["top1"]) for h in result["history"]]
     wall += result.get("seconds") or 0.0
-  # Pretraining loop + evaluations, as their own files record them (process start-up and
-  # the final reconstruction test left out): the same whichever run produced them.
+  # Pretraining loop (where the encoder used it) + evaluations, as their own files record
+  # them (process start-up and the final reconstruction test left out): the same whichever
+  # run produced them.
   row["wall_seconds"] = round(wall, 1)
   return row
 
@@ -398,9 +403,15 @@ def result_names(sweep, point, evals):
   from mae_jax.evaluate import result_name  # pylint: disable=g-import-not-at-top
   fields = recipe(resolve(sweep["eval_config"], sweep["path"]))
   evaluation = split_overrides(sweep, point)[1]
-  init = evaluation.get("init", fields.init)
+  init = eval_init(sweep, point)
   return {e: result_name(e, init, evaluation.get(f"{e}.features", fields[e].get("features")))
           for e in evals}
+
+
+def eval_init(sweep, point):
+  """The encoder a ViT point evaluates: "pretrained" or "random" (eval.init)."""
+  evaluation = split_overrides(sweep, point)[1]
+  return evaluation.get("init", recipe(resolve(sweep["eval_config"], sweep["path"])).init)
 
 
 def run_point(point, directory, commands, log, index, total):

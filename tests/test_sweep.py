@@ -173,6 +173,9 @@ def test_finished_points_count_in_another_checkout_and_workdir(tmp_path, monkeyp
   # 2-epoch pretrained arm of seeds 0-2, then the 10-epoch arms pretrained and scratch.
   assert [r["finetune_top1"] for r in rows] == pytest.approx(
       [0.9, 0.91, 0.92, 0.9, 0.8, 0.91, 0.81, 0.92, 0.82])
+  # The scratch arm's row leaves out the pretraining that shares its directory.
+  assert [r.get("test_masked_mse") for r in rows] == [0.03] * 4 + [None, 0.03, None, 0.03, None]
+  assert [r["wall_seconds"] for r in rows] == [1.0] * 4 + [0.0, 1.0, 0.0, 1.0, 0.0]
   assert sum("done before, skipped" in m for m in logged) == 9
   assert [os.path.basename(d) for _, d, _ in first] == [
       os.path.basename(d) for _, d, _ in sweep.plan(loaded[1], str(tmp_path / "w2"))]
