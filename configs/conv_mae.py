@@ -49,5 +49,9 @@ def get_config():
   c.mesh.fsdp = 1
 
   c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 2
+  c.stop_after_steps = config_dict.placeholder(int)  # leave after this many steps; resumable
+  c.allow_config_change = False  # True: resume a run launched with other values
   c.eval_batch_size = 512
   return c

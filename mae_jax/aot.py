@@ -4,8 +4,8 @@
       [--config.FIELD=VALUE ...] [--max_batch --remat none,full]
       [--max_batch --remat full --max_batch_range 4064:79.71,4374:85.70]
 
-The program is the trainer's own (trainer.step_run + trainer.compile_train_step: the same
-jitted train_step, shardings, donation, accumulation, remat and dtype), lowered with
+The program is the trainer's own (mae_jax.program.pretraining: the same jitted
+train_step, shardings, donation, accumulation, remat and dtype), lowered with
 abstract inputs (no data, no parameters) for the compile-only devices of libtpu's
 topology (`pip install 'mae_jax[tpu]'`) and compiled by the real TPU compiler. The model
 is built for platform "tpu", so it carries the TPU program's kernels, not the host's.
@@ -109,33 +109,15 @@ def with_batch(config, global_batch, remat=None):
   return config
 
 
-def abstract_inputs(run):
-  """(state, batch, rng) of the step as ShapeDtypeStructs carrying their shardings."""
-  import jax
-  import jax.numpy as jnp
-  from mae_jax import sharding, trainer
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       trainer.abstract_state(run.model, run.tx, run.config),
-                       run.state_shardings)
-  rows = sharding.batch_sharding(run.mesh)
-  b = run.config.batch_size
-  batch = {"image": jax.ShapeDtypeStruct((b, *trainer.image_shape(run.config)), jnp.uint8,
-                                         sharding=rows),
-           "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rows)}
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(run.mesh))
-  return state, batch, rng
-
-
 def compile_step(config, devices):
-  """The trainer's step for `devices`, compiled: (compiled, run, seconds); compiled is
+  """The trainer's step for `devices`, compiled: (compiled, program, seconds); compiled is
   None where the compiler ran out of device memory (the program does not fit)."""
-  from mae_jax import trainer
+  from mae_jax import program
   from mae_jax.data import source
   stats = (source.stats_for(config.data.name, config.data.channels)
            or ((0.5,) * config.data.channels, (0.25,) * config.data.channels))
-  run = trainer.step_run(config, devices, TRAIN_EXAMPLES, stats)
-  lowered = trainer.compile_train_step(run).lower(*abstract_inputs(run))
+  run = program.pretraining(config, devices, TRAIN_EXAMPLES, stats)
+  lowered = run.step.lower(*run.abstract_inputs())
   t0 = time.perf_counter()
   try:
     compiled = lowered.compile()

@@ -2,15 +2,14 @@
 
   python -m mae_jax.bench --variant B/16 --image_size 224 --batch_size 256 --dtype bfloat16
 
-`mae_jax.train_step.train_step` is jitted with the shardings of `mae_jax.sharding` and the
-state donated, as the trainer does. Reported: compile time, step time (median over
+The step timed is the training program itself (mae_jax.program.pretraining: the trainer's
+jitted step, shardings, activation rules and donation), built for the benchmark's config. Reported: compile time, step time (median over
 `--steps` steps after `--warmup`, each ended by block_until_ready), images/s, the analytic
 training FLOPs/image of `mae_jax.flops` (3 x forward, remat recompute not counted),
 achieved TFLOP/s, MFU against `--peak_tflops` or PEAK_TFLOPS, and peak device memory
 where the device reports it. A table goes to stdout, then one JSON line; progress to stderr.
 """
 import argparse
-import functools
 import json
 import re
 import sys
@@ -20,9 +19,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from mae_jax import cli, config as config_lib, flops, kernels, mae, models, optim
+from mae_jax import cli, config as config_lib, flops, kernels, mae, models, program
 from mae_jax import sharding
-from mae_jax import train_step as ts
 
 # Dense bfloat16 peak TFLOP/s per chip, by a substring of device_kind; first match wins.
 PEAK_TFLOPS = {
@@ -133,26 +131,19 @@ def log(message):
 
 
 def setup(config, encoder_tokens="visible", seed=0):
-  """(jitted train step, initial state, synthetic batch on device, rng, model)."""
-  mesh = sharding.make_mesh(config.mesh)
-  model = build_model(config, sharding.platform(mesh), encoder_tokens)
-  tx, schedule = optim.make_optimizer(config.optim, config.batch_size, 1, 10**6)
-  image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-  init = functools.partial(ts.init_state, model, tx, image_shape=image_shape)
-  state_sh = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
-  state = jax.jit(init, out_shardings=state_sh)(jax.random.key(seed))
-  step = functools.partial(ts.train_step, model=model, tx=tx, schedule=schedule,
-                           mean=(0.5,) * config.data.channels,
-                           std=(0.25,) * config.data.channels,
-                           norm_pix_loss=config.model.norm_pix_loss,
-                           accum_steps=config.grad_accum_steps)
-  batch_sh = {"image": sharding.batch_sharding(mesh)}
-  step = jax.jit(step, in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
-                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-  images = np.random.default_rng(seed).integers(
-      0, 256, (config.batch_size, *image_shape), dtype=np.uint8)
-  batch = sharding.global_batch({"image": images}, mesh)
-  return step, state, batch, jax.random.key(seed), model
+  """(jitted train step, initial state, synthetic batch on device, rng, model): the
+  trainer's program (mae_jax.program.pretraining) on synthetic uint8 images."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.encoder_tokens = encoder_tokens
+  channels = config.data.channels
+  run = program.pretraining(config, jax.devices(), 10**6 * config.batch_size,
+                            ((0.5,) * channels, (0.25,) * channels))
+  rng = np.random.default_rng(seed)
+  batch = sharding.global_batch(
+      {"image": rng.integers(0, 256, (config.batch_size, *run.image_shape), dtype=np.uint8),
+       "label": np.zeros((config.batch_size,), np.int32)}, run.mesh)
+  return run.step, run.init(jax.random.key(seed)), batch, jax.random.key(seed), run.model
 
 
 def compile_step(step, state, batch, rng):

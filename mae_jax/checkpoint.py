@@ -480,13 +480,15 @@ def launch_configs(workdir):
   return [paths.join(directory, name) for _, name in sorted(found)]
 
 
-def save_config(config, workdir, start_step=0):
+def save_config(config, workdir, start_step=0, job="pretrain"):
   """Record this launch's config (process 0 only): WORKDIR/config.json is the first
   launch's and is never overwritten; each launch adds configs/launch-NNN-step-S.json
-  (S: the step it started from)."""
+  (S: the step it started from). `job` (the kind of job, mae_jax.loop.KINDS) is recorded
+  with it as "job"."""
   if jax.process_index() != 0:
     return
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  text = json.dumps({**json.loads(config.to_json_best_effort()), "job": job}, indent=2,
+                    sort_keys=True)
   paths.makedirs(paths.join(workdir, CONFIG_HISTORY))
   path = paths.join(workdir, "config.json")
   if not paths.exists(path):

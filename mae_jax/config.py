@@ -269,6 +269,9 @@ LAUNCH_FIELDS = frozenset({
     "num_vis_images", "knn_every_epochs", "allow_config_change", "data.num_workers",
     "mesh.data", "mesh.fsdp", "model.remat", "model.attn_impl", "model.matmul",
     "model.unroll",
+    # the same for the evaluation jobs (mae_jax.evaluate): fine-tuning's remat policy and
+    # how often it tests the classifier
+    "remat", "eval_every_epochs",
 })
 
 

@@ -17,25 +17,27 @@ both models are read alike (python -m mae_jax.sweep):
   steps, train_seconds, images_per_sec;
 - eval_knn.json, eval_linprobe.json: top-1 of the `--eval_config` recipe on the encoder's
   features of the unmasked image, globally average-pooled (model.features[-1] dims).
-The run is short and not checkpointed: an interrupted run starts again from step 0.
-DIR may be gs://BUCKET/PATH (mae_jax.paths): the results are then objects there, and the
-TensorBoard events and metrics.jsonl are uploaded when training (and the linear probe)
-ends.
+Training runs on the one loop (mae_jax.loop) as pretraining does: DIR is locked, checkpointed
+(every checkpoint_every_steps, at the end and on SIGTERM / SIGINT) and resumed exactly by
+running the same command again; the linear probe is a job of its own in DIR/linprobe/.
+DIR may be gs://BUCKET/PATH (mae_jax.paths).
 """
 import functools
 import json
 import sys
 import time
+from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
-from mae_jax import cli, config as config_lib, data, optim, paths, sharding
-from mae_jax.evaluation import knn as knn_lib, linprobe, loop
-from mae_jax.logger import Logger
+from mae_jax import cli, config as config_lib, data, loop, optim, paths, program, sharding
+from mae_jax.evaluation import knn as knn_lib, linprobe
 
 MODES = ("knn", "linprobe")
 
@@ -83,15 +85,27 @@ def loss_fn(params, x_BHWC, mask_BHW1, model):
   return jnp.mean(jnp.square(recon - x_BHWC)), recon
 
 
+@flax.struct.dataclass
+class ConvState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def init_state(rng, *, model, tx, image_shape):
+  params = model.init(rng, jnp.zeros((1, *image_shape)))["params"]
+  return ConvState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
 def train_step(state, batch, rng, *, model, tx, schedule, ratio):
   """One AdamW step on the whole-image MSE of a freshly masked batch {"image": uint8}."""
-  params, opt_state, step = state
   x = to_unit(batch["image"])
-  mask = pixel_mask(jax.random.fold_in(rng, step), x, ratio)
-  (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, mask, model)
-  updates, opt_state = tx.update(grads, opt_state, params)
-  metrics = {"loss": loss, "lr": schedule(step), "grad_norm": optax.global_norm(grads)}
-  return (optax.apply_updates(params, updates), opt_state, step + 1), metrics
+  mask = pixel_mask(jax.random.fold_in(rng, state.step), x, ratio)
+  (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, x, mask, model)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.global_norm(grads)}
+  return ConvState(state.step + 1, optax.apply_updates(state.params, updates),
+                   opt_state), metrics
 
 
 def eval_sums(params, images_u8, valid_B, rng, *, model, ratio):
@@ -120,6 +134,9 @@ def validate(config, modes):
   config_lib.validate_data(config)
   config_lib.validate_optim(config)
   config_lib._check_int(config.batch_size, "batch_size", 1)
+  config_lib._check_int(config.checkpoint_every_steps, "checkpoint_every_steps", 1)
+  config_lib._check_int(config.keep_checkpoints, "keep_checkpoints", 1)
+  config_lib._check_int(config.stop_after_steps, "stop_after_steps", 1, optional=True)
   for mode in modes:
     if mode not in MODES:
       raise config_lib.ConfigError(f"--mode: {mode!r} is not valid; valid values: "
@@ -128,8 +145,8 @@ def validate(config, modes):
 
 def extract(params, source, *, model, mesh, image_size, batch_size):
   """(avg-pooled encoder features (N, D) of the unmasked images, labels (N,))."""
-  fn = jax.jit(lambda p, x: model.apply({"params": p}, to_unit(x), method=model.encode)
-               .mean(axis=(1, 2)))
+  fn = program.jit(lambda p, x: model.apply({"params": p}, to_unit(x), method=model.encode)
+                   .mean(axis=(1, 2)), mesh)
   feats, labels = [], []
   for batch in data.make_eval_batches(source, image_size=image_size, batch_size=batch_size,
                                       process_index=jax.process_index(),
@@ -150,7 +167,8 @@ def write_json(path, payload):
 def test_errors(params, test_src, *, model, config, mesh):
   """Summed squared errors (masked pixels, all pixels) and their counts over the test
   split, with fixed masks (seed + 2)."""
-  sums_fn = jax.jit(functools.partial(eval_sums, model=model, ratio=config.model.mask_ratio))
+  sums_fn = program.jit(functools.partial(eval_sums, model=model, ratio=config.model.mask_ratio),
+                        mesh)
   totals = {"masked_sq": 0.0, "masked_count": 0.0, "sq": 0.0, "count": 0.0}
   eval_rng = jax.random.key(config.seed + 2)
   for i, batch in enumerate(data.make_eval_batches(
@@ -164,29 +182,27 @@ def test_errors(params, test_src, *, model, config, mesh):
   return totals
 
 
-def init_and_compile(config, model, tx, schedule, mesh):
-  """The replicated (params, opt_state, step) and the compiled train step."""
-  repl = sharding.replicated(mesh)
-  shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
+def build_program(config, model, tx, schedule, mesh):
+  """The conv baseline's training program (mae_jax.program.build)."""
+  shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  return program.build(
+      mesh, functools.partial(init_state, model=model, tx=tx, image_shape=shape),
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                        ratio=config.model.mask_ratio), batch_keys=("image",))
 
-  def init(rng):
-    params = model.init(rng, jnp.zeros(shape))["params"]
-    return params, tx.init(params), jnp.zeros((), jnp.int32)
 
-  state = jax.jit(init, out_shardings=repl)(jax.random.key(config.seed))
-  batch_sh = {"image": sharding.batch_sharding(mesh)}
-  abstract_batch = {"image": jax.ShapeDtypeStruct((config.batch_size, *shape[1:]), jnp.uint8,
-                                                  sharding=batch_sh["image"])}
-  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                                      ratio=config.model.mask_ratio),
-                    in_shardings=(repl, batch_sh, repl), out_shardings=(repl, repl),
-                    donate_argnums=0).lower(state, abstract_batch, jax.random.key(0)).compile()
-  return state, step_fn
+def host_batches(config, train_src, start_step):
+  return ({"image": b["image"]} for b in data.make_train_batches(
+      train_src, image_size=config.data.image_size, global_batch_size=config.batch_size,
+      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      augment=config.data.augment, crop_scale=tuple(config.data.crop_scale),
+      start_step=start_step, num_workers=config.data.num_workers))
 
 
 def train(config, workdir):
-  """Train and write summary.json; returns (model, params, mesh, (train_src, test_src)),
-  what `evaluate` takes."""
+  """Train on the one loop (resuming `workdir` where it holds checkpoints) and write
+  summary.json; returns (model, params, mesh, (train_src, test_src)), what `evaluate`
+  takes, or None where the run stopped before its end."""
   train_src = data.load_source(config.data, "train")
   test_src = data.load_source(config.data, "test")
   config_lib.check_data_size(config, len(train_src))
@@ -195,48 +211,48 @@ def train(config, workdir):
   tx, schedule = optim.make_optimizer(config.optim, config.batch_size, dur.warmup_steps,
                                       dur.total_steps)
   mesh = sharding.make_mesh(config.mesh)
-  size = config.data.image_size
-  state, step_fn = init_and_compile(config, model, tx, schedule, mesh)
-  num_params = sum(x.size for x in jax.tree.leaves(state[0]))
-  rng = jax.random.key(config.seed + 1)
-  paths.makedirs(workdir)
-  logger = Logger(workdir, dur.total_steps)
-  logger.info(f"conv_mae: {num_params / 1e6:.2f}M-parameter conv MAE (features "
-              f"{tuple(config.model.features)}, pixel mask ratio {config.model.mask_ratio}) "
-              f"on {config.data.name} ({len(train_src)} train images), {dur.total_steps} "
-              f"steps of batch {config.batch_size}, {jax.device_count()} device(s)")
-  host_batches = ({"image": b["image"]} for b in data.make_train_batches(
-      train_src, image_size=size, global_batch_size=config.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      augment=config.data.augment, crop_scale=tuple(config.data.crop_scale),
-      num_workers=config.data.num_workers))
-  t0 = time.perf_counter()  # compiled above: the loop's time is the steps'
-  state, metrics = loop.run_steps(
-      step_fn, state, loop.device_batches(host_batches, mesh), total_steps=dur.total_steps,
-      base_rng=rng, logger=logger, log_every=config.log_every_steps,
-      images_per_step=config.batch_size)
-  jax.block_until_ready(state)
-  t_end = time.perf_counter()
-  logger.close()
-  params = state[0]
+  conv = build_program(config, model, tx, schedule, mesh)
+  num_params = sum(x.size for x in jax.tree.leaves(conv.abstract_state.params))
+  job = loop.Job(
+      kind="conv_mae", workdir=workdir, config=config, program=conv,
+      total_steps=dur.total_steps, images_per_step=config.batch_size,
+      batches=lambda start: sharding.device_batches(host_batches(config, train_src, start),
+                                                    mesh),
+      base_rng=jax.random.key(config.seed + 1),
+      describe=lambda restored: (
+          f"conv_mae: {num_params / 1e6:.2f}M-parameter conv MAE (features "
+          f"{tuple(config.model.features)}, pixel mask ratio {config.model.mask_ratio}) on "
+          f"{config.data.name} ({len(train_src)} train images), {dur.total_steps} steps of "
+          f"batch {config.batch_size}, {jax.device_count()} device(s)"
+          + (f"; resuming from step {restored}" if restored is not None else "")))
 
-  totals = test_errors(params, test_src, model=model, config=config, mesh=mesh)
+  def finish(outcome, logger):
+    summary = write_summary(config, workdir, outcome, num_params, dur.total_steps,
+                            test_errors(outcome.state.params, test_src, model=model,
+                                        config=config, mesh=mesh))
+    logger.info(f"test masked-pixel MSE {summary['test_masked_mse']:.4f} (whole image "
+                f"{summary['test_mse']:.4f}) after {summary['train_seconds']:.0f} s")
+    return model, outcome.state.params, mesh, (train_src, test_src)
+
+  return loop.run(job, finish)[1]
+
+
+def write_summary(config, workdir, outcome, num_params, total_steps, totals):
+  """summary.json (the fields train.py's has where they apply) as a dict."""
   summary = {
       "test_masked_mse": totals["masked_sq"] / totals["masked_count"],
       "test_mse": totals["sq"] / totals["count"],
-      "final_train_loss": float(metrics["loss"]),
-      "steps": dur.total_steps,
-      "train_seconds": round(t_end - t0, 1),
-      "images_per_sec": round(dur.total_steps * config.batch_size / (t_end - t0), 1),
+      "final_train_loss": outcome.final_loss,
+      "steps": total_steps,
+      "train_seconds": round(outcome.train_seconds, 1),
+      "images_per_sec": outcome.images_per_sec and round(outcome.images_per_sec, 1),
       "devices": jax.device_count(),
       "model": {"kind": "conv_mae", "features": list(config.model.features),
-                "mask_ratio": config.model.mask_ratio, "image_size": size,
+                "mask_ratio": config.model.mask_ratio, "image_size": config.data.image_size,
                 "channels": config.data.channels, "num_params": int(num_params)},
   }
   write_json(paths.join(workdir, "summary.json"), summary)
-  print(f"test masked-pixel MSE {summary['test_masked_mse']:.4f} (whole image "
-        f"{summary['test_mse']:.4f}) after {summary['train_seconds']:.0f} s", flush=True)
-  return model, params, mesh, (train_src, test_src)
+  return summary
 
 
 def evaluate(model, params, mesh, sources, eval_config, workdir, modes, *, image_size):
@@ -264,13 +280,12 @@ def evaluate(model, params, mesh, sources, eval_config, workdir, modes, *, image
                                       batch_size=eval_config.eval_batch_size),
              "k": cfg.k, "temperature": cfg.temperature}
     else:
-      cfg = eval_config.linprobe
-      dur = config_lib.durations(cfg, len(train[0]))
-      logger = Logger(paths.join(workdir, "eval", "linprobe"), dur.total_steps)
-      out = linprobe.train_and_test(train, test, cfg, num_classes=num_classes, mesh=mesh,
-                                    seed=eval_config.seed, logger=logger,
-                                    eval_batch_size=eval_config.eval_batch_size)
-      logger.close()
+      out = linprobe.train_and_test(
+          train, test, eval_config.linprobe, num_classes=num_classes, mesh=mesh,
+          eval_batch_size=eval_config.eval_batch_size, workdir=paths.join(workdir, "linprobe"),
+          job_config=probe_config(eval_config, num_classes, workdir))
+      if out is None:
+        return results  # stopped by a signal: so does the command
     seconds = time.perf_counter() - t0 + (feature_seconds if not results else 0.0)
     out = dict(out, mode=mode, name=mode, features="avg", subject="conv_mae",
                train_examples=len(train[0]), seconds=round(seconds, 1),
@@ -281,10 +296,27 @@ def evaluate(model, params, mesh, sources, eval_config, workdir, modes, *, image
   return results
 
 
+def probe_config(eval_config, num_classes, workdir):
+  """The linear probe job's config (as mae_jax.evaluate's): its block, the shared fields,
+  what it is of."""
+  c = ml_collections.ConfigDict(eval_config.linprobe.to_dict())
+  c.update(seed=eval_config.seed, encoder=f"conv_mae {paths.absolute(workdir)}",
+           num_classes=num_classes, mesh=eval_config.mesh.to_dict(),
+           eval_batch_size=eval_config.eval_batch_size,
+           keep_checkpoints=eval_config.keep_checkpoints,
+           stop_after_steps=eval_config.stop_after_steps,
+           allow_config_change=eval_config.allow_config_change)
+  return c
+
+
 def train_and_evaluate(config, eval_config, workdir, modes):
-  """Train, then evaluate in `modes` (eval_<mode>.json each); returns summary.json's dict."""
+  """Train, then evaluate in `modes` (eval_<mode>.json each); returns summary.json's dict,
+  or None where training stopped before its end (run again to resume)."""
   validate(config, modes)
-  model, params, mesh, sources = train(config, workdir)
+  trained = train(config, workdir)
+  if trained is None:
+    return None
+  model, params, mesh, sources = trained
   evaluate(model, params, mesh, sources, eval_config, workdir, modes,
            image_size=config.data.image_size)
   return json.loads(paths.read_text(paths.join(workdir, "summary.json")))

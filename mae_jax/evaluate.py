@@ -19,12 +19,12 @@ import time
 import jax
 import ml_collections
 
-from mae_jax import checkpoint, cli, config as config_lib, data, paths, pretrained, sharding
+from mae_jax import checkpoint, cli, config as config_lib, data, loop, paths, pretrained
+from mae_jax import sharding
 from mae_jax import vit
 from mae_jax.data import augment as data_augment
 from mae_jax.evaluation import classifier, features as features_lib, finetune, linprobe
 from mae_jax.evaluation import knn as knn_lib
-from mae_jax.logger import Logger
 from mae_jax.mae import MaskedAutoencoder
 
 MODES = ("knn", "linprobe", "finetune")
@@ -81,7 +81,12 @@ def validate(config, modes, num_devices=None):
   check(not ft.eval_every_epochs or ft.eval_every_epochs > 0, "finetune.eval_every_epochs",
         "must be >= 0 (0: test only at the end)")
   check(0 <= ft.randaug_magnitude <= 10, "finetune.randaug_magnitude", "must be in [0, 10]")
+  check(config.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+  check(config.stop_after_steps is None or config.stop_after_steps >= 1, "stop_after_steps",
+        "must be >= 1 (or None: run to the end)")
   for block in ("linprobe", "finetune"):
+    check(config[block].checkpoint_every_steps >= 1, f"{block}.checkpoint_every_steps",
+          "must be >= 1")
     check(config[block].optim.base_lr > 0, f"{block}.optim.base_lr", "must be positive")
     check(config[block].num_steps is not None or config[block].num_epochs > 0,
           f"{block}.num_epochs", "must be positive (or set num_steps)")
@@ -107,6 +112,12 @@ def data_config(base, overrides, model):
   return ml_collections.ConfigDict(merged)
 
 
+def run_kind(workdir):
+  """The kind of job (mae_jax.loop.KINDS) whose config.json `workdir` holds, or None."""
+  saved = checkpoint.load_config_dict(workdir)
+  return None if saved is None else saved.get("job", "pretrain")
+
+
 def load_subject(config, workdir, mesh):
   """The model, its params (pretrained or random) and the dataset to evaluate on.
 
@@ -116,6 +127,10 @@ def load_subject(config, workdir, mesh):
   has_run = paths.exists(paths.join(workdir, "config.json"))
   check(config.params or has_run, "params", f"{workdir} has no config.json (not a train.py "
         "workdir); give an imported checkpoint with --config.params")
+  if run_kind(workdir) not in (None, "pretrain"):
+    raise config_lib.ConfigError(
+        f"--workdir {workdir}: holds a {loop.KINDS[run_kind(workdir)]} run, not a "
+        "pretraining one; give the pretraining workdir it belongs to")
   source = config.params or workdir
   model, _ = pretrained.model_of(source, sharding.platform(mesh))
   run = checkpoint.load_config_dict(workdir) if has_run else None
@@ -182,16 +197,29 @@ class Evaluation:
     return {"top1": top1, "features": cfg.features, "k": cfg.k,
             "temperature": cfg.temperature}
 
+  def job_config(self, mode):
+    """The config of a linprobe / finetune job (in DIR/<name>/): its block of the eval
+    config, the fields every job has, and what it is of (encoder, classes, dataset),
+    which a resume must match (mae_jax.loop)."""
+    c = ml_collections.ConfigDict(self.config[mode].to_dict())
+    c.seed = self.config.seed
+    c.encoder = self.subject.description
+    c.num_classes = self.num_classes
+    c.data = self.subject.data_config.to_dict()
+    c.mesh = self.config.mesh.to_dict()
+    for field in ("eval_batch_size", "keep_checkpoints", "stop_after_steps",
+                  "allow_config_change"):
+      c[field] = self.config[field]
+    return c
+
   def linprobe(self):
-    cfg = self.config.linprobe
+    cfg, name = self.config.linprobe, config_result_name("linprobe", self.config)
     train, test = self.features(cfg.features)
-    dur = config_lib.durations(cfg, len(train[0]))
-    logger = Logger(self.logdir(config_result_name("linprobe", self.config)), dur.total_steps)
-    results = linprobe.train_and_test(train, test, cfg, num_classes=self.num_classes,
-                                      mesh=self.mesh, seed=self.config.seed, logger=logger,
-                                      eval_batch_size=self.config.eval_batch_size)
-    logger.close()
-    return dict(results, features=cfg.features)
+    results = linprobe.train_and_test(
+        train, test, cfg, num_classes=self.num_classes, mesh=self.mesh,
+        eval_batch_size=self.config.eval_batch_size, workdir=self.job_dir(name),
+        job_config=self.job_config("linprobe"))
+    return results and dict(results, features=cfg.features)
 
   def finetune(self):
     cfg, name = self.config.finetune, config_result_name("finetune", self.config)
@@ -199,16 +227,17 @@ class Evaluation:
         self.subject.model, cfg, train_src=self.train_src, test_src=self.test_src,
         mesh=self.mesh, seed=self.config.seed, image_size=self.subject.model.image_size,
         eval_batch_size=self.config.eval_batch_size, num_classes=self.num_classes)
-    logger = Logger(self.logdir(name), tuner.dur.total_steps)
     pretrained = self.subject.params if self.config.init == "pretrained" else None
-    results, params = tuner.run(pretrained, logger,
+    results, params = tuner.run(self.job_dir(name), self.job_config("finetune"), pretrained,
                                 num_workers=self.subject.data_config.num_workers)
-    logger.close()
-    path = finetune.save(paths.join(self.workdir, name), params, tuner.model, results)
+    if results is None:
+      return None
+    path = finetune.save(self.job_dir(name), params, tuner.model, results)
     return dict(results, checkpoint=path, pool=cfg.pool, remat=tuner.model.remat)
 
-  def logdir(self, name):
-    return paths.join(self.workdir, "eval", name)
+  def job_dir(self, name):
+    """DIR/<name>/: a training evaluation's own workdir (checkpoints, logs, results)."""
+    return paths.join(self.workdir, name)
 
   def run(self, mode):
     """Evaluate in `mode`; write DIR/eval_<name>.json and return the results."""
@@ -221,6 +250,8 @@ class Evaluation:
         f"({len(self.train_src)} train / {len(self.test_src)} test), "
         f"{jax.device_count()} device(s)")
     results = getattr(self, mode)()
+    if results is None:  # stopped by a signal or stop_after_steps; rerun to resume
+      return None
     results = dict(results, mode=mode, name=name, init=self.config.init,
                    subject=self.subject.description, dataset=self.subject.data_config.name,
                    seconds=round(time.perf_counter() - t0, 1), devices=jax.device_count(),
@@ -258,7 +289,12 @@ def evaluate(config, workdir, modes):
   checkpoint.check_workdir(workdir)
   check_results_dir(workdir)
   evaluation = Evaluation(config, workdir)
-  return {mode: evaluation.run(mode) for mode in modes}
+  results = {}
+  for mode in modes:
+    results[mode] = evaluation.run(mode)
+    if results[mode] is None:
+      break  # a job stopped early: so does the command
+  return results
 
 
 USAGE_ERRORS = (config_lib.ConfigError, data.DatasetError, checkpoint.ParamsError,

@@ -19,7 +19,7 @@ import ml_collections
 import optax
 import orbax.checkpoint as ocp
 
-from mae_jax import checkpoint, data, models, paths, sharding
+from mae_jax import checkpoint, data, models, paths, program, sharding
 from mae_jax import train_step as ts
 from mae_jax.data.source import KNOWN_STATS
 from mae_jax.mae import MaskedAutoencoder
@@ -92,18 +92,20 @@ def abstract_params(model, mesh=None):
   """ShapeDtypeStructs of the model's params, with their training layout on `mesh` (the
   first device where None)."""
   abstract = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
-  if mesh is None:
-    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1}),
-                              jax.devices()[:1])
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, sharding.state_shardings(abstract, mesh))
+                      abstract, sharding.state_shardings(abstract, mesh or _one_device_mesh()))
+
+
+def _one_device_mesh():
+  return sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1}),
+                            jax.devices()[:1])
 
 
 def random_params(model, seed, mesh=None):
   """The step-0 params of a pretraining run with `seed`: the random-init baseline."""
   target = abstract_params(model, mesh)
-  init = jax.jit(functools.partial(init_params, model),
-                 out_shardings=jax.tree.map(lambda a: a.sharding, target))
+  init = program.jit(functools.partial(init_params, model), mesh or _one_device_mesh(),
+                     out_shardings=jax.tree.map(lambda a: a.sharding, target))
   return init(jax.random.key(seed))
 
 

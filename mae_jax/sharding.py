@@ -3,13 +3,27 @@
 The batch is split over both axes; with fsdp > 1 every parameter and optimizer-state
 leaf is also split over `fsdp` along one dimension (fsdp_spec; ZeRO-3 style):
 XLA all-gathers it where it is used and reduce-scatters its gradient.
+
+Activations carry logical axis names (`nn.with_logical_constraint(x, ("batch", ...))` in
+the model); LOGICAL_RULES maps them to mesh axes, and `activation_rules(mesh)` puts them
+in force while a program traces. Only the program builder (mae_jax.program) enters it, for
+every program it jits, so a model means the same sharding whoever asks for its program.
 """
+import collections
+import contextlib
+
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
+# Logical activation axis -> mesh axes. "batch": split over every device, so that under FSDP
+# XLA gathers a sharded kernel and reduce-scatters its gradient instead of splitting the
+# activations by feature along that kernel's sharded dimension (all-to-alls, and weight
+# gradients all-reduced whole). Names without a rule stay unconstrained.
+LOGICAL_RULES = (("batch", BATCH_AXES),)
 
 
 def mesh_shape(data, fsdp, num_devices):
@@ -78,6 +92,13 @@ def state_shardings(abstract_state, mesh):
       lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp_size)), abstract_state)
 
 
+@contextlib.contextmanager
+def activation_rules(mesh):
+  """The context a program traces in: `mesh` (abstract) and LOGICAL_RULES."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    yield
+
+
 def global_batch(local_batch, mesh):
   """This process's numpy batch -> a global jax.Array sharded over the batch axes."""
   sharding = batch_sharding(mesh)
@@ -91,3 +112,16 @@ def to_host(x):
   if x.is_fully_addressable:
     return np.asarray(jax.device_get(x))
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def device_batches(host_batches, mesh, ahead=2, finish=None):
+  """This process's host batches as global arrays on the mesh, `ahead` batches in flight
+  (their transfers overlap the steps before them); `finish`, if given, maps each global
+  batch on device (a jitted function, e.g. the device-side crop resize)."""
+  queue = collections.deque()
+  for batch in host_batches:
+    batch = global_batch(batch, mesh)
+    queue.append(finish(batch) if finish else batch)
+    if len(queue) == ahead:
+      yield queue.popleft()
+  yield from queue

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mae_jax import kernels, patches, posembed, sharding
+from mae_jax import kernels, patches, posembed
 
 Dtype = Any
 xavier = nn.initializers.xavier_uniform()
@@ -29,15 +29,10 @@ def dense(features, name, dtype, param_dtype, platform=None, matmul="auto",
 
 
 def batch_split(x):
-  """x constrained to be split by its leading (batch) axis over the mesh's batch axes,
-  where the program is traced under a ("data", "fsdp") mesh (trainer.compile_train_step);
-  unchanged elsewhere. Under FSDP this keeps XLA from splitting activations by feature
-  along a sharded kernel's dimension (re-sharding them with all-to-alls and all-reducing
-  whole weight gradients): it gathers the kernel and reduce-scatters its gradient."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(sharding.BATCH_AXES) <= set(mesh.axis_names):
-    return x
-  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
+  """x with its leading axis named "batch": split over the mesh's batch axes in every
+  program mae_jax.program builds (sharding.LOGICAL_RULES), unconstrained elsewhere (a
+  plain model.apply). See sharding.LOGICAL_RULES for why."""
+  return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
 
 
 def layer_norm(name, dtype, param_dtype):

@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from configs import default
-from mae_jax import aot, hlo, trainer
+from mae_jax import aot, hlo, program
 
 TOPOLOGY = "v5e:2x2"  # 4 chips: mesh data=2 x fsdp=2
 
@@ -101,7 +101,7 @@ def test_fsdp_gathers_each_parameter_at_most_twice(fsdp_step):
   parts all hold a copy of it: counting every copy read about 5.7 times the parameters."""
   rep, _, run = fsdp_step
   gathered = sum(x.size * x.dtype.itemsize for x, sh in zip(
-      jax.tree.leaves(trainer.abstract_state(run.model, run.tx, run.config).params),
+      jax.tree.leaves(run.abstract_state.params),
       jax.tree.leaves(run.state_shardings.params)) if "fsdp" in sh.spec)
   assert gathered > 0
   assert 0 < rep["collectives_by_axes"]["all-gather over fsdp"] <= 2 * gathered
@@ -188,7 +188,7 @@ def test_whole_slice_fsdp_gathers_are_counted_as_gathers():
   compiled, run, _ = aot.compile_step(aot.checked_config(config, 64), devices)
   _, hbm, ici = aot.chip_of(devices)
   rep = aot.analyze(compiled, run, hbm, ici, headroom=0.1)
-  params = jax.tree.leaves(trainer.abstract_state(run.model, run.tx, run.config).params)
+  params = jax.tree.leaves(run.abstract_state.params)
   gathered = sum(x.size * x.dtype.itemsize for x, sh in zip(
       params, jax.tree.leaves(run.state_shardings.params)) if "fsdp" in sh.spec)
   assert 0 < rep["collectives_by_axes"]["all-gather over fsdp"] <= 2 * gathered
@@ -296,9 +296,9 @@ def test_each_platform_gets_its_own_program():
   config = tiny_config(data=-1, fsdp=1)
   programs = {}
   for devices in (aot.topology_devices(TOPOLOGY), jax.devices()[:1]):
-    run = trainer.step_run(aot.checked_config(config, len(devices)), devices, 1000,
-                           ((0.5,), (0.25,)))
-    traced = trainer.compile_train_step(run).trace(*aot.abstract_inputs(run))
+    run = program.pretraining(aot.checked_config(config, len(devices)), devices, 1000,
+                              ((0.5,), (0.25,)))
+    traced = run.step.trace(*run.abstract_inputs())
     programs[run.model.platform] = str(traced.jaxpr)
   assert set(programs) == {"tpu", "cpu"}
   assert re.search(r"custom_vjp_call\[\s*name=token_matmul", programs["cpu"])

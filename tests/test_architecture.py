@@ -16,13 +16,14 @@ from helpers import ROOT
  PARTS,  # the model's pure pieces and the training parts: none knows another
  VIT, MAE, MODELS,  # the model, one layer each: patches, masking, posembed -> vit -> mae -> models
  USES_MODEL,  # the pure train step, config validation and FLOP counts: model + optim
+ PROGRAM,  # the one program builder and the one training loop
  PRETRAINED,  # a trained or converted model loaded from disk
  EVALUATION,  # kNN, linear probe, fine-tuning
  TRAINER,  # the loop: wires everything
  ENTRY,  # the commands; one may use another (an error class, say)
- ) = range(10)
-RANK_NAMES = ["base", "parts", "vit", "mae", "models", "uses the model", "pretrained", "evaluation",
-              "trainer", "entry points"]
+ ) = range(11)
+RANK_NAMES = ["base", "parts", "vit", "mae", "models", "uses the model", "program and loop",
+              "pretrained", "evaluation", "trainer", "entry points"]
 
 # Module paths under mae_jax/ (a package's name covers its modules; the longest name that
 # matches counts). A module missing here fails the test: place it when you add it.
@@ -33,6 +34,7 @@ RANKS = {
     "logger": PARTS, "distributed": PARTS,
     "vit": VIT, "mae": MAE, "models": MODELS,
     "train_step": USES_MODEL, "config": USES_MODEL, "flops": USES_MODEL,
+    "program": PROGRAM, "loop": PROGRAM,
     "pretrained": PRETRAINED,
     "evaluation": EVALUATION,
     "visualize": EVALUATION,  # the reconstruction pictures (the trainer draws one) + a command

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
-from mae_jax import sharding, trainer
-from mae_jax import train_step as ts
+from mae_jax import program, sharding
 
 STEPS = 8
 # Largest relative difference of a step's loss, bfloat16 vs float32 compute: bfloat16
@@ -22,10 +21,8 @@ def losses(dtype, batches):
   c.batch_size = 16
   c.optim.update(warmup_steps=2, base_lr=0.05)  # lr 3e-3: a few steps move the loss
   c.num_steps = STEPS
-  run = trainer.step_run(c, jax.devices()[:1], 1000, ((0.5,) * 3, (0.25,) * 3))
-  state = jax.jit(lambda k: ts.init_state(run.model, run.tx, k, image_shape=(16, 16, 3)),
-                  out_shardings=run.state_shardings)(jax.random.key(0))
-  step = trainer.compile_train_step(run)
+  run = program.pretraining(c, jax.devices()[:1], 1000, ((0.5,) * 3, (0.25,) * 3))
+  state, step = run.init(jax.random.key(0)), run.step
   out = []
   for batch in batches:
     state, metrics = step(state, sharding.global_batch(batch, run.mesh), jax.random.key(3))

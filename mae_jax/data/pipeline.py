@@ -47,6 +47,12 @@ class ProcessSlice:
     size = self.global_batch_size // self.process_count
     return slice(self.process_index * size, (self.process_index + 1) * size)
 
+  @classmethod
+  def of_this_process(cls, global_batch_size: int) -> "ProcessSlice":
+    """The part of the running JAX process (jax.process_index of jax.process_count)."""
+    import jax  # pylint: disable=import-outside-toplevel (the pipeline itself needs no JAX)
+    return cls(global_batch_size, jax.process_index(), jax.process_count())
+
 
 @functools.lru_cache(maxsize=4)
 def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
@@ -150,6 +156,21 @@ def make_train_batches(source: Source, *, image_size: int, global_batch_size: in
                            resize=resize)
   return iterate(grain.MapDataset.range(start_step, sys.maxsize).map(make), num_workers,
                  worker_processes)
+
+
+def array_batches(arrays: dict, global_batch_size: int, seed: int, start_step: int = 0
+                  ) -> Iterator[dict]:
+  """Batches {name: rows} of in-memory arrays (a dict of (N, ...) numpy arrays, the same
+  rows of each) for steps start_step + 1, ...: epoch e takes a permutation seeded by
+  (seed, e), the remainder dropped; this process's part of each global batch."""
+  n = len(next(iter(arrays.values())))
+  part = ProcessSlice.of_this_process(global_batch_size).local
+  per_epoch = n // global_batch_size
+  for step in range(start_step, sys.maxsize):
+    epoch, b = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    rows = order[b * global_batch_size:(b + 1) * global_batch_size][part]
+    yield {name: array[rows] for name, array in arrays.items()}
 
 
 def eval_batch(b: int, *, source: Source, part: ProcessSlice, image_size: int) -> dict:

@@ -78,3 +78,8 @@ def load_encoder(params, mae_params, pool):
   `pos_embed` keeps its initialization, the sin-cos table the MAE used)."""
   names = ENCODER_LEAVES + (("norm",) if pool == "cls" else ())
   return {**params, **{name: mae_params[name] for name in names}}
+
+
+def count_correct(logits_BC, labels_B, valid_B):
+  """Correctly classified valid examples of a batch (int32 scalar)."""
+  return ((logits_BC.argmax(-1) == labels_B) & valid_B).sum()

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax import data, pretrained, sharding
+from mae_jax import data, pretrained, program, sharding
 
 KINDS = ("cls", "avg", "pixels")
 
@@ -32,8 +32,8 @@ def compile_features(model, kind, mean, std, mesh):
   on the mesh (pretrained.abstract_params), the batch split over it."""
   fn = functools.partial(features_of, model=model, kind=kind, mean=mean, std=std)
   params_sharding = jax.tree.map(lambda a: a.sharding, pretrained.abstract_params(model, mesh))
-  return jax.jit(fn, in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.batch_sharding(mesh))
+  return program.jit(fn, mesh, in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
+                     out_shardings=sharding.batch_sharding(mesh))
 
 
 def extract(params, source, *, model, kind, mesh, image_size, batch_size, log=print,

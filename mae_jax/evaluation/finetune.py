@@ -7,7 +7,6 @@ The same code fine-tunes from scratch when no pretrained encoder is given.
 """
 import functools
 import json
-import time
 from typing import Any
 
 import flax
@@ -16,8 +15,8 @@ import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 
-from mae_jax import config as config_lib, data, paths, sharding
-from mae_jax.evaluation import augment, classifier, loop, optimizers
+from mae_jax import config as config_lib, data, loop, paths, program, sharding
+from mae_jax.evaluation import augment, classifier, optimizers
 
 
 @flax.struct.dataclass
@@ -52,22 +51,15 @@ def finetune_step(state, batch, base_rng, *, model, tx, schedule, mean, std, aug
 
 def correct_in_batch(params, batch, *, model, mean, std):
   logits = model.apply({"params": params}, data.normalize(batch["image"], mean, std))
-  return loop.count_correct(logits, batch["label"], batch["valid"])
+  return classifier.count_correct(logits, batch["label"], batch["valid"])
 
 
-def init_params(model, image_shape, seed, mae_params, mesh):
-  """Classifier params (the encoder from `mae_params` unless None) in their training
-  layout on the mesh, and that layout."""
-  init = lambda rng: model.init({"params": rng}, jnp.zeros((1, *image_shape)))["params"]
-  shardings = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
-  params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
-  if mae_params is not None:
-    params = jax.device_put(classifier.load_encoder(params, mae_params, model.pool), shardings)
-  return params
+HISTORY_FILE = "history.json"  # test top-1 by step, kept across launches of one job
 
 
 class Finetuner:
-  """Builds the classifier, optimizer and jitted steps for one fine-tuning run."""
+  """The classifier, its program (mae_jax.program.build) and the loop's Job of one
+  fine-tuning run in a workdir (checkpoints, logs, the classifier at the end)."""
 
   def __init__(self, mae_model, cfg, *, train_src, test_src, mesh, seed, image_size,
                eval_batch_size, num_classes):
@@ -80,40 +72,48 @@ class Finetuner:
       self.model = self.model.clone(remat=cfg.remat)
     self.dur = config_lib.durations(cfg, len(train_src))
     self.image_shape = (image_size, image_size, mae_model.channels)
-
-  def init_state(self, mae_params):
-    params = init_params(self.model, self.image_shape, self.seed, mae_params, self.mesh)
+    abstract = jax.eval_shape(self.init_params, jax.random.key(0))
     self.tx, self.schedule = optimizers.finetune_optimizer(
-        self.cfg.optim, params, self.model.depth, self.cfg.batch_size, self.dur.warmup_steps,
+        cfg.optim, abstract, self.model.depth, cfg.batch_size, self.dur.warmup_steps,
         self.dur.total_steps)
-    state = FinetuneState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=self.tx.init(params))
-    self.state_shardings = sharding.state_shardings(jax.eval_shape(lambda: state), self.mesh)
-    return jax.device_put(state, self.state_shardings)
-
-  def compile_step(self):
     step = functools.partial(finetune_step, model=self.model, tx=self.tx,
-                             schedule=self.schedule, mean=self.train_src.mean,
-                             std=self.train_src.std, aug=self.cfg)
-    batch_sh = {"image": sharding.batch_sharding(self.mesh),
-                "label": sharding.batch_sharding(self.mesh)}
-    return jax.jit(step, in_shardings=(self.state_shardings, batch_sh,
-                                       sharding.replicated(self.mesh)),
-                   out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
-                   donate_argnums=0)
+                             schedule=self.schedule, mean=train_src.mean, std=train_src.std,
+                             aug=cfg)
+    self.program = program.build(mesh, self.init_state, step)
+    self.history = []
 
-  def host_batches(self, num_workers):
-    return data.make_train_batches(
+  def init_params(self, rng):
+    return self.model.init({"params": rng}, jnp.zeros((1, *self.image_shape)))["params"]
+
+  def init_state(self, rng):
+    params = self.init_params(rng)
+    return FinetuneState(step=jnp.zeros((), jnp.int32), params=params,
+                         opt_state=self.tx.init(params))
+
+  def fresh_state(self, mae_params):
+    """Step 0: the seed's classifier, its encoder from `mae_params` unless None (AdamW's
+    moments start at zero whatever the parameters)."""
+    state = self.program.init(jax.random.key(self.seed))
+    if mae_params is None:
+      return state
+    params = classifier.load_encoder(state.params, mae_params, self.model.pool)
+    return state.replace(params=jax.device_put(params, self.program.state_shardings.params))
+
+  def batches(self, num_workers, start_step):
+    host = data.make_train_batches(
         self.train_src, image_size=self.image_size, global_batch_size=self.cfg.batch_size,
         seed=self.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), augment=self.cfg.augment,
-        crop_scale=tuple(self.cfg.crop_scale), num_workers=num_workers)
+        crop_scale=tuple(self.cfg.crop_scale), start_step=start_step, num_workers=num_workers)
+    return sharding.device_batches(host, self.mesh)
 
   @functools.cached_property
   def correct_fn(self):
     """correct_in_batch jitted once for all the test passes of a run."""
-    return jax.jit(functools.partial(correct_in_batch, model=self.model,
-                                     mean=self.train_src.mean, std=self.train_src.std))
+    return program.jit(functools.partial(correct_in_batch, model=self.model,
+                                         mean=self.train_src.mean, std=self.train_src.std),
+                       self.mesh, in_shardings=(self.program.state_shardings.params,
+                                                sharding.batch_sharding(self.mesh)))
 
   def test_top1(self, params):
     correct = self.correct_fn
@@ -124,35 +124,60 @@ class Finetuner:
     total = sum(int(correct(params, sharding.global_batch(b, self.mesh))) for b in batches)
     return total / len(self.test_src)
 
-  def run(self, mae_params, logger, num_workers=0):
-    """Fine-tune; returns (results dict, final params). Test top-1 every
-    eval_every_epochs epochs (if set) and at the end."""
+  def evaluate(self, workdir, step, state, logger):
+    """Test top-1 of `state`, logged and kept in WORKDIR/history.json."""
+    top1 = self.test_top1(state.params)
+    self.history = [h for h in self.history if h["step"] < step] + [
+        {"step": step, "epoch": round(step / self.dur.steps_per_epoch, 3), "top1": top1}]
+    logger.scalars(step, {"top1": top1}, prefix="test")
+    logger.info(f"step {step}: test top-1 {top1:.4f}")
+    if jax.process_index() == 0:
+      paths.write_atomic(paths.join(workdir, HISTORY_FILE), json.dumps(self.history))
+
+  def resume_history(self, workdir, restored):
+    """The evaluations a resumed job made up to the step it resumes from."""
+    saved = paths.join(workdir, HISTORY_FILE)
+    if paths.exists(saved):
+      self.history = [h for h in json.loads(paths.read_text(saved)) if h["step"] <= restored]
+
+  def job(self, workdir, job_config, mae_params, num_workers=0):
+    """The loop's Job: checkpoints, logs and history in `workdir`; `job_config` is what a
+    resume is compared against (mae_jax.evaluate.Evaluation.job_config)."""
     cfg, dur = self.cfg, self.dur
-    state = self.init_state(mae_params)
-    logger.info(f"fine-tune: {dur.total_steps} steps of batch {cfg.batch_size} "
-                f"({dur.steps_per_epoch}/epoch, warmup {dur.warmup_steps}), "
-                f"{'pretrained' if mae_params is not None else 'random'} encoder, "
-                f"pool {cfg.pool}, layer decay {cfg.optim.layer_decay}")
-    history = []
-
-    def evaluate(step, state):
-      top1 = self.test_top1(state.params)
-      history.append({"step": step, "epoch": round(step / dur.steps_per_epoch, 3),
-                      "top1": top1})
-      logger.scalars(step, {"top1": top1}, prefix="test")
-      logger.info(f"step {step}: test top-1 {top1:.4f}")
-
     every = cfg.eval_every_epochs and max(1, round(cfg.eval_every_epochs * dur.steps_per_epoch))
-    t0 = time.perf_counter()
-    state, metrics = loop.run_steps(
-        self.compile_step(), state, loop.device_batches(self.host_batches(num_workers),
-                                                        self.mesh),
-        total_steps=dur.total_steps, base_rng=jax.random.key(self.seed), logger=logger,
-        log_every=cfg.log_every_steps, images_per_step=cfg.batch_size, every_steps=every,
-        callback=evaluate)
-    return {"top1": history[-1]["top1"], "history": history, "steps": dur.total_steps,
-            "final_train_loss": float(metrics["loss"]),
-            "train_seconds": round(time.perf_counter() - t0, 1)}, state.params
+
+    def describe(restored):
+      return (f"fine-tune: {dur.total_steps} steps of batch {cfg.batch_size} "
+              f"({dur.steps_per_epoch}/epoch, warmup {dur.warmup_steps}), "
+              f"{'pretrained' if mae_params is not None else 'random'} encoder, "
+              f"pool {cfg.pool}, layer decay {cfg.optim.layer_decay}"
+              + (f"; resuming from step {restored}" if restored is not None else ""))
+
+    return loop.Job(
+        kind="finetune", workdir=workdir, config=job_config, program=self.program,
+        total_steps=dur.total_steps, images_per_step=cfg.batch_size,
+        batches=functools.partial(self.batches, num_workers),
+        fresh_state=lambda: self.fresh_state(mae_params),
+        check_resume=functools.partial(loop.check_identity, job_config, workdir,
+                                       ("encoder", "num_classes")),
+        describe=describe, on_resume=functools.partial(self.resume_history, workdir),
+        every=((every, functools.partial(self.evaluate, workdir)),) if every else ())
+
+  def run(self, workdir, job_config, mae_params, num_workers=0):
+    """Fine-tune in `workdir` (resuming it where it holds checkpoints); returns (results
+    dict, final params), or (None, None) where the job stopped before its end. Test
+    top-1 every eval_every_epochs epochs (if set) and at the end."""
+
+    def finish(outcome, logger):
+      if not self.history or self.history[-1]["step"] != self.dur.total_steps:
+        self.evaluate(workdir, self.dur.total_steps, outcome.state, logger)
+      return {"top1": self.history[-1]["top1"], "history": self.history,
+              "steps": self.dur.total_steps, "final_train_loss": outcome.final_loss,
+              "train_seconds": round(outcome.train_seconds, 1),
+              "resumed_from": outcome.restored}, outcome.state.params
+
+    _, result = loop.run(self.job(workdir, job_config, mae_params, num_workers), finish)
+    return result or (None, None)
 
 
 CLASSIFIER_FILE = "classifier.json"

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax import config as config_lib, sharding
-from mae_jax.evaluation import features as features_lib, loop
+from mae_jax import config as config_lib, data, program, sharding
+from mae_jax.evaluation import features as features_lib
 
 # The monitor's vote (the evaluation's own values live in configs/eval.py).
 MONITOR_K, MONITOR_TEMPERATURE, MONITOR_FEATURES = 20, 0.07, "cls"
@@ -63,15 +63,15 @@ def knn_top1(train, test, *, k, temperature, num_classes, mesh, batch_size):
 @functools.lru_cache(maxsize=32)
 def compile_predict(k, temperature, num_classes, mesh):
   """knn_predict jitted once per setting: the memory bank replicated, test rows split."""
-  return jax.jit(
+  return program.jit(
       functools.partial(knn_predict, k=k, temperature=temperature, num_classes=num_classes),
-      in_shardings=(sharding.replicated(mesh),) * 2 + (sharding.batch_sharding(mesh),),
+      mesh, in_shardings=(sharding.replicated(mesh),) * 2 + (sharding.batch_sharding(mesh),),
       out_shardings=sharding.batch_sharding(mesh))
 
 
 def global_rows(rows, mesh):
   """A global batch of `rows` (the same on every process) split over the mesh."""
-  local = loop.process_slice(len(rows))
+  local = data.ProcessSlice.of_this_process(len(rows)).local
   return sharding.global_batch(rows[local], mesh)
 
 

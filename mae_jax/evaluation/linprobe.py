@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mae_jax import config as config_lib, sharding
-from mae_jax.evaluation import loop, optimizers
+from mae_jax import config as config_lib, data, loop, program, sharding
+from mae_jax.evaluation import classifier, optimizers
 
 
 class LinearProbe(nn.Module):
@@ -73,42 +73,59 @@ def test_top1(state, model, test, mesh, batch_size):
   def correct(state, batch):
     logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                          batch["x"])
-    return loop.count_correct(logits, batch["label"], batch["valid"])
+    return classifier.count_correct(logits, batch["label"], batch["valid"])
 
-  correct = jax.jit(correct, in_shardings=(sharding.replicated(mesh),
-                                           sharding.batch_sharding(mesh)))
+  correct = program.jit(correct, mesh, in_shardings=(sharding.replicated(mesh),
+                                                     sharding.batch_sharding(mesh)))
+  part = data.ProcessSlice.of_this_process(batch_size).local
   total = 0
   for start in range(0, len(feats_MD), batch_size):
     rows = np.arange(start, start + batch_size)
     valid = rows < len(feats_MD)
-    rows = np.where(valid, rows, 0)[loop.process_slice(batch_size)]
-    batch = {"x": feats_MD[rows], "label": labels_M[rows],
-             "valid": valid[loop.process_slice(batch_size)]}
+    rows = np.where(valid, rows, 0)[part]
+    batch = {"x": feats_MD[rows], "label": labels_M[rows], "valid": valid[part]}
     total += int(correct(state, sharding.global_batch(batch, mesh)))
   return total / len(feats_MD)
 
 
-def train_and_test(train, test, cfg, *, num_classes, mesh, seed, logger, eval_batch_size):
-  """Train the probe on train = (features (N, D), labels (N,)); test top-1 on test."""
+def job(train, cfg, *, num_classes, mesh, workdir, job_config):
+  """The loop's Job of a probe on train = (features (N, D), labels (N,)) in `workdir`;
+  `job_config` is what a resume is compared against (its encoder, features and classes
+  must match)."""
   feats_ND, labels_N = train
   dur = config_lib.durations(cfg, len(feats_ND))
   tx, schedule = optimizers.linprobe_optimizer(cfg.optim, cfg.batch_size, dur.warmup_steps,
                                                dur.total_steps)
   model = LinearProbe(num_classes)
-  state = jax.jit(functools.partial(init_probe, model, tx, dim=feats_ND.shape[1]),
-                  out_shardings=sharding.replicated(mesh))(jax.random.key(seed))
-  step_fn = jax.jit(functools.partial(probe_step, model=model, tx=tx, schedule=schedule),
-                    in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh),
-                                  sharding.replicated(mesh)),
-                    out_shardings=(sharding.replicated(mesh),) * 2, donate_argnums=0)
-  logger.info(f"linear probe: {dur.total_steps} LARS steps of batch {cfg.batch_size} "
-              f"({dur.steps_per_epoch}/epoch, warmup {dur.warmup_steps}) on "
-              f"{feats_ND.shape[1]}-dim features of {len(feats_ND)} examples")
-  host = loop.epoch_batches({"x": feats_ND, "label": labels_N}, cfg.batch_size, seed)
-  state, metrics = loop.run_steps(
-      step_fn, state, loop.device_batches(host, mesh), total_steps=dur.total_steps,
-      base_rng=jax.random.key(seed), logger=logger, log_every=cfg.log_every_steps,
-      images_per_step=cfg.batch_size)
-  top1 = test_top1(state, model, test, mesh, eval_batch_size)
-  return {"top1": top1, "final_train_loss": float(metrics["loss"]),
-          "steps": dur.total_steps}
+  probe = program.build(mesh, functools.partial(init_probe, model, tx, dim=feats_ND.shape[1]),
+                        functools.partial(probe_step, model=model, tx=tx, schedule=schedule),
+                        batch_keys=("x", "label"))
+  arrays = {"x": feats_ND, "label": labels_N}
+  return loop.Job(
+      kind="linprobe", workdir=workdir, config=job_config, program=probe,
+      total_steps=dur.total_steps, images_per_step=cfg.batch_size,
+      batches=lambda start: sharding.device_batches(
+          data.array_batches(arrays, cfg.batch_size, job_config.seed, start), mesh),
+      check_resume=functools.partial(loop.check_identity, job_config, workdir,
+                                     ("encoder", "features", "num_classes")),
+      describe=lambda restored: (
+          f"linear probe: {dur.total_steps} LARS steps of batch {cfg.batch_size} "
+          f"({dur.steps_per_epoch}/epoch, warmup {dur.warmup_steps}) on "
+          f"{feats_ND.shape[1]}-dim features of {len(feats_ND)} examples"
+          + (f"; resuming from step {restored}" if restored is not None else "")))
+
+
+def train_and_test(train, test, cfg, *, num_classes, mesh, eval_batch_size, workdir,
+                   job_config):
+  """Train the probe on train = (features (N, D), labels (N,)) in `workdir` (resuming it
+  where it holds checkpoints); test top-1 on test. None where the job stopped early."""
+  probe_job = job(train, cfg, num_classes=num_classes, mesh=mesh, workdir=workdir,
+                  job_config=job_config)
+
+  def finish(outcome, logger):
+    top1 = test_top1(outcome.state, LinearProbe(num_classes), test, mesh, eval_batch_size)
+    logger.info(f"linear probe: test top-1 {top1:.4f}")
+    return {"top1": top1, "final_train_loss": outcome.final_loss,
+            "steps": probe_job.total_steps, "resumed_from": outcome.restored}
+
+  return loop.run(probe_job, finish)[1]

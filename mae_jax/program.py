@@ -1,0 +1,143 @@
+"""The one program builder: every program that is trained, timed (`mae_jax.bench`),
+compiled ahead of time (`mae_jax.aot`, benchmarks/aot_gpu.py) or evaluated is jitted here.
+
+`jit` is the only way a function reaches XLA: explicit shardings over the mesh, and the
+activation rules (sharding.LOGICAL_RULES) in force while it traces, so the model's logical
+constraints mean the same whoever asks for the program. `build` makes a training program
+from an init function and a step function: the state's abstract value and shardings, the
+jitted init and the jitted step with the old state donated. `pretraining` is the MAE's
+program for a validated config on a set of devices; fine-tuning, the linear probe and the
+conv baseline call `build` with their own state and step.
+"""
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from mae_jax import config as config_lib, models, optim, sharding
+from mae_jax import train_step as ts
+
+
+def jit(fn, mesh, *, in_shardings=None, out_shardings=None, donate_argnums=()):
+  """`fn` jitted on `mesh` with the input and output shardings given (those not given
+  follow the arguments / are XLA's choice), traced under sharding.activation_rules(mesh)."""
+
+  def traced(*args):
+    with sharding.activation_rules(mesh):
+      return fn(*args)
+
+  inner = fn.func if isinstance(fn, functools.partial) else fn
+  traced.__name__ = traced.__qualname__ = getattr(inner, "__name__", "program")
+  kw = {k: v for k, v in (("in_shardings", in_shardings), ("out_shardings", out_shardings))
+        if v is not None}
+  return jax.jit(traced, donate_argnums=donate_argnums, **kw)
+
+
+def with_shardings(abstract, shardings):
+  """ShapeDtypeStructs of `abstract` carrying `shardings` (a matching pytree)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+@dataclasses.dataclass
+class Program:
+  """A training program on `mesh`.
+
+  init: rng -> state, laid out by `state_shardings`; step: (state, batch, rng) ->
+  (state, metrics), the old state donated, the batch's leaves split over every device,
+  rng and metrics replicated; abstract_state: ShapeDtypeStructs with their shardings
+  (a restore target, or aot's inputs)."""
+  mesh: jax.sharding.Mesh
+  abstract_state: Any
+  state_shardings: Any
+  init: Callable
+  step: Callable
+  batch_keys: tuple
+
+  def abstract_batch(self, batch_size, specs):
+    """The step's batch as ShapeDtypeStructs: specs = {key: (per-example shape, dtype)}."""
+    rows = sharding.batch_sharding(self.mesh)
+    return {k: jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=rows)
+            for k, (shape, dtype) in specs.items()}
+
+  def abstract_rng(self):
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(self.mesh))
+
+
+def build(mesh, init_fn, step_fn, batch_keys=("image", "label"), state_shardings=None):
+  """The Program of `init_fn(rng) -> state` and `step_fn(state, batch, rng)`.
+
+  state_shardings: by default sharding.state_shardings (FSDP over the mesh's fsdp axis,
+  small leaves replicated); a callable of the abstract state may choose others.
+  """
+  abstract = jax.eval_shape(init_fn, jax.random.key(0))
+  shardings = (state_shardings or sharding.state_shardings)(abstract, mesh)
+  repl = sharding.replicated(mesh)
+  batch_sh = {k: sharding.batch_sharding(mesh) for k in batch_keys}
+  init = jit(init_fn, mesh, in_shardings=(repl,), out_shardings=shardings)
+  step = jit(step_fn, mesh, in_shardings=(shardings, batch_sh, repl),
+             out_shardings=(shardings, repl), donate_argnums=0)
+  return Program(mesh, with_shardings(abstract, shardings), shardings, init, step,
+                 tuple(batch_keys))
+
+
+@dataclasses.dataclass
+class Pretraining(Program):
+  """The MAE pretraining program of a validated config (the trainer's, the benchmark's
+  and the ahead-of-time compiler's: one program)."""
+  config: ml_collections.ConfigDict = None
+  model: nn.Module = None
+  durations: config_lib.Durations = None
+  tx: optax.GradientTransformation = None
+  schedule: optax.Schedule = None
+  norm_stats: tuple = None  # (mean, std) per channel that the step normalizes images with
+  num_params: int = 0
+
+  @property
+  def image_shape(self):
+    return image_shape(self.config)
+
+  def abstract_inputs(self):
+    """(state, batch, rng) of the step as ShapeDtypeStructs carrying their shardings."""
+    batch = self.abstract_batch(self.config.batch_size, {"image": (self.image_shape, jnp.uint8),
+                                                         "label": ((), jnp.int32)})
+    return self.abstract_state, batch, self.abstract_rng()
+
+  def eval_step(self, baseline_HWC):
+    """ts.eval_step on the params in their training layout and a split batch."""
+    fn = functools.partial(ts.eval_step, model=self.model, mean=self.norm_stats[0],
+                           std=self.norm_stats[1], baseline_HWC=baseline_HWC,
+                           norm_pix_loss=self.config.model.norm_pix_loss)
+    return jit(fn, self.mesh, in_shardings=(self.state_shardings.params,
+                                            sharding.batch_sharding(self.mesh),
+                                            sharding.replicated(self.mesh)))
+
+
+def image_shape(config):
+  return (config.data.image_size,) * 2 + (config.data.channels,)
+
+
+def pretraining(config, devices, num_train_examples, norm_stats):
+  """The Pretraining program of a validated config over `devices`: the mesh, the model
+  for their platform, the optimizer, the state's shardings and the jitted steps."""
+  dur = config_lib.durations(config, num_train_examples)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  model = models.build_model(config, sharding.platform(mesh))
+  tx, schedule = optim.make_optimizer(config.optim, config.batch_size, dur.warmup_steps,
+                                      dur.total_steps)
+  init = functools.partial(ts.init_state, model, tx, image_shape=image_shape(config))
+  step = functools.partial(
+      ts.train_step, model=model, tx=tx, schedule=schedule, mean=norm_stats[0],
+      std=norm_stats[1], norm_pix_loss=config.model.norm_pix_loss,
+      accum_steps=config.grad_accum_steps, skip_nonfinite=config.skip_nonfinite)
+  core = build(mesh, init, step)
+  num_params = sum(x.size for x in jax.tree.leaves(core.abstract_state.params))
+  return Pretraining(**{f.name: getattr(core, f.name) for f in dataclasses.fields(core)},
+                     config=config, model=model, durations=dur, tx=tx, schedule=schedule,
+                     norm_stats=norm_stats, num_params=num_params)
