@@ -38,6 +38,13 @@ class Subject:
   params: object
   data_config: ml_collections.ConfigDict
   description: str
+  # What a training evaluation's job is of (its saved config's `encoder`): the description,
+  # with the workdir's own checkpoints named by step only, so that a workdir moved or
+  # copied elsewhere resumes its jobs.
+  identity: str = ""
+
+  def __post_init__(self):
+    self.identity = self.identity or self.description
 
 
 def log(message):
@@ -142,7 +149,8 @@ def load_subject(config, workdir, mesh):
     pre = pretrained.load_converted(config.params, mesh)
     return Subject(model, pre.params, dcfg, pre.description)
   params, step = pretrained.restore_params(workdir, model, config.checkpoint_step, mesh)
-  return Subject(model, params, dcfg, f"{paths.absolute(workdir)} at step {step}")
+  return Subject(model, params, dcfg, f"{paths.absolute(workdir)} at step {step}",
+                 f"this workdir's checkpoint at step {step}")
 
 
 def result_name(mode, init="pretrained", features=None):
@@ -203,7 +211,7 @@ class Evaluation:
     which a resume must match (mae_jax.loop)."""
     c = ml_collections.ConfigDict(self.config[mode].to_dict())
     c.seed = self.config.seed
-    c.encoder = self.subject.description
+    c.encoder = self.subject.identity
     c.num_classes = self.num_classes
     c.data = self.subject.data_config.to_dict()
     c.mesh = self.config.mesh.to_dict()
@@ -215,10 +223,12 @@ class Evaluation:
   def linprobe(self):
     cfg, name = self.config.linprobe, config_result_name("linprobe", self.config)
     train, test = self.features(cfg.features)
+    job_config = self.job_config("linprobe")
+    self.start_over_if_finished("linprobe", job_config)
     results = linprobe.train_and_test(
         train, test, cfg, num_classes=self.num_classes, mesh=self.mesh,
         eval_batch_size=self.config.eval_batch_size, workdir=self.job_dir(name),
-        job_config=self.job_config("linprobe"))
+        job_config=job_config)
     return results and dict(results, features=cfg.features)
 
   def finetune(self):
@@ -228,7 +238,9 @@ class Evaluation:
         mesh=self.mesh, seed=self.config.seed, image_size=self.subject.model.image_size,
         eval_batch_size=self.config.eval_batch_size, num_classes=self.num_classes)
     pretrained = self.subject.params if self.config.init == "pretrained" else None
-    results, params = tuner.run(self.job_dir(name), self.job_config("finetune"), pretrained,
+    job_config = self.job_config("finetune")
+    self.start_over_if_finished("finetune", job_config)
+    results, params = tuner.run(self.job_dir(name), job_config, pretrained,
                                 num_workers=self.subject.data_config.num_workers)
     if results is None:
       return None
@@ -238,6 +250,25 @@ class Evaluation:
   def job_dir(self, name):
     """DIR/<name>/: a training evaluation's own workdir (checkpoints, logs, results)."""
     return paths.join(self.workdir, name)
+
+  def start_over_if_finished(self, mode, job_config):
+    """A job in DIR/<name>/ that finished (DIR/eval_<name>.json holds its results) with
+    other values, or of another encoder, is not resumed: this launch evaluates afresh,
+    removing that job and its results. (An unfinished job of other values is refused by
+    the loop instead.)"""
+    name = config_result_name(mode, self.config)
+    saved = checkpoint.load_config_dict(self.job_dir(name))
+    results = paths.join(self.workdir, f"eval_{name}.json")
+    if (saved is None or not paths.exists(results)
+        or not config_lib.changed_fields(job_config, saved)):
+      return
+    if jax.process_index() == 0:
+      paths.rmtree(self.job_dir(name))
+      paths.remove(results)
+    log(f"{self.job_dir(name)}: its finished {mode} had other values ("
+        + "; ".join(f"{f} {a!r} there, {b!r} here"
+                    for f, a, b in config_lib.changed_fields(job_config, saved))
+        + "): evaluating afresh")
 
   def run(self, mode):
     """Evaluate in `mode`; write DIR/eval_<name>.json and return the results."""

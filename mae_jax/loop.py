@@ -82,14 +82,15 @@ class Outcome:
     return self.stopped_by is None
 
 
-def check_kind(job, saved):
+def check_kind(workdir, kind, saved=None):
   """Refuse a workdir written by another kind of job (config.json's "job"; workdirs from
-  before it was recorded are pretraining's)."""
-  theirs = saved.get("job", "pretrain")
-  if theirs != job.kind:
+  before it was recorded are pretraining's). `saved`: its config, where already read."""
+  saved = checkpoint.load_config_dict(workdir) if saved is None else saved
+  theirs = None if saved is None else saved.get("job", "pretrain")
+  if theirs not in (None, kind):
     raise config_lib.ConfigError(
-        f"--workdir {job.workdir}: holds a {KINDS.get(theirs, theirs)} run "
-        f"({paths.join(job.workdir, 'config.json')}), not a {KINDS[job.kind]} one; use "
+        f"--workdir {workdir}: holds a {KINDS.get(theirs, theirs)} run "
+        f"({paths.join(workdir, 'config.json')}), not a {KINDS[kind]} one; use "
         "another --workdir")
 
 
@@ -111,7 +112,7 @@ def check_before_start(job):
   saved = checkpoint.load_config_dict(job.workdir)
   if saved is None:
     return saved
-  check_kind(job, saved)
+  check_kind(job.workdir, job.kind, saved)
   if job.check_resume is not None:
     job.check_resume(saved)
   change = config_lib.check_config_change(job.config, saved, job.workdir)

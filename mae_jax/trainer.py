@@ -175,6 +175,7 @@ def train_and_evaluate(config, workdir, explicit=()):
   given on the command line (build_run)."""
   checkpoint.check_workdir(workdir)
   workdir = loop.check_path("--workdir", workdir)
+  loop.check_kind(workdir, "pretrain")  # before the data is read
   run = build_run(config, workdir, explicit)
   outcome, results = loop.run(job_of(run), lambda outcome, logger: finish(
       run, outcome.state, logger, outcome.train_seconds, outcome.final_loss,

@@ -119,6 +119,19 @@ def write_pattern_folder(root, per_class={"train": 32, "test": 16}):
         Image.fromarray(pattern(label, rng)).save(directory / f"{i}.png")
 
 
+def pretrain_on_patterns(root, **overrides):
+  """A 4-step pretraining (depth 2, checkpoints at steps 2 and 4 unless `overrides` say
+  otherwise) on a pattern folder written in root/data; returns its workdir, root/run."""
+  from mae_jax import trainer  # pylint: disable=g-import-not-at-top
+  write_pattern_folder(root / "data")
+  config = synthetic_config(**{"num_steps": 4, "eval_batch_size": 64, **overrides})
+  with config.unlocked():
+    config.data.update(name="folder", data_dir=str(root / "data"))
+    config.model.depth = 2
+  trainer.train_and_evaluate(config, str(root / "run"))
+  return root / "run"
+
+
 def official_state(fields, with_decoder=True, seed=0, scale=1.0):
   """A random state dict in the official MAE layout for `fields` (normal weights times
   `scale`; the sin-cos position embeddings are the real ones)."""

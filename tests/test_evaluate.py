@@ -17,13 +17,13 @@ import pytest
 
 from configs.eval import get_config as get_eval_config
 from mae_jax import checkpoint, config as config_lib, data, evaluate, pretrained, sharding
-from mae_jax import posembed, trainer, vit
+from mae_jax import posembed, vit
 from mae_jax import train_step as ts
 from mae_jax.data.source import ArraySource
 from mae_jax.evaluation import augment as eval_augment
 from mae_jax.evaluation import features, finetune, knn, linprobe, optimizers
-from helpers import (NUM_CLASSES, ROOT, run_evaluate, synthetic_config, tiny_model,
-                     write_pattern_folder)
+from helpers import (NUM_CLASSES, ROOT, pretrain_on_patterns, run_evaluate,
+                     synthetic_config, tiny_model)
 SIZE = 16
 TINY = tiny_model(channels=1, depth=2)
 
@@ -32,15 +32,8 @@ TINY = tiny_model(channels=1, depth=2)
 def run_dir(tmp_path_factory):
   """A 4-step pretraining run (depth 2) on the pattern folder, with the kNN monitor on
   every 2 steps (128 train images / batch 16 = 8 steps per epoch)."""
-  root = tmp_path_factory.mktemp("evaluate")
-  write_pattern_folder(root / "data")
-  config = synthetic_config(num_steps=4, checkpoint_every_steps=100, knn_every_epochs=0.25,
-                            eval_batch_size=64)
-  with config.unlocked():
-    config.data.update(name="folder", data_dir=str(root / "data"))
-    config.model.depth = 2
-  trainer.train_and_evaluate(config, str(root / "run"))
-  return root / "run"
+  return pretrain_on_patterns(tmp_path_factory.mktemp("evaluate"),
+                              checkpoint_every_steps=100, knn_every_epochs=0.25)
 
 
 def eval_flags(*extra):

@@ -117,8 +117,8 @@ import signal  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
-from test_reliability import (ROOT, STEPS, assert_trees_equal, train_cmd,  # noqa: E402
-                              wait_stopped)
+from test_reliability import ROOT, STEPS, assert_trees_equal, train_cmd  # noqa: E402
+from trainproc import wait_stopped  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,9 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
+import trainproc
 from helpers import ROOT, TINY, run_train_py, tiny_config
+from trainproc import assert_trees_equal, load_state, train_records, wait_stopped
 from mae_jax import checkpoint, config as config_lib, data, trainer
 
 TRAIN_PY = os.path.join(ROOT, "train.py")
@@ -62,34 +64,6 @@ def run_train(workdir, env, fields=SMALL, extra=(), **popen):
 def last_line(text):
   lines = [line for line in text.strip().splitlines() if line.strip()]
   return lines[-1] if lines else ""
-
-
-def train_records(workdir):
-  """The whole lines of metrics.jsonl that are training records, in order."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    lines = [line for line in f.read().splitlines(keepends=True) if line.endswith("\n")]
-  timing = ("train/input_wait",)  # a wall-clock share, not a computed value
-  return [{k: v for k, v in r.items() if k not in timing}
-          for r in map(json.loads, lines) if "train/loss" in r]
-
-
-def load_state(workdir, step):
-  """A saved TrainState as a pytree of numpy arrays, independent of devices."""
-  path = os.path.join(workdir, "checkpoints", str(step), "default")
-  ckptr = ocp.PyTreeCheckpointer()
-  tree = ckptr.metadata(path).item_metadata.tree
-  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
-
-
-def assert_trees_equal(a, b):
-  flat_a, flat_b = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
-  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
-  for (path, x), (_, y) in zip(flat_a, flat_b):
-    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
 def all_finite(tree):
@@ -133,77 +107,24 @@ def copy_run(reference, tmp_path, keep_steps=None):
 # --- 1, 2: SIGKILL anywhere, then exact resume; half-written checkpoints never taken ------
 
 
-@dataclasses.dataclass
-class Snapshot:
-  complete: list  # finished checkpoint steps
-  writing: list  # steps whose checkpoint directory is still temporary (being written)
-  logged: int  # last step this run logged (0: none yet)
-
-
-def snapshot(workdir, first_record):
-  ckpts = os.path.join(workdir, "checkpoints")
-  writing = ([s for s, _ in checkpoint.interrupted_steps(ckpts)] if os.path.isdir(ckpts)
-             else [])
-  logged = max((r["step"] for r in train_records(workdir)[first_record:]), default=0)
-  return Snapshot(checkpoint.complete_steps(ckpts), writing, logged)
-
-
-def wait_stopped(pid, timeout=30):
-  """Until every thread of `pid` is stopped, so that nothing it writes changes any more."""
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    states = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-      try:
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-          states.append(f.read().rsplit(")", 1)[1].split()[0])
-      except FileNotFoundError:
-        pass
-    if all(s in "TtZX" for s in states):
-      return
-    time.sleep(0.001)
-  raise AssertionError(f"process {pid} did not stop")
-
-
 def start_train(workdir, env, log_path):
   """(train.py started on `workdir` with its output in `log_path`, the number of train
   records the workdir already held)."""
-  first = len(train_records(workdir))
-  with open(log_path, "w") as log:
-    proc = subprocess.Popen(train_cmd(workdir), env=env, cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
-  return proc, first
+  return trainproc.start_watched(train_cmd(workdir), workdir, env, log_path)
 
 
 def run_and_kill(workdir, env, log_path, when, what, timeout=300):
-  """Start train.py on `workdir` and SIGKILL it at the first moment `when(snapshot)` holds.
+  """train.py on `workdir`, SIGKILLed at the first moment `when(snapshot)` holds
+  (trainproc.run_and_kill)."""
+  return trainproc.run_and_kill(train_cmd(workdir), workdir, env, log_path, when, what,
+                                timeout)
 
-  Each candidate moment is frozen with SIGSTOP and checked again before the kill (else the
-  run continues with SIGCONT), so the kill lands exactly in a state the test has seen.
-  Returns (that snapshot, the run's output so far).
-  """
-  proc, first = start_train(workdir, env, log_path)
-  deadline = time.monotonic() + timeout
-  try:
-    while time.monotonic() < deadline:
-      if proc.poll() is not None:
-        break
-      if when(snapshot(workdir, first)):
-        proc.send_signal(signal.SIGSTOP)
-        wait_stopped(proc.pid)
-        snap = snapshot(workdir, first)
-        if when(snap):
-          proc.send_signal(signal.SIGKILL)
-          assert proc.wait() == -signal.SIGKILL
-          return snap, open(log_path).read()
-        proc.send_signal(signal.SIGCONT)
-      time.sleep(0.002)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-  pytest.fail(f"kill point not reached ({what}); exit {proc.returncode}:\n"
-              f"{open(log_path).read()[-3000:]}")
+
+def run_and_stop(workdir, env, log_path, after_step, signum, timeout=300):
+  """train.py on `workdir`, sent `signum` after `after_step` logged steps
+  (trainproc.run_and_stop)."""
+  return trainproc.run_and_stop(train_cmd(workdir), workdir, env, log_path, after_step,
+                                signum, timeout)
 
 
 @pytest.mark.slow
@@ -261,28 +182,6 @@ def test_stop_then_restart_on_a_complete_workdir_changes_nothing(reference, env,
 
 
 # --- 3: SIGTERM and SIGINT save and exit 0; a second Ctrl-C exits at once -----------------
-
-
-def run_and_stop(workdir, env, log_path, after_step, signum, timeout=300):
-  """Start train.py on `workdir`; once it has logged `after_step` (counting from its start),
-  freeze it, send `signum`, let it go on, and wait. Freezing first means the signal lands
-  while the run is between the steps the test has seen, not after it has finished.
-  Returns (return code, its output)."""
-  proc, first = start_train(workdir, env, log_path)
-  deadline = time.monotonic() + timeout
-  try:
-    while snapshot(workdir, first).logged < after_step:
-      assert proc.poll() is None and time.monotonic() < deadline, open(log_path).read()[-3000:]
-      time.sleep(0.002)
-    proc.send_signal(signal.SIGSTOP)
-    wait_stopped(proc.pid)
-    proc.send_signal(signum)
-    proc.send_signal(signal.SIGCONT)
-    return proc.wait(timeout=120), open(log_path).read()
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
 
 
 def stopped_at(output, signal_name):

@@ -2,7 +2,9 @@
 
 Every wait has a deadline, so a hang fails the test instead of blocking the suite.
 """
+import dataclasses
 import glob
+import json
 import os
 import re
 import signal
@@ -132,3 +134,146 @@ def scalars(workdir, tag="train/loss"):
 def checkpoint_steps(workdir):
   path = os.path.join(str(workdir), "checkpoints")
   return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+
+
+# --- Watching a job's workdir and killing it at a chosen moment --------------------------
+
+
+def train_records(workdir):
+  """The whole lines of a workdir's metrics.jsonl that are training records, in order."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = [line for line in f.read().splitlines(keepends=True) if line.endswith("\n")]
+  timing = ("train/input_wait",)  # a wall-clock share, not a computed value
+  return [{k: v for k, v in r.items() if k not in timing}
+          for r in map(json.loads, lines) if "train/loss" in r]
+
+
+@dataclasses.dataclass
+class Snapshot:
+  complete: list  # finished checkpoint steps
+  writing: list  # steps whose checkpoint directory is still temporary (being written)
+  logged: int  # last step this run logged (0: none yet)
+
+
+def snapshot(workdir, first_record):
+  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  ckpts = os.path.join(workdir, "checkpoints")
+  writing = ([s for s, _ in checkpoint.interrupted_steps(ckpts)] if os.path.isdir(ckpts)
+             else [])
+  logged = max((r["step"] for r in train_records(workdir)[first_record:]), default=0)
+  return Snapshot(checkpoint.complete_steps(ckpts), writing, logged)
+
+
+def wait_stopped(pid, timeout=30):
+  """Until every thread of `pid` is stopped, so that nothing it writes changes any more."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    states = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+      try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+          states.append(f.read().rsplit(")", 1)[1].split()[0])
+      except FileNotFoundError:
+        pass
+    if all(s in "TtZX" for s in states):
+      return
+    time.sleep(0.001)
+  raise AssertionError(f"process {pid} did not stop")
+
+
+def start_watched(cmd, workdir, env, log_path):
+  """(`cmd` started with its output in `log_path`, the number of train records its job's
+  `workdir` already held)."""
+  first = len(train_records(workdir))
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            text=True)
+  return proc, first
+
+
+def run_and_kill(cmd, workdir, env, log_path, when, what, timeout=300):
+  """Start `cmd` (a job in `workdir`) and SIGKILL it at the first moment `when(snapshot)`
+  holds.
+
+  Each candidate moment is frozen with SIGSTOP and checked again before the kill (else the
+  run continues with SIGCONT), so the kill lands exactly in a state the test has seen.
+  Returns (that snapshot, the run's output so far).
+  """
+  proc, first = start_watched(cmd, workdir, env, log_path)
+  deadline = time.monotonic() + timeout
+  try:
+    while time.monotonic() < deadline:
+      if proc.poll() is not None:
+        break
+      if when(snapshot(workdir, first)):
+        proc.send_signal(signal.SIGSTOP)
+        wait_stopped(proc.pid)
+        snap = snapshot(workdir, first)
+        if when(snap):
+          proc.send_signal(signal.SIGKILL)
+          assert proc.wait() == -signal.SIGKILL
+          return snap, open(log_path).read()
+        proc.send_signal(signal.SIGCONT)
+      time.sleep(0.002)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  raise AssertionError(f"kill point not reached ({what}); exit {proc.returncode}:\n"
+                       f"{open(log_path).read()[-3000:]}")
+
+
+def run_and_stop(cmd, workdir, env, log_path, after_step, signum, timeout=300):
+  """Start `cmd` (a job in `workdir`); once it has logged `after_step` (counting from its
+  start), freeze it, send `signum`, let it go on, and wait. Freezing first means the
+  signal lands while the run is between the steps the test has seen, not after it has
+  finished. Returns (return code, its output)."""
+  proc, first = start_watched(cmd, workdir, env, log_path)
+  deadline = time.monotonic() + timeout
+  try:
+    while snapshot(workdir, first).logged < after_step:
+      assert proc.poll() is None and time.monotonic() < deadline, open(log_path).read()[-3000:]
+      time.sleep(0.002)
+    proc.send_signal(signal.SIGSTOP)
+    wait_stopped(proc.pid)
+    proc.send_signal(signum)
+    proc.send_signal(signal.SIGCONT)
+    return proc.wait(timeout=120), open(log_path).read()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
+def load_state(workdir, step):
+  """A saved state (of any job) as a pytree of numpy arrays, independent of devices."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "checkpoints", str(step), "default")
+  ckptr = ocp.PyTreeCheckpointer()
+  tree = ckptr.metadata(path).item_metadata.tree
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def assert_trees_equal(a, b):
+  """Bitwise equality of two pytrees of arrays, leaf by leaf (the path named on failure)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  flat_a, flat_b = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
+  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+  for (path, x), (_, y) in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def wait_until(predicate, proc, timeout=300):
+  """Until predicate() holds, failing if `proc` ends or `timeout` seconds pass first."""
+  deadline = time.monotonic() + timeout
+  while not predicate():
+    assert proc.poll() is None, f"ended first (exit {proc.returncode})"
+    assert time.monotonic() < deadline, f"not reached in {timeout} s"
+    time.sleep(0.01)
