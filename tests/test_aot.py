@@ -421,3 +421,58 @@ def test_bad_input_is_one_line_and_exit_2(args, says):
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+
+
+def finetune_program(devices, rules=True):
+  """The fine-tuning program (evaluation.finetune.Finetuner) of the tiny model, data=2 x
+  fsdp=2, for `devices`, compiled; rules=False: its step jitted outside program.jit."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from configs.eval import get_config as eval_config  # pylint: disable=g-import-not-at-top
+  from mae_jax import models, sharding  # pylint: disable=g-import-not-at-top
+  from mae_jax.data.source import ArraySource  # pylint: disable=g-import-not-at-top
+  from mae_jax.evaluation import finetune  # pylint: disable=g-import-not-at-top
+  config = aot.checked_config(tiny_config(data=2, fsdp=2), len(devices))
+  cfg = eval_config().finetune
+  cfg.update(batch_size=16, num_steps=10)
+  source = ArraySource(np.zeros((64, 28, 28, 1), np.uint8), np.arange(64) % 10, channels=1,
+                       num_classes=10, known_stats=((0.5,), (0.25,)))
+  tuner = finetune.Finetuner(
+      models.build_model(config, "tpu"), cfg, train_src=source, test_src=source,
+      mesh=sharding.make_mesh(config.mesh, devices), seed=0, image_size=28,
+      eval_batch_size=16, num_classes=10)
+  prog = tuner.program
+  step = prog.step
+  if not rules:
+    step = jax.jit(functools.partial(finetune.finetune_step, model=tuner.model, tx=tuner.tx,
+                                     schedule=tuner.schedule, mean=(0.5,), std=(0.25,),
+                                     aug=cfg),
+                   in_shardings=(prog.state_shardings,
+                                 {k: sharding.batch_sharding(prog.mesh) for k in prog.batch_keys},
+                                 sharding.replicated(prog.mesh)), donate_argnums=0)
+  return step.lower(*inputs(prog)).compile()
+
+
+def inputs(prog):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  batch = prog.abstract_batch(16, {"image": ((28, 28, 1), jnp.uint8), "label": ((), jnp.int32)})
+  return prog.abstract_state, batch, prog.abstract_rng()
+
+
+@pytest.mark.slow
+def test_finetune_step_reduce_scatters_weight_gradients_under_fsdp():
+  """Fine-tuning's program, compiled for a TPU slice with FSDP: its weight gradients are
+  reduce-scattered over fsdp, none of a sharded kernel (>= 4096 elements) is all-reduced
+  whole, and no activation is re-sharded by feature, which the same step jitted outside the
+  program builder (no activation rules) does with all-to-alls."""
+  devices = aot.topology_devices(TOPOLOGY)
+  compiled = finetune_program(devices)
+  found = hlo.collectives(compiled.as_text(), (2, 2))
+  axes = aot.by_axes(found)
+  assert axes.get("reduce-scatter over fsdp", 0) > 0 and axes.get("all-gather over fsdp", 0) > 0
+  whole = [(c.bytes, c.where) for c in found if c.kind == "all-reduce" and c.axes == "fsdp"
+           and c.bytes >= 4096 * 4]
+  assert not whole
+  assert not [c for c in found if c.kind == "all-to-all"]
+  plain = hlo.collectives(finetune_program(devices, rules=False).as_text(), (2, 2))
+  assert [c for c in plain if c.kind == "all-to-all"]  # what the rules keep out

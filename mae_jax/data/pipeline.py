@@ -166,8 +166,8 @@ def array_batches(arrays: dict, global_batch_size: int, seed: int, start_step: i
   n = len(next(iter(arrays.values())))
   part = ProcessSlice.of_this_process(global_batch_size).local
   per_epoch = n // global_batch_size
-  for step in range(start_step, sys.maxsize):
-    epoch, b = divmod(step, per_epoch)
+  for index in range(start_step, sys.maxsize):  # batch `index` feeds step index + 1
+    epoch, b = divmod(index, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(n)
     rows = order[b * global_batch_size:(b + 1) * global_batch_size][part]
     yield {name: array[rows] for name, array in arrays.items()}
