@@ -333,12 +333,16 @@ USAGE_ERRORS = (config_lib.ConfigError, data.DatasetError, checkpoint.ParamsErro
 
 
 def command(config, workdir, modes):
-  """The command's work: 0, or 2 after one `error:` line for bad input."""
+  """The command's work: 0; 2 after one `error:` line for bad input; 1 after one for a
+  training job that diverged (non-finite loss)."""
   try:
     evaluate(config, workdir, modes)
   except USAGE_ERRORS as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
+  except loop.NonFiniteLossError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   return 0
 
 

@@ -84,7 +84,7 @@ def main(argv):
   except distributed.DistributedError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  from mae_jax import trainer
+  from mae_jax import loop, trainer
   from mae_jax.checkpoint import CheckpointError, ParamsError
   from mae_jax.config import ConfigError
   from mae_jax.data import DatasetError
@@ -97,7 +97,7 @@ def main(argv):
     sys.stdout.flush()
     print(f"error: {e}", file=sys.stderr, flush=True)
     os._exit(2)  # not sys.exit: at exit, asyncio would log each write of a failed save
-  except trainer.NonFiniteLossError as e:  # the run diverged: not a usage error
+  except loop.NonFiniteLossError as e:  # the run diverged: not a usage error
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   except distributed.PEER_ERRORS as e:

@@ -16,7 +16,6 @@ from mae_jax.evaluation import knn
 
 # fold_in data of the evaluation's masks: apart from every training step's (0, 1, 2, ...).
 EVAL_RNG_STREAM = 2**31 - 1
-NonFiniteLossError = loop.NonFiniteLossError
 
 
 @dataclasses.dataclass
@@ -203,7 +202,7 @@ def finish(run, state, logger, train_seconds, final_loss, images_per_sec, input_
         f"  tensorboard:     tensorboard --logdir {run.workdir}\n"
         f"  reconstructions: {png}\n  summary:         {summary}")
   if not all(math.isfinite(v) for v in results.values()):
-    raise NonFiniteLossError(
+    raise loop.NonFiniteLossError(
         f"the final model's test masked MSE is not finite ({results['test_masked_mse']}) "
         f"after {skipped} skipped non-finite update(s); the run diverged: lower "
         "optim.base_lr or set optim.grad_clip")

@@ -261,6 +261,32 @@ def test_visualize_and_evaluate_read_a_gs_workdir(gs_run, local_run, capsys):
   assert saved["subject"] == f"{workdir} at step {STEPS}"
 
 
+@pytest.mark.slow
+def test_finetune_in_a_gs_workdir_stops_resumes_and_matches_a_local_one(gs_run, local_run):
+  """Fine-tuning's job in WORKDIR/finetune on gs://: stopped after 4 of 6 steps (its
+  checkpoints in the bucket), resumed, and the same classifier, bitwise, as an
+  uninterrupted fine-tuning of the local run's encoder."""
+  from configs.eval import get_config as eval_config
+  from mae_jax import evaluate
+  from mae_jax.evaluation import finetune
+  workdir, _, _ = gs_run
+  config = eval_config()
+  config.eval_batch_size = 32
+  config.finetune.update(batch_size=16, num_steps=6, checkpoint_every_steps=2,
+                         eval_every_epochs=0.0)
+  config.stop_after_steps = 4
+  assert evaluate.evaluate(config, workdir, "finetune") == {"finetune": None}
+  assert checkpoint.complete_steps(f"{workdir}/finetune/checkpoints") == [2, 4]
+  config.stop_after_steps = None
+  ours = evaluate.evaluate(config, workdir, "finetune")["finetune"]
+  theirs = evaluate.evaluate(config, str(local_run), "finetune")["finetune"]
+  assert ours["resumed_from"] == 4 and theirs["resumed_from"] is None
+  assert ours["top1"] == theirs["top1"]
+  assert_trees_equal(jax.device_get(finetune.load(f"{workdir}/finetune")[1]),
+                     jax.device_get(finetune.load(str(local_run / "finetune"))[1]))
+  assert paths.exists(f"{workdir}/finetune/metrics.jsonl")
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 
@@ -978,7 +1004,8 @@ def test_conv_mae_writes_a_gs_workdir(gcs_bucket, tmp_path):
            paths.read_text(f"{workdir}/metrics.jsonl").splitlines()]
   assert steps == [json.loads(line)["step"] for line in
                    (tmp_path / "conv" / "metrics.jsonl").read_text().splitlines()]
-  assert "eval/linprobe/metrics.jsonl" in files
+  assert "linprobe/metrics.jsonl" in files and "linprobe/checkpoints" in {
+      os.path.dirname(os.path.dirname(f)) for f in files}
   assert any(n.startswith("events.out.tfevents.") for n in files)
   assert not any(n.startswith(".write-probe") for n in files)
 

@@ -5,11 +5,13 @@ saves and stops; a resume with another encoder or other classes, or in another k
 job's workdir, is one line and exit 2; a killed sweep point resumes its fine-tuning."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -253,3 +255,47 @@ def get_sweep():
   assert f"resuming from step {saved[-1]}" in log.split("mae_jax.evaluate")[-1], log[-3000:]
   row = json.loads((job_dir.parent / "point.json").read_text())
   assert 0.0 <= next(iter(row.values()))["finetune_top1"] <= 1.0
+
+
+def test_a_diverging_finetune_stops_naming_the_step_and_last_good_checkpoint(pretrained,
+                                                                              tmp_path, capsys):
+  """A learning rate that overflows the classifier: exit 1, one line naming the step and
+  the last checkpoint, which is finite (nothing of the bad step was saved)."""
+  workdir = copy_pretraining(pretrained, tmp_path / "run")
+  code = run_evaluate(["--workdir", str(workdir), "--mode", "finetune", *EVAL, *FINETUNE,
+                       "--config.finetune.checkpoint_every_steps=1",
+                       "--config.finetune.optim.base_lr=1e30",
+                       "--config.finetune.optim.warmup_steps=0"])
+  err = capsys.readouterr().err.strip()
+  assert code == 1 and err.count("\n") == 0, err
+  step, last = re.fullmatch(r"error: non-finite loss, gradients or update at step (\d+) "
+                            r"\(loss \S+, grad_norm \S+\); nothing of it was saved; last good "
+                            r"checkpoint: (?:step (\d+) in \S+|none); lower optim.base_lr, set "
+                            r"optim.grad_clip", err).groups()
+  saved = checkpoint.complete_steps(workdir / "finetune" / "checkpoints")
+  assert last is not None and saved[-1] == int(last) == int(step) - 1, (saved, err)
+  for s in saved:
+    state = trainproc.load_state(workdir / "finetune", s)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+
+
+def test_a_finetune_workdir_in_use_is_refused(pretrained, tmp_path, capsys):
+  """While another process holds WORKDIR/finetune's lock, a second fine-tuning there is one
+  line naming the holder, exit 2, before anything is computed."""
+  workdir = copy_pretraining(pretrained, tmp_path / "run")
+  (workdir / "finetune").mkdir()
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from mae_jax import checkpoint; "
+       "checkpoint.WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); "
+       "time.sleep(120)", str(workdir / "finetune")],
+      cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    code = run_evaluate(["--workdir", str(workdir), "--mode", "finetune", *EVAL, *FINETUNE])
+  finally:
+    holder.kill()
+    holder.wait()
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and err.count("\n") == 0, err
+  assert f"{workdir / 'finetune'} is in use by another run (pid {holder.pid} on host" in err
+  assert not (workdir / "finetune" / "checkpoints").exists()
