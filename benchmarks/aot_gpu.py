@@ -31,7 +31,7 @@ DEPARTURE_FLAGS = ("--xla_gpu_enable_triton_gemm=false", "--xla_gpu_autotune_lev
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *DEPARTURE_FLAGS]).strip()
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mae_jax import aot, pretrain  # pylint: disable=wrong-import-position
+from mae_jax.tools import aot, pretrain  # pylint: disable=wrong-import-position
 
 # The XLA GPU target config of an H100 SXM (80GB HBM3), as the CUDA runtime describes it.
 H100 = """gpu_device_info { threads_per_block_limit: 1024 threads_per_warp: 32

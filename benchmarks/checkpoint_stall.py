@@ -29,9 +29,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from mae_jax import checkpoint, paths  # noqa: E402
-from mae_jax import train_step as ts  # noqa: E402
-from mae_jax.mae import MaskedAutoencoder  # noqa: E402
+from mae_jax import paths  # noqa: E402
+from mae_jax.train import checkpoints
+from mae_jax.train import train_step as ts  # noqa: E402
+from mae_jax.model.mae import MaskedAutoencoder  # noqa: E402
 
 
 def vit_b16_state():
@@ -45,22 +46,22 @@ def vit_b16_state():
 
 def sync_manifests(directory):
   """The former design: every file of each finished step read back and CRC'd, in `save`."""
-  for step in checkpoint.complete_steps(directory):
+  for step in checkpoints.complete_steps(directory):
     step_dir = paths.join(directory, str(step))
-    if not paths.exists(paths.join(step_dir, checkpoint.MANIFEST)):
-      files = {rel: [size, checkpoint.file_crc32(paths.join(step_dir, rel))]
-               for rel, (size, _) in checkpoint.step_listing(step_dir).items()}
-      paths.write_atomic(paths.join(step_dir, checkpoint.MANIFEST),
-                         checkpoint.json.dumps({"files": files}))
+    if not paths.exists(paths.join(step_dir, checkpoints.MANIFEST)):
+      files = {rel: [size, checkpoints.file_crc32(paths.join(step_dir, rel))]
+               for rel, (size, _) in checkpoints.step_listing(step_dir).items()}
+      paths.write_atomic(paths.join(step_dir, checkpoints.MANIFEST),
+                         checkpoints.json.dumps({"files": files}))
 
 
-class SyncManifestCheckpointer(checkpoint.Checkpointer):
+class SyncManifestCheckpointer(checkpoints.Checkpointer):
   def write_manifests(self):
     sync_manifests(self.directory)
 
 
 def measure(directory, rounds, mode):
-  cls = SyncManifestCheckpointer if mode == "sync" else checkpoint.Checkpointer
+  cls = SyncManifestCheckpointer if mode == "sync" else checkpoints.Checkpointer
   ckpt = cls(directory, keep=2, every_steps=1)
   state = vit_b16_state()
   nbytes = sum(x.nbytes for x in jax.tree.leaves(state))

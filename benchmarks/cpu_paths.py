@@ -1,9 +1,10 @@
 """The CPU matmul kernel against XLA's own, in one process.
 
-  python benchmarks/cpu_paths.py --variant Ti/4 --image_size 32 \
-      --batch_size 64 --decoder_width 128 --decoder_depth 4 --decoder_heads 4 --remat full
+  python benchmarks/cpu_paths.py --config.model.variant=Ti/4 --config.data.image_size=32 \
+      --config.batch_size=64 --config.model.decoder_width=128 --config.model.decoder_depth=4 \
+      --config.model.decoder_heads=4 --config.model.remat=full --config.model.dtype=float32
 
-Takes `python -m mae_jax.bench`'s flags and compiles the MAE train step twice, once with
+Takes `python -m mae_jax.bench`'s flags (a recipe and its --config.FIELD overrides) and compiles the MAE train step twice, once with
 `model.matmul=xla` (every Dense product a plain dot whose gradient XLA derives itself) and
 once with `model.matmul=cpu` (`kernels.token_matmul`, its backward pass written for XLA's
 CPU backend, what `auto` picks on CPU devices). `--classifier` times the fine-tuning
@@ -22,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mae_jax import bench
 from mae_jax.evaluation import classifier
+from mae_jax.tools import bench
 
 
 def mae_step(config):

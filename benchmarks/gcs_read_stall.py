@@ -34,7 +34,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from gcs_emulator import Emulator  # noqa: E402
-from mae_jax import paths, prepare  # noqa: E402
+from mae_jax import paths  # noqa: E402
+from mae_jax.tools import prepare
 
 CHILD = """
 import json, sys, time, ml_collections

@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import photos  # pylint: disable=wrong-import-position
 
-from mae_jax import prepare  # pylint: disable=wrong-import-position
+from mae_jax.tools import prepare  # pylint: disable=wrong-import-position
 from mae_jax.data import augment, decode  # pylint: disable=wrong-import-position
 
 

@@ -50,7 +50,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import photos  # pylint: disable=wrong-import-position
 
-from mae_jax import data, prepare  # pylint: disable=wrong-import-position
+from mae_jax import data  # pylint: disable=wrong-import-position
+from mae_jax.tools import prepare
 from mae_jax.data import decode, device_resize  # pylint: disable=wrong-import-position
 from mae_jax.data.source import Source  # pylint: disable=wrong-import-position
 

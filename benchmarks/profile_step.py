@@ -1,9 +1,10 @@
 """Where the time of one compiled train step goes: per-op totals from a JAX profiler trace.
 
-  python benchmarks/profile_step.py --variant Ti/4 --image_size 32 --batch_size 64 \
-      --decoder_width 128 --decoder_depth 4 --decoder_heads 4 [--unroll]
+  python benchmarks/profile_step.py --config.model.variant=Ti/4 --config.data.image_size=32 \
+      --config.batch_size=64 --config.model.decoder_width=128 --config.model.decoder_depth=4 \
+      --config.model.decoder_heads=4 --config.model.dtype=float32 [--config.model.unroll=True]
 
-Takes `python -m mae_jax.bench`'s flags, compiles its train step, runs a few warm-up
+Takes `python -m mae_jax.bench`'s flags (a recipe and its --config.FIELD overrides), compiles its train step, runs a few warm-up
 steps, traces --steps more with jax.profiler and prints, per op kind (an XLA op name
 without its numeric suffix: ynn_fusion = an XNNPACK matmul fusion, copy_bitcast_fusion = a
 layout copy, ...), the milliseconds per step summed over all threads, and the count. The
@@ -27,7 +28,7 @@ import sys
 import jax
 import numpy as np
 
-from mae_jax import bench
+from mae_jax.tools import bench
 
 # Trace events that wrap ops rather than being ops.
 WRAPPERS = ("ThunkExecutor", "$", "PjitFunction", "SlinkyThreadPool")

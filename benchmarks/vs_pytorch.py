@@ -29,20 +29,22 @@ import numpy as np
 import torch
 import transformers
 
-from mae_jax import bench, flops, vit
+from mae_jax.model import flops, vit
+from mae_jax.tools import bench
 
 # name -> the bench flags of one MAE configuration (and its global batch).
-CASES = {
+CASES = {  # --config.FIELD overrides of the paper's ImageNet recipe (configs/mae_imagenet.py)
     # ViT-S/16 with the paper's decoder (8 blocks x 512, 16 heads).
-    "S/16@224": ["--variant", "S/16", "--image_size", "224", "--batch_size", "8"],
+    "S/16@224": ["--config.model.variant=S/16", "--config.batch_size=8",
+                 "--config.model.dtype=float32"],
     # ViT-Ti at CIFAR size, patch 4 (64 patches, 16 visible), decoder 4 blocks x 128.
-    "Ti/4@32": ["--variant", "Ti/4", "--image_size", "32", "--batch_size", "64",
-                "--decoder_width", "128", "--decoder_depth", "4", "--decoder_heads", "4"],
-    # The GPU targets' configurations (paper decoder), bfloat16 compute.
-    "B/16@224": ["--variant", "B/16", "--image_size", "224", "--batch_size", "256",
-                 "--dtype", "bfloat16"],
-    "L/16@224": ["--variant", "L/16", "--image_size", "224", "--batch_size", "256",
-                 "--dtype", "bfloat16"],
+    "Ti/4@32": ["--config.model.variant=Ti/4", "--config.data.image_size=32",
+                "--config.batch_size=64", "--config.model.decoder_width=128",
+                "--config.model.decoder_depth=4", "--config.model.decoder_heads=4",
+                "--config.model.dtype=float32"],
+    # The GPU targets' configurations (paper decoder), bfloat16 compute (the recipe's).
+    "B/16@224": ["--config.model.variant=B/16", "--config.batch_size=256"],
+    "L/16@224": ["--config.model.variant=L/16", "--config.batch_size=256"],
 }
 GPU_CASES = ("B/16@224", "L/16@224")
 # mae_jax's remat policy where --remat is not given: full is the fastest on the CPU
@@ -142,10 +144,11 @@ def torch_runner(model_jax, batch_size, compiled, device):
 
 def jax_runner(case, encoder_tokens, unroll, remat):
   """A closure running one mae_jax train step (blocking), the model, and compile seconds."""
-  args = bench.parse_args(CASES[case] + ["--encoder_tokens", encoder_tokens, "--remat", remat]
-                          + ["--unroll"] * unroll)
+  args = bench.parse_args(CASES[case] + [f"--config.model.encoder_tokens={encoder_tokens}",
+                                         f"--config.model.remat={remat}"]
+                          + ["--config.model.unroll=True"] * unroll)
   config = bench.bench_config(args)
-  step, state, batch, rng, model = bench.setup(config, encoder_tokens)
+  step, state, batch, rng, model = bench.setup(config)
   compiled, compile_s = bench.compile_step(step, state, batch, rng)
   holder = [state]
 
@@ -205,7 +208,7 @@ def run_case(case, args):
     runners["jax_all_tokens"], _, _ = jax_runner(case, "all", args.unroll, remat)
   for fn in runners.values():
     timed(fn, args.warmup)
-  batch_size = int(CASES[case][CASES[case].index("--batch_size") + 1])
+  batch_size = bench.parse_args(CASES[case]).config.batch_size
   bench.log(f"{case}: building torch (compile={args.torch_compile}) ...")
   device = "cuda" if platform_of(case) == "gpu" else "cpu"
   runners["torch"], torch_settings = pick_torch(model, batch_size, args.torch_compile,

@@ -187,3 +187,35 @@ def call_user_function(module, path, function, what):
     return fn()
   except Exception as e:  # the user's code
     raise UsageError(f"{path}: {function}() fails ({_first_line(e)})") from None
+
+
+# libtpu (installed with the `tpu` extra, for mae_jax.aot) starts with every JAX backend
+# and, on a host without TPU chips, writes five lines of errors about the TPU host and
+# worker names it cannot find. These describe a single host with no TPU to it; a TPU VM
+# keeps whatever its environment says.
+NO_TPU_HOST_ENV = {"TPU_WORKER_HOSTNAMES": "localhost", "TPU_HOST_BOUNDS": "1,1,1"}
+GOOGLE_PCI_VENDOR = "0x1ae0"  # the PCI vendor id of TPU chips
+
+
+def has_tpu_chips(pci_devices="/sys/bus/pci/devices"):
+  """Whether this host has a PCI device of Google's (a TPU chip)."""
+  try:
+    names = os.listdir(pci_devices)
+  except OSError:
+    return False
+  for name in names:
+    try:
+      with open(os.path.join(pci_devices, name, "vendor")) as f:
+        if f.read().strip() == GOOGLE_PCI_VENDOR:
+          return True
+    except OSError:
+      continue
+  return False
+
+
+def quiet_libtpu_without_tpu():
+  """Before JAX starts: on a host without TPU chips, tell libtpu so (NO_TPU_HOST_ENV, where
+  not set already), so that it adds nothing to a command's stderr."""
+  if not has_tpu_chips():
+    for key, value in NO_TPU_HOST_ENV.items():
+      os.environ.setdefault(key, value)

@@ -1,4 +1,4 @@
-"""Pretraining: the MAE program (mae_jax.program) on the one loop (mae_jax.loop), then the
+"""Pretraining: the MAE program (mae_jax.train.program) on the one loop (mae_jax.train.loop), then the
 final evaluation, picture and summary."""
 import collections
 import dataclasses
@@ -8,10 +8,11 @@ import math
 
 import jax
 
-from mae_jax import checkpoint, config as config_lib, data, loop, models, paths, program
-from mae_jax import sharding, visualize
+from mae_jax import data, paths
 from mae_jax.data import device_resize
-from mae_jax.evaluation import knn
+from mae_jax.evaluation import knn, pictures
+from mae_jax.model import sizes
+from mae_jax.train import checkpoints, config as config_lib, loop, param_dirs, program, sharding
 
 
 # fold_in data of the evaluation's masks: apart from every training step's (0, 1, 2, ...).
@@ -38,7 +39,7 @@ def build_run(config, workdir, explicit=()):
     kept = sorted(set(explicit) & set(config_lib.SMOKE))
     notes.append("smoke=True replaced " + ", ".join(config_lib.smoke_replaced(before, config))
                  + ("; kept the command line's " + ", ".join(kept) if kept else ""))
-  config_lib.validate(config)
+  config_lib.validate(config, explicit=explicit)
   train_src = data.load_source(config.data, "train")
   test_src = data.load_source(config.data, "test")
   if test_src.note:
@@ -62,8 +63,8 @@ def fresh_state(run):
 def load_init_params(run, params):
   """Parameters of an imported checkpoint (python -m mae_jax.convert), checked against
   this run's model; the optimizer state stays fresh."""
-  loaded, fields = checkpoint.load_params(run.config.init_from, target=params)
-  ours = models.model_kwargs(run.config.model, run.config.data.image_size,
+  loaded, fields = param_dirs.load_params(run.config.init_from, target=params)
+  ours = sizes.model_kwargs(run.config.model, run.config.data.image_size,
                              run.config.data.channels)
   differ = sorted(k for k, v in fields.items() if k in ours and ours[k] != v)
   if differ:
@@ -133,7 +134,7 @@ def evaluate_reconstruction(run, params):
 def save_reconstructions(run, first, path):
   images_u8, pred_BNP, mask_BN = first
   n = min(run.config.num_vis_images, len(images_u8))
-  return visualize.save_reconstructions(images_u8[:n], pred_BNP[:n], mask_BN[:n],
+  return pictures.save_reconstructions(images_u8[:n], pred_BNP[:n], mask_BN[:n],
                                         run.model.patch_size, path)
 
 
@@ -157,7 +158,7 @@ def write_summary(run, results, train_seconds, final_loss, images_per_sec, skipp
                  input_wait_share=input_wait and round(input_wait, 4),
                  train_seconds=round(train_seconds, 1),
                  images_per_sec=images_per_sec and round(images_per_sec, 1), devices=jax.device_count(),
-                 model=models.model_kwargs(run.config.model, run.config.data.image_size,
+                 model=sizes.model_kwargs(run.config.model, run.config.data.image_size,
                                            run.config.data.channels))
   summary["model"].update(dtype=run.config.model.dtype,
                           encoder_tokens=run.config.model.get("encoder_tokens", "visible"))
@@ -172,7 +173,7 @@ def train_and_evaluate(config, workdir, explicit=()):
 
   `workdir` may be local or gs://BUCKET/PATH (mae_jax.paths). `explicit`: the config fields
   given on the command line (build_run)."""
-  checkpoint.check_workdir(workdir)
+  checkpoints.check_workdir(workdir)
   workdir = loop.check_path("--workdir", workdir)
   loop.check_kind(workdir, "pretrain")  # before the data is read
   run = build_run(config, workdir, explicit)

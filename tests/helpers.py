@@ -31,7 +31,7 @@ def model_fields(**changes):
 
 def tiny_model(**changes):
   """The tiny MaskedAutoencoder (its fields: model_fields(**changes))."""
-  from mae_jax.mae import MaskedAutoencoder  # pylint: disable=g-import-not-at-top
+  from mae_jax.model.mae import MaskedAutoencoder  # pylint: disable=g-import-not-at-top
   return MaskedAutoencoder(**model_fields(**changes))
 
 
@@ -135,7 +135,7 @@ def pretrain_on_patterns(root, **overrides):
 def official_state(fields, with_decoder=True, seed=0, scale=1.0):
   """A random state dict in the official MAE layout for `fields` (normal weights times
   `scale`; the sin-cos position embeddings are the real ones)."""
-  from mae_jax import convert  # pylint: disable=g-import-not-at-top
+  from mae_jax.tools import convert  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   state = {k: rng.standard_normal(s).astype(np.float32) * np.float32(scale)
            for k, s in convert.official_shapes(fields, with_decoder).items()}
@@ -184,7 +184,7 @@ def run_train_py(argv):
   """`python train.py *argv` (mae_jax.pretrain) in this process, through its own flag
   parsing and main; returns the exit code (stdout, stderr: capsys). Its flags are removed
   afterwards."""
-  from mae_jax import pretrain  # pylint: disable=g-import-not-at-top
+  from mae_jax.tools import pretrain  # pylint: disable=g-import-not-at-top
   argv = [os.path.join(ROOT, "train.py"), *argv]
   with absl_flags():
     sys.argv = argv
@@ -195,7 +195,7 @@ def run_train_py(argv):
 def run_evaluate(argv):
   """`python -m mae_jax.evaluate *argv` in this process, as its __main__ runs it; returns
   the exit code. Its flags are removed afterwards."""
-  from mae_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from mae_jax.tools import evaluate  # pylint: disable=g-import-not-at-top
   argv = ["evaluate", *argv]
   with absl_flags():
     sys.argv = argv

@@ -11,7 +11,8 @@ import jax
 import pytest
 
 from configs import default
-from mae_jax import aot, hlo, program
+from mae_jax.tools import aot, hlo
+from mae_jax.train import program
 
 TOPOLOGY = "v5e:2x2"  # 4 chips: mesh data=2 x fsdp=2
 
@@ -429,7 +430,8 @@ def finetune_program(devices, rules=True):
   import functools  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs.eval import get_config as eval_config  # pylint: disable=g-import-not-at-top
-  from mae_jax import models, sharding  # pylint: disable=g-import-not-at-top
+  from mae_jax.model import sizes  # pylint: disable=g-import-not-at-top
+  from mae_jax.train import sharding
   from mae_jax.data.source import ArraySource  # pylint: disable=g-import-not-at-top
   from mae_jax.evaluation import finetune  # pylint: disable=g-import-not-at-top
   config = aot.checked_config(tiny_config(data=2, fsdp=2), len(devices))
@@ -438,7 +440,7 @@ def finetune_program(devices, rules=True):
   source = ArraySource(np.zeros((64, 28, 28, 1), np.uint8), np.arange(64) % 10, channels=1,
                        num_classes=10, known_stats=((0.5,), (0.25,)))
   tuner = finetune.Finetuner(
-      models.build_model(config, "tpu"), cfg, train_src=source, test_src=source,
+      sizes.build_model(config, "tpu"), cfg, train_src=source, test_src=source,
       mesh=sharding.make_mesh(config.mesh, devices), seed=0, image_size=28,
       eval_batch_size=16, num_classes=10)
   prog = tuner.program

@@ -2,7 +2,7 @@
 
 Every `import` and `from ... import` in every module of mae_jax/, at module level and inside
 functions, is read with `ast` and checked against RANKS: a module may import a module of a
-lower rank, a module of its own package (data/*, evaluation/*), and, on the top rank only,
+lower rank, a module of its own flat package (data/*, evaluation/*), and, on the top rank only,
 another entry point. Everything else is an import that runs upward or sideways, and the
 test names it with its file and line.
 """
@@ -14,34 +14,42 @@ from helpers import ROOT
 # The layers, lowest first.
 (BASE,  # what every layer may use: the path layer (local or gs://), command-line checks
  PARTS,  # the model's pure pieces and the training parts: none knows another
- VIT, MAE, MODELS,  # the model, one layer each: patches, masking, posembed -> vit -> mae -> models
+ STORED,  # over training checkpoints: the workdir (lock, config history), parameter dirs
+ VIT, MAE, MODELS,  # the model, one layer each: patches, masking, posembed -> vit -> mae -> sizes
  USES_MODEL,  # the pure train step, config validation and FLOP counts: model + optim
  PROGRAM,  # the one program builder and the one training loop
  PRETRAINED,  # a trained or converted model loaded from disk
  EVALUATION,  # kNN, linear probe, fine-tuning
  TRAINER,  # the loop: wires everything
  ENTRY,  # the commands; one may use another (an error class, say)
- ) = range(11)
-RANK_NAMES = ["base", "parts", "vit", "mae", "models", "uses the model", "program and loop",
-              "pretrained", "evaluation", "trainer", "entry points"]
+ ) = range(12)
+RANK_NAMES = ["base", "parts", "stored", "vit", "mae", "sizes", "uses the model",
+              "program and loop", "pretrained", "evaluation", "trainer", "entry points"]
 
 # Module paths under mae_jax/ (a package's name covers its modules; the longest name that
 # matches counts). A module missing here fails the test: place it when you add it.
 RANKS = {
-    "__init__": BASE, "paths": BASE, "cli": BASE,
-    "patches": PARTS, "masking": PARTS, "posembed": PARTS, "kernels": PARTS,
-    "optim": PARTS, "sharding": PARTS, "checkpoint": PARTS, "data": PARTS,
-    "logger": PARTS, "distributed": PARTS,
-    "vit": VIT, "mae": MAE, "models": MODELS,
-    "train_step": USES_MODEL, "config": USES_MODEL, "flops": USES_MODEL,
-    "program": PROGRAM, "loop": PROGRAM,
-    "pretrained": PRETRAINED,
+    "__init__": BASE, "paths": BASE, "cli": BASE, "tools.hlo": BASE,
+    "model": BASE, "train": BASE,  # the packages' __init__ (docstrings only)
+    "model.patches": PARTS, "model.masking": PARTS, "model.posembed": PARTS,
+    "model.kernels": PARTS,
+    "train.optim": PARTS, "train.sharding": PARTS, "train.checkpoints": PARTS,
+    "train.logger": PARTS, "train.distributed": PARTS, "data": PARTS,
+    "train.workdirs": STORED, "train.param_dirs": STORED,
+    "model.vit": VIT, "model.mae": MAE, "model.sizes": MODELS,
+    "model.flops": USES_MODEL, "train.train_step": USES_MODEL, "train.config": USES_MODEL,
+    "train.program": PROGRAM, "train.loop": PROGRAM,
+    "train.pretrained": PRETRAINED,
     "evaluation": EVALUATION,
-    "visualize": EVALUATION,  # the reconstruction pictures (the trainer draws one) + a command
     "trainer": TRAINER,
-    "evaluate": ENTRY, "bench": ENTRY, "sweep": ENTRY, "convert": ENTRY,
-    "aot": ENTRY, "hlo": BASE, "prepare": ENTRY, "conv_mae": ENTRY, "pretrain": ENTRY,
+    "tools": ENTRY,
+    # `python -m mae_jax.<command>`: each runs its mae_jax.tools module
+    "pretrain": ENTRY, "evaluate": ENTRY, "bench": ENTRY, "sweep": ENTRY, "convert": ENTRY,
+    "aot": ENTRY, "prepare": ENTRY, "conv_mae": ENTRY, "visualize": ENTRY,
+    "checkpoint": ENTRY,
 }
+# Packages whose modules may import each other whatever their order (each is one layer).
+FLAT_PACKAGES = ("data", "evaluation")
 
 def module_names(root):
   """{module name relative to mae_jax ("data.source", "__init__" for the package): path}."""
@@ -101,7 +109,8 @@ def rank_of(name):
 def allowed(importer, imported):
   """Whether module `importer` may import module `imported`."""
   low, high = rank_of(imported)[0], rank_of(importer)[0]
-  same_package = importer.split(".")[0] == imported.split(".")[0]
+  same_package = (importer.split(".")[0] == imported.split(".")[0]
+                  and importer.split(".")[0] in FLAT_PACKAGES)
   return same_package or low < high or low == high == ENTRY
 
 
@@ -119,7 +128,7 @@ def violations(root=ROOT):
       if not allowed(name, imported):
         where = f"{os.path.relpath(path, root)}:{line}"
         low = RANK_NAMES[rank_of(imported)[0]]
-        found.append((name.split(".")[0], imported.split(".")[0],
+        found.append((name, imported,
                       f"{where}: mae_jax.{name} ({RANK_NAMES[rank]}) imports mae_jax."
                       f"{imported} ({low}), which is not below it"))
   return found
@@ -143,22 +152,26 @@ def test_the_check_names_upward_and_sideways_imports(tmp_path):
   between two parts, a relative one inside data/, and what is allowed."""
   write_package(tmp_path, {
       "__init__.py": "",
-      "patches.py": "def f():\n  from mae_jax import trainer\n",  # upward, in a function
-      "optim.py": "import mae_jax.checkpoint\n",  # sideways: parts know nothing of each other
-      "checkpoint.py": "",
-      "vit.py": "from mae_jax.patches import patchify\n",  # down: fine
-      "trainer.py": "from mae_jax import optim, vit\n",  # down: fine
-      "evaluate.py": "from mae_jax.bench import X\n",  # entry point to entry point: fine
-      "bench.py": "",
+      "model/__init__.py": "",
+      "model/patches.py": "def f():\n  from mae_jax import trainer\n",  # upward, in a function
+      "train/__init__.py": "",
+      "train/optim.py": "import mae_jax.train.checkpoints\n",  # sideways: parts know nothing of each other
+      "train/checkpoints.py": "",
+      "model/vit.py": "from mae_jax.model.patches import patchify\n",  # down: fine
+      "trainer.py": "from mae_jax.train import optim\nfrom mae_jax.model import vit\n",  # down: fine
+      "tools/evaluate.py": "from mae_jax.tools.bench import X\n",  # entry point to entry point: fine
+      "tools/bench.py": "",
       "data/__init__.py": "from .source import Source\n",  # inside its package: fine
-      "data/source.py": "from ..vit import Block\n",  # relative, upward
+      "data/source.py": "from ..model.vit import Block\n",  # relative, upward
   })
   found = {(a, b): message for a, b, message in violations(str(tmp_path))}
-  assert set(found) == {("patches", "trainer"), ("optim", "checkpoint"), ("data", "vit")}
-  assert found["patches", "trainer"] == (
-      "mae_jax/patches.py:2: mae_jax.patches (parts) imports mae_jax.trainer (trainer), "
-      "which is not below it")
-  assert found["data", "vit"].startswith("mae_jax/data/source.py:1: mae_jax.data.source")
+  assert set(found) == {("model.patches", "trainer"), ("train.optim", "train.checkpoints"),
+                        ("data.source", "model.vit")}
+  assert found["model.patches", "trainer"] == (
+      "mae_jax/model/patches.py:2: mae_jax.model.patches (parts) imports mae_jax.trainer "
+      "(trainer), which is not below it")
+  assert found["data.source", "model.vit"].startswith(
+      "mae_jax/data/source.py:1: mae_jax.data.source")
 
 
 def test_a_module_without_a_rank_is_named(tmp_path):

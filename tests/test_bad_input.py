@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from mae_jax import bench, checkpoint, cli, convert, evaluate, prepare, sweep, trainer
-from mae_jax import visualize
+from mae_jax import cli, trainer
+from mae_jax.tools import bench, convert, evaluate, prepare, sweep, visualize
+from mae_jax.train import checkpoints, param_dirs, workdirs
 from configs.eval import get_config as get_eval_config
 from helpers import ROOT
 from test_trainer import synthetic_config
@@ -159,15 +160,15 @@ def damaged_copy(workdir, dest, damage):
   step_dir = dest / "checkpoints" / "2"
   if damage == "truncated":
     files = sorted((p for p in step_dir.rglob("*") if p.is_file()
-                    and p.name != checkpoint.MANIFEST), key=lambda p: p.stat().st_size)
+                    and p.name != checkpoints.MANIFEST), key=lambda p: p.stat().st_size)
     files[-1].write_bytes(files[-1].read_bytes()[:files[-1].stat().st_size // 2])
   elif damage == "unmanifested_truncated":  # no manifest to catch it: Orbax's own error
-    (step_dir / checkpoint.MANIFEST).unlink()
+    (step_dir / checkpoints.MANIFEST).unlink()
     for p in step_dir.rglob("*"):
       if p.is_file() and p.stat().st_size > 1000:
         p.write_bytes(p.read_bytes()[:100])
   elif damage == "bad_config":  # the saved config (the latest launch's) is not a dict
-    for path in [dest / "config.json", *checkpoint.launch_configs(dest)]:
+    for path in [dest / "config.json", *workdirs.launch_configs(dest)]:
       open(path, "w").write("[1, 2]")
   return dest
 
@@ -405,7 +406,7 @@ def test_default_recipes_are_found_outside_a_checkout(tmp_path, monkeypatch):
 def test_train_empty_workdir_creates_nothing(tmp_path, monkeypatch):
   """`train.py --workdir ""` would mean the current directory: refused, nothing made."""
   monkeypatch.chdir(tmp_path)
-  with pytest.raises(checkpoint.CheckpointError, match="--workdir: empty"):
+  with pytest.raises(checkpoints.CheckpointError, match="--workdir: empty"):
     trainer.train_and_evaluate(synthetic_config(), "")
   assert os.listdir(tmp_path) == []
 
@@ -414,14 +415,48 @@ def test_train_empty_workdir_creates_nothing(tmp_path, monkeypatch):
 def test_convert_export_of_a_train_workdir(workdir, tmp_path, capsys):
   """`convert export WORKDIR out.pth` writes the run's latest checkpoint's params in the
   official layout, and they import back to the same values."""
-  from mae_jax import pretrained
+  from mae_jax.train import pretrained
   assert convert.main(["export", str(workdir), str(tmp_path / "run.pth")]) == 0
   assert "the params of checkpoint step 2" in capsys.readouterr().out
   assert convert.main(["import", str(tmp_path / "run.pth"), str(tmp_path / "back"),
                        "--num_heads", "2", "--decoder_heads", "2"]) == 0
-  back, _ = checkpoint.load_params(str(tmp_path / "back"))
+  back, _ = param_dirs.load_params(str(tmp_path / "back"))
   ours = pretrained.load(str(workdir)).params
   flat_back = dict(jax.tree_util.tree_leaves_with_path(back))
   for path, value in jax.tree_util.tree_leaves_with_path(ours):
     np.testing.assert_array_equal(np.asarray(flat_back[path]), np.asarray(value),
                                   err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv,says", [
+    (["-m", "mae_jax.evaluate", "--workdir", "{tmp}", "--mode", "knn"],
+     "has no config.json (not a train.py workdir)"),
+    (["train.py", "--workdir", "{tmp}/run", "--config.data.name=folder",
+      "--config.data.data_dir={tmp}/a_file"], "data.data_dir"),
+])
+def test_libtpu_adds_nothing_to_a_commands_stderr(tmp_path, argv, says):
+  """With libtpu installed (the test extra has it) on a host without TPU chips, a command's
+  bad input is the one line of its stderr, not the sixth after libtpu's errors."""
+  from mae_jax import cli  # pylint: disable=g-import-not-at-top
+  assert not cli.has_tpu_chips()
+  (tmp_path / "a_file").write_text("x")
+  env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+  proc = subprocess.run([sys.executable, *[a.format(tmp=tmp_path) for a in argv]], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+  assert says in proc.stderr
+
+
+def test_a_host_is_told_apart_by_its_pci_devices(tmp_path):
+  """has_tpu_chips reads the PCI vendor ids: Google's (0x1ae0) is a TPU chip."""
+  from mae_jax import cli  # pylint: disable=g-import-not-at-top
+  for name, vendor in (("0000:00:04.0", "0x8086"), ("0000:00:05.0", "0x10de")):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "vendor").write_text(vendor + "\n")
+  assert not cli.has_tpu_chips(str(tmp_path))
+  (tmp_path / "0000:00:06.0").mkdir()
+  (tmp_path / "0000:00:06.0" / "vendor").write_text("0x1ae0\n")
+  assert cli.has_tpu_chips(str(tmp_path))
+  assert not cli.has_tpu_chips(str(tmp_path / "missing"))

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, exit_code
-from mae_jax import bench, flops, mae
-from mae_jax import train_step as ts
+from mae_jax.model import flops, mae
+from mae_jax.tools import bench
+from mae_jax.train import train_step as ts
 
 SIZES = {
     "32px_p4_w192": dict(image_size=32, patch_size=4, width=192, num_heads=3,
@@ -106,11 +107,13 @@ def test_bench_cli_json_line():
   """A tiny run on the 8 simulated devices (data 4 x fsdp 2): its JSON line, whose XLA
   train-step FLOPs (the second model size) agree with the analytic count."""
   size = SIZES["64px_p8_w256"]
-  cmd = [sys.executable, "-m", "mae_jax.bench", "--variant", "Ti/8", "--depth", "1",
-         "--decoder_depth", "1", "--mesh_data", "4", "--mesh_fsdp", "2", "--batch_size", "16",
+  cmd = [sys.executable, "-m", "mae_jax.bench", "--config.model.variant=Ti/8",
+         "--config.model.depth=1", "--config.model.decoder_depth=1", "--config.mesh.data=4",
+         "--config.mesh.fsdp=2", "--config.batch_size=16", "--config.model.dtype=float32",
          "--steps", "2", "--warmup", "1", "--peak_tflops", "1.0"]
-  for f in ("image_size", "width", "num_heads", "decoder_width", "decoder_heads"):
-    cmd += [f"--{f}", str(size[f])]
+  cmd += [f"--config.data.image_size={size['image_size']}"]
+  for f in ("width", "num_heads", "decoder_width", "decoder_heads"):
+    cmd += [f"--config.model.{f}={size[f]}"]
   # Optimization level 0 halves the compile time and leaves the FLOP count as it is.
   env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
              + " --xla_backend_optimization_level=0")
@@ -125,10 +128,35 @@ def test_bench_cli_json_line():
   assert_close(result["flops_per_image"], result["xla_flops_per_image"])
 
 
-def test_bench_bad_flag_is_one_line(capsys):
-  """The command's checks in-process: exit 2 naming the field, before anything compiles."""
-  code = exit_code(bench.main, ["--variant", "Q/16"])
-  assert code == 2 and "model.variant" in capsys.readouterr().err
+@pytest.mark.parametrize("argv,says", [
+    (["--config.model.variant=Q/16"], "error: config.model.variant: 'Q/16': expected"),
+    (["--config.batch_sise=8"], "error: config.batch_sise: unknown field 'batch_sise'"),
+    (["--config.batch_size=eight"], "error: config.batch_size: 'eight' is not valid"),
+    (["--steps", "0"], "error: "),
+    (["--variant", "B/16"], "error: "),  # the flags before recipes: now --config.model.*
+])
+def test_bench_bad_flag_is_one_line(capsys, argv, says):
+  """The command's checks in-process: exit 2, one line naming the field, before anything
+  compiles."""
+  code = exit_code(bench.main, argv)
+  err = capsys.readouterr().err
+  assert code == 2 and err.startswith(says) and err.count("\n") == 1, err
+
+
+def test_bench_times_the_recipe_it_is_given():
+  """--config FILE and --config.FIELD=VALUE as train.py takes them: the benchmark's config
+  is the recipe with those overrides, on synthetic images of the recipe's size."""
+  from configs import mae_imagenet  # pylint: disable=g-import-not-at-top
+  args = bench.parse_args(["--config", os.path.join(ROOT, "configs/mae_imagenet.py"),
+                           "--config.model.variant=L/16", "--config.batch_size=256",
+                           "--steps", "5"])
+  config = bench.bench_config(args)
+  recipe = mae_imagenet.get_config()
+  with recipe.unlocked():
+    recipe.batch_size, recipe.data.name = 256, "synthetic"
+  assert config.to_dict() == recipe.to_dict() and args.steps == 5 and args.warmup == 3
+  default = bench.bench_config(bench.parse_args([]))  # the ImageNet recipe by default
+  assert default.model.variant == "L/16" and default.data.image_size == 224
 
 
 def load_benchmark(name):
@@ -179,9 +207,10 @@ def test_cpu_paths_benchmark_runs(extra):
   """benchmarks/cpu_paths.py times both programs (train step, classifier grad), one per
   model.matmul value."""
   cpu_paths = load_benchmark("cpu_paths")
-  medians = cpu_paths.main(["--variant", "Ti/8", "--depth", "1", "--decoder_depth", "1",
-                            "--image_size", "16", "--batch_size", "8", "--steps", "2",
-                            "--rounds", "2", *extra])
+  medians = cpu_paths.main(["--config.model.variant=Ti/8", "--config.model.depth=1",
+                            "--config.model.decoder_depth=1", "--config.data.image_size=16",
+                            "--config.batch_size=8", "--config.model.dtype=float32",
+                            "--steps", "2", "--rounds", "2", *extra])
   assert set(medians) == set(cpu_paths.PROGRAMS)
   assert all(s > 0 for s in medians.values())
 
@@ -210,12 +239,13 @@ def test_gpu_targets_driver_runs_and_reports_failures(tmp_path, monkeypatch, cap
   """benchmarks/gpu_targets.py's plumbing on a tiny CPU config: each run a subprocess,
   its JSON kept, a failing run reported in the table and the exit code."""
   gpu_targets = load_benchmark("gpu_targets")
-  monkeypatch.setattr(gpu_targets, "BENCH", ["--image_size", "16", "--batch_size", "8",
-                                             "--depth", "1", "--decoder_depth", "1",
-                                             "--steps", "2", "--warmup", "1"])
+  monkeypatch.setattr(gpu_targets, "BENCH", [
+      "--config.data.image_size=16", "--config.batch_size=8", "--config.model.depth=1",
+      "--config.model.decoder_depth=1", "--config.model.dtype=float32", "--steps", "2",
+      "--warmup", "1"])
   monkeypatch.setattr(gpu_targets, "BENCH_RUNS", {
-      "tiny": (["--variant", "Ti/8"], ""),
-      "bad": (["--variant", "Q/8"], "")})
+      "tiny": (["--config.model.variant=Ti/8"], ""),
+      "bad": (["--config.model.variant=Q/8"], "")})
   monkeypatch.setenv("OUT", str(tmp_path))
   assert gpu_targets.main(["--part", "bench", "--timeout", "200"]) == 1
   records = json.loads((tmp_path / "gpu_targets_bench.json").read_text())
@@ -235,8 +265,10 @@ def test_profile_step_matmul_table_counts_the_steps_flops(tmp_path):
   the compiled HLO add up to the analytic training FLOPs of the step (no remat, unrolled:
   every product runs once per step)."""
   profile_step = load_benchmark("profile_step")
-  flags = ["--variant", "Ti/8", "--depth", "2", "--decoder_depth", "1", "--image_size", "32",
-           "--batch_size", "8", "--unroll", "--remat", "none"]
+  flags = ["--config.model.variant=Ti/8", "--config.model.depth=2",
+           "--config.model.decoder_depth=1", "--config.data.image_size=32",
+           "--config.batch_size=8", "--config.model.unroll=True", "--config.model.remat=none",
+           "--config.model.dtype=float32"]
   totals, rows = profile_step.main(["--trace_dir", str(tmp_path), "--profile_steps", "2",
                                     "--by_matmul", *flags])
   assert totals and rows

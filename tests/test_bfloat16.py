@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
-from mae_jax import program, sharding
+from mae_jax.train import program, sharding
 
 STEPS = 8
 # Largest relative difference of a step's loss, bfloat16 vs float32 compute: bfloat16

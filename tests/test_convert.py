@@ -13,7 +13,9 @@ from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
 
 import helpers
 from helpers import save_pth
-from mae_jax import checkpoint, convert, patches
+from mae_jax.model import patches
+from mae_jax.tools import convert
+from mae_jax.train import param_dirs
 
 FIELDS = helpers.model_fields(depth=2, num_heads=4, mlp_ratio=4.0, decoder_width=16,
                               decoder_depth=2, mask_ratio=0.75)
@@ -92,7 +94,7 @@ def test_official_roundtrip_with_decoder(tmp_path, capsys):
   src = save_pth(state, tmp_path / "mae_visualize.pth", epoch=799,
                  args=argparse.Namespace(model="mae_vit_large_patch16"))
   assert convert.main(["import", src, str(tmp_path / "out"), *HEADS]) == 0
-  params, fields = checkpoint.load_params(str(tmp_path / "out"))
+  params, fields = param_dirs.load_params(str(tmp_path / "out"))
   assert fields == FIELDS
   abstract = convert.abstract_params(fields)
   assert jax.tree.map(np.shape, params) == jax.tree.map(lambda x: x.shape, abstract)
@@ -113,7 +115,7 @@ def test_encoder_only_checkpoint_gets_a_seeded_decoder(tmp_path, capsys):
     args[2] = str(tmp_path / out)
     assert convert.main(args) == 0
     assert "decoder" in capsys.readouterr().out.split("encoder-only checkpoint:")[1]
-  (a, fields), (b, _) = (checkpoint.load_params(str(tmp_path / o)) for o in ("a", "b"))
+  (a, fields), (b, _) = (param_dirs.load_params(str(tmp_path / o)) for o in ("a", "b"))
   assert fields == FIELDS
   jax.tree.map(np.testing.assert_array_equal, a, b)  # seeded: the same decoder twice
   other = convert.init_decoder(fields, seed=4)
@@ -133,7 +135,7 @@ def test_hf_pretraining_roundtrip_loads_in_transformers(tmp_path):
   model = hf_model()
   model.save_pretrained(tmp_path / "hf")  # transformers' own file naming
   convert.import_checkpoint(str(tmp_path / "hf"), str(tmp_path / "out"))
-  _, fields = checkpoint.load_params(str(tmp_path / "out"))
+  _, fields = param_dirs.load_params(str(tmp_path / "out"))
   assert fields == FIELDS  # heads and mask ratio from config.json
   convert.export_checkpoint(str(tmp_path / "out"), str(tmp_path / "hf_back"))
   back, info = ViTMAEForPreTraining.from_pretrained(tmp_path / "hf_back",
@@ -236,7 +238,7 @@ def test_wrong_position_embedding_is_refused(tmp_path):
 def test_outputs_are_never_overwritten(tmp_path):
   src = save_pth(official_state(), tmp_path / "x.pth")
   convert.import_checkpoint(src, str(tmp_path / "out"), num_heads=4, decoder_heads=2)
-  with pytest.raises(checkpoint.ParamsError, match="already exists"):
+  with pytest.raises(param_dirs.ParamsError, match="already exists"):
     convert.import_checkpoint(src, str(tmp_path / "out"), num_heads=4, decoder_heads=2)
   with pytest.raises(convert.ConversionError, match="--overwrite"):
     convert.export_checkpoint(str(tmp_path / "out"), src)
@@ -247,18 +249,18 @@ def test_load_params_onto_a_sharded_target(tmp_path):
   state = official_state()
   src = save_pth(state, tmp_path / "x.pth")
   convert.import_checkpoint(src, str(tmp_path / "out"), num_heads=4, decoder_heads=2)
-  _, fields = checkpoint.load_params(str(tmp_path / "out"))
+  _, fields = param_dirs.load_params(str(tmp_path / "out"))
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                         convert.abstract_params(fields))
-  params, _ = checkpoint.load_params(str(tmp_path / "out"), target=target)
+  params, _ = param_dirs.load_params(str(tmp_path / "out"), target=target)
   assert jax.tree.map(lambda x: (x.shape, x.sharding), params) == jax.tree.map(
       lambda x: (x.shape, x.sharding), target)
   np.testing.assert_array_equal(params["mask_token"], state["mask_token"])
   other = convert.abstract_params(dict(fields, depth=3))
-  with pytest.raises(checkpoint.ParamsError, match=r"blocks/layers/norm1/scale \(2, 32\) "
+  with pytest.raises(param_dirs.ParamsError, match=r"blocks/layers/norm1/scale \(2, 32\) "
                      r"vs \(3, 32\)"):
-    checkpoint.load_params(str(tmp_path / "out"), target=other)
+    param_dirs.load_params(str(tmp_path / "out"), target=other)
 
 
 def test_encoder_only_defaults_to_the_papers_decoder():

@@ -16,12 +16,13 @@ import optax
 import pytest
 
 from configs.eval import get_config as get_eval_config
-from mae_jax import checkpoint, config as config_lib, data, evaluate, pretrained, sharding
-from mae_jax import posembed, vit
-from mae_jax import train_step as ts
+from mae_jax import data
+from mae_jax.evaluation import augment as eval_augment, features, finetune, knn, linprobe
+from mae_jax.evaluation import optimizers
+from mae_jax.model import posembed, vit
+from mae_jax.tools import evaluate
+from mae_jax.train import config as config_lib, param_dirs, pretrained, sharding, train_step as ts
 from mae_jax.data.source import ArraySource
-from mae_jax.evaluation import augment as eval_augment
-from mae_jax.evaluation import features, finetune, knn, linprobe, optimizers
 from helpers import (NUM_CLASSES, ROOT, pretrain_on_patterns, run_evaluate,
                      synthetic_config, tiny_model)
 SIZE = 16
@@ -129,7 +130,7 @@ def test_knn_of_a_converted_checkpoint_into_a_new_directory(run_dir, tmp_path):
   pre = pretrained.load(str(run_dir))
   fields = ("image_size", "patch_size", "channels", "width", "depth", "num_heads",
             "mlp_ratio", "decoder_width", "decoder_depth", "decoder_heads", "mask_ratio")
-  checkpoint.save_params(str(tmp_path / "conv"), jax.device_get(pre.params),
+  param_dirs.save_params(str(tmp_path / "conv"), jax.device_get(pre.params),
                       {"model": {f: getattr(pre.model, f) for f in fields}, "source": "test"})
   config = eval_config()
   config.params = str(tmp_path / "conv")

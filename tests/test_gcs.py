@@ -10,7 +10,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mae_jax import checkpoint, paths, sweep
+from mae_jax import paths
+from mae_jax.tools import sweep, verify
+from mae_jax.train import checkpoints, param_dirs, workdirs
 
 
 def small_state(scale=1.0):
@@ -56,7 +58,7 @@ def test_paths_write_read_list_on_gcs(gcs_bucket):
 
 
 def checkpointer_with_steps(directory, steps=(2, 4)):
-  ckpt = checkpoint.Checkpointer(directory, keep=3, every_steps=2)
+  ckpt = checkpoints.Checkpointer(directory, keep=3, every_steps=2)
   for step in steps:
     ckpt.save(step, small_state(step))
   ckpt.wait()
@@ -66,18 +68,18 @@ def checkpointer_with_steps(directory, steps=(2, 4)):
 def test_checkpointer_on_gcs_writes_manifests_and_restores(gcs_bucket, capsys):
   directory = f"{gcs_bucket}/run/checkpoints"
   ckpt = checkpointer_with_steps(directory)
-  assert checkpoint.complete_steps(directory) == [2, 4]
-  manifest = json.loads(paths.read_text(f"{directory}/4/{checkpoint.MANIFEST}"))
+  assert checkpoints.complete_steps(directory) == [2, 4]
+  manifest = json.loads(paths.read_text(f"{directory}/4/{checkpoints.MANIFEST}"))
   assert manifest["checksum"] == "crc32c"
   listed = paths.walk_files(f"{directory}/4")
   assert {rel: size for rel, (size, _) in manifest["files"].items()} == {
-      rel: size for rel, size in listed.items() if rel != checkpoint.MANIFEST}
+      rel: size for rel, size in listed.items() if rel != checkpoints.MANIFEST}
   state, step = ckpt.restore_latest(small_state(0))
   ckpt.close()
   assert step == 4
   np.testing.assert_array_equal(state["w"], small_state(4)["w"])
-  assert checkpoint.verify_all(directory) == [(2, None), (4, None)]
-  assert checkpoint.main(["verify", f"{gcs_bucket}/run"]) == 0  # a workdir: its checkpoints/
+  assert checkpoints.verify_all(directory) == [(2, None), (4, None)]
+  assert verify.main(["verify", f"{gcs_bucket}/run"]) == 0  # a workdir: its checkpoints/
   assert capsys.readouterr().out == "step 2: ok\nstep 4: ok\n"
 
 
@@ -96,15 +98,15 @@ def test_damaged_object_on_gcs_is_named(gcs_bucket, damage, expected, capsys):
   checkpointer_with_steps(directory).close()
   victim, _ = largest_object(f"{directory}/4")
   paths.write_atomic(victim, damage(paths.read_bytes(victim)))  # replaced on the server
-  ckpt = checkpoint.Checkpointer(directory, keep=3, every_steps=2)
-  with pytest.raises(checkpoint.CheckpointError) as e:
+  ckpt = checkpoints.Checkpointer(directory, keep=3, every_steps=2)
+  with pytest.raises(checkpoints.CheckpointError) as e:
     ckpt.restore_latest(small_state(0))
   message = str(e.value)
   assert message.startswith(f"checkpoint step 4 is damaged: {victim} {expected}"), message
   assert message.endswith(f"delete {directory}/4 to resume from step 2")
   ckpt.close()
-  assert [s for s, p in checkpoint.verify_all(directory) if p] == [4]
-  assert checkpoint.main(["verify", directory]) == 1
+  assert [s for s, p in checkpoints.verify_all(directory) if p] == [4]
+  assert verify.main(["verify", directory]) == 1
   out = capsys.readouterr().out.splitlines()
   assert out[0] == "step 2: ok" and out[1].startswith(f"step 4: checkpoint step 4 is damaged: {victim}")
 
@@ -161,8 +163,8 @@ def local_run(tmp_path_factory, train_env):
 
 def gs_snapshot(workdir, log_path):
   ckpts = f"{workdir}/checkpoints"
-  complete = checkpoint.complete_steps(ckpts)
-  writing = [s for s in map(int, filter(str.isdigit, checkpoint.entries(ckpts)))
+  complete = checkpoints.complete_steps(ckpts)
+  writing = [s for s in map(int, filter(str.isdigit, checkpoints.entries(ckpts)))
              if s not in complete]
   logged = [int(s) for s in re.findall(r"^step (\d+)/", open(log_path).read(), re.M)]
   return complete, writing, max(logged, default=0)
@@ -237,14 +239,15 @@ def test_gs_run_killed_mid_save_resumes_bitwise_as_a_local_run(gs_run, local_run
           "checkpoints"} <= names
   assert any(n.startswith("events.out.tfevents.") for n in names)
   assert paths.read_bytes(f"{workdir}/reconstructions.png")[:8] == b"\x89PNG\r\n\x1a\n"
-  assert checkpoint.interrupted_steps(f"{workdir}/checkpoints") == []  # cleaned up
-  assert [p for _, p in checkpoint.verify_all(f"{workdir}/checkpoints")] == [None] * 3
+  assert checkpoints.interrupted_steps(f"{workdir}/checkpoints") == []  # cleaned up
+  assert [p for _, p in checkpoints.verify_all(f"{workdir}/checkpoints")] == [None] * 3
 
 
 @pytest.mark.slow
 def test_visualize_and_evaluate_read_a_gs_workdir(gs_run, local_run, capsys):
   from configs.eval import get_config as eval_config
-  from mae_jax import evaluate, pretrained, visualize
+  from mae_jax.tools import evaluate, visualize
+  from mae_jax.train import pretrained
   workdir, _, _ = gs_run
   pre = pretrained.load(workdir)
   assert_trees_equal(jax.device_get(pre.params), load_state(local_run, STEPS)["params"])
@@ -267,8 +270,8 @@ def test_finetune_in_a_gs_workdir_stops_resumes_and_matches_a_local_one(gs_run, 
   checkpoints in the bucket), resumed, and the same classifier, bitwise, as an
   uninterrupted fine-tuning of the local run's encoder."""
   from configs.eval import get_config as eval_config
-  from mae_jax import evaluate
   from mae_jax.evaluation import finetune
+  from mae_jax.tools import evaluate
   workdir, _, _ = gs_run
   config = eval_config()
   config.eval_batch_size = 32
@@ -276,7 +279,7 @@ def test_finetune_in_a_gs_workdir_stops_resumes_and_matches_a_local_one(gs_run, 
                          eval_every_epochs=0.0)
   config.stop_after_steps = 4
   assert evaluate.evaluate(config, workdir, "finetune") == {"finetune": None}
-  assert checkpoint.complete_steps(f"{workdir}/finetune/checkpoints") == [2, 4]
+  assert checkpoints.complete_steps(f"{workdir}/finetune/checkpoints") == [2, 4]
   config.stop_after_steps = None
   ours = evaluate.evaluate(config, workdir, "finetune")["finetune"]
   theirs = evaluate.evaluate(config, str(local_run), "finetune")["finetune"]
@@ -291,7 +294,8 @@ def test_finetune_in_a_gs_workdir_stops_resumes_and_matches_a_local_one(gs_run, 
 
 
 def test_workdir_without_a_bucket_is_a_config_error():
-  from mae_jax import config as config_lib, trainer
+  from mae_jax import trainer
+  from mae_jax.train import config as config_lib
   from test_reliability import small_config
   for workdir, why in [("gs://", "no bucket"), ("gs://UPPER/run", "not a valid bucket name")]:
     with pytest.raises(config_lib.ConfigError) as e:
@@ -361,19 +365,19 @@ def test_folder_on_gcs_skips_and_counts_bad_images(gcs_bucket, tmp_path):
 
 
 def test_parameter_directory_round_trips_through_gcs(gcs_bucket):
-  """What convert import writes and --config.init_from reads (checkpoint.save_params /
+  """What convert import writes and --config.init_from reads (param_dirs.save_params /
   load_params) on gs://; an existing directory is never overwritten."""
   params = {"enc": {"w": jnp.arange(12.0).reshape(3, 4)}, "b": jnp.ones(5)}
   directory = f"{gcs_bucket}/imported"
-  assert checkpoint.save_params(directory, params, {"model": {"width": 4}}) == directory
-  assert checkpoint.is_params_dir(directory)
-  loaded, fields = checkpoint.load_params(directory, target=params)
+  assert param_dirs.save_params(directory, params, {"model": {"width": 4}}) == directory
+  assert param_dirs.is_params_dir(directory)
+  loaded, fields = param_dirs.load_params(directory, target=params)
   assert fields == {"width": 4}
   assert_trees_equal(jax.device_get(loaded), jax.device_get(params))
-  with pytest.raises(checkpoint.ParamsError, match="already exists"):
-    checkpoint.save_params(directory, params, {"model": {}})
-  with pytest.raises(checkpoint.ParamsError, match=r"do not fit the target"):
-    checkpoint.load_params(directory, target={"enc": {"w": jnp.zeros((4, 4))},
+  with pytest.raises(param_dirs.ParamsError, match="already exists"):
+    param_dirs.save_params(directory, params, {"model": {}})
+  with pytest.raises(param_dirs.ParamsError, match=r"do not fit the target"):
+    param_dirs.load_params(directory, target={"enc": {"w": jnp.zeros((4, 4))},
                                               "b": jnp.ones(5)})
 
 
@@ -420,8 +424,8 @@ def test_server_that_stops_answering_mid_save_fails_in_bounded_time(gcs_server, 
   if "not finished after 20 s" in errors[0]:
     assert f"the last complete checkpoint, step {done[-1]}, is intact" in errors[0]
   ckpts = f"{workdir}/checkpoints"
-  assert done[-1] in checkpoint.complete_steps(ckpts)
-  checkpoint.verify(f"{ckpts}/{done[-1]}", done[-1], "", full=True)  # if it has a manifest
+  assert done[-1] in checkpoints.complete_steps(ckpts)
+  checkpoints.verify(f"{ckpts}/{done[-1]}", done[-1], "", full=True)  # if it has a manifest
   state = load_state(workdir, done[-1])  # every array of it reads back
   assert int(state["step"]) == done[-1]
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
@@ -443,16 +447,16 @@ def test_two_processes_write_one_gs_checkpoint(gcs_server, tmp_path):
     kill_started()
   assert codes == [0, 0, 0], "\n".join(p.describe() for p in two + [one])
   ckpts = f"{workdir}/checkpoints"
-  assert checkpoint.complete_steps(ckpts) == [5]
+  assert checkpoints.complete_steps(ckpts) == [5]
   names = paths.walk_files(f"{ckpts}/5")
   assert any("ocdbt.process_1" in n for n in names) and any("ocdbt.process_0" in n for n in names)
-  assert checkpoint.verify_all(ckpts) == [(5, None)]
+  assert checkpoints.verify_all(ckpts) == [(5, None)]
   ours, theirs = load_state(workdir, 5), load_state(tmp_path / "one", 5)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-# --- the workdir lock on gs:// (checkpoint.GcsWorkdirLock) -----------------------------------
+# --- the workdir lock on gs:// (workdirs.GcsWorkdirLock) -----------------------------------
 
 import socket  # noqa: E402
 import sys  # noqa: E402
@@ -487,8 +491,8 @@ def test_gcs_lock_refuses_a_live_holder_and_one_on_another_host(gcs_bucket):
                          (holder_text(gone, "another-vm"), f"pid {gone} on host another-vm, "
                           "started then")]:
       paths.write_atomic(f"{workdir}/run.lock", text)
-      with pytest.raises(checkpoint.CheckpointError) as e:
-        checkpoint.lock_workdir(workdir)
+      with pytest.raises(checkpoints.CheckpointError) as e:
+        workdirs.lock_workdir(workdir)
       assert str(e.value) == in_use(workdir, holder)
       assert paths.read_text(f"{workdir}/run.lock") == text
   finally:
@@ -501,14 +505,14 @@ def test_gcs_lock_takes_over_a_dead_holder_of_this_host_and_releases_only_its_ow
   lock_path = f"{workdir}/run.lock"
   gone = dead_pid()
   paths.write_atomic(lock_path, holder_text(gone))
-  lock = checkpoint.lock_workdir(workdir)
+  lock = workdirs.lock_workdir(workdir)
   assert lock.note == (f"took over {lock_path}, left by a run that is no longer running (pid "
                        f"{gone} on host {host}, started then)")
   mine = json.loads(paths.read_text(lock_path))
   assert (mine["pid"], mine["host"]) == (os.getpid(), host)
   lock.release()
   assert not paths.exists(lock_path)
-  lock = checkpoint.lock_workdir(workdir)  # free: taken without a note
+  lock = workdirs.lock_workdir(workdir)  # free: taken without a note
   assert lock.note is None
   paths.write_atomic(lock_path, holder_text(4242, "another-vm"))  # replaced by hand meanwhile
   lock.release()
@@ -523,8 +527,8 @@ def race(workdir, n):
   def launch():
     start.wait()
     try:
-      results.append(checkpoint.GcsWorkdirLock(workdir).acquire())
-    except checkpoint.CheckpointError as e:
+      results.append(workdirs.GcsWorkdirLock(workdir).acquire())
+    except checkpoints.CheckpointError as e:
       results.append(e)
 
   threads = [threading.Thread(target=launch) for _ in range(n)]
@@ -541,7 +545,7 @@ def test_gcs_lock_has_one_winner_among_racing_launches(gcs_bucket):
   (it is created with a does-not-exist precondition), the others are refused."""
   workdir = f"{gcs_bucket}/run"
   results = race(workdir, 6)
-  winners = [r for r in results if isinstance(r, checkpoint.GcsWorkdirLock)]
+  winners = [r for r in results if isinstance(r, workdirs.GcsWorkdirLock)]
   assert len(winners) == 1, results
   assert all(f"is in use by another run (pid {os.getpid()}" in str(r)
              for r in results if r not in winners)
@@ -554,12 +558,12 @@ def test_gcs_lock_has_one_winner_among_racing_takeovers_of_a_dead_holder(gcs_buc
   lock is replaced only at the generation each read (ifGenerationMatch), so exactly one
   takes it over and the others find the winner's lock and are refused. Rounds of 8."""
   workdir = f"{gcs_bucket}/run"
-  lock_path = f"{workdir}/{checkpoint.LOCK_FILE}"
+  lock_path = f"{workdir}/{workdirs.LOCK_FILE}"
   gone = dead_pid()
   for _ in range(3):
     paths.write_atomic(lock_path, holder_text(gone))
     results = race(workdir, 8)
-    winners = [r for r in results if isinstance(r, checkpoint.GcsWorkdirLock)]
+    winners = [r for r in results if isinstance(r, workdirs.GcsWorkdirLock)]
     assert len(winners) == 1, results
     assert f"(pid {gone} on host " in winners[0].note
     assert all(f"is in use by another run (pid {os.getpid()}" in str(r)
@@ -592,7 +596,7 @@ def test_second_launch_on_a_held_gs_workdir_is_refused_then_the_lock_taken_over(
   once the holder is SIGKILLed, the next launch takes the lock over, finishes and removes
   it."""
   workdir = f"gs://{gcs_server.create_bucket()}/run"
-  lock_path = f"{workdir}/{checkpoint.LOCK_FILE}"
+  lock_path = f"{workdir}/{workdirs.LOCK_FILE}"
 
   def holder():
     try:
@@ -626,7 +630,7 @@ def test_second_launch_on_a_held_gs_workdir_is_refused_then_the_lock_taken_over(
   assert (f"took over {lock_path}, left by a run that is no longer running (pid {first.pid} "
           f"on host {held['host']}") in third.stdout
   assert not paths.exists(lock_path)
-  assert checkpoint.complete_steps(f"{workdir}/checkpoints")[-1] == STEPS
+  assert checkpoints.complete_steps(f"{workdir}/checkpoints")[-1] == STEPS
 
 
 # --- no credentials ---------------------------------------------------------------------------
@@ -741,7 +745,7 @@ def test_prepare_writes_and_verifies_a_dataset_on_gcs(gcs_bucket, tmp_path, caps
 
 
 def test_prepare_bad_gcs_out_is_one_line_exit_2(gcs_bucket, tmp_path, capsys):
-  from mae_jax import prepare
+  from mae_jax.tools import prepare
   from test_prepare import write_jpeg_folder
   write_jpeg_folder(tmp_path / "in", counts=(("train", 2),))
   paths.write_atomic(f"{gcs_bucket}/an_object", b"x")
@@ -825,12 +829,12 @@ def test_convert_import_to_gcs_and_export_back(gcs_bucket, tmp_path, capsys):
   import torch
   from helpers import official_state, save_pth
   from test_convert import FIELDS, HEADS, assert_same_tensors, load_pth
-  from mae_jax import convert
+  from mae_jax.tools import convert
   state = official_state(FIELDS)
   src = save_pth(state, tmp_path / "x.pth")
   out = f"{gcs_bucket}/imported"
   assert convert.main(["import", src, out, *HEADS]) == 0
-  assert checkpoint.read_meta(out)["model"] == FIELDS
+  assert param_dirs.read_meta(out)["model"] == FIELDS
   assert convert.main(["export", out, str(tmp_path / "back.pth")]) == 0
   assert_same_tensors(load_pth(tmp_path / "back.pth"), state)
   assert convert.main(["export", out, f"{gcs_bucket}/back.pth"]) == 0
@@ -858,14 +862,14 @@ def test_init_from_a_gs_parameter_directory(gcs_bucket, tmp_path, capsys):
   gs:// workdir gives back the tensors of the .pth that was imported."""
   from helpers import TINY, config_flags, model_fields, official_state, run_train_py, save_pth
   from test_convert import assert_same_tensors, load_pth
-  from mae_jax import convert
+  from mae_jax.tools import convert
   fields = model_fields(mlp_ratio=4.0, mask_ratio=0.75)  # what a .pth cannot say
   state = official_state(fields, seed=4)
   src = save_pth(state, tmp_path / "x.pth")
   heads = ["--num_heads", "2", "--decoder_heads", "2"]
   assert convert.main(["import", src, f"{gcs_bucket}/init", *heads]) == 0
   assert convert.main(["import", src, str(tmp_path / "init"), *heads]) == 0
-  imported, _ = checkpoint.load_params(str(tmp_path / "init"))
+  imported, _ = param_dirs.load_params(str(tmp_path / "init"))
   finals = []
   for init, workdir in [(f"{gcs_bucket}/init", f"{gcs_bucket}/run"),
                         (str(tmp_path / "init"), tmp_path / "run")]:
@@ -899,7 +903,7 @@ def test_sweep_commands_on_gcs_and_its_one_line_errors(gcs_bucket, tmp_path, cap
   conv_mae, aimed at its gs:// point directory, no mkdir); a missing bucket and a path
   without a bucket are one line."""
   from helpers import exit_code
-  from mae_jax import sweep
+  from mae_jax.tools import sweep
   path = gcs_sweep_file(tmp_path)
   workdir = f"{gcs_bucket}/sw"
   assert exit_code(sweep.main, [path, "--workdir", workdir, "--commands"]) == 0
@@ -952,7 +956,7 @@ def test_sweep_runs_on_a_gs_workdir(gcs_server, train_env, tmp_path):
     assert done["knn_top1"] == knn["top1"]
     log = paths.read_text(f"{point}/log.txt")
     assert "-m mae_jax.pretrain" in log and "-m mae_jax.evaluate" in log
-    assert checkpoint.complete_steps(f"{point}/checkpoints")[-1] == 4
+    assert checkpoints.complete_steps(f"{point}/checkpoints")[-1] == 4
   assert "| mask_ratio |" in paths.read_text(f"{out}/results.md")
   assert {n for n in paths.listdir(out) if n.endswith(".png")} == {
       "images_per_sec.png", "knn_top1.png", "summary.png", "test_masked_mse.png"}
@@ -977,7 +981,7 @@ EVAL_TINY = {"eval_batch_size": 32, "data.train_examples": 48, "linprobe.batch_s
 def conv_run(workdir):
   """A 4-step conv_mae run with kNN and a 6-step linear probe into `workdir`."""
   from configs.eval import get_config as eval_config
-  from mae_jax import conv_mae
+  from mae_jax.tools import conv_mae
   from test_sweep import conv_config
   config, evaluation = conv_config(), eval_config()
   config.update_from_flattened_dict(CONV_TINY)
@@ -1011,7 +1015,8 @@ def test_conv_mae_writes_a_gs_workdir(gcs_bucket, tmp_path):
 
 
 def test_conv_mae_bad_gs_workdir_is_one_line(gcs_bucket):
-  from mae_jax import cli, conv_mae
+  from mae_jax import cli
+  from mae_jax.tools import conv_mae
   paths.write_atomic(f"{gcs_bucket}/an_object", b"x")
   for workdir, expected in [
       ("gs:///c", "--workdir gs:///c: no bucket; a Cloud Storage path is gs://BUCKET/PATH"),

@@ -1,4 +1,4 @@
-"""Fine-tuning, the linear probe and the conv baseline run on the one loop (mae_jax.loop)
+"""Fine-tuning, the linear probe and the conv baseline run on the one loop (mae_jax.train.loop)
 with pretraining's guarantees: `python -m mae_jax.evaluate` SIGKILLed at random steps and
 during a checkpoint write resumes to the bitwise result of an uninterrupted run; SIGTERM
 saves and stops; a resume with another encoder or other classes, or in another kind of
@@ -18,8 +18,8 @@ import pytest
 import trainproc
 from helpers import (ROOT, pretrain_on_patterns, run_evaluate, run_train_py,
                      write_pattern_folder)
-from mae_jax import checkpoint
 from mae_jax.evaluation import finetune
+from mae_jax.train import checkpoints
 
 SEED = 20261207  # picks the kill steps; printed by the test on failure
 EVAL = ["--config.eval_batch_size=64", "--config.keep_checkpoints=2"]
@@ -73,7 +73,7 @@ def kill_twice_then_finish(cmd, job_dir, env, logs, total):
       s.writing and s.writing[-1] > max(s.complete, default=0) and s.writing[-1] > k1.logged),
       f"during a checkpoint write after step {k1.logged}")
   half = k2.writing[-1]
-  assert os.path.isdir(job_dir / "checkpoints" / f"{half}{checkpoint.TMP_SUFFIX}")
+  assert os.path.isdir(job_dir / "checkpoints" / f"{half}{checkpoints.TMP_SUFFIX}")
   out = run_to_end(cmd, env)
   assert f"resuming from step {k2.complete[-1]}" in out  # not the half-written step
   assert k1.logged < half < total
@@ -129,7 +129,7 @@ def test_sigterm_stops_a_finetune_with_a_checkpoint_and_rerunning_finishes_it(pr
   assert code == 0, out[-3000:]
   assert "SIGTERM: saving a checkpoint at the next step, then stopping" in out
   stopped = int(out.split("stopped at step ")[1].split(" ")[0])
-  assert checkpoint.complete_steps(workdir / "finetune" / "checkpoints")[-1] == stopped
+  assert checkpoints.complete_steps(workdir / "finetune" / "checkpoints")[-1] == stopped
   assert not (workdir / "eval_finetune.json").exists()
   out = run_to_end(cmd, env)
   assert f"resuming from step {stopped}" in out
@@ -272,7 +272,7 @@ def test_a_diverging_finetune_stops_naming_the_step_and_last_good_checkpoint(pre
                             r"\(loss \S+, grad_norm \S+\); nothing of it was saved; last good "
                             r"checkpoint: (?:step (\d+) in \S+|none); lower optim.base_lr, set "
                             r"optim.grad_clip", err).groups()
-  saved = checkpoint.complete_steps(workdir / "finetune" / "checkpoints")
+  saved = checkpoints.complete_steps(workdir / "finetune" / "checkpoints")
   assert last is not None and saved[-1] == int(last) == int(step) - 1, (saved, err)
   for s in saved:
     state = trainproc.load_state(workdir / "finetune", s)
@@ -285,8 +285,8 @@ def test_a_finetune_workdir_in_use_is_refused(pretrained, tmp_path, capsys):
   workdir = copy_pretraining(pretrained, tmp_path / "run")
   (workdir / "finetune").mkdir()
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from mae_jax import checkpoint; "
-       "checkpoint.WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); "
+      [sys.executable, "-c", "import sys, time; from mae_jax.train import workdirs; "
+       "workdirs.WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); "
        "time.sleep(120)", str(workdir / "finetune")],
       cwd=ROOT, stdout=subprocess.PIPE, text=True)
   try:
@@ -298,4 +298,5 @@ def test_a_finetune_workdir_in_use_is_refused(pretrained, tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert code == 2 and err.count("\n") == 0, err
   assert f"{workdir / 'finetune'} is in use by another run (pid {holder.pid} on host" in err
-  assert not (workdir / "finetune" / "checkpoints").exists()
+  assert not (workdir / "finetune" / "config.json").exists()  # nothing of the job written
+  assert trainproc.checkpoint_steps(workdir / "finetune") == []

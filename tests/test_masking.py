@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax import masking
+from mae_jax.model import masking
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.5, 0.75, 0.9])

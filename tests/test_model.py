@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from helpers import model_fields
-from mae_jax import kernels, mae, models, patches, posembed, vit
-from mae_jax.mae import MaskedAutoencoder
+from mae_jax.model import kernels, mae, patches, posembed, sizes, vit
+from mae_jax.model.mae import MaskedAutoencoder
 
 TINY = model_fields(depth=2, num_heads=4, decoder_width=16)
 
@@ -111,12 +111,12 @@ def test_norm_pix_targets_match_numpy():
 
 
 def test_presets_decode():
-  assert models.decode_variant("B/16") == dict(width=768, depth=12, num_heads=12, patch_size=16)
-  assert models.decode_variant("vit_huge") == dict(width=1280, depth=32, num_heads=16,
+  assert sizes.decode_variant("B/16") == dict(width=768, depth=12, num_heads=12, patch_size=16)
+  assert sizes.decode_variant("vit_huge") == dict(width=1280, depth=32, num_heads=16,
                                                     patch_size=14)
-  assert models.decode_variant("L/16")["depth"] == 24
+  assert sizes.decode_variant("L/16")["depth"] == 24
   with pytest.raises(ValueError, match="model.variant"):
-    models.decode_variant("XL/16")
+    sizes.decode_variant("XL/16")
 
 
 def test_scan_unroll_and_remat_give_same_output():

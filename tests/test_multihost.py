@@ -17,9 +17,11 @@ import pytest
 from ml_collections import config_dict
 
 from helpers import ROOT, tiny_config
-from mae_jax import checkpoint, data, distributed, models, optim, prepare, sharding
-from mae_jax import train_step as ts
+from mae_jax import data
 from mae_jax.data import device_resize, pipeline
+from mae_jax.model import sizes
+from mae_jax.tools import prepare
+from mae_jax.train import checkpoints, distributed, optim, sharding, train_step as ts
 from test_prepare import write_jpeg_folder
 from trainproc import (TrainProcess, checkpoint_steps, free_port, kill_started, launch_group,
                        scalars, wait_all)
@@ -80,7 +82,7 @@ def test_two_processes_give_the_losses_of_one(runs):
 def abstract_run():
   """(model, tx) of the SHORT run, built as the trainer builds them."""
   c = tiny_config(SHORT)
-  model = models.build_model(c, "cpu")
+  model = sizes.build_model(c, "cpu")
   tx, _ = optim.make_optimizer(c.optim, c.batch_size, c.optim.warmup_steps, c.num_steps)
   return model, tx
 
@@ -93,7 +95,7 @@ def restore_on(workdir, step, devices, data, fsdp):
                             jax.random.key(0))
   target = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                         abstract, sharding.state_shardings(abstract, mesh))
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=3, every_steps=1000)
+  ckpt = checkpoints.Checkpointer(workdir / "checkpoints", keep=3, every_steps=1000)
   try:
     state = ckpt.restore(step, target)
   finally:
@@ -182,6 +184,8 @@ SRUN = {  # what srun sets in each of its tasks (here: task 3 of 8 on two nodes)
     (distributed.Options(mode="off"), SRUN, None),
     (distributed.Options(), {"OMPI_COMM_WORLD_SIZE": "4"}, "ompi"),
     (distributed.Options(), {"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}, "tpu"),
+    # one host (what a command sets on a host without TPU chips: cli.NO_TPU_HOST_ENV)
+    (distributed.Options(), {"TPU_WORKER_HOSTNAMES": "localhost"}, None),
     (distributed.Options(coordinator_address="h0:1234", num_processes=2, process_id=1), {},
      "flags"),
     (distributed.Options(coordinator_address="h0:1234"), SRUN, "flags"),  # flags win
@@ -219,8 +223,9 @@ def test_bad_distributed_flags_fail_before_joining(options, message):
 PREPARED_WORKER = """
 import json, sys
 import jax, ml_collections, numpy as np
-from mae_jax import data, distributed, sharding
+from mae_jax import data
 from mae_jax.data import device_resize
+from mae_jax.train import distributed, sharding
 address, pid, data_dir, out = sys.argv[1:5]
 distributed.initialize(distributed.Options(coordinator_address=address, num_processes=2,
                                            process_id=int(pid)))

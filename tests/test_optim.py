@@ -7,7 +7,7 @@ import pytest
 
 from configs.default import get_config
 from helpers import tiny_model
-from mae_jax import config as config_lib, optim
+from mae_jax.train import config as config_lib, optim
 
 
 def test_decay_mask_excludes_exactly_biases_norms_and_tokens():

@@ -24,7 +24,9 @@ import pytest
 import torch
 from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
 
-from mae_jax import checkpoint, convert, mae, optim, posembed, vit
+from mae_jax.model import mae, posembed, vit
+from mae_jax.tools import convert
+from mae_jax.train import optim, param_dirs
 
 CASES = {
     "32px_p4": dict(image_size=32, patch_size=4, width=64, depth=2, num_heads=4,
@@ -106,7 +108,7 @@ class Reference:
     randomize_(self.hf, case, seed=0)
     self.hf.save_pretrained(tmp_dir / "hf")
     convert.import_checkpoint(str(tmp_dir / "hf"), str(tmp_dir / "mae_jax"))
-    self.params, self.fields = checkpoint.load_params(str(tmp_dir / "mae_jax"))
+    self.params, self.fields = param_dirs.load_params(str(tmp_dir / "mae_jax"))
     self.model = mae.MaskedAutoencoder(**self.fields)
     rng = np.random.default_rng(0)
     shape = (c["batch"], c["image_size"], c["image_size"], 3)

@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from helpers import tiny_config
-from mae_jax import config as config_lib, data
+from mae_jax import data
 from mae_jax.data import augment, decode, device_resize, pipeline
+from mae_jax.train import config as config_lib
 from mae_jax.data.source import ArraySource
 
 

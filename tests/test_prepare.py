@@ -14,8 +14,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mae_jax import data, prepare
+from mae_jax import data
 from mae_jax.data import prepared
+from mae_jax.tools import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""The one program builder (mae_jax.program): the benchmark times the trainer's program, on
+"""The one program builder (mae_jax.train.program): the benchmark times the trainer's program, on
 8 CPU devices with data=2 x fsdp=4, and the activation rules are what makes them one."""
 import collections
 import functools
@@ -8,8 +8,9 @@ import jax
 import pytest
 
 from helpers import tiny_config
-from mae_jax import bench, hlo, program, sharding, trainer
-from mae_jax import train_step as ts
+from mae_jax import trainer
+from mae_jax.tools import bench, hlo
+from mae_jax.train import program, sharding, train_step as ts
 
 MESH = {"mesh.data": 2, "mesh.fsdp": 4}
 

@@ -5,7 +5,6 @@ image files, bad configs and flags, unwritable and full workdirs. Real Orbax, no
 train.py subprocesses run on DEVICES simulated CPU devices and share a persistent XLA
 compilation cache, so only the first run of a config pays for compiling it.
 """
-import dataclasses
 import hashlib
 import json
 import os
@@ -20,14 +19,14 @@ import time
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
 import trainproc
 from helpers import ROOT, TINY, run_train_py, tiny_config
 from trainproc import assert_trees_equal, load_state, train_records, wait_stopped
-from mae_jax import checkpoint, config as config_lib, data, trainer
+from mae_jax import data, trainer
+from mae_jax.train import checkpoints, config as config_lib, workdirs
 
 TRAIN_PY = os.path.join(ROOT, "train.py")
 RECIPE = os.path.join(ROOT, "configs", "default.py")
@@ -90,7 +89,7 @@ def reference(tmp_path_factory, env):
   workdir = tmp_path_factory.mktemp("reference") / "run"
   proc = run_train(workdir, env)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert checkpoint.complete_steps(workdir / "checkpoints") == [12, 15, 18]
+  assert checkpoints.complete_steps(workdir / "checkpoints") == [12, 15, 18]
   return workdir
 
 
@@ -98,7 +97,7 @@ def copy_run(reference, tmp_path, keep_steps=None):
   """A copy of the reference workdir, with only `keep_steps` checkpoints if given."""
   workdir = tmp_path / "run"
   shutil.copytree(reference, workdir)
-  for step in checkpoint.complete_steps(workdir / "checkpoints"):
+  for step in checkpoints.complete_steps(workdir / "checkpoints"):
     if keep_steps is not None and step not in keep_steps:
       shutil.rmtree(workdir / "checkpoints" / str(step))
   return workdir
@@ -138,7 +137,7 @@ def test_sigkill_at_three_points_resumes_exactly(reference, env, tmp_path):
       s.writing and s.writing[-1] > max(s.complete, default=0) and s.writing[-1] > k1.logged),
       "during a checkpoint write")
   half = k2.writing[-1]
-  assert os.path.isdir(workdir / "checkpoints" / f"{half}{checkpoint.TMP_SUFFIX}")
+  assert os.path.isdir(workdir / "checkpoints" / f"{half}{checkpoints.TMP_SUFFIX}")
   # 3: between checkpoints again, later
   k3, log3 = run_and_kill(workdir, env, tmp_path / "3.log", lambda s: bool(
       s.complete and s.logged > s.complete[-1] and not s.writing and s.logged > half + 1),
@@ -146,7 +145,7 @@ def test_sigkill_at_three_points_resumes_exactly(reference, env, tmp_path):
   assert k1.logged < half < k3.logged  # three different steps
   # the half-written step was not taken: the run fell back to the previous one, and said so
   assert f"resuming from step {k2.complete[-1]}" in log3
-  assert (f"checkpoint step {half} was interrupted mid-write ({half}{checkpoint.TMP_SUFFIX})"
+  assert (f"checkpoint step {half} was interrupted mid-write ({half}{checkpoints.TMP_SUFFIX})"
           f": ignored, resuming from step {k2.complete[-1]}") in log3
   final = run_train(workdir, env)
   assert final.returncode == 0, final.stderr[-3000:]
@@ -165,7 +164,7 @@ def test_sigkill_at_three_points_resumes_exactly(reference, env, tmp_path):
   ref_summary = json.loads((reference / "summary.json").read_text())
   for key in ("test_masked_mse", "baseline_masked_mse", "final_train_loss"):
     assert summary[key] == ref_summary[key], key
-  assert checkpoint.interrupted_steps(workdir / "checkpoints") == []  # cleaned up
+  assert checkpoints.interrupted_steps(workdir / "checkpoints") == []  # cleaned up
 
 
 @pytest.mark.slow
@@ -197,7 +196,7 @@ def test_sigterm_and_sigint_save_exit_0_and_resume_exactly(reference, env, tmp_p
   assert code == 0, out[-3000:]
   assert "SIGTERM: saving a checkpoint at the next step, then stopping" in out
   first = stopped_at(out, "SIGTERM")
-  assert 4 <= first < STEPS and checkpoint.complete_steps(workdir / "checkpoints")[-1] == first
+  assert 4 <= first < STEPS and checkpoints.complete_steps(workdir / "checkpoints")[-1] == first
   assert "Traceback" not in out
 
   code, out = run_and_stop(workdir, env, tmp_path / "int.log", 2, signal.SIGINT)
@@ -206,7 +205,7 @@ def test_sigterm_and_sigint_save_exit_0_and_resume_exactly(reference, env, tmp_p
   assert "SIGINT: saving a checkpoint at the next step all processes reach" in out
   second = stopped_at(out, "SIGINT")
   assert first < second < STEPS
-  assert checkpoint.complete_steps(workdir / "checkpoints")[-1] == second
+  assert checkpoints.complete_steps(workdir / "checkpoints")[-1] == second
   assert "Traceback" not in out
 
   final = run_train(workdir, env)
@@ -223,7 +222,7 @@ def test_sigterm_and_sigint_save_exit_0_and_resume_exactly(reference, env, tmp_p
 # The loop of a run whose step never ends: only a second Ctrl-C can stop it at once.
 ENDLESS_STEP = """
 import time
-from mae_jax import distributed
+from mae_jax.train import distributed
 with distributed.GracefulStop() as stop:
   print("training", flush=True)
   while not stop.reached(1):
@@ -277,7 +276,7 @@ def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(reference, en
   assert line.startswith("error: non-finite loss, gradients or update at step 20 "), line
   assert f"last good checkpoint: step 19 in {workdir}/checkpoints;" in line, line
   assert "Traceback" not in proc.stderr
-  assert checkpoint.complete_steps(workdir / "checkpoints") == [15, 18, 19]
+  assert checkpoints.complete_steps(workdir / "checkpoints") == [15, 18, 19]
   for step in (15, 18, 19):
     assert all_finite(load_state(workdir, step)), step
   assert np.max(np.abs(load_state(workdir, 19)["params"]["patch_embed"]["kernel"])) > 1e20
@@ -331,7 +330,7 @@ def flip_byte(path):
     (lambda d: truncate(largest_file(d)), "is truncated"),
     (lambda d: flip_byte(largest_file(d)), "is corrupted"),
     (lambda d: os.remove(os.path.join(d, "default", "_METADATA")), "is missing"),
-    (lambda d: truncate(os.path.join(d, checkpoint.MANIFEST)), "unreadable manifest"),
+    (lambda d: truncate(os.path.join(d, checkpoints.MANIFEST)), "unreadable manifest"),
 ])
 def test_damaged_checkpoint_is_named(reference, tmp_path, damage, expected):
   workdir = copy_run(reference, tmp_path)
@@ -340,11 +339,11 @@ def test_damaged_checkpoint_is_named(reference, tmp_path, damage, expected):
   if "missing" in expected:
     victim = os.path.join(step_dir, "default", "_METADATA")
   elif "manifest" in expected:
-    victim = os.path.join(step_dir, checkpoint.MANIFEST)
+    victim = os.path.join(step_dir, checkpoints.MANIFEST)
   damage(step_dir)
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=3, every_steps=3)
+  ckpt = checkpoints.Checkpointer(workdir / "checkpoints", keep=3, every_steps=3)
   target = jax.tree.map(np.asarray, load_state(reference, STEPS))
-  with pytest.raises(checkpoint.CheckpointError) as e:
+  with pytest.raises(checkpoints.CheckpointError) as e:
     ckpt.restore_latest(target)
   message = str(e.value)
   assert message.startswith(f"checkpoint step {STEPS} is damaged: {victim}"), message
@@ -352,7 +351,7 @@ def test_damaged_checkpoint_is_named(reference, tmp_path, damage, expected):
   assert message.endswith(f"delete {step_dir} to resume from step 15")
   ckpt.close()
   shutil.rmtree(step_dir)  # as the message says: the previous checkpoint then restores
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=3, every_steps=3)
+  ckpt = checkpoints.Checkpointer(workdir / "checkpoints", keep=3, every_steps=3)
   state, step = ckpt.restore_latest(jax.tree.map(np.asarray, load_state(reference, 15)))
   assert step == 15
   assert_trees_equal(jax.device_get(state), load_state(reference, 15))
@@ -608,9 +607,10 @@ def test_train_py_bad_flag_is_one_line_exit_2(tmp_path, capsys, monkeypatch, fla
 
 def test_workdir_that_is_a_file_fails_before_training(tmp_path):
   (tmp_path / "taken").write_text("a file, not a directory")
-  for workdir in (tmp_path / "taken", tmp_path / "taken" / "run"):
-    with pytest.raises(checkpoint.CheckpointError, match="cannot write checkpoints there"), \
-        no_compilation():
+  for workdir, says in ((tmp_path / "taken", "--workdir .*/taken: is a file; expected a "
+                         "directory"), (tmp_path / "taken" / "run", "cannot write checkpoints "
+                                        "there .Not a directory")):
+    with pytest.raises(checkpoints.CheckpointError, match=says), no_compilation():
       trainer.train_and_evaluate(small_config(), str(workdir))
   assert (tmp_path / "taken").read_text() == "a file, not a directory"
 
@@ -646,7 +646,7 @@ def test_read_only_workdir_fails_before_training_and_keeps_its_checkpoints(refer
   undo = make_read_only(workdir)
   try:
     before = tree_digest(workdir)
-    with pytest.raises(checkpoint.CheckpointError) as e, no_compilation():
+    with pytest.raises(checkpoints.CheckpointError) as e, no_compilation():
       trainer.train_and_evaluate(small_config(), str(workdir))
     assert re.fullmatch(rf"{workdir}/checkpoints: cannot write checkpoints there "
                         r"\((Permission denied|Operation not permitted)\); choose another "
@@ -673,18 +673,18 @@ def test_full_disk_mid_run_is_a_clear_error_and_keeps_the_last_checkpoint(refere
   assert "File too large" in line and line.endswith("the last complete checkpoint, step 12, "
                                                     "is intact"), line
   assert "resuming from step 12" in proc.stdout
-  assert checkpoint.complete_steps(workdir / "checkpoints") == [12]
+  assert checkpoints.complete_steps(workdir / "checkpoints") == [12]
   assert tree_digest(workdir / "checkpoints" / "12") == before
-  assert checkpoint.verify(str(workdir / "checkpoints" / "12"), 12, "")  # manifest holds
+  assert checkpoints.verify(str(workdir / "checkpoints" / "12"), 12, "")  # manifest holds
   assert_trees_equal(load_state(workdir, 12), load_state(reference, 12))
 
 
 def test_disk_space_is_checked_before_training(tmp_path):
   free = shutil.disk_usage(tmp_path).free
-  checkpoint.check_space(str(tmp_path), free // 2)
-  with pytest.raises(checkpoint.CheckpointError, match=r"MiB free, but one checkpoint of this "
+  checkpoints.check_space(str(tmp_path), free // 2)
+  with pytest.raises(checkpoints.CheckpointError, match=r"MiB free, but one checkpoint of this "
                      r"run needs"):
-    checkpoint.check_space(str(tmp_path), free + 2**40)
+    checkpoints.check_space(str(tmp_path), free + 2**40)
 
 
 # --- 9: one run per workdir -------------------------------------------------------------
@@ -702,7 +702,7 @@ def wait_for(predicate, proc, timeout=300):
 
 def lock_holder(workdir):
   try:
-    return json.loads((workdir / checkpoint.LOCK_FILE).read_text())
+    return json.loads((workdir / workdirs.LOCK_FILE).read_text())
   except (OSError, ValueError):
     return None
 
@@ -737,31 +737,31 @@ def test_one_run_per_workdir_and_a_dead_runs_lock_is_taken_over(reference, env, 
   assert third.returncode == 0, third.stderr[-3000:]
   assert (f"took over {workdir}/run.lock, left by a run that is no longer running (pid "
           f"{first.pid} on host {holder['host']}") in third.stdout
-  assert not (workdir / checkpoint.LOCK_FILE).exists()
-  assert checkpoint.complete_steps(workdir / "checkpoints")[-1] == STEPS
+  assert not (workdir / workdirs.LOCK_FILE).exists()
+  assert checkpoints.complete_steps(workdir / "checkpoints")[-1] == STEPS
   assert_trees_equal(load_state(workdir, STEPS), load_state(reference, STEPS))
 
 
 def test_workdir_lock_in_process(tmp_path):
   """Held: a second holder in another process is refused; released: the file is gone and
   the workdir free again; a lock file whose holder died is taken over, naming it."""
-  lock = checkpoint.WorkdirLock(tmp_path).acquire()
-  probe = ("import sys; from mae_jax import checkpoint\n"
-           "try:\n  checkpoint.WorkdirLock(sys.argv[1]).acquire()\n"
-           "except checkpoint.CheckpointError as e:\n  print(e); sys.exit(2)\n")
+  lock = workdirs.WorkdirLock(tmp_path).acquire()
+  probe = ("import sys; from mae_jax.train import checkpoints, workdirs\n"
+           "try:\n  workdirs.WorkdirLock(sys.argv[1]).acquire()\n"
+           "except checkpoints.CheckpointError as e:\n  print(e); sys.exit(2)\n")
   other = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True,
                          text=True, cwd=ROOT, timeout=120)
   assert other.returncode == 2 and f"pid {os.getpid()} on host" in other.stdout, other
   lock.release()
-  assert not (tmp_path / checkpoint.LOCK_FILE).exists()
+  assert not (tmp_path / workdirs.LOCK_FILE).exists()
   dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                         capture_output=True, text=True, check=True)
-  (tmp_path / checkpoint.LOCK_FILE).write_text(json.dumps(
+  (tmp_path / workdirs.LOCK_FILE).write_text(json.dumps(
       {"host": socket.gethostname(), "pid": int(dead.stdout), "started": "then"}))
-  with checkpoint.WorkdirLock(tmp_path) as again:
+  with workdirs.WorkdirLock(tmp_path) as again:
     assert f"pid {int(dead.stdout)} on host" in again.note
     assert lock_holder(tmp_path)["pid"] == os.getpid()
-  assert not (tmp_path / checkpoint.LOCK_FILE).exists()
+  assert not (tmp_path / workdirs.LOCK_FILE).exists()
 
 
 # --- 10: resuming with a changed config ---------------------------------------------------
@@ -786,7 +786,7 @@ def test_resume_with_changed_config_is_refused_listing_the_fields(reference, tmp
   assert "--config.allow_config_change=True" in message
   assert tree_digest(workdir) == before
   same = small_config({"stop_after_steps": 1, "log_every_steps": 5, "mesh.fsdp": 2})
-  assert config_lib.changed_fields(same, checkpoint.load_config_dict(workdir)) == []
+  assert config_lib.changed_fields(same, workdirs.load_config_dict(workdir)) == []
 
 
 @pytest.mark.slow
@@ -799,7 +799,7 @@ def test_allowed_config_change_keeps_every_launchs_config(reference, tmp_path):
   changed = {"seed": 1, "num_steps": STEPS + 2, "allow_config_change": True}
   trainer.train_and_evaluate(small_config(changed), str(workdir))
   assert (workdir / "config.json").read_bytes() == first
-  history = [os.path.basename(p) for p in checkpoint.launch_configs(workdir)]
+  history = [os.path.basename(p) for p in workdirs.launch_configs(workdir)]
   assert history == ["launch-001-step-0.json", f"launch-002-step-{STEPS}.json"]
   second = json.loads((workdir / "configs" / history[1]).read_text())
   assert (second["seed"], second["num_steps"]) == (1, STEPS + 2)
@@ -808,7 +808,7 @@ def test_allowed_config_change_keeps_every_launchs_config(reference, tmp_path):
   again = small_config({"seed": 1, "num_steps": STEPS + 2})  # the latest launch's values
   state, _ = trainer.train_and_evaluate(again, str(workdir))  # not refused: nothing changed
   assert int(state.step) == STEPS + 2
-  assert len(checkpoint.launch_configs(workdir)) == 3
+  assert len(workdirs.launch_configs(workdir)) == 3
   del log
 
 
@@ -820,22 +820,22 @@ def test_nonfinite_restored_state_is_a_damaged_checkpoint(tmp_path):
   in an exponent gives) is reported as damaged, naming the leaf and the fallback step,
   instead of being trained on."""
   import jax.numpy as jnp
-  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), keep=3, every_steps=1,
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "c"), keep=3, every_steps=1,
                                  async_save=False)
   good = {"params": {"w": jnp.ones(4)}, "opt_state": {"mu": jnp.zeros(4)},
           "step": jnp.int32(1)}
   ckpt.save(1, good)
   ckpt.save(2, dict(good, opt_state={"mu": jnp.array([0.0, 0.0, jnp.nan, 0.0])}))
   ckpt.wait()
-  (tmp_path / "c" / "2" / checkpoint.MANIFEST).unlink()
-  with pytest.raises(checkpoint.CheckpointError) as e:
+  (tmp_path / "c" / "2" / checkpoints.MANIFEST).unlink()
+  with pytest.raises(checkpoints.CheckpointError) as e:
     ckpt.restore_latest(good)
   assert str(e.value) == (
       f"checkpoint step 2 is damaged ({tmp_path}/c/2): NaN or infinite values in "
       f"opt_state/mu; delete {tmp_path}/c/2 to resume from step 1")
   ckpt.close()
   shutil.rmtree(tmp_path / "c" / "2")  # as the message says; the next launch resumes
-  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), keep=3, every_steps=1)
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "c"), keep=3, every_steps=1)
   state, step = ckpt.restore_latest(good)
   assert step == 1 and all_finite(jax.device_get(state))
   ckpt.close()
@@ -881,7 +881,7 @@ def test_missing_config_json_never_leads_to_deleting_checkpoints(reference, tmp_
   (workdir / "config.json").unlink()
   shutil.rmtree(workdir / "configs")
   before = tree_digest(workdir / "checkpoints")
-  with pytest.raises(checkpoint.CheckpointError) as e:
+  with pytest.raises(checkpoints.CheckpointError) as e:
     trainer.train_and_evaluate(small_config({"model.width": 64}), str(workdir))
   message = str(e.value)
   assert message.startswith("checkpoint step 18 cannot be restored: "), message

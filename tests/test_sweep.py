@@ -15,7 +15,10 @@ from ml_collections import config_dict
 
 from configs.default import get_config
 from helpers import ROOT, TINY, exit_code
-from mae_jax import config as config_lib, conv_mae, data, mae, models, sweep
+from mae_jax import data
+from mae_jax.model import mae, sizes
+from mae_jax.tools import conv_mae, sweep
+from mae_jax.train import config as config_lib
 
 # The tiny run (helpers.TINY), 4 steps.
 VIT_OVERRIDES = {**TINY, "num_steps": 4, "optim.warmup_steps": 1, "log_every_steps": 2,
@@ -424,10 +427,10 @@ def conv_config():
 
 def test_encoder_tokens_picks_the_w_mask_token_model():
   config = get_config()
-  assert type(models.build_model(config, "cpu")) is mae.MaskedAutoencoder
+  assert type(sizes.build_model(config, "cpu")) is mae.MaskedAutoencoder
   with config.unlocked():
     config.model.encoder_tokens = "all"
-  model = models.build_model(config, "cpu")
+  model = sizes.build_model(config, "cpu")
   assert type(model) is mae.AllTokensMAE
   params = jax.jit(model.init)({"params": jax.random.key(0), "mask": jax.random.key(1)},
                                jnp.zeros((2, 28, 28, 1)))["params"]

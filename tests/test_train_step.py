@@ -7,7 +7,8 @@ import pytest
 
 from configs.default import get_config
 from helpers import as_overrides, model_fields, random_batches, set_fields
-from mae_jax import models, optim, sharding, train_step as ts
+from mae_jax.model import sizes
+from mae_jax.train import optim, sharding, train_step as ts
 
 
 STEPS = 5  # steps of the mesh comparisons
@@ -35,7 +36,7 @@ def fast_config(**mesh):
 
 def run_steps(config, devices, batches, steps, accum_steps=1):
   """Train `steps` steps on a mesh over `devices`; returns (losses, params, state)."""
-  model = models.build_model(config, "cpu")
+  model = sizes.build_model(config, "cpu")
   tx, schedule = optim.make_optimizer(config.optim, config.batch_size, 2, max(steps, 10))
   mesh = sharding.make_mesh(config.mesh, devices)
   shape = (16, 16, 3)
@@ -105,7 +106,7 @@ def test_gradient_accumulation_is_a_mean_over_micro_batches():
   """The accumulated gradient equals the mean of the micro-batch gradients, each taken on
   its own rows (i, i + A, ...) and masks: checks the split, not just the total."""
   c = step_config(data=-1, fsdp=1)
-  model = models.build_model(c, "cpu")
+  model = sizes.build_model(c, "cpu")
   params = jax.jit(model.init)({"params": jax.random.key(0), "mask": jax.random.key(1)},
                                np.zeros((1, 16, 16, 3), np.float32))["params"]
   images = np.random.default_rng(0).normal(size=(16, 16, 16, 3)).astype(np.float32)

@@ -10,7 +10,8 @@ import pytest
 
 from configs.default import get_config
 from helpers import ROOT, run_train_py, synthetic_config
-from mae_jax import checkpoint, config as config_lib, trainer
+from mae_jax import trainer
+from mae_jax.train import checkpoints, config as config_lib
 
 
 def params_of(state):
@@ -32,7 +33,7 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path):
 
 def test_save_restore_is_exact(tmp_path):
   state, _ = trainer.train_and_evaluate(synthetic_config(num_steps=2), str(tmp_path))
-  ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", keep=2, every_steps=1)
+  ckpt = checkpoints.Checkpointer(tmp_path / "checkpoints", keep=2, every_steps=1)
   assert ckpt.latest_step() == 2
   restored = ckpt.restore(2, state)
   for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(restored))):
@@ -104,6 +105,10 @@ def test_bad_config_names_the_field(overrides, field):
     (["--config.model.mask_strategy=spiral"], "model.mask_strategy"),
     (["--config.data.name=no_such_dataset_xyz"], "data.name"),
     (["--config.data.data_dir=/nonexistent/dir"], "data.data_dir"),
+    # a patch size that does not divide the image size: blamed on the field given
+    (["--config.model.variant=B/15"], "config.model.variant: 'B/15' gives patch size 15"),
+    (["--config.data.image_size=30"], "config.data.image_size: 30 is not a positive"),
+    (["--config.model.patch_size=5"], "config.model.patch_size: 5 gives patch size 5"),
 ])
 def test_train_py_bad_input_is_one_line_exit_2(tmp_path, capsys, flags, field):
   """train.py's flag parsing and main, in-process: the config is refused before any work."""

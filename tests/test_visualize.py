@@ -1,4 +1,4 @@
-"""mae_jax.pretrained and python -m mae_jax.visualize: workdirs and converted checkpoints."""
+"""mae_jax.train.pretrained and python -m mae_jax.visualize: workdirs and converted checkpoints."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,8 +6,10 @@ import pytest
 from PIL import Image
 
 from helpers import model_fields, official_state, save_pth, synthetic_config
-from mae_jax import convert, mae, pretrained, trainer, visualize
-from mae_jax import train_step as ts
+from mae_jax import trainer
+from mae_jax.model import mae
+from mae_jax.tools import convert, visualize
+from mae_jax.train import pretrained, train_step as ts
 
 FIELDS = model_fields(num_heads=4, mlp_ratio=4.0, decoder_width=16, mask_ratio=0.75)
 
@@ -38,7 +40,7 @@ def test_load_workdir_gives_the_trained_params(workdir):
   assert (pre.model.width, pre.model.image_size, pre.model.channels) == (32, 16, 1)
 
 
-def test_visualize_a_workdir_reproduces_its_test_mse(workdir, tmp_path, capsys):
+def test_visualize_a_workdir_reproduces_its_test_mse(workdir, tmp_path, capsys, caplog):
   """The loaded model, on the workdir's test images with the trainer's eval masks, gives
   the trainer's own test MSE (the split is 64 synthetic images, one eval batch)."""
   path, _, results = workdir
@@ -54,8 +56,11 @@ def test_visualize_a_workdir_reproduces_its_test_mse(workdir, tmp_path, capsys):
   out_ = step(pre.params, {"image": images, "valid": np.ones(len(images), bool)})
   np.testing.assert_allclose(float(out_["sq_err"] / out_["count"]),
                              results["test_masked_mse"], rtol=1e-5)
+  caplog.clear()
   assert visualize.main([str(path), "--out", str(out), "--num_images", "4"]) == 0
   assert "masked-patch MSE" in capsys.readouterr().out
+  warnings = [r.getMessage() for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+  assert not warnings  # reading a workdir says nothing about reading it
   with Image.open(out) as png:  # 4 rows x 4 images of 16 px + 2 px padding, scaled x7
     assert png.size == ((4 * 18 + 2) * 7, (4 * 18 + 2) * 7)
 

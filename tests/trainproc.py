@@ -159,12 +159,12 @@ class Snapshot:
 
 
 def snapshot(workdir, first_record):
-  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mae_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
   ckpts = os.path.join(workdir, "checkpoints")
-  writing = ([s for s, _ in checkpoint.interrupted_steps(ckpts)] if os.path.isdir(ckpts)
+  writing = ([s for s, _ in checkpoints.interrupted_steps(ckpts)] if os.path.isdir(ckpts)
              else [])
   logged = max((r["step"] for r in train_records(workdir)[first_record:]), default=0)
-  return Snapshot(checkpoint.complete_steps(ckpts), writing, logged)
+  return Snapshot(checkpoints.complete_steps(ckpts), writing, logged)
 
 
 def wait_stopped(pid, timeout=30):

@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax.data import augment as augment_lib
-from mae_jax.data import decode as decode_lib
+from mae_jax.data import augment as augment_lib, decode as decode_lib
 
 # Bucket side / image_size: regions (crop + kernel margin) up to twice image_size per side
 # fit, as every crop of a 384 px prepared image at 224 px does; larger ones are resized on

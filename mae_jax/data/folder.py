@@ -24,8 +24,7 @@ import numpy as np
 from absl import logging
 
 from mae_jax import paths as paths_lib
-from mae_jax.data import decode as decode_lib
-from mae_jax.data import source as source_lib
+from mae_jax.data import decode as decode_lib, source as source_lib
 from mae_jax.data.source import DatasetError, EncodedSource
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")

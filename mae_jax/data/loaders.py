@@ -1,6 +1,6 @@
 """`load_source(data_config, split)`: data.name -> the loader of that kind of source."""
 from mae_jax.data import folder, idx, prepared, synthetic, tfds_source
-from mae_jax.data.source import SPLITS, DatasetError, Source, Subset
+from mae_jax.data.source import DatasetError, SPLITS, Source, Subset
 
 # data.name -> loader(data_config, split); every other name is looked up in TFDS.
 LOADERS = {

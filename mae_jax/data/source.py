@@ -8,9 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from mae_jax.data import augment as augment_lib
-from mae_jax.data import decode as decode_lib
-from mae_jax.data import device_resize
+from mae_jax.data import augment as augment_lib, decode as decode_lib, device_resize
 from mae_jax.data.errors import DatasetError  # pylint: disable=unused-import (re-exported)
 
 # Normalisation stats in each dataset's own channels, on [0, 1] pixels: (mean, std).

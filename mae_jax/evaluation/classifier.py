@@ -13,7 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mae_jax.vit import ENCODER_FIELDS, dense, encoder_of, layer_norm
+from mae_jax.model.vit import ENCODER_FIELDS, dense, encoder_of, layer_norm
 
 POOLS = ("avg", "cls")
 POS_EMBEDS = ("learned", "fixed")  # the fine-tuning config's finetune.pos_embed

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax import data, pretrained, program, sharding
+from mae_jax import data
+from mae_jax.train import pretrained, program, sharding
 
 KINDS = ("cls", "avg", "pixels")
 

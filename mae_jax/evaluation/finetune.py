@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 
-from mae_jax import config as config_lib, data, loop, paths, program, sharding
+from mae_jax import data, paths
 from mae_jax.evaluation import augment, classifier, optimizers
+from mae_jax.train import config as config_lib, loop, program, sharding
 
 
 @flax.struct.dataclass
@@ -58,7 +59,7 @@ HISTORY_FILE = "history.json"  # test top-1 by step, kept across launches of one
 
 
 class Finetuner:
-  """The classifier, its program (mae_jax.program.build) and the loop's Job of one
+  """The classifier, its program (mae_jax.train.program.build) and the loop's Job of one
   fine-tuning run in a workdir (checkpoints, logs, the classifier at the end)."""
 
   def __init__(self, mae_model, cfg, *, train_src, test_src, mesh, seed, image_size,
@@ -142,7 +143,7 @@ class Finetuner:
 
   def job(self, workdir, job_config, mae_params, num_workers=0):
     """The loop's Job: checkpoints, logs and history in `workdir`; `job_config` is what a
-    resume is compared against (mae_jax.evaluate.Evaluation.job_config)."""
+    resume is compared against (mae_jax.tools.evaluate.Evaluation.job_config)."""
     cfg, dur = self.cfg, self.dur
     every = cfg.eval_every_epochs and max(1, round(cfg.eval_every_epochs * dur.steps_per_epoch))
 

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax import config as config_lib, data, program, sharding
+from mae_jax import data
 from mae_jax.evaluation import features as features_lib
+from mae_jax.train import config as config_lib, program, sharding
 
 # The monitor's vote (the evaluation's own values live in configs/eval.py).
 MONITOR_K, MONITOR_TEMPERATURE, MONITOR_FEATURES = 20, 0.07, "cls"

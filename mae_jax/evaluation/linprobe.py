@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mae_jax import config as config_lib, data, loop, program, sharding
+from mae_jax import data
 from mae_jax.evaluation import classifier, optimizers
+from mae_jax.train import config as config_lib, loop, program, sharding
 
 
 class LinearProbe(nn.Module):

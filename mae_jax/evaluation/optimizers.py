@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mae_jax import optim
+from mae_jax.train import optim
 
 # Leaves at the bottom of the network for layer-wise decay (layer id 0); blocks are 1..depth,
 # everything else (final norms, head) depth + 1.

@@ -44,11 +44,13 @@ def _int_env(env, name, default=0):
 
 
 def _in_cloud_tpu_vm(env):
-  """A Cloud TPU VM, as JAX's own start-up detected it (or a TPU pod's environment)."""
+  """A Cloud TPU VM, as JAX's own start-up detected it, or a TPU pod's environment (more
+  than one worker: TPU_WORKER_HOSTNAMES=localhost is a single host, cli.NO_TPU_HOST_ENV)."""
   from jax._src import cloud_tpu_init  # the flag JAX sets on import; no public equivalent
-  tpu_env = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS")
-  return (getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False)
-          or any(env.get(name) for name in tpu_env))
+  workers = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+  return (getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False) or len(workers) > 1
+          or any(env.get(name) for name in ("TPU_PROCESS_ADDRESSES",
+                                            "MEGASCALE_COORDINATOR_ADDRESS")))
 
 
 def launch_kind(opts: Options, env: Mapping[str, str] = os.environ) -> str | None:

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mae_jax import kernels, patches, posembed
+from mae_jax.model import kernels, patches, posembed
 
 Dtype = Any
 xavier = nn.initializers.xavier_uniform()
@@ -30,7 +30,7 @@ def dense(features, name, dtype, param_dtype, platform=None, matmul="auto",
 
 def batch_split(x):
   """x with its leading axis named "batch": split over the mesh's batch axes in every
-  program mae_jax.program builds (sharding.LOGICAL_RULES), unconstrained elsewhere (a
+  program mae_jax.train.program builds (sharding.LOGICAL_RULES), unconstrained elsewhere (a
   plain model.apply). See sharding.LOGICAL_RULES for why."""
   return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
 

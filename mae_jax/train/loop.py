@@ -11,7 +11,7 @@ probe, the conv baseline) runs here, with the same guarantees (docs/reliability.
 - progress lines, TensorBoard and metrics.jsonl, and the share of time spent waiting for
   input; a gs:// workdir gets its logs with each checkpoint.
 
-A job gives the loop its program (mae_jax.program.build), its batches from a step on and
+A job gives the loop its program (mae_jax.train.program.build), its batches from a step on and
 its config; `run` does the rest and hands a finished job's state to the job's `finish`
 while the workdir is still held.
 """
@@ -23,8 +23,9 @@ from typing import Any, Callable, Iterator
 import jax
 import ml_collections
 
-from mae_jax import checkpoint, config as config_lib, distributed, paths
-from mae_jax.logger import InputWait, Logger
+from mae_jax import paths
+from mae_jax.train import checkpoints, config as config_lib, distributed, workdirs
+from mae_jax.train.logger import InputWait, Logger
 
 KINDS = {"pretrain": "pretraining", "finetune": "fine-tuning", "linprobe": "linear probe",
          "conv_mae": "conv baseline"}
@@ -41,7 +42,7 @@ class Job:
   config: saved with each launch and compared on resume. The loop reads its seed,
   checkpoint_every_steps, keep_checkpoints, log_every_steps, stop_after_steps,
   allow_config_change, and skip_nonfinite / data.input_wait_warn where present.
-  program: a mae_jax.program.Program (init, step, abstract_state).
+  program: a mae_jax.train.program.Program (init, step, abstract_state).
   batches(start): global batches of steps start + 1, start + 2, ...
   fresh_state(): the state at step 0 (default: program.init of the seed's key).
   check_resume(saved): raises ConfigError where the saved config (a dict) describes a job
@@ -85,7 +86,7 @@ class Outcome:
 def check_kind(workdir, kind, saved=None):
   """Refuse a workdir written by another kind of job (config.json's "job"; workdirs from
   before it was recorded are pretraining's). `saved`: its config, where already read."""
-  saved = checkpoint.load_config_dict(workdir) if saved is None else saved
+  saved = workdirs.load_config_dict(workdir) if saved is None else saved
   theirs = None if saved is None else saved.get("job", "pretrain")
   if theirs not in (None, kind):
     raise config_lib.ConfigError(
@@ -109,7 +110,7 @@ def check_identity(config, workdir, fields, saved):
 def check_before_start(job):
   """The saved config against this launch's, before anything compiles; notes of changes
   allowed by allow_config_change."""
-  saved = checkpoint.load_config_dict(job.workdir)
+  saved = workdirs.load_config_dict(job.workdir)
   if saved is None:
     return saved
   check_kind(job.workdir, job.kind, saved)
@@ -139,11 +140,11 @@ def run(job, finish=None):
   """Run `job` in its workdir to the end (or to a stop); `finish(outcome, logger)` runs on
   a complete job while the workdir is still held. Returns (outcome, what finish returned).
   """
-  checkpoint.check_workdir(job.workdir)
+  checkpoints.check_workdir(job.workdir)
   check_path("--workdir", job.workdir)
   # the lock file needs a writable workdir; an unwritable one is named for its checkpoints
-  checkpoint.check_writable(paths.join(job.workdir, "checkpoints"))
-  lock = checkpoint.lock_workdir(job.workdir)  # before anything in the workdir is touched
+  checkpoints.check_writable(paths.join(job.workdir, "checkpoints"))
+  lock = workdirs.lock_workdir(job.workdir)  # before anything in the workdir is touched
   try:
     return run_locked(job, lock, finish)
   finally:
@@ -154,13 +155,13 @@ def run(job, finish=None):
 def run_locked(job, lock, finish):
   cfg = job.config
   saved = check_before_start(job)
-  ckpt = checkpoint.Checkpointer(paths.join(job.workdir, "checkpoints"),
+  ckpt = checkpoints.Checkpointer(paths.join(job.workdir, "checkpoints"),
                                  keep=cfg.keep_checkpoints,
                                  every_steps=cfg.checkpoint_every_steps)
   state, restored = start_state(job, ckpt, saved)
   if restored is not None and job.on_resume is not None:
     job.on_resume(restored)
-  checkpoint.save_config(cfg, job.workdir, int(state.step), job=job.kind)
+  workdirs.save_config(cfg, job.workdir, int(state.step), job=job.kind)
   logger = Logger(job.workdir, job.total_steps, int(state.step))
   if job.describe is not None:
     logger.info(job.describe(restored))
@@ -275,8 +276,8 @@ def sync_logs(logger, workdir):
   try:
     logger.sync()
   except Exception as e:  # gcsfs raises OSError, aiohttp and google-auth errors
-    raise checkpoint.CheckpointError(f"cannot copy the run's logs to {workdir}: "
-                                     f"{checkpoint.gcs_reason(e)}") from e
+    raise checkpoints.CheckpointError(f"cannot copy the run's logs to {workdir}: "
+                                     f"{checkpoints.gcs_reason(e)}") from e
 
 
 def check_path(flag, path):

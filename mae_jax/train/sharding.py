@@ -6,7 +6,7 @@ XLA all-gathers it where it is used and reduce-scatters its gradient.
 
 Activations carry logical axis names (`nn.with_logical_constraint(x, ("batch", ...))` in
 the model); LOGICAL_RULES maps them to mesh axes, and `activation_rules(mesh)` puts them
-in force while a program traces. Only the program builder (mae_jax.program) enters it, for
+in force while a program traces. Only the program builder (mae_jax.train.program) enters it, for
 every program it jits, so a model means the same sharding whoever asks for its program.
 """
 import collections

@@ -1,7 +1,7 @@
 """Model presets: one size table decodes "Ti/16", "S/16", "B/16", "L/16", "H/14"."""
 import jax.numpy as jnp
 
-from mae_jax.mae import ENCODERS
+from mae_jax.model.mae import ENCODERS
 
 # name -> (width, depth, heads); MLP ratio 4 throughout (ViT, Dosovitskiy et al. Table 1).
 # "Mu" is not from the paper: a micro encoder for CPU demos on 28 x 28 images.

@@ -13,7 +13,7 @@ Conventions (those of model-FLOPs utilization, PaLM App. B):
     as `MaskedAutoencoder` computes them. `encoder_tokens="all"` counts the variant
     whose encoder sees all 1 + N tokens (mask tokens in the encoder, paper Table 2).
 """
-from mae_jax import masking
+from mae_jax.model import masking
 
 # How many tokens the encoder processes: (num_patches N, num_visible K) -> tokens.
 ENCODER_TOKENS = {

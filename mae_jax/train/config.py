@@ -8,7 +8,9 @@ import re
 import jax
 import ml_collections
 
-from mae_jax import cli, kernels, masking, models, sharding, vit
+from mae_jax import cli
+from mae_jax.model import kernels, masking, sizes, vit
+from mae_jax.train import sharding
 
 
 class ConfigError(ValueError):
@@ -48,18 +50,19 @@ def _check_number(value, field, minimum, *, strict=False, below=None, optional=F
          f"{value!r} must be a finite number {expected}" + (" (or None)" if optional else ""))
 
 
-def validate_model(config):
-  """Model fields: a known variant, consistent sizes, a mask that leaves patches visible."""
+def validate_model(config, explicit=()):
+  """Model fields: a known variant, consistent sizes, a mask that leaves patches visible.
+  `explicit`: the fields given on the command line, which an error blames first."""
   m = config.model
   _check_choice(m.mask_strategy, "model.mask_strategy", sorted(masking.STRATEGIES))
-  _check_choice(m.dtype, "model.dtype", sorted(models.DTYPES))
+  _check_choice(m.dtype, "model.dtype", sorted(sizes.DTYPES))
   _check_choice(m.remat, "model.remat", sorted(vit.REMAT_POLICIES))
   _check_choice(m.attn_impl, "model.attn_impl", [None, "xla", "cudnn"])
   _check_choice(m.matmul, "model.matmul", list(kernels.MATMULS))
   _check_choice(m.get("encoder_tokens", "visible"), "model.encoder_tokens",
-                sorted(models.ENCODERS))
+                sorted(sizes.ENCODERS))
   try:
-    kw = models.model_kwargs(m, config.data.image_size, config.data.channels)
+    kw = sizes.model_kwargs(m, config.data.image_size, config.data.channels)
   except ValueError as e:
     raise ConfigError(f"config.{e}") from None
   for field in ("width", "depth", "num_heads", "patch_size", "decoder_width", "decoder_depth",
@@ -67,8 +70,13 @@ def validate_model(config):
     _check_int(kw[field], f"model.{field}", 1)
   _check_int(kw["image_size"], "data.image_size", 1)
   _check_number(m.mlp_ratio, "model.mlp_ratio", 0, strict=True)
-  _check(kw["image_size"] % kw["patch_size"] == 0, "data.image_size",
-         f"{kw['image_size']} is not a positive multiple of the patch size {kw['patch_size']}")
+  if kw["image_size"] % kw["patch_size"]:  # blamed on the field the user set
+    patch_field = "model.patch_size" if m.get("patch_size") is not None else "model.variant"
+    _check(patch_field not in explicit or "data.image_size" in explicit, patch_field,
+           f"{m.patch_size if patch_field == 'model.patch_size' else m.variant!r} gives patch "
+           f"size {kw['patch_size']}, which does not divide data.image_size {kw['image_size']}")
+    _check(False, "data.image_size", f"{kw['image_size']} is not a positive multiple of the "
+           f"patch size {kw['patch_size']} ({patch_field})")
   _check(kw["width"] % 4 == 0, "model.width", f"{kw['width']} must be divisible by 4 (2D sin-cos)")
   _check(kw["decoder_width"] % 4 == 0, "model.decoder_width",
          f"{kw['decoder_width']} must be divisible by 4")
@@ -136,9 +144,10 @@ def validate_run(config):
                 optional=True)
 
 
-def validate(config, num_devices=None):
-  """Raise ConfigError on the first field that cannot work."""
-  validate_model(config)
+def validate(config, num_devices=None, explicit=()):
+  """Raise ConfigError on the first field that cannot work (`explicit`: the fields given on
+  the command line, blamed first where two fields conflict)."""
+  validate_model(config, explicit)
   validate_data(config)
   validate_optim(config)
   validate_run(config)
@@ -243,7 +252,7 @@ def model_shape(config):
   a saved config.json), the variant decoded."""
   if isinstance(config, dict):
     config = ml_collections.ConfigDict(config)
-  kw = models.model_kwargs(config.model, config.data.image_size, config.data.channels)
+  kw = sizes.model_kwargs(config.model, config.data.image_size, config.data.channels)
   return {path: kw[key] for key, path in SHAPE_FIELDS.items()}
 
 

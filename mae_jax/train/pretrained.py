@@ -19,10 +19,11 @@ import ml_collections
 import optax
 import orbax.checkpoint as ocp
 
-from mae_jax import checkpoint, data, models, paths, program, sharding
-from mae_jax import train_step as ts
+from mae_jax import data, paths
+from mae_jax.model import sizes
+from mae_jax.train import checkpoints, param_dirs, program, sharding, train_step as ts, workdirs
 from mae_jax.data.source import KNOWN_STATS
-from mae_jax.mae import MaskedAutoencoder
+from mae_jax.model.mae import MaskedAutoencoder
 
 IMAGENET_STATS = KNOWN_STATS["imagenet2012"]
 
@@ -43,7 +44,7 @@ class Pretrained:
 
 
 def is_converted(path):
-  return checkpoint.is_params_dir(path)
+  return param_dirs.is_params_dir(path)
 
 
 def is_workdir(path):
@@ -69,12 +70,12 @@ def model_of(path, platform=None):
   kernels are those of `platform` (None: the platform of jax.devices())."""
   platform = platform or jax.devices()[0].platform
   if is_converted(path):
-    fields = checkpoint.read_meta(path)["model"]
+    fields = param_dirs.read_meta(path)["model"]
     return MaskedAutoencoder(**dict(fields, platform=platform)), None
   if is_workdir(path):
-    config = ml_collections.ConfigDict(checkpoint.load_config_dict(path))
+    config = ml_collections.ConfigDict(workdirs.load_config_dict(path))
     try:
-      return models.build_model(config, platform), config
+      return sizes.build_model(config, platform), config
     except (AttributeError, KeyError, TypeError, ValueError) as e:
       raise PretrainedError(f"{path}/config.json: does not describe a model "
                             f"({type(e).__name__}: {e}); expected train.py's config") from None
@@ -115,8 +116,8 @@ def _platform(mesh):
 
 def load_converted(path, mesh=None):
   model, _ = model_of(path, _platform(mesh))
-  params, fields = checkpoint.load_params(path, target=abstract_params(model, mesh))
-  meta = checkpoint.read_meta(path)
+  params, fields = param_dirs.load_params(path, target=abstract_params(model, mesh))
+  meta = param_dirs.read_meta(path)
   mean, std = IMAGENET_STATS if fields["channels"] == 3 else ((0.5,), (0.5,))
   return Pretrained(model, params, mean, std, bool(meta.get("norm_pix_loss")),
                     f"converted {meta.get('source')}")
@@ -126,11 +127,11 @@ def restore_params(path, model, step=None, mesh=None):
   """(params, step) of a workdir's checkpoint (the latest where step is None).
 
   Only the params are read (an Orbax partial restore), after the step's files are checked
-  against its manifest: the optimizer state, however large, never leaves the disk. The
-  manager is read-only, so a run still writing into the workdir is left alone.
+  against its manifest: the optimizer state, however large, never leaves the disk. Only the
+  step's files are read, so a run still writing into the workdir is left alone.
   """
   directory = paths.absolute(paths.join(path, "checkpoints"))
-  steps = checkpoint.complete_steps(directory)
+  steps = checkpoints.complete_steps(directory)
   step = (steps[-1] if steps else None) if step is None else step
   if step not in steps:
     raise PretrainedError(f"{path}: no checkpoint of step {step} in {directory} (it has "
@@ -140,21 +141,18 @@ def restore_params(path, model, step=None, mesh=None):
   earlier = [s for s in steps if s < step]
   hint = (f"use another step (step {earlier[-1]} is the one before)" if earlier
           else "the workdir has no other checkpoint")
-  checkpoint.verify(step_dir, step, hint)
+  checkpoints.verify(step_dir, step, hint)
   target = {"params": abstract_params(model, mesh)}
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True, create=False))
-  try:
-    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))
+  try:  # the step's item, read directly: nothing in the workdir is written or cleaned up
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+      restored = reader.restore(paths.join(step_dir, "default"), args=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True))
   except Exception as e:  # Orbax / TensorStore on missing or damaged files
-    raise checkpoint.CheckpointError(
+    raise checkpoints.CheckpointError(
         f"checkpoint step {step} in {directory} cannot be restored: "
-        f"{checkpoint.short_reason(e, 200)}; {hint}") from None
-  finally:
-    manager.close()
-  checkpoint.check_finite_tree(restored["params"],
+        f"{checkpoints.short_reason(e, 200)}; {hint}") from None
+  checkpoints.check_finite_tree(restored["params"],
                                f"checkpoint step {step} is damaged ({step_dir})", hint=hint)
   return restored["params"], step
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mae_jax import mae, masking, patches
+from mae_jax.model import mae, masking, patches
 from mae_jax.data.normalize import normalize
 
 

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mae_jax import config as config_lib, models, optim, sharding
-from mae_jax import train_step as ts
+from mae_jax.model import sizes
+from mae_jax.train import config as config_lib, optim, sharding, train_step as ts
 
 
 def jit(fn, mesh, *, in_shardings=None, out_shardings=None, donate_argnums=()):
@@ -128,7 +128,7 @@ def pretraining(config, devices, num_train_examples, norm_stats):
   for their platform, the optimizer, the state's shardings and the jitted steps."""
   dur = config_lib.durations(config, num_train_examples)
   mesh = sharding.make_mesh(config.mesh, devices)
-  model = models.build_model(config, sharding.platform(mesh))
+  model = sizes.build_model(config, sharding.platform(mesh))
   tx, schedule = optim.make_optimizer(config.optim, config.batch_size, dur.warmup_steps,
                                       dur.total_steps)
   init = functools.partial(ts.init_state, model, tx, image_shape=image_shape(config))

@@ -8,8 +8,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mae_jax import masking, patches, posembed
-from mae_jax.vit import BlockStack, dense, encoder_of, layer_norm, token_init
+from mae_jax.model import masking, patches, posembed
+from mae_jax.model.vit import BlockStack, dense, encoder_of, layer_norm, token_init
 
 
 class MaskedAutoencoder(nn.Module):

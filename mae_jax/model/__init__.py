@@ -1,0 +1,11 @@
+"""The math of the MAE, and nothing of training, data or tools.
+
+  patches    patchify / unpatchify
+  posembed   fixed 2D sin-cos position tables
+  masking    the noise-field masking strategies (random, block, grid, center)
+  kernels    per-platform matmul kernels for Dense layers
+  vit        attention, MLP, block, block stack and Encoder: the one ViT encoder
+  mae        MaskedAutoencoder (encoder over visible patches, light decoder), the loss
+  sizes      the size table ("Ti/16", "B/16", ...) and build_model
+  flops      analytic FLOPs of a model
+"""

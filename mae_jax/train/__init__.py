@@ -1,0 +1,15 @@
+"""The training machinery, for every job that trains (pretraining, fine-tuning, the linear
+probe, the conv baseline).
+
+  optim        AdamW, the schedule and the paper's lr rule
+  sharding     the device mesh, parameter and activation sharding, global batches
+  train_step   the pure MAE train and eval steps
+  program      the one program builder: every jitted program is built here
+  loop         the one training loop: lock, checkpoints, resume, SIGTERM, non-finite stop
+  checkpoints  Orbax training checkpoints, the workdir lock, config history, parameter
+               directories
+  logger       progress lines, TensorBoard, metrics.jsonl, the input-wait share
+  distributed  multi-process start-up and the graceful stop
+  config       config validation, durations, resume checks
+  pretrained   a trained or converted model and its params, loaded from disk
+"""

@@ -1,0 +1,254 @@
+"""A run's workdir: one run at a time (its lock, local or on Cloud Storage), and the
+config of each launch (config.json, configs/launch-NNN-step-S.json).
+
+The lock is taken before anything in the workdir is touched (Orbax's clean-up of temporary
+directories would otherwise delete a live run's checkpoint in progress); every job that
+trains takes it (mae_jax.train.loop).
+"""
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import socket
+import time
+
+import jax
+import numpy as np
+
+from mae_jax import paths
+from mae_jax.train.checkpoints import CheckpointError
+
+CONFIG_HISTORY = "configs"  # WORKDIR/configs/launch-NNN-step-S.json, one per launch
+
+
+def launch_configs(workdir):
+  """Paths of WORKDIR/configs/launch-*.json in launch order."""
+  directory = paths.join(workdir, CONFIG_HISTORY)
+  if not paths.isdir(directory):
+    return []
+  found = [(int(m.group(1)), name) for name in paths.listdir(directory)
+           if (m := re.fullmatch(r"launch-(\d+)-step-\d+\.json", name))]
+  return [paths.join(directory, name) for _, name in sorted(found)]
+
+
+def save_config(config, workdir, start_step=0, job="pretrain"):
+  """Record this launch's config (process 0 only): WORKDIR/config.json is the first
+  launch's and is never overwritten; each launch adds configs/launch-NNN-step-S.json
+  (S: the step it started from). `job` (the kind of job, mae_jax.train.loop.KINDS) is recorded
+  with it as "job"."""
+  if jax.process_index() != 0:
+    return
+  text = json.dumps({**json.loads(config.to_json_best_effort()), "job": job}, indent=2,
+                    sort_keys=True)
+  paths.makedirs(paths.join(workdir, CONFIG_HISTORY))
+  path = paths.join(workdir, "config.json")
+  if not paths.exists(path):
+    paths.write_atomic(path, text)
+  number = len(launch_configs(workdir)) + 1
+  paths.write_atomic(paths.join(workdir, CONFIG_HISTORY,
+                                f"launch-{number:03d}-step-{start_step}.json"), text)
+
+
+def load_config_dict(workdir):
+  """The config of a workdir's latest launch as a plain dict (config.json where it keeps
+  no history), or None where it has none."""
+  history = launch_configs(workdir)
+  path = history[-1] if history else paths.join(workdir, "config.json")
+  try:
+    saved = json.loads(paths.read_text(path))
+  except (FileNotFoundError, NotADirectoryError):  # a path under a file: named when written
+    return None
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path}: cannot read the saved config ({e})") from None
+  if not isinstance(saved, dict):
+    raise CheckpointError(f"{path}: expected a JSON object (train.py's config), found "
+                          f"{type(saved).__name__}")
+  return saved
+
+
+# --- One run per workdir ---------------------------------------------------------------
+
+LOCK_FILE = "run.lock"
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+def _holder_of(text):
+  """'pid P on host H, started T' of a lock file's contents (or what is there)."""
+  try:
+    h = json.loads(text)
+    return f"pid {h['pid']} on host {h['host']}, started {h['started']}"
+  except (ValueError, KeyError, TypeError):
+    return f"an unreadable holder ({text[:80]!r})"
+
+
+class WorkdirLock:
+  """WORKDIR/run.lock, held by one run (process 0 of it) from start-up to exit.
+
+  The file names its holder (host, pid, start time). It is held with a POSIX record lock
+  (fcntl.lockf), which the kernel (or the NFS server) drops when the holder dies however
+  it dies: a lock file left by a killed run is stale by construction and is taken over,
+  with a note naming the run it was left by. A file system without POSIX locks falls back
+  to the file's contents: a holder that is alive on this host, or that runs on another
+  host (which cannot be checked from here), keeps the workdir.
+  """
+
+  def __init__(self, workdir):
+    self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+    self.fd = None
+    self.note = None  # what was taken over, for the run's log
+
+  def acquire(self):
+    me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+    while self.fd is None:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as e:
+        held = e.errno in (errno.EAGAIN, errno.EACCES)
+        previous = _read_fd(fd)
+        os.close(fd)
+        if held:
+          raise self._in_use(previous) from None
+        if e.errno not in _NO_LOCKS:
+          raise
+        self._check_by_contents(previous)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      if not _same_file(fd, self.path):  # the previous holder removed it meanwhile
+        os.close(fd)
+        continue
+      previous = _read_fd(fd)
+      if previous.strip():
+        self.note = (f"took over {self.path}, left by a run that is no longer running "
+                     f"({_holder_of(previous)})")
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, me.encode(), 0)
+      os.fsync(fd)
+      self.fd = fd
+    return self
+
+  def _in_use(self, contents):
+    return CheckpointError(
+        f"{os.path.dirname(self.path)} is in use by another run ({_holder_of(contents)}; "
+        f"lock {self.path}): wait for it to finish, stop it, or choose another --workdir")
+
+  def _check_by_contents(self, contents):
+    """Without POSIX locks: refuse a holder that lives, or that cannot be checked."""
+    try:
+      holder = json.loads(contents)
+      host, pid = holder["host"], int(holder["pid"])
+    except (ValueError, KeyError, TypeError):
+      return  # empty or unreadable: no holder
+    if host != socket.gethostname() or _alive(pid):
+      raise self._in_use(contents)
+
+  def release(self):
+    if self.fd is None:
+      return
+    with contextlib.suppress(OSError):
+      if _same_file(self.fd, self.path):
+        os.remove(self.path)
+    os.close(self.fd)  # drops the record lock
+    self.fd = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def _read_fd(fd):
+  try:
+    return os.pread(fd, 4096, 0).decode(errors="replace")
+  except OSError:
+    return ""
+
+
+def _same_file(fd, path):
+  try:
+    return os.stat(path).st_ino == os.fstat(fd).st_ino
+  except FileNotFoundError:
+    return False
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+class GcsWorkdirLock(WorkdirLock):
+  """WORKDIR/run.lock on Cloud Storage, which has no record locks: the object names its
+  holder, and a launch finding one refuses unless the holder ran on this host and is gone
+  (a run restarted on the same VM after a crash). A holder on another host cannot be
+  checked from here: the refusal names it, and the lock object is removed by hand once
+  that run is known to be over (a preempted VM)."""
+
+  def __init__(self, workdir):  # pylint: disable=super-init-not-called
+    self.path = paths.join(workdir, LOCK_FILE)
+    self.fd = None
+    self.note = None
+
+  def acquire(self):
+    """Create the lock object only where none exists, or replace a lock left by a dead run
+    of this host only while it is the generation read: each is one request with a
+    precondition (ifGenerationMatch=0, or the stale lock's generation), so of launches
+    racing for a free workdir or for the same stale lock, one wins and the others find
+    the winner's lock."""
+    me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+    while not paths.create_new(self.path, me):
+      try:
+        previous, generation = paths.read_generation(self.path)
+      except FileNotFoundError:
+        continue  # its holder released it meanwhile
+      previous = previous.decode(errors="replace")
+      self._check_by_contents(previous)  # raises unless the holder is gone
+      if paths.replace_generation(self.path, me, generation):
+        self.note = (f"took over {self.path}, left by a run that is no longer running "
+                     f"({_holder_of(previous)})")
+        break
+      # replaced or removed meanwhile (another launch took it over): look again
+    self.fd = me
+    return self
+
+  def _in_use(self, contents):
+    return CheckpointError(
+        f"{self.path.rsplit('/', 1)[0]} is in use by another run ({_holder_of(contents)}; lock "
+        f"{self.path}): wait for it to finish or stop it; if it ran on a machine that is "
+        "gone, remove that lock object")
+
+  def release(self):
+    if self.fd is None:
+      return
+    with contextlib.suppress(OSError, FileNotFoundError):
+      if paths.read_text(self.path) == self.fd:
+        paths.remove(self.path)
+    self.fd = None
+
+
+def lock_workdir(workdir):
+  """Take WORKDIR's lock on process 0 (None elsewhere); every process learns whether it
+  was free, so all of a multi-process run stop together when it was not."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = (GcsWorkdirLock if paths.is_gcs(workdir) else WorkdirLock)(workdir).acquire()
+    except CheckpointError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    taken = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if taken and error is None:
+      error = CheckpointError(f"{paths.absolute(workdir)} is in use by another run "
+                              "(process 0 names it)")
+  if error is not None:
+    raise error
+  return lock
