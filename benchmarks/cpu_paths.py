@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from mae_jax.evaluation import classifier
+from mae_jax.model import sizes
 from mae_jax.tools import bench
 
 
@@ -42,7 +43,7 @@ def mae_step(config):
 def classifier_grad(config):
   """A callable running the classifier's forward + backward pass on a fixed batch."""
   d = config.data
-  model = classifier.from_mae(bench.build_model(config, "cpu"), num_classes=10)
+  model = classifier.from_mae(sizes.build_model(config, "cpu"), num_classes=10)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(config.batch_size, d.image_size, d.image_size,
                                    d.channels)), jnp.float32)

@@ -218,7 +218,7 @@ def run_case(case, args):
   step_s = {name: float(np.median(t)) for name, t in times.items()}
   result = {
       "case": case, "batch_size": batch_size, "jax_compile_s": compile_s,
-      "jax_unroll": model.unroll, "jax_remat": model.remat,
+      "jax_unroll": model.kernels.unroll, "jax_remat": model.kernels.remat,
       "step_time_s": step_s,
       "images_per_s": {name: batch_size / s for name, s in step_s.items()},
       "jax_over_torch": step_s["torch"] / step_s["jax"],

@@ -161,7 +161,8 @@ def write_summary(run, results, train_seconds, final_loss, images_per_sec, skipp
                  model=sizes.model_kwargs(run.config.model, run.config.data.image_size,
                                            run.config.data.channels))
   summary["model"].update(dtype=run.config.model.dtype,
-                          encoder_tokens=run.config.model.get("encoder_tokens", "visible"))
+                          encoder_tokens=run.config.model.get("encoder_tokens", "visible"),
+                          kernels=dataclasses.asdict(run.model.kernels))
   path = paths.join(run.workdir, "summary.json")
   paths.write_atomic(path, json.dumps(summary, indent=2, default=str))
   return path

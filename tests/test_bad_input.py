@@ -242,22 +242,25 @@ def test_evaluate_bad_input(runs, capsys, workdir_arg, fields, expected):
 
 
 BENCH_CASES = [
-    (["--steps", "0"], "--steps: '0' is not valid; expected an int >= 1"),
-    (["--batch_size", "-4"], "--batch_size: '-4'"),
-    (["--warmup", "-1"], "--warmup: '-1'"),
-    (["--peak_tflops", "inf"], "--peak_tflops: 'inf'"),
-    (["--mask_ratio", "1.5"], "--mask_ratio: '1.5'"),
-    (["--image_size", "0"], "--image_size: '0'"),
-    (["--variant", "Q/16"], "model.variant"),
-    (["--dtype", "float8"], "--dtype: invalid choice"),
-    (["--remat", "sometimes"], "config.model.remat"),
+    (["--steps", "0"], "--steps=0: 0 is not a positive integer"),
+    (["--config.batch_size=-4"], "config.batch_size: -4 is not a positive multiple"),
+    (["--warmup", "-1"], "--warmup=-1: -1 is not a non-negative integer"),
+    (["--peak_tflops", "inf"], "--peak_tflops: expected a positive, finite number"),
+    (["--config.model.mask_ratio=1.5"], "config.model.mask_ratio: 1.5 must be in (0, 1)"),
+    (["--config.data.image_size=0"], "config.data.image_size: 0 must be an int >= 1"),
+    (["--config.model.variant=Q/16"], "config.model.variant='Q/16'"),
+    (["--config.model.dtype=float8"], "config.model.dtype: 'float8' is not valid"),
+    (["--config.model.remat=sometimes"], "config.model.remat: 'sometimes' is not valid"),
+    (["--config.batch_sise=8"], "config.batch_sise: unknown field 'batch_sise'; did you mean"),
+    (["--variant", "B/16"], "--variant: unknown flag; the benchmark takes a recipe"),
     (["--config", "{root}/syntax.py"], ("syntax.py:2: syntax error",)),
     (["--config", "{root}/raises.py"], "fails to load (RuntimeError: boom)"),
     (["--config", "{root}/missing.py"], "missing.py: no such file"),
     (["--config", "{root}"], "is a directory"),
     (["--config", "{root}/no_get.py"], "defines no get_config()"),
     (["--config", "{root}/not_a_recipe.py"], "must return a ConfigDict with an optim block"),
-    (["--image_size", "30", "--variant", "Ti/16"], "config.data.image_size: 30"),
+    (["--config.data.image_size=30", "--config.model.variant=Ti/16"],
+     "config.data.image_size: 30"),
 ]
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, exit_code
-from mae_jax.model import flops, mae
+from mae_jax.model import flops, mae, sizes
 from mae_jax.tools import bench
 from mae_jax.train import train_step as ts
 
@@ -129,7 +129,7 @@ def test_bench_cli_json_line():
 
 
 @pytest.mark.parametrize("argv,says", [
-    (["--config.model.variant=Q/16"], "error: config.model.variant: 'Q/16': expected"),
+    (["--config.model.variant=Q/16"], "error: config.model.variant='Q/16': expected"),
     (["--config.batch_sise=8"], "error: config.batch_sise: unknown field 'batch_sise'"),
     (["--config.batch_size=eight"], "error: config.batch_size: 'eight' is not valid"),
     (["--steps", "0"], "error: "),
@@ -274,7 +274,7 @@ def test_profile_step_matmul_table_counts_the_steps_flops(tmp_path):
   assert totals and rows
   assert {r[3] for r in rows} <= {"xnnpack", "eigen"} and {r[4] for r in rows} == {"fwd", "bwd"}
   config = bench.bench_config(bench.parse_args(flags))
-  expected = flops.train_flops(bench.build_model(config, "cpu")) * 8 / 1e9
+  expected = flops.train_flops(sizes.build_model(config, "cpu")) * 8 / 1e9
   assert sum(r[2] for r in rows) == pytest.approx(expected, rel=0.1)
 
 

@@ -126,7 +126,8 @@ def test_scan_unroll_and_remat_give_same_output():
   params = init(base)
   ref = base.apply({"params": params}, x, noise)["pred"]
   for kw in (dict(unroll=True), dict(remat="full"), dict(remat="dots")):
-    out = MaskedAutoencoder(**TINY, **kw).apply({"params": params}, x, noise)["pred"]
+    model = MaskedAutoencoder(**TINY, kernels=kernels.Kernels(**kw))
+    out = model.apply({"params": params}, x, noise)["pred"]
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
@@ -137,7 +138,8 @@ def test_scan_unroll_and_remat_give_same_output():
     ("gpu", jnp.bfloat16, 36, "xla"),    # not a multiple of 8
     ("cpu", jnp.bfloat16, 64, "xla"), ("tpu", jnp.bfloat16, 64, "xla")])
 def test_auto_attention_picks_cudnn_only_where_it_applies(backend, dtype, head_dim, expected):
-  assert vit.auto_attention(backend, dtype, head_dim) == expected
+  assert kernels.Kernels.of(backend).attention_for(dtype, head_dim) == expected
+  assert kernels.Kernels.of(backend, attn_impl="xla").attention_for(dtype, head_dim) == "xla"
 
 
 @pytest.mark.parametrize("shape,dtype", [((3, 5, 8), jnp.float32), ((7, 8), jnp.float32),
@@ -167,8 +169,8 @@ def test_matmul_kernel_follows_the_platform(matmul, platform, expected):
 def test_cpu_dense_matches_xla_dense():
   """nn.Dense with the CPU kernel: same parameters, outputs and gradients as with XLA's."""
   x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 5, 8)), jnp.float32)
-  layer = lambda matmul: vit.dense(6, "d", jnp.float32, jnp.float32, platform="cpu",
-                                   matmul=matmul)
+  layer = lambda matmul: vit.dense(6, "d", jnp.float32, jnp.float32,
+                                   kernels=kernels.Kernels(matmul=matmul))
   ours, ref = layer("cpu"), layer("xla")
   params = ours.init(jax.random.key(0), x)
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref.init(jax.random.key(0), x))
@@ -185,14 +187,16 @@ def custom_vjp_calls(model, params, x, noise):
   return str(jaxpr).count("custom_vjp_call")
 
 
-def test_model_kernels_are_chosen_by_its_platform_field():
-  """The same model takes token_matmul for platform="cpu" and XLA's dot for "tpu", whatever
-  the host: the choice is in the traced program, not in the backend."""
+def test_model_kernels_are_chosen_for_the_platform_given():
+  """The same model takes token_matmul with the kernels of platform "cpu" and XLA's dot
+  with those of "tpu", whatever the host: the choice is in the traced program, not in the
+  backend."""
   x = jnp.zeros((2, 16, 16, 3))
   noise = jnp.asarray(np.random.default_rng(8).uniform(size=(2, 16)), jnp.float32)
   params = init(MaskedAutoencoder(**TINY))
-  assert custom_vjp_calls(MaskedAutoencoder(**TINY, platform="cpu"), params, x, noise) > 0
-  assert custom_vjp_calls(MaskedAutoencoder(**TINY, platform="tpu"), params, x, noise) == 0
+  for platform, calls in (("cpu", lambda n: n > 0), ("tpu", lambda n: n == 0)):
+    model = MaskedAutoencoder(**TINY, kernels=kernels.Kernels.of(platform))
+    assert calls(custom_vjp_calls(model, params, x, noise)), platform
 
 
 @pytest.mark.slow
@@ -203,7 +207,7 @@ def test_mae_gradients_with_the_cpu_kernel_equal_xla_autodiff():
   noise = jnp.asarray(np.random.default_rng(8).uniform(size=(2, 16)), jnp.float32)
   params = init(MaskedAutoencoder(**TINY))
   def grad(matmul):
-    model = MaskedAutoencoder(**TINY, matmul=matmul)
+    model = MaskedAutoencoder(**TINY, kernels=kernels.Kernels(matmul=matmul))
     def loss(p):
       out = model.apply({"params": p}, x, noise)
       return mae.mae_loss(out["pred"], mae.patch_targets(x, 4, True), out["mask"])

@@ -13,7 +13,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mae_jax.model.vit import ENCODER_FIELDS, dense, encoder_of, layer_norm
+from mae_jax.model.kernels import Kernels
+from mae_jax.model.vit import DEFAULT_KERNELS, ENCODER_FIELDS, dense, encoder_of, layer_norm
 
 POOLS = ("avg", "cls")
 POS_EMBEDS = ("learned", "fixed")  # the fine-tuning config's finetune.pos_embed
@@ -36,11 +37,7 @@ class ViTClassifier(nn.Module):
   learned_pos_embed: bool = False  # train `pos_embed` (from the sin-cos table) or keep it fixed
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  remat: str = "none"
-  unroll: bool = False
-  attn_impl: str | None = None
-  platform: str | None = None
-  matmul: str = "auto"
+  kernels: Kernels = DEFAULT_KERNELS  # how it computes: the MAE's (from_mae)
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -49,7 +46,7 @@ class ViTClassifier(nn.Module):
     nn.share_scope(self, self.encoder)  # the encoder's parameters at the top level
     if self.pool == "avg":
       self.fc_norm = layer_norm("fc_norm", **kw)
-    self.head = dense(self.num_classes, "head", platform=self.platform, matmul=self.matmul,
+    self.head = dense(self.num_classes, "head", kernels=self.kernels,
                       kernel_init=nn.initializers.truncated_normal(self.head_init_std), **kw)
 
   def features(self, images_BHWC, train=False):

@@ -5,6 +5,7 @@ smoothing, mixup / cutmix and RandAugment-style ops (on device, inside the jitte
 random-resized crop and flip come from the host pipeline (`finetune.augment`).
 The same code fine-tunes from scratch when no pretrained encoder is given.
 """
+import dataclasses
 import functools
 import json
 from typing import Any
@@ -70,7 +71,8 @@ class Finetuner:
     self.model = classifier.from_mae(mae_model, num_classes, cfg.pool, cfg.drop_path,
                                      learned_pos_embed=cfg.pos_embed == "learned")
     if cfg.remat is not None:
-      self.model = self.model.clone(remat=cfg.remat)
+      self.model = self.model.clone(kernels=dataclasses.replace(self.model.kernels,
+                                                                remat=cfg.remat))
     self.dur = config_lib.durations(cfg, len(train_src))
     self.image_shape = (image_size, image_size, mae_model.channels)
     abstract = jax.eval_shape(self.init_params, jax.random.key(0))

@@ -1,12 +1,16 @@
-"""Matrix-product kernels for the Dense layers, chosen per platform by `model.matmul`.
+"""How the layers compute, chosen once for the devices a program is built for: `Kernels`.
 
-Every Dense layer of the model is Flax's stock `nn.Dense`; what differs between platforms
-is only the `dot_general` it is given. `dot_general_for(matmul, platform)` resolves the
-model field: "auto" takes the platform's own kernel (the CPU one on "cpu", XLA's dot
-everywhere else), "xla" and "cpu" force one. The platform is that of the devices a program
-is compiled for, never the host's default backend, so a TPU program compiled on a CPU host
-is the TPU program.
+The model classes carry what defines the math (sizes, dtype, param dtype); how it runs is one
+`Kernels` object they hand down to their layers: the matmul kernel of every Dense layer (a
+`dot_general`), the attention implementation, and the block stacks' remat policy and scan
+unrolling. `Kernels.of(platform, ...)` resolves the config's choices (model.matmul,
+model.attn_impl, model.remat, model.unroll) for the platform of the devices the program is
+compiled for, never the host's default backend, so a TPU program compiled on a CPU host is
+the TPU program. mae_jax.train.program and mae_jax.model.sizes.build_model call it; nothing
+else decides.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -66,6 +70,42 @@ def resolve_matmul(matmul, platform):
   return matmul
 
 
-def dot_general_for(matmul, platform):
-  """The `dot_general` that nn.Dense layers get for a model.matmul value and a platform."""
-  return _KERNELS[resolve_matmul(matmul, platform)]
+
+
+ATTENTIONS = ("xla", "cudnn", "auto")
+REMATS = ("none", "full", "dots")  # vit.REMAT_POLICIES
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+  """How the layers of a model compute (not what: the values do not depend on it).
+
+  matmul: "xla" (lax.dot_general) or "cpu" (token_matmul, the CPU backend's fast weight
+  gradient). attention: jax.nn.dot_product_attention's implementation, or "auto": cuDNN's
+  fused attention where it applies (bfloat16 / float16, a head dim that is a multiple of 8
+  and at most 128), else XLA's; `of` gives "auto" only for GPUs. remat: the block stacks'
+  recompute policy (REMATS); unroll: unroll their scans.
+  """
+  matmul: str = "xla"
+  attention: str = "xla"
+  remat: str = "none"
+  unroll: bool = False
+
+  @classmethod
+  def of(cls, platform, matmul="auto", attn_impl=None, remat="none", unroll=False):
+    """The kernels for devices of `platform` ("cpu", "gpu", "tpu"; None: unknown, XLA's)
+    from the config's values: matmul in MATMULS, attn_impl None (auto) | "xla" | "cudnn"."""
+    attention = attn_impl or ("auto" if platform == "gpu" else "xla")
+    return cls(resolve_matmul(matmul, platform), attention, remat, bool(unroll))
+
+  @property
+  def dot_general(self):
+    return _KERNELS[self.matmul]
+
+  def attention_for(self, dtype, head_dim):
+    """The implementation an attention of `head_dim` in `dtype` runs."""
+    if self.attention != "auto":
+      return self.attention
+    fused = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+             and head_dim <= 128)
+    return "cudnn" if fused else "xla"

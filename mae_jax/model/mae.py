@@ -9,7 +9,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mae_jax.model import masking, patches, posembed
-from mae_jax.model.vit import BlockStack, dense, encoder_of, layer_norm, token_init
+from mae_jax.model.kernels import Kernels
+from mae_jax.model.vit import (DEFAULT_KERNELS, BlockStack, dense, encoder_of, layer_norm,
+                               token_init)
 
 
 class MaskedAutoencoder(nn.Module):
@@ -28,11 +30,9 @@ class MaskedAutoencoder(nn.Module):
   mask_strategy: str = "random"
   dtype: Any = jnp.float32        # compute dtype
   param_dtype: Any = jnp.float32  # parameters stay float32
-  remat: str = "none"             # a vit.REMAT_POLICIES name
-  unroll: bool = False            # unroll the scanned block stacks
-  attn_impl: str | None = None    # jax.nn.dot_product_attention implementation
-  platform: str | None = None     # the platform compiled for ("cpu", "gpu", "tpu")
-  matmul: str = "auto"            # Dense kernels: kernels.MATMULS, "auto" by platform
+  # How it computes (matmul, attention, remat, unroll), not what: chosen for the devices
+  # where the program is built (kernels.Kernels.of)
+  kernels: Kernels = DEFAULT_KERNELS
 
   @property
   def grid_size(self):
@@ -44,7 +44,7 @@ class MaskedAutoencoder(nn.Module):
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    ops = dict(kw, platform=self.platform, matmul=self.matmul)
+    ops = dict(kw, kernels=self.kernels)
     self.encoder = encoder_of(self)
     nn.share_scope(self, self.encoder)  # the encoder's parameters at the top level
     self.decoder_embed = dense(self.decoder_width, "decoder_embed", **ops)
@@ -52,7 +52,7 @@ class MaskedAutoencoder(nn.Module):
                                  self.param_dtype)
     self.decoder_blocks = BlockStack(
         self.decoder_depth, self.decoder_heads, int(self.decoder_width * self.mlp_ratio),
-        remat=self.remat, unroll=self.unroll, attn_impl=self.attn_impl, **ops)
+        **ops)
     self.decoder_norm = layer_norm("decoder_norm", **kw)
     self.decoder_pred = dense(self.patch_size**2 * self.channels, "decoder_pred", **ops)
 

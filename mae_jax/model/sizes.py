@@ -1,6 +1,7 @@
 """Model presets: one size table decodes "Ti/16", "S/16", "B/16", "L/16", "H/14"."""
 import jax.numpy as jnp
 
+from mae_jax.model.kernels import Kernels
 from mae_jax.model.mae import ENCODERS
 
 # name -> (width, depth, heads); MLP ratio 4 throughout (ViT, Dosovitskiy et al. Table 1).
@@ -36,24 +37,36 @@ def decode_variant(variant):
   return dict(width=width, depth=depth, num_heads=heads, patch_size=int(patch))
 
 
-def model_kwargs(model_config, image_size, channels, platform=None):
-  """The MaskedAutoencoder fields for a config: the variant, then each set override;
-  `platform` is that of the devices the model will be compiled for."""
+def model_kwargs(model_config, image_size, channels):
+  """The MaskedAutoencoder fields (what it computes) for a config: the variant, then each
+  set override."""
   kw = decode_variant(model_config.variant)
   for field in ("width", "depth", "num_heads", "patch_size"):
     if model_config.get(field) is not None:
       kw[field] = model_config[field]
   for field in ("mlp_ratio", "decoder_width", "decoder_depth", "decoder_heads",
-                "mask_ratio", "mask_strategy", "remat", "unroll", "attn_impl", "matmul"):
+                "mask_ratio", "mask_strategy"):
     kw[field] = model_config[field]
   kw["dtype"] = DTYPES[model_config.dtype]
-  return dict(kw, image_size=image_size, channels=channels, platform=platform)
+  return dict(kw, image_size=image_size, channels=channels)
+
+
+# Fields of a model config (or of an older model.json) that say how it computes, not what.
+COMPUTE_FIELDS = ("matmul", "attn_impl", "remat", "unroll")
+
+
+def kernels_of(fields, platform):
+  """The Kernels of the COMPUTE_FIELDS in `fields` (a model config or a dict) for devices
+  of `platform` ("cpu", "gpu", "tpu": e.g. `mesh.devices.flat[0].platform`)."""
+  get = fields.get
+  return Kernels.of(platform, get("matmul", "auto"), get("attn_impl"), get("remat", "none"),
+                    get("unroll", False))
 
 
 def build_model(config, platform):
   """The MaskedAutoencoder a full run config describes (AllTokensMAE where
-  model.encoder_tokens is "all"), for devices of `platform` ("cpu", "gpu", "tpu": e.g.
-  `mesh.devices.flat[0].platform`), which picks its kernels where the config says "auto"."""
+  model.encoder_tokens is "all"), with the kernels of its model block for devices of
+  `platform`."""
   cls = ENCODERS[config.model.get("encoder_tokens", "visible")]
-  return cls(**model_kwargs(config.model, config.data.image_size, config.data.channels,
-                            platform))
+  return cls(**model_kwargs(config.model, config.data.image_size, config.data.channels),
+             kernels=kernels_of(config.model, platform))

@@ -12,20 +12,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mae_jax.model import kernels, patches, posembed
+from mae_jax.model import kernels as kernels_lib, patches, posembed
 
 Dtype = Any
 xavier = nn.initializers.xavier_uniform()
 token_init = nn.initializers.normal(stddev=0.02)  # cls and mask tokens
 LN_EPS = 1e-6
+DEFAULT_KERNELS = kernels_lib.Kernels()  # XLA's matmul and attention, no remat, scanned
 
 
-def dense(features, name, dtype, param_dtype, platform=None, matmul="auto",
-          kernel_init=xavier):
-  """Flax's nn.Dense (xavier-uniform kernel, zero bias) with the platform's matmul kernel
-  (`kernels.dot_general_for`)."""
+def dense(features, name, dtype, param_dtype, kernels=DEFAULT_KERNELS, kernel_init=xavier):
+  """Flax's nn.Dense (xavier-uniform kernel, zero bias) with the kernels' matmul."""
   return nn.Dense(features, kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype,
-                  dot_general=kernels.dot_general_for(matmul, platform), name=name)
+                  dot_general=kernels.dot_general, name=name)
 
 
 def batch_split(x):
@@ -42,39 +41,26 @@ def layer_norm(name, dtype, param_dtype):
                       param_dtype=param_dtype, name=name)
 
 
-def auto_attention(backend, dtype, head_dim):
-  """The attention kernel for implementation=None: cuDNN's fused attention on a GPU in
-  bfloat16 / float16 with a head dim it supports (a multiple of 8, at most 128), else XLA.
-  jax.nn.dot_product_attention's own None always means XLA."""
-  if (backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-      and head_dim % 8 == 0 and head_dim <= 128):
-    return "cudnn"
-  return "xla"
-
-
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (the reference layout)."""
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  implementation: str | None = None  # jax.nn.dot_product_attention: None (auto), "xla", "cudnn"
-  platform: str | None = None        # the target devices' platform: picks the auto kernels
-  matmul: str = "auto"               # kernels.MATMULS
+  kernels: kernels_lib.Kernels = DEFAULT_KERNELS  # how it computes (matmul, attention)
 
   @nn.compact
   def __call__(self, x_BTD):
     b, t, d = x_BTD.shape
     h = self.num_heads
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform,
-              matmul=self.matmul)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels)
     qkv = batch_split(dense(3 * d, "qkv", **kw)(x_BTD))
     q, k, v = jnp.split(qkv.reshape(b, t, 3, h, d // h), 3, axis=2)
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-    impl = self.implementation or auto_attention(self.platform, q.dtype, d // h)
+    impl = self.kernels.attention_for(q.dtype, d // h)
     try:
       out_BTHK = jax.nn.dot_product_attention(q, k, v, implementation=impl)
     except (ValueError, NotImplementedError) as e:  # raised while tracing, before compiling
-      if self.implementation is not None:
+      if self.kernels.attention != "auto":
         raise
       logging.warning("cuDNN attention does not apply here (%s); using XLA's", e)
       out_BTHK = jax.nn.dot_product_attention(q, k, v, implementation="xla")
@@ -96,13 +82,11 @@ class Mlp(nn.Module):
   hidden_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  platform: str | None = None
-  matmul: str = "auto"
+  kernels: kernels_lib.Kernels = DEFAULT_KERNELS
 
   @nn.compact
   def __call__(self, x_BTD):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform,
-              matmul=self.matmul)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels)
     y = batch_split(gelu(dense(self.hidden_dim, "fc1", **kw)(x_BTD)))
     return dense(x_BTD.shape[-1], "fc2", **kw)(y)
 
@@ -121,21 +105,18 @@ class Block(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  attn_impl: str | None = None
-  platform: str | None = None
-  matmul: str = "auto"
+  kernels: kernels_lib.Kernels = DEFAULT_KERNELS
 
   @nn.compact
   def __call__(self, x_BTD, drop_rate=None):
     """drop_rate: this block's drop-path rate (scanned in by BlockStack), None = none."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    ops = dict(kw, platform=self.platform, matmul=self.matmul)
+    ops = dict(kw, kernels=self.kernels)
     branch = lambda y: y if drop_rate is None else drop_path(y, drop_rate,
                                                               self.make_rng("dropout"))
     x_BTD = batch_split(x_BTD)
     y = layer_norm("norm1", **kw)(x_BTD)
-    x_BTD = x_BTD + branch(Attention(self.num_heads, implementation=self.attn_impl,
-                                     name="attn", **ops)(y))
+    x_BTD = x_BTD + branch(Attention(self.num_heads, name="attn", **ops)(y))
     y = layer_norm("norm2", **kw)(x_BTD)
     x_BTD = x_BTD + branch(Mlp(self.mlp_dim, name="mlp", **ops)(y))
     return x_BTD, None
@@ -151,9 +132,9 @@ REMAT_POLICIES = {
 class BlockStack(nn.Module):
   """`depth` Blocks with parameters stacked on a leading layer axis.
 
-  The stack is an nn.scan (one compiled block, fast compiles); `unroll` unrolls it in
-  the compiled program without changing the parameter layout. `remat` names a policy in
-  REMAT_POLICIES. `drop_path` > 0 drops residual branches when called with
+  The stack is an nn.scan (one compiled block, fast compiles); kernels.unroll unrolls it
+  in the compiled program without changing the parameter layout. kernels.remat names a
+  policy in REMAT_POLICIES. `drop_path` > 0 drops residual branches when called with
   deterministic=False (rates rising linearly from 0 at the first block to drop_path at
   the last, as the reference's fine-tuning; needs a 'dropout' RNG).
   """
@@ -162,34 +143,29 @@ class BlockStack(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: str = "none"
-  unroll: bool = False
-  attn_impl: str | None = None
   drop_path: float = 0.0  # stochastic-depth rate of the last block; 0 = off
-  platform: str | None = None
-  matmul: str = "auto"
+  kernels: kernels_lib.Kernels = DEFAULT_KERNELS
 
   @nn.compact
   def __call__(self, x_BTD, deterministic=True):
-    block = Block
-    if self.remat != "none":
-      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    block, remat = Block, self.kernels.remat
+    if remat != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[remat], prevent_cse=False)
     stack = nn.scan(block, variable_axes={"params": 0},
                     split_rngs={"params": True, "dropout": True},
-                    length=self.depth, unroll=self.depth if self.unroll else 1)
+                    length=self.depth, unroll=self.depth if self.kernels.unroll else 1)
     rates_L = None  # per-block drop-path rates, scanned over with the parameters
     if self.drop_path > 0 and not deterministic:
       rates_L = jnp.linspace(0.0, self.drop_path, self.depth, dtype=jnp.float32)
     x_BTD, _ = stack(self.num_heads, self.mlp_dim, dtype=self.dtype,
-                     param_dtype=self.param_dtype, attn_impl=self.attn_impl,
-                     platform=self.platform, matmul=self.matmul, name="layers")(x_BTD, rates_L)
+                     param_dtype=self.param_dtype, kernels=self.kernels,
+                     name="layers")(x_BTD, rates_L)
     return x_BTD
 
 
 # The fields an owner (MAE, classifier) passes on to its Encoder.
 ENCODER_FIELDS = ("image_size", "patch_size", "channels", "width", "depth", "num_heads",
-                  "mlp_ratio", "dtype", "param_dtype", "remat", "unroll", "attn_impl",
-                  "platform", "matmul")
+                  "mlp_ratio", "dtype", "param_dtype", "kernels")
 
 
 class Encoder(nn.Module):
@@ -212,11 +188,7 @@ class Encoder(nn.Module):
   learned_pos_embed: bool = False  # a trained `pos_embed`, initialized from the sin-cos table
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: str = "none"
-  unroll: bool = False
-  attn_impl: str | None = None
-  platform: str | None = None
-  matmul: str = "auto"
+  kernels: kernels_lib.Kernels = DEFAULT_KERNELS
 
   @property
   def grid_size(self):
@@ -224,17 +196,14 @@ class Encoder(nn.Module):
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.patch_embed = dense(self.width, "patch_embed", platform=self.platform,
-                             matmul=self.matmul, **kw)
+    self.patch_embed = dense(self.width, "patch_embed", kernels=self.kernels, **kw)
     self.cls_token = self.param("cls_token", token_init, (1, 1, self.width), self.param_dtype)
     if self.learned_pos_embed:
       table = lambda _, shape, dtype: self.sincos_table().reshape(shape).astype(dtype)
       self.pos_embed = self.param("pos_embed", table, (1, self.num_tokens, self.width),
                                   self.param_dtype)
     self.blocks = BlockStack(self.depth, self.num_heads, int(self.width * self.mlp_ratio),
-                             remat=self.remat, unroll=self.unroll, attn_impl=self.attn_impl,
-                             drop_path=self.drop_path, platform=self.platform,
-                             matmul=self.matmul, **kw)
+                             drop_path=self.drop_path, kernels=self.kernels, **kw)
     self.norm = layer_norm("norm", **kw)
 
   @property

@@ -153,7 +153,7 @@ def analyze(compiled, run, hbm, ici, headroom):
   per_image = flops.train_flops(run.model, run.config.model.get("encoder_tokens", "visible"))
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}  # GPU compile-only: None
-  complete = bool(run.model.unroll) and run.config.grad_accum_steps == 1
+  complete = run.model.kernels.unroll and run.config.grad_accum_steps == 1
   return {
       "memory": memory(compiled, hbm, headroom),
       "collectives": coll,

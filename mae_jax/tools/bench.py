@@ -17,6 +17,7 @@ where the device reports it. A table goes to stdout, then one JSON line; progres
 """
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -27,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from mae_jax import cli
-from mae_jax.model import flops, kernels, mae, sizes
+from mae_jax.model import flops, mae
 from mae_jax.train import config as config_lib, program, sharding
 
 # Dense bfloat16 peak TFLOP/s per chip, by a substring of device_kind; first match wins.
@@ -67,10 +68,12 @@ def parse_args(argv):
   cli.UsageError (one line naming it)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  default = cli.default_recipe(os.path.basename(IMAGENET))
+  check_recipe(cli.recipe_files(argv, [default])[-1])
   fv = flags.FlagValues()  # its own: the benchmarks parse several argvs in one process
   try:  # the recipe and its overrides load while the flags are defined and parsed
     config_flags.DEFINE_config_file(
-        "config", cli.default_recipe(os.path.basename(IMAGENET)),
+        "config", default,
         "Recipe whose training step is timed.", flag_values=fv, lock_config=True,
         sys_argv=["bench", *argv])
     flags.DEFINE_integer("steps", 20, "Timed steps (the median is reported).", lower_bound=1,
@@ -78,14 +81,32 @@ def parse_args(argv):
     flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.", lower_bound=0,
                          flag_values=fv)
     flags.DEFINE_float("peak_tflops", None, "Per-device peak TFLOP/s for MFU; default: "
-                       "PEAK_TFLOPS by device kind.", lower_bound=0.0, flag_values=fv)
+                       "PEAK_TFLOPS by device kind.", flag_values=fv)
+    flags.register_validator("peak_tflops", lambda v: v is None or 0 < v < math.inf,
+                             "--peak_tflops: expected a positive, finite number",
+                             flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Synthetic images and initial state.", lower_bound=0,
                          flag_values=fv)
     fv(["bench", *argv])
     fv["config"].value.keys()  # the recipe file loads lazily: a failure to load it is here
     return Args(fv.config, fv.steps, fv.warmup, fv.peak_tflops, fv.seed)
+  except flags.UnrecognizedFlagError as e:
+    raise cli.UsageError(f"--{e.flagname}: unknown flag; the benchmark takes a recipe: "
+                         "--config FILE and --config.FIELD=VALUE (e.g. "
+                         "--config.model.variant=B/16 --config.batch_size=256)") from None
   except Exception as e:  # pylint: disable=broad-except (absl, ml_collections, the recipe)
     raise cli.UsageError(config_lib.flag_error(e, argv, recipe=IMAGENET)) from None
+
+
+def check_recipe(path):
+  """cli.UsageError naming `path` unless it is a recipe file: Python whose get_config()
+  returns a ConfigDict with the fields train.py reads (an optim block among them)."""
+  what = "a recipe defining get_config()"
+  module = cli.load_python_file(path, what, name="bench_recipe")
+  config = cli.call_user_function(module, path, "get_config", what)
+  if not isinstance(config, ml_collections.ConfigDict) or "optim" not in config:
+    raise cli.UsageError(f"--config {path}: get_config() must return a ConfigDict with an "
+                         "optim block (see configs/default.py)")
 
 
 def bench_config(args):
@@ -100,12 +121,6 @@ def bench_config(args):
     raise cli.UsageError(f"--config: not a pretraining recipe (no field {e}; see "
                          "configs/default.py)") from None
   return config
-
-
-def build_model(config, platform, encoder_tokens="visible"):
-  kw = sizes.model_kwargs(config.model, config.data.image_size, config.data.channels,
-                           platform)
-  return ENCODERS[encoder_tokens](**kw)
 
 
 _START = time.perf_counter()
@@ -184,7 +199,7 @@ def xla_flops_per_image(compiled, model, batch_size, num_devices):
   XLA counts a while-loop body once, so only unrolled or single-block stacks give the
   full count; the count is per device (of the partitioned program), hence x num_devices.
   """
-  if not (model.unroll or model.depth == model.decoder_depth == 1):
+  if not (model.kernels.unroll or model.depth == model.decoder_depth == 1):
     return None
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -215,9 +230,9 @@ def summarize(args, config, model, compiled, compile_s, times_s):
       "encoder_tokens": encoder_tokens, "mask_ratio": model.mask_ratio,
       "image_size": model.image_size, "batch_size": config.batch_size,
       "grad_accum_steps": config.grad_accum_steps,
-      "dtype": config.model.dtype, "remat": model.remat, "unroll": model.unroll,
-      "attn_impl": model.attn_impl,
-      "matmul": kernels.resolve_matmul(model.matmul, model.platform),
+      "dtype": config.model.dtype, "remat": model.kernels.remat,
+      "unroll": model.kernels.unroll, "attn_impl": model.kernels.attention,
+      "matmul": model.kernels.matmul,
       "fused_attention_calls": fused_attention_calls(compiled),
       "mesh": {"data": data, "fsdp": fsdp},
       "platform": devices[0].platform, "device_kind": kind, "num_devices": len(devices),

@@ -245,7 +245,7 @@ class Evaluation:
     if results is None:
       return None
     path = finetune.save(self.job_dir(name), params, tuner.model, results)
-    return dict(results, checkpoint=path, pool=cfg.pool, remat=tuner.model.remat)
+    return dict(results, checkpoint=path, pool=cfg.pool, remat=tuner.model.kernels.remat)
 
   def job_dir(self, name):
     """DIR/<name>/: a training evaluation's own workdir (checkpoints, logs, results)."""

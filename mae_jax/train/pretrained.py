@@ -71,7 +71,8 @@ def model_of(path, platform=None):
   platform = platform or jax.devices()[0].platform
   if is_converted(path):
     fields = param_dirs.read_meta(path)["model"]
-    return MaskedAutoencoder(**dict(fields, platform=platform)), None
+    math = {k: v for k, v in fields.items() if k not in sizes.COMPUTE_FIELDS + ("platform",)}
+    return MaskedAutoencoder(**math, kernels=sizes.kernels_of(fields, platform)), None
   if is_workdir(path):
     config = ml_collections.ConfigDict(workdirs.load_config_dict(path))
     try:
