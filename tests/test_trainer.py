@@ -148,3 +148,16 @@ def test_bad_input_pipeline_fields(field, value):
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(c)
   assert str(e.value).startswith(f"config.data.{field}") and "\n" not in str(e.value)
+
+
+def test_the_logger_keeps_torch_out_of_a_training_process():
+  """tensorboardX imports torch wherever it is installed (1 to 1.6 s of every start on
+  this 2-core machine, docs/benchmarks.md); logger.summary_writer_class gets its writer
+  without it. Both halves run in fresh processes: the library's shortfall, and ours."""
+  plain = "import sys, tensorboardX; print('torch' in sys.modules)"
+  ours = ("import sys; from mae_jax.train import logger; logger.summary_writer_class(); "
+          "print('torch' in sys.modules)")
+  run = lambda code: subprocess.run([sys.executable, "-c", code], cwd=ROOT, text=True,
+                                    capture_output=True, check=True).stdout.strip()
+  assert run(plain) == "True"  # torch is installed here (the test extra)
+  assert run(ours) == "False"

@@ -39,8 +39,7 @@ from mae_jax import paths
 # of after TensorStore's retries (up to 32, backing off to 32 s each).
 GCS_SAVE_TIMEOUT_S = float(os.environ.get("MAE_JAX_CHECKPOINT_TIMEOUT_S", "1800"))
 MANIFEST = "mae_manifest.json"
-TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a local step still being written
-COMMIT_FILE = "commit_success.txt"  # Orbax's last file of a step on Cloud Storage
+TMP_SUFFIX = ocp.utils.TMP_DIR_SUFFIX  # Orbax's name for a local step still being written
 _CHUNK = 1 << 22
 
 
@@ -261,7 +260,8 @@ def complete_steps(directory):
   holding its commit file on Cloud Storage)."""
   names = [name for name in entries(directory) if name.isdigit()]
   if paths.is_gcs(directory):
-    return sorted(int(n) for n in names if paths.exists(paths.join(directory, n, COMMIT_FILE)))
+    return sorted(int(n) for n in names
+                  if ocp.utils.is_checkpoint_finalized(paths.resolve(paths.join(directory, n))))
   return sorted(int(n) for n in names if os.path.isdir(os.path.join(directory, n)))
 
 
