@@ -39,12 +39,13 @@ def image_source(paths, channels):
 def reconstruct(pre, images_u8_BHWC, seed=0, mask_ratio=None):
   """(pred (B, N, p*p*C) on [0, 1] pixels, mask (B, N), masked-patch MSE on [0, 1])."""
   import jax
-  from mae_jax.train import train_step as ts
+  from mae_jax.train import pretrained, program, train_step as ts
   model = pre.model if mask_ratio is None else pre.model.clone(mask_ratio=mask_ratio)
   shape = images_u8_BHWC.shape[1:]
-  step = jax.jit(functools.partial(
+  step = program.jit(functools.partial(
       ts.eval_step, model=model, mean=pre.mean, std=pre.std,
-      baseline_HWC=np.zeros(shape, np.float32), norm_pix_loss=pre.norm_pix_loss))
+      baseline_HWC=np.zeros(shape, np.float32), norm_pix_loss=pre.norm_pix_loss),
+                     pretrained.one_device_mesh())  # where pretrained.load puts the params
   batch = {"image": images_u8_BHWC, "valid": np.ones(len(images_u8_BHWC), bool)}
   out = jax.device_get(step(pre.params, batch, jax.random.key(seed)))
   return out["pred"], out["mask"], float(out["sq_err"] / out["count"])

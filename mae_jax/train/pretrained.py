@@ -95,10 +95,11 @@ def abstract_params(model, mesh=None):
   first device where None)."""
   abstract = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, sharding.state_shardings(abstract, mesh or _one_device_mesh()))
+                      abstract, sharding.state_shardings(abstract, mesh or one_device_mesh()))
 
 
-def _one_device_mesh():
+def one_device_mesh():
+  """The mesh of params loaded without one: the first device."""
   return sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1}),
                             jax.devices()[:1])
 
@@ -106,7 +107,7 @@ def _one_device_mesh():
 def random_params(model, seed, mesh=None):
   """The step-0 params of a pretraining run with `seed`: the random-init baseline."""
   target = abstract_params(model, mesh)
-  init = program.jit(functools.partial(init_params, model), mesh or _one_device_mesh(),
+  init = program.jit(functools.partial(init_params, model), mesh or one_device_mesh(),
                      out_shardings=jax.tree.map(lambda a: a.sharding, target))
   return init(jax.random.key(seed))
 
