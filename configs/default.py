@@ -102,6 +102,10 @@ def get_config():
   c.skip_nonfinite = False
   c.eval_batch_size = 512  # global; divisible by the data-parallel devices
   c.num_vis_images = 8
+  # Reconstructions of num_vis_images fixed test images in TensorBoard every N steps (tag
+  # reconstructions); None = only reconstructions.png at the end. The demo's ~940 steps
+  # show 9 pictures, the end's the tenth.
+  c.vis_every_steps = 100
   # kNN monitor (k=20, T=0.07 on cls features, test split against the train split) every
   # N epochs, logged as eval/knn_top1; None = off. It encodes both splits each time.
   c.knn_every_epochs = config_dict.placeholder(float)

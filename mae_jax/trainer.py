@@ -3,14 +3,17 @@ final evaluation, picture and summary."""
 import collections
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
+import shutil
+import sys
 
 import jax
 
 from mae_jax import data, paths
 from mae_jax.data import device_resize
-from mae_jax.evaluation import knn, pictures
+from mae_jax.evaluation import knn, pictures, watch
 from mae_jax.model import sizes
 from mae_jax.train import checkpoints, config as config_lib, loop, param_dirs, program, sharding
 
@@ -96,16 +99,38 @@ def device_crops(run):
 
 
 def job_of(run):
-  """The loop's view of a pretraining run."""
-  monitor = knn.Monitor.for_run(run)  # None unless config.knn_every_epochs is set
-  every = () if monitor is None else (
-      (monitor.every_steps, lambda step, state, logger: monitor(step, state.params, logger)),)
+  """The loop's view of a pretraining run, with its monitors (each None unless its config
+  field is set): kNN every knn_every_epochs, reconstructions every vis_every_steps."""
+  monitor = knn.Monitor.for_run(run)
+  pictures_every = watch.ReconstructionMonitor.for_run(run)
+  every = tuple(m for m in (
+      monitor and (monitor.every_steps,
+                   lambda step, state, logger: monitor(step, state.params, logger)),
+      pictures_every and (pictures_every.every_steps, pictures_every)) if m)
+  on_exit = pictures_every and (lambda outcome, logger: pictures_every.close(
+      logger, outcome.train_seconds))
   return loop.Job(
       kind="pretrain", workdir=run.workdir, config=run.config, program=run,
       total_steps=run.durations.total_steps, images_per_step=run.config.batch_size,
       batches=functools.partial(device_batches, run), fresh_state=lambda: fresh_state(run),
       check_resume=lambda saved: config_lib.check_resume(run.config, saved, run.workdir),
-      describe=functools.partial(describe, run), every=every, notes=list(run.notes))
+      describe=functools.partial(describe, run), every=every, on_exit=on_exit,
+      input_advice=input_advice(run.config, sharding.platform(run.mesh)),
+      notes=list(run.notes))
+
+
+def input_advice(config, platform):
+  """What can feed a pretraining faster, by its data and devices: decode threads and a
+  prepared dataset only where images are decoded, the device resize only on an
+  accelerator."""
+  d = config.data
+  decoded = d.name not in ("synthetic", "prepared", "fashion_mnist")  # folders, TFDS
+  options = ["more data.worker_processes"] + (["more data.num_workers"] if decoded else [])
+  if decoded:
+    options.append("a prepared dataset (python -m mae_jax.prepare, then data.name=prepared)")
+  if platform != "cpu" and d.get("resize", "auto") == "host":
+    options.append("data.resize=device")
+  return ", ".join(options + ["data.repeat_samples=2"])
 
 
 def evaluate_reconstruction(run, params):
@@ -122,11 +147,14 @@ def evaluate_reconstruction(run, params):
                                    process_index=jax.process_index(),
                                    process_count=jax.process_count())
   for i, batch in enumerate(batches):
-    out = eval_fn(params, sharding.global_batch(batch, run.mesh), jax.random.fold_in(rng, i))
+    batch = sharding.global_batch(batch, run.mesh)
+    out = eval_fn(params, batch, jax.random.fold_in(rng, i))
     for key in ("sq_err", "baseline_sq_err", "count"):
       sums[key] += float(out[key])
-    if first is None:
-      first = (batch["image"], sharding.to_host(out["pred"]), sharding.to_host(out["mask"]))
+    if first is None:  # the picture's: only real images, not the padding of a short split
+      real = sharding.to_host(batch["valid"])
+      first = tuple(sharding.to_host(x)[real] for x in (batch["image"], out["pred"],
+                                                         out["mask"]))
   return {"test_masked_mse": sums["sq_err"] / sums["count"],
           "baseline_masked_mse": sums["baseline_sq_err"] / sums["count"]}, first
 
@@ -134,8 +162,10 @@ def evaluate_reconstruction(run, params):
 def save_reconstructions(run, first, path):
   images_u8, pred_BNP, mask_BN = first
   n = min(run.config.num_vis_images, len(images_u8))
+  title = (f"step {run.durations.total_steps} (the end) - "
+           f"{pictures.target_note(run.config.model.norm_pix_loss)}")
   return pictures.save_reconstructions(images_u8[:n], pred_BNP[:n], mask_BN[:n],
-                                        run.model.patch_size, path)
+                                        run.model.patch_size, path, title=title)
 
 
 def skipped_images(run):
@@ -187,9 +217,14 @@ def train_and_evaluate(config, workdir, explicit=()):
 def finish(run, state, logger, train_seconds, final_loss, images_per_sec, input_wait=None):
   """Final evaluation, picture and summary (process 0 writes them)."""
   results, first = evaluate_reconstruction(run, state.params)
+  logger.scalars(run.durations.total_steps, results, prefix="test")  # beside the training's
   skipped = int(state.skipped)
   if jax.process_index() == 0:
-    png = save_reconstructions(run, first, paths.join(run.workdir, "reconstructions.png"))
+    png = paths.join(run.workdir, "reconstructions.png")
+    try:
+      save_reconstructions(run, first, png)
+    except Exception as e:  # pylint: disable=broad-except (a picture never loses the run)
+      png = f"not drawn ({type(e).__name__}: {e})"
     summary = write_summary(run, results, train_seconds, final_loss, images_per_sec, skipped,
                             input_wait)
     images = skipped_images(run)
@@ -201,7 +236,7 @@ def finish(run, state, logger, train_seconds, final_loss, images_per_sec, input_
         f"test masked MSE {results['test_masked_mse']:.4f} (per-pixel-mean baseline "
         f"{results['baseline_masked_mse']:.4f}) after {train_seconds:.0f} s of training\n"
         f"  checkpoints:     {paths.join(run.workdir, 'checkpoints')}\n"
-        f"  tensorboard:     tensorboard --logdir {run.workdir}\n"
+        f"  tensorboard:     {tensorboard_command(run.workdir)}\n"
         f"  reconstructions: {png}\n  summary:         {summary}")
   if not all(math.isfinite(v) for v in results.values()):
     raise loop.NonFiniteLossError(
@@ -209,6 +244,14 @@ def finish(run, state, logger, train_seconds, final_loss, images_per_sec, input_
         f"after {skipped} skipped non-finite update(s); the run diverged: lower "
         "optim.base_lr or set optim.grad_clip")
   return results
+
+
+def tensorboard_command(workdir):
+  """The command that shows the run in TensorBoard, as this environment can run it."""
+  if shutil.which("tensorboard") or importlib.util.find_spec("tensorboard") is not None:
+    return f"tensorboard --logdir {workdir}"
+  return (f"{sys.executable} -m pip install tensorboard && {sys.executable} -m "
+          f"tensorboard.main --logdir {workdir}")
 
 
 def describe(run, restored):
@@ -219,6 +262,7 @@ def describe(run, restored):
       f", {unreadable} unreadable skipped" if unreadable else "")
   head = (f"mae_jax: {run.num_params / 1e6:.2f}M-parameter MAE on {run.config.data.name} "
           f"({images}), "
+          f"at {run.config.data.image_size} px, {run.config.data.channels} channel(s), "
           f"{d.total_steps} steps of batch {run.config.batch_size} "
           f"({d.steps_per_epoch} steps/epoch, warmup {d.warmup_steps}), "
           f"{jax.device_count()} device(s), mesh {dict(run.mesh.shape)}")

@@ -125,16 +125,19 @@ def test_train_py_bad_input_is_one_line_exit_2(tmp_path, capsys, flags, field):
 def test_input_wait_is_reported_and_warned_once(tmp_path, capsys):
   """The share of wall time spent waiting for batches: in metrics.jsonl (TensorBoard's
   scalars), on the progress line and in summary.json; one note when above the threshold."""
-  config = synthetic_config()
+  config = synthetic_config(num_steps=14)
   with config.unlocked():
     config.data.input_wait_warn = 0.0  # every run waits a little: the note must show, once
   trainer.train_and_evaluate(config, str(tmp_path))
   out = capsys.readouterr().out
-  assert out.count("input-bound:") == 1 and "data.num_workers" in out
+  # once, after the warm-up (the compiling step and 10 more), with advice for in-memory data
+  (note,) = [l for l in out.splitlines() if l.startswith("input-bound:")]
+  assert int(note.split(" at step ")[1].split()[0]) >= 11
+  assert "data.worker_processes" in note and "prepared" not in note, note
   assert "input wait" in out
   records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   shares = [r["train/input_wait"] for r in records if "train/input_wait" in r]
-  assert len(shares) == 6 and all(0 <= s < 1 for s in shares) and max(shares) > 0
+  assert len(shares) == 14 and all(0 <= s < 1 for s in shares) and max(shares) > 0
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert 0 < summary["input_wait_share"] < 1
 
@@ -161,3 +164,17 @@ def test_the_logger_keeps_torch_out_of_a_training_process():
                                     capture_output=True, check=True).stdout.strip()
   assert run(plain) == "True"  # torch is installed here (the test extra)
   assert run(ours) == "False"
+
+
+@pytest.mark.parametrize("data,platform,has,lacks", [
+    ({"name": "synthetic"}, "cpu", ["data.worker_processes"], ["prepare", "num_workers",
+                                                               "resize"]),
+    ({"name": "folder"}, "cpu", ["data.num_workers", "mae_jax.prepare"], ["resize"]),
+    ({"name": "imagenet2012", "resize": "host"}, "tpu", ["mae_jax.prepare",
+                                                         "data.resize=device"], []),
+])
+def test_input_advice_fits_the_run(data, platform, has, lacks):
+  config = get_config()
+  config.data.update(data)
+  advice = trainer.input_advice(config, platform)
+  assert all(h in advice for h in has) and not any(l in advice for l in lacks), advice

@@ -277,3 +277,21 @@ def wait_until(predicate, proc, timeout=300):
     assert proc.poll() is None, f"ended first (exit {proc.returncode})"
     assert time.monotonic() < deadline, f"not reached in {timeout} s"
     time.sleep(0.01)
+
+
+def images(workdir, tag):
+  """{step: PNG bytes} of one image summary in the workdir's TensorBoard event files."""
+  from tensorboardX.proto import event_pb2
+  found = {}
+  for path in sorted(glob.glob(os.path.join(str(workdir), "events.out.tfevents.*"))):
+    with open(path, "rb") as f:
+      data = f.read()
+    i = 0
+    while i + 12 <= len(data):
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      for value in event.summary.value:
+        if value.tag == tag and value.HasField("image"):
+          found[event.step] = value.image.encoded_image_string
+  return found

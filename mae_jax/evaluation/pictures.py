@@ -1,10 +1,12 @@
 """Reconstruction grids: rows = original, masked input, reconstruction, reconstruction with
-the visible patches pasted back (the paper's Figure 2 layout), as a PNG (local or gs://).
-The trainer draws one at the end of a run; `python -m mae_jax.visualize` for any model."""
+the visible patches pasted back (the paper's Figure 2 layout), each row named and the
+target stated on the picture, as a PNG (local or gs://) or an image for TensorBoard. The
+trainer draws them while it runs and at its end; `python -m mae_jax.visualize` for any
+model."""
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from mae_jax import paths as paths_lib
 from mae_jax.model.patches import unpatchify
@@ -17,8 +19,22 @@ def reconstruction_rows(images_BHWC, pred_BHWC, mask_BHW1):
   return [images_BHWC, masked_input, np.clip(pred_BHWC, 0, 1), np.clip(pasted, 0, 1)]
 
 
-def save_grid(rows, path, scale=4, pad=2):
-  """Tile rows of (B, H, W, C) [0, 1] images into one PNG, upscaled for viewing."""
+# What each row shows, written beside it: the third row's visible patches are predictions
+# too, but no loss is computed on them, so they need not look like the image.
+ROW_NAMES = ("original", "masked input (grey = masked)",
+             "prediction, every patch (loss on masked only)", "visible + predicted masked")
+
+
+def target_note(norm_pix_loss):
+  """What the picture's predictions are, by the target the model was trained on."""
+  if norm_pix_loss:
+    return ("target: norm-pix (each patch standardized); predictions drawn with each "
+            "true patch's mean and std")
+  return "target: pixels"
+
+
+def grid(rows, scale=4, pad=2):
+  """Rows of (B, H, W, C) [0, 1] images tiled into one uint8 image, upscaled for viewing."""
   b, h, w, c = rows[0].shape
   canvas = np.ones((len(rows) * (h + pad) + pad, b * (w + pad) + pad, c), np.float32)
   for r, row in enumerate(rows):
@@ -27,22 +43,54 @@ def save_grid(rows, path, scale=4, pad=2):
       canvas[y:y + h, x:x + w] = img
   pixels = (np.clip(canvas, 0, 1) * 255).round().astype(np.uint8)
   image = Image.fromarray(pixels[..., 0] if c == 1 else pixels)
-  image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+  return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+TITLE_HEIGHT = 24  # pixels above the grid, for the title
+
+
+def labelled(image, row_names, title, pad=6):
+  """`image` (a grid of len(row_names) equal rows) with each row's name on its left and
+  `title` above, black on white."""
+  font = ImageFont.load_default()
+  text_w = int(max(font.getlength(t) for t in (*row_names, ""))) + 2 * pad
+  title_h = TITLE_HEIGHT
+  out = Image.new(image.mode, (text_w + image.width, title_h + image.height), 255 if
+                  image.mode == "L" else (255, 255, 255))
+  out.paste(image, (text_w, title_h))
+  draw = ImageDraw.Draw(out)
+  ink = 0 if image.mode == "L" else (0, 0, 0)
+  draw.text((pad, pad), title, fill=ink, font=font)
+  row_h = image.height / len(row_names)
+  for r, name in enumerate(row_names):
+    draw.text((pad, title_h + (r + 0.5) * row_h - 6), name, fill=ink, font=font)
+  return out
+
+
+def reconstruction_picture(images_u8_BHWC, pred_BNP, mask_BN, patch_size, title="",
+                           scale=None):
+  """The four labelled rows of uint8 images, their reconstructions (B, N, p*p*C) on [0, 1]
+  pixels and masks (B, N; 1 = masked), as a PIL image."""
+  b, h, w, c = images_u8_BHWC.shape
+  grid_size = (h // patch_size, w // patch_size)
+  pred = np.asarray(unpatchify(np.asarray(pred_BNP), patch_size, grid_size, c))
+  mask_BNP = np.repeat(np.asarray(mask_BN)[:, :, None], patch_size**2 * c, axis=-1)
+  mask = np.asarray(unpatchify(mask_BNP, patch_size, grid_size, c))
+  rows = reconstruction_rows(images_u8_BHWC.astype(np.float32) / 255.0, pred, mask)
+  if scale is None:  # small images are blown up for viewing, large ones kept as they are
+    scale = max(1, 112 // h)
+  return labelled(grid(rows, scale=scale), ROW_NAMES, title)
+
+
+def save_png(image, path):
   png = io.BytesIO()
   image.save(png, format="PNG")
   paths_lib.write_atomic(path, png.getvalue())  # local or gs://
   return path
 
 
-def save_reconstructions(images_u8_BHWC, pred_BNP, mask_BN, patch_size, path, scale=None):
-  """The four-row grid of uint8 images, their reconstructions (B, N, p*p*C) on [0, 1]
-  pixels and masks (B, N; 1 = masked) as a PNG at `path`."""
-  b, h, w, c = images_u8_BHWC.shape
-  grid = (h // patch_size, w // patch_size)
-  pred = np.asarray(unpatchify(np.asarray(pred_BNP), patch_size, grid, c))
-  mask_BNP = np.repeat(np.asarray(mask_BN)[:, :, None], patch_size**2 * c, axis=-1)
-  mask = np.asarray(unpatchify(mask_BNP, patch_size, grid, c))
-  rows = reconstruction_rows(images_u8_BHWC.astype(np.float32) / 255.0, pred, mask)
-  if scale is None:  # small images are blown up for viewing, large ones kept as they are
-    scale = max(1, 112 // h)
-  return save_grid(rows, path, scale=scale)
+def save_reconstructions(images_u8_BHWC, pred_BNP, mask_BN, patch_size, path, title="",
+                         scale=None):
+  """reconstruction_picture as a PNG at `path` (local or gs://)."""
+  return save_png(reconstruction_picture(images_u8_BHWC, pred_BNP, mask_BN, patch_size,
+                                         title, scale), path)

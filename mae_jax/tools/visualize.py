@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 from mae_jax import cli, paths as paths_lib
-from mae_jax.evaluation.pictures import save_reconstructions
+from mae_jax.evaluation.pictures import save_reconstructions, target_note
 
 
 def image_source(paths, channels):
@@ -98,7 +98,8 @@ def main(argv=None):
     return cli.report(e)
   pred, mask, mse = reconstruct(pre, images, args.seed, args.mask_ratio)
   try:
-    save_reconstructions(images, pred, mask, pre.model.patch_size, args.out)
+    save_reconstructions(images, pred, mask, pre.model.patch_size, args.out,
+                         title=f"{pre.description}: {target_note(pre.norm_pix_loss)}")
   except OSError as e:  # the disk filled up or the folder went away meanwhile
     return cli.report(f"--out {args.out}: cannot write it ({e.strerror or e})")
   print(f"{pre.description}: {len(images)} images, masked-patch MSE {mse:.4f} on [0, 1] "

@@ -95,6 +95,11 @@ class Logger:
       if self.remote and time.monotonic() - self._synced > self.sync_secs:
         self.sync()
 
+  def image(self, step, tag, image_HWC):
+    """A uint8 (H, W, C) image in TensorBoard at `step` (process 0)."""
+    if self.writer:
+      self.writer.add_image(tag, image_HWC, step, dataformats="HWC")
+
   def progress(self, step, metrics, images_per_step):
     """One line (or a redrawn bar on a tty) with step, loss, lr, img/s and ETA."""
     if not self.is_main:
@@ -137,8 +142,12 @@ class InputWait:
   """The share of wall time the loop spends waiting for the next batch, per log interval
   and over the run (the first, compiling step left out); says once when it is high."""
 
-  def __init__(self, warn_above: float):
+  WARMUP_STEPS = 10  # after the compiling step: still warming up (caches, threads), not input
+
+  def __init__(self, warn_above: float, suggestions: str | None = None):
     self.warn_above, self.warned = warn_above, False
+    self.suggestions = suggestions or "more data.num_workers or data.worker_processes"
+    self.first_step = None
     self.total_wait = self.interval_wait = 0.0
     self.t_start = self.t_interval = None
 
@@ -165,12 +174,11 @@ class InputWait:
     return self.total_wait / max(time.perf_counter() - self.t_start, 1e-9)
 
   def advice(self, share: float, step: int) -> str | None:
-    """The one-time note when `share` passes the threshold (else None)."""
-    if self.warned or share <= self.warn_above:
+    """The one-time note when `share` passes the threshold after the warm-up (else
+    None), with the suggestions that fit the run."""
+    self.first_step = step if self.first_step is None else self.first_step
+    if self.warned or share <= self.warn_above or step < self.first_step + self.WARMUP_STEPS:
       return None
     self.warned = True
     return (f"input-bound: {share:.0%} of wall time at step {step} went to waiting for the "
-            f"next batch (data.input_wait_warn={self.warn_above}); try more "
-            "data.num_workers or data.worker_processes, a prepared dataset (python -m "
-            "mae_jax.prepare, then data.name=prepared), data.resize=device (on a GPU or "
-            "TPU) or data.repeat_samples=2")
+            f"next batch (data.input_wait_warn={self.warn_above}); try {self.suggestions}")

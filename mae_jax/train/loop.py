@@ -48,6 +48,8 @@ class Job:
   check_resume(saved): raises ConfigError where the saved config (a dict) describes a job
   this one cannot continue (another model, encoder, number of classes...).
   on_resume(step): called with the step a launch resumes from, before its first step.
+  on_exit(outcome, logger): called when the steps end (finished or stopped), before the
+  job's finish and before the logs close (monitors wait for their work in flight).
   every: (every_steps, fn(step, state, logger)) pairs, run after those steps' metrics are
   known finite (evaluations, monitors); their results must be functions of the state.
   """
@@ -62,6 +64,8 @@ class Job:
   check_resume: Callable[[dict], None] | None = None
   describe: Callable[[int | None], str] | None = None
   on_resume: Callable[[int], None] | None = None
+  on_exit: Callable[[Any, Any], None] | None = None
+  input_advice: str | None = None  # what to try when input-bound (logger.InputWait)
   every: tuple = ()
   base_rng: Any = None  # default: jax.random.key(config.seed)
   notes: list = dataclasses.field(default_factory=list)
@@ -169,7 +173,7 @@ def run_locked(job, lock, finish):
   for note in job.notes + lock_notes + ckpt.notes:
     logger.info(note)
   t0 = time.perf_counter()
-  input_wait = InputWait(cfg.get("data", {}).get("input_wait_warn", 0.2))
+  input_wait = InputWait(cfg.get("data", {}).get("input_wait_warn", 0.2), job.input_advice)
   with distributed.GracefulStop() as stop:
     try:
       state, loss, images_per_sec = steps(job, state, ckpt, logger, stop, input_wait)
@@ -179,6 +183,8 @@ def run_locked(job, lock, finish):
   outcome = Outcome(state, restored, loss, images_per_sec, time.perf_counter() - t0,
                     input_wait.total_share(),
                     None if done else stop.signal_name or "stop_after_steps")
+  if job.on_exit is not None:
+    job.on_exit(outcome, logger)
   result = None
   if done and finish is not None:
     result = finish(outcome, logger)
