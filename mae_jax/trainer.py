@@ -30,6 +30,7 @@ class Run(program.Pretraining):
   train_src: data.Source | None = None
   test_src: data.Source | None = None
   notes: list = dataclasses.field(default_factory=list)
+  explicit: tuple = ()  # the config fields given on the command line
 
 
 def build_run(config, workdir, explicit=()):
@@ -51,7 +52,8 @@ def build_run(config, workdir, explicit=()):
   pre = program.pretraining(config, jax.devices(), len(train_src),
                             (train_src.mean, train_src.std))
   return Run(**{f.name: getattr(pre, f.name) for f in dataclasses.fields(pre)},
-             workdir=workdir, train_src=train_src, test_src=test_src, notes=notes)
+             workdir=workdir, train_src=train_src, test_src=test_src, notes=notes,
+             explicit=tuple(explicit))
 
 
 def fresh_state(run):
@@ -101,7 +103,7 @@ def device_crops(run):
 def job_of(run):
   """The loop's view of a pretraining run, with its monitors (each None unless its config
   field is set): kNN every knn_every_epochs, reconstructions every vis_every_steps."""
-  monitor = knn.Monitor.for_run(run)
+  monitor = knn.Monitor.for_run(run, run.explicit)
   pictures_every = watch.ReconstructionMonitor.for_run(run)
   every = tuple(m for m in (
       monitor and (monitor.every_steps,

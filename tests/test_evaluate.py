@@ -14,9 +14,10 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
 from configs.eval import get_config as get_eval_config
-from mae_jax import data
+from mae_jax import data, trainer
 from mae_jax.evaluation import augment as eval_augment, features, finetune, knn, linprobe
 from mae_jax.evaluation import optimizers
 from mae_jax.model import posembed, vit
@@ -203,11 +204,29 @@ def test_bad_eval_config_names_the_field(field, value):
     evaluate.validate(c, ["knn"])
 
 
-def test_knn_every_epochs_must_be_positive():
-  c = synthetic_config(knn_every_epochs=0.0)
+def test_knn_monitor_fields_are_checked(tmp_path):
+  """knn_every_epochs >= 0 (0: off); a bank larger than the training split, or a monitor
+  asked for on a dataset without labels, is one line before anything compiles; the
+  recipe's own monitor is off, with a note, on such a dataset."""
   with pytest.raises(config_lib.ConfigError, match=r"^config\.knn_every_epochs"):
-    config_lib.validate(c)
+    config_lib.validate(synthetic_config(knn_every_epochs=-1.0))
+  config_lib.validate(synthetic_config(knn_every_epochs=0.0))
   config_lib.validate(synthetic_config(knn_every_epochs=2.0))
+  big = synthetic_config(knn_every_epochs=1.0, knn_bank_size=65)  # 64 synthetic images
+  with pytest.raises(config_lib.ConfigError, match=r"^config\.knn_bank_size: 65 is larger "
+                     "than the 64 training images"):
+    trainer.train_and_evaluate(big, str(tmp_path / "big"))
+  (tmp_path / "flat").mkdir()
+  for i in range(40):  # a folder of images without class folders: no labels
+    Image.fromarray(np.full((16, 16, 3), i * 6, np.uint8)).save(tmp_path / "flat" / f"{i}.png")
+  flat = synthetic_config(knn_every_epochs=1.0)
+  with flat.unlocked():
+    flat.data.update(name="folder", data_dir=str(tmp_path / "flat"))
+  with pytest.raises(config_lib.ConfigError, match="has no class labels"):
+    trainer.train_and_evaluate(flat, str(tmp_path / "asked"), explicit=("knn_every_epochs",))
+  run = trainer.build_run(flat, str(tmp_path / "default"))
+  assert knn.Monitor.for_run(run) is None
+  assert "kNN monitor off: data.name='folder' has no class labels" in run.notes
 
 
 # ---------------------------------------------------------------------------

@@ -76,23 +76,51 @@ def global_rows(rows, mesh):
   return sharding.global_batch(rows[local], mesh)
 
 
+BANK_STREAM, TEST_STREAM = 2**31 - 3, 2**31 - 4  # seeds of the monitor's subsets
+
+
+def seeded_subset(source, size, seed, stream):
+  """`size` examples of `source` drawn with (seed, stream), in index order; all of it
+  where size is None or not smaller."""
+  if size is None or size >= len(source):
+    return source
+  rows = np.sort(np.random.default_rng([seed, stream]).choice(len(source), size,
+                                                              replace=False))
+  return data.Subset(source, indices=rows)
+
+
 class Monitor:
   """kNN top-1 of the current encoder every `every_steps` pretraining steps, logged to
-  TensorBoard as eval/knn_top1 (training split as the memory bank, test split scored)."""
+  TensorBoard as eval/knn_top1: a memory bank of config.knn_bank_size training images and
+  config.knn_test_size test images, fixed subsets drawn from the seed (None: a whole split),
+  encoded in batches split over the processes. docs/evaluation.md gives the cost."""
 
   def __init__(self, run, every_steps):
+    cfg = run.config
     self.run, self.every_steps = run, every_steps
+    self.bank = seeded_subset(run.train_src, cfg.get("knn_bank_size"), cfg.seed, BANK_STREAM)
+    self.test = seeded_subset(run.test_src, cfg.get("knn_test_size"), cfg.seed, TEST_STREAM)
 
   @classmethod
-  def for_run(cls, run):
-    """A Monitor where config.knn_every_epochs is set, else None (and no cost at all)."""
-    every = run.config.get("knn_every_epochs")
+  def for_run(cls, run, explicit=()):
+    """A Monitor where config.knn_every_epochs is set, else None (and no cost at all). On
+    a dataset without labels it is an error where the command line asked for it (in
+    `explicit`), and off with a note where it is the recipe's default."""
+    cfg = run.config
+    every = cfg.get("knn_every_epochs")
     if not every:
       return None
     if not run.train_src.num_classes:
+      if "knn_every_epochs" not in explicit:
+        run.notes.append(f"kNN monitor off: data.name={cfg.data.name!r} has no class labels")
+        return None
       raise config_lib.ConfigError(
-          f"config.knn_every_epochs: data.name={run.config.data.name!r} has no class labels "
+          f"config.knn_every_epochs: data.name={cfg.data.name!r} has no class labels "
           "for the kNN monitor; leave knn_every_epochs unset")
+    bank = cfg.get("knn_bank_size")
+    config_lib._check(bank is None or bank <= len(run.train_src), "knn_bank_size",  # pylint: disable=protected-access
+                      f"{bank} is larger than the {len(run.train_src)} training images; "
+                      "None for the whole split")
     return cls(run, max(1, round(every * run.durations.steps_per_epoch)))
 
   def due(self, step):
@@ -103,13 +131,14 @@ class Monitor:
     kw = dict(model=run.model, kind=MONITOR_FEATURES, mesh=run.mesh,
               image_size=run.config.data.image_size, batch_size=run.config.eval_batch_size,
               log=lambda _: None)
-    train = features_lib.extract(params, run.train_src, **kw)
-    test = features_lib.extract(params, run.test_src, **kw)
+    train = features_lib.extract(params, self.bank, **kw)
+    test = features_lib.extract(params, self.test, **kw)
     top1 = knn_top1(train, test, k=MONITOR_K, temperature=MONITOR_TEMPERATURE,
                     num_classes=run.train_src.num_classes, mesh=run.mesh,
                     batch_size=run.config.eval_batch_size)
     logger.scalars(step, {"knn_top1": top1}, prefix="eval")
-    logger.info(f"step {step}: kNN top-1 {top1:.4f} (k={MONITOR_K}, T={MONITOR_TEMPERATURE}, "
+    logger.info(f"step {step}: kNN top-1 {top1:.4f} (bank {len(self.bank)} train, "
+                f"{len(self.test)} test images; k={MONITOR_K}, T={MONITOR_TEMPERATURE}, "
                 f"{time.perf_counter() - t0:.0f} s)")
     return top1
 

@@ -141,8 +141,10 @@ def validate_run(config):
     _check_int(config[field], field, 1)
   _check_int(config.num_vis_images, "num_vis_images", 0)
   _check_int(config.get("vis_every_steps"), "vis_every_steps", 1, optional=True)
-  _check_number(config.get("knn_every_epochs"), "knn_every_epochs", 0, strict=True,
-                optional=True)
+  _check_int(config.get("knn_bank_size"), "knn_bank_size", 1, optional=True)
+  _check_int(config.get("knn_test_size"), "knn_test_size", 1, optional=True)
+  _check_number(config.get("knn_every_epochs"), "knn_every_epochs", 0,
+                optional=True)  # 0 or None: off
 
 
 def validate(config, num_devices=None, explicit=()):
@@ -276,7 +278,7 @@ def check_resume(config, saved, workdir):
 # change them freely (the mesh and kernels change only float rounding).
 LAUNCH_FIELDS = frozenset({
     "stop_after_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-    "num_vis_images", "vis_every_steps", "knn_every_epochs", "allow_config_change", "data.num_workers",
+    "num_vis_images", "vis_every_steps", "knn_every_epochs", "knn_bank_size", "knn_test_size", "allow_config_change", "data.num_workers",
     "mesh.data", "mesh.fsdp", "model.remat", "model.attn_impl", "model.matmul",
     "model.unroll",
     # the same for the evaluation jobs (mae_jax.evaluate): fine-tuning's remat policy and
