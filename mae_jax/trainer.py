@@ -208,7 +208,8 @@ def train_and_evaluate(config, workdir, explicit=()):
   given on the command line (build_run)."""
   checkpoints.check_workdir(workdir)
   workdir = loop.check_path("--workdir", workdir)
-  loop.check_kind(workdir, "pretrain")  # before the data is read
+  if not paths.is_gcs(workdir):  # before the data is read (a bucket's: once it is reached)
+    loop.check_kind(workdir, "pretrain")
   run = build_run(config, workdir, explicit)
   outcome, results = loop.run(job_of(run), lambda outcome, logger: finish(
       run, outcome.state, logger, outcome.train_seconds, outcome.final_loss,

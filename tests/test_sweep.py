@@ -70,8 +70,8 @@ def test_toy_sweep_runs_resumes_and_shares_points(tmp_path):
     assert float(r["images_per_sec"]) > 0 and float(r["wall_seconds"]) > 0
     assert np.isfinite(float(r["final_train_loss"]))
   # Each row is what the point's own result files say.
-  vit_dir = [d for d in (workdir / "points").iterdir()
-             if (d / "eval_knn.json").exists() and (d / "checkpoints").exists()]
+  vit_dir = [d for d in (workdir / "points").iterdir() if (d / "eval_knn.json").exists()
+             and json.loads((d / "config.json").read_text()).get("job") == "pretrain"]
   assert len(vit_dir) == 1
   summary = json.loads((vit_dir[0] / "summary.json").read_text())
   knn = json.loads((vit_dir[0] / "eval_knn.json").read_text())

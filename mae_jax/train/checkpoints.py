@@ -284,11 +284,9 @@ def check_workdir(workdir, flag="--workdir"):
   if not isinstance(workdir, (str, os.PathLike)) or not str(workdir).strip():
     raise CheckpointError(f"{flag}: empty; expected a directory for the run's checkpoints "
                           "and logs")
-  try:
-    is_file = paths.isfile(workdir)
-  except paths.PathError:
-    return  # a malformed gs:// path: named by the path check that follows
-  if is_file:
+  if paths.is_gcs(workdir):
+    return  # checked by writing a probe (check_writable), one line for any storage error
+  if os.path.isfile(workdir):
     raise CheckpointError(f"{flag} {workdir}: is a file; expected a directory for the run's "
                           "checkpoints and logs")
 
