@@ -215,7 +215,9 @@ def test_knn_monitor_fields_are_checked(tmp_path):
   big = synthetic_config(knn_every_epochs=1.0, knn_bank_size=65)  # 64 synthetic images
   with pytest.raises(config_lib.ConfigError, match=r"^config\.knn_bank_size: 65 is larger "
                      "than the 64 training images"):
-    trainer.train_and_evaluate(big, str(tmp_path / "big"))
+    trainer.train_and_evaluate(big, str(tmp_path / "big"), explicit=("knn_bank_size",))
+  whole = knn.Monitor.for_run(trainer.build_run(big, str(tmp_path / "whole")))
+  assert len(whole.bank) == 64  # the recipe's bank on a smaller split: all of it
   (tmp_path / "flat").mkdir()
   for i in range(40):  # a folder of images without class folders: no labels
     Image.fromarray(np.full((16, 16, 3), i * 6, np.uint8)).save(tmp_path / "flat" / f"{i}.png")

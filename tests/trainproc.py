@@ -112,11 +112,10 @@ def wait_all(procs, timeout):
       p.kill()
 
 
-def scalars(workdir, tag="train/loss"):
-  """{step: value} of one scalar in the workdir's TensorBoard event files (read directly:
-  TFRecord framing around Event protos)."""
+def summary_values(workdir, tag):
+  """(step, Summary.Value) of one tag in the workdir's TensorBoard event files, read
+  directly: TFRecord framing around Event protos."""
   from tensorboardX.proto import event_pb2
-  values = {}
   for path in sorted(glob.glob(os.path.join(str(workdir), "events.out.tfevents.*"))):
     with open(path, "rb") as f:
       data = f.read()
@@ -127,8 +126,12 @@ def scalars(workdir, tag="train/loss"):
       i += 12 + n + 4
       for value in event.summary.value:
         if value.tag == tag:
-          values[event.step] = value.simple_value
-  return values
+          yield event.step, value
+
+
+def scalars(workdir, tag="train/loss"):
+  """{step: value} of one scalar in the workdir's TensorBoard event files."""
+  return {step: value.simple_value for step, value in summary_values(workdir, tag)}
 
 
 def checkpoint_steps(workdir):
@@ -281,17 +284,5 @@ def wait_until(predicate, proc, timeout=300):
 
 def images(workdir, tag):
   """{step: PNG bytes} of one image summary in the workdir's TensorBoard event files."""
-  from tensorboardX.proto import event_pb2
-  found = {}
-  for path in sorted(glob.glob(os.path.join(str(workdir), "events.out.tfevents.*"))):
-    with open(path, "rb") as f:
-      data = f.read()
-    i = 0
-    while i + 12 <= len(data):
-      (n,) = struct.unpack("<Q", data[i:i + 8])
-      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
-      i += 12 + n + 4
-      for value in event.summary.value:
-        if value.tag == tag and value.HasField("image"):
-          found[event.step] = value.image.encoded_image_string
-  return found
+  return {step: value.image.encoded_image_string for step, value in summary_values(workdir, tag)
+          if value.HasField("image")}

@@ -105,7 +105,8 @@ class Monitor:
   def for_run(cls, run, explicit=()):
     """A Monitor where config.knn_every_epochs is set, else None (and no cost at all). On
     a dataset without labels it is an error where the command line asked for it (in
-    `explicit`), and off with a note where it is the recipe's default."""
+    `explicit`), and off with a note where it is the recipe's default; so is a bank larger
+    than the training split (the recipe's bank is then the whole split)."""
     cfg = run.config
     every = cfg.get("knn_every_epochs")
     if not every:
@@ -117,10 +118,10 @@ class Monitor:
       raise config_lib.ConfigError(
           f"config.knn_every_epochs: data.name={cfg.data.name!r} has no class labels "
           "for the kNN monitor; leave knn_every_epochs unset")
-    bank = cfg.get("knn_bank_size")
-    config_lib._check(bank is None or bank <= len(run.train_src), "knn_bank_size",  # pylint: disable=protected-access
-                      f"{bank} is larger than the {len(run.train_src)} training images; "
-                      "None for the whole split")
+    bank = cfg.get("knn_bank_size")  # the recipe's, on a smaller split: the whole split
+    config_lib._check("knn_bank_size" not in explicit or bank <= len(run.train_src),  # pylint: disable=protected-access
+                      "knn_bank_size", f"{bank} is larger than the {len(run.train_src)} "
+                      "training images; None for the whole split")
     return cls(run, max(1, round(every * run.durations.steps_per_epoch)))
 
   def due(self, step):
