@@ -69,6 +69,7 @@ class ReconstructionMonitor:
     if jax.process_count() > 1:  # gathering is a collective: every process, this thread
       pred, mask = sharding.to_host(pred), sharding.to_host(mask)
     if jax.process_index() == 0:
+      self.pending = [f for f in self.pending if not f.done()]  # only those in flight
       self.pending.append(self.pool.submit(self.draw, step, pred, mask, logger))
     self.seconds += time.perf_counter() - t0
 
