@@ -64,6 +64,14 @@ def get_config():
   c.model.attn_impl = config_dict.placeholder(str)  # None (auto) | xla | cudnn
   c.model.matmul = "auto"  # Dense kernels: auto (by the devices' platform) | xla | cpu
 
+  # Stages (mae_jax.train.stages): from a fraction of training on, another image size or
+  # mask ratio, e.g. resolution=((0.0, 16), (0.5, 24), (0.8, 28)): each stage compiles
+  # once, batches and masks stay functions of (seed, step), the lr schedule is unchanged.
+  # Empty: every step at data.image_size and model.mask_ratio.
+  c.schedule = config_dict.ConfigDict()
+  c.schedule.resolution = ()
+  c.schedule.mask_ratio = ()
+
   c.batch_size = 128  # global batch, over all devices and processes
   # Split each step's batch into this many micro-batches (scanned, gradients averaged):
   # the same update with less activation memory.

@@ -5,9 +5,11 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import itertools
 import math
 import shutil
 import sys
+import time
 
 import jax
 
@@ -16,6 +18,7 @@ from mae_jax.data import device_resize
 from mae_jax.evaluation import knn, pictures, watch
 from mae_jax.model import sizes
 from mae_jax.train import checkpoints, config as config_lib, loop, param_dirs, program, sharding
+from mae_jax.train import stages
 
 
 # fold_in data of the evaluation's masks: apart from every training step's (0, 1, 2, ...).
@@ -31,6 +34,14 @@ class Run(program.Pretraining):
   test_src: data.Source | None = None
   notes: list = dataclasses.field(default_factory=list)
   explicit: tuple = ()  # the config fields given on the command line
+  # {stage.key: (compiled step, seconds to compile it)}: this invocation's programs
+  compiled: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def resize(self):
+    """Where training crops are resized: 'host' or 'device' (config.data.resize)."""
+    return device_resize.resolve(self.config.data.get("resize", "auto"),
+                                 sharding.platform(self.mesh))
 
 
 def build_run(config, workdir, explicit=()):
@@ -80,24 +91,47 @@ def load_init_params(run, params):
 
 
 def device_batches(run, start_step):
-  """Host batches for steps start_step + 1, ... as global arrays, two steps ahead."""
+  """Host batches for steps start_step + 1, ... as global arrays, two steps ahead, each
+  stage's at its image size (the crops of a step do not depend on it)."""
+  for stage in run.stages:
+    if stage.end > start_step:
+      first = max(start_step, stage.start)
+      host = stage_batches(run, stage.image_size, first)
+      yield from sharding.device_batches(
+          itertools.islice(host, stage.end - first), run.mesh,
+          finish=device_crops(run, stage.image_size) if run.resize == "device" else None)
+
+
+def stage_batches(run, image_size, start_step):
   cfg = run.config
-  resize = device_resize.resolve(cfg.data.get("resize", "auto"), sharding.platform(run.mesh))
-  host = data.make_train_batches(
-      run.train_src, image_size=cfg.data.image_size, global_batch_size=cfg.batch_size,
+  return data.make_train_batches(
+      run.train_src, image_size=image_size, global_batch_size=cfg.batch_size,
       seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count(),
       augment=cfg.data.augment, crop_scale=tuple(cfg.data.crop_scale), start_step=start_step,
       num_workers=cfg.data.num_workers, repeat_samples=cfg.data.get("repeat_samples", 1),
-      worker_processes=cfg.data.get("worker_processes", 0), resize=resize)
-  return sharding.device_batches(host, run.mesh, finish=device_crops(run)
-                                 if resize == "device" else None)
+      worker_processes=cfg.data.get("worker_processes", 0), resize=run.resize)
 
 
-def device_crops(run):
+def device_crops(run, image_size):
   """data.resize='device': the jitted resize of the host's crop regions to the batch the
   train step takes (mae_jax.data.device_resize), sharded as the batch."""
-  crops = functools.partial(device_resize.crops_of, image_size=run.config.data.image_size)
+  crops = functools.partial(device_resize.crops_of, image_size=image_size)
   return program.jit(crops, run.mesh, out_shardings=sharding.batch_sharding(run.mesh))
+
+
+def stage_step(run, step, logger):
+  """The compiled step of the stage that trains `step`; a stage's program is compiled
+  (its seconds logged and kept for the summary) when its first step comes."""
+  stage = stages.stage_at(run.stages, step)
+  name = f"stage {run.stages.index(stage) + 1}/{len(run.stages)}: {stage.describe()}"
+  if stage.key not in run.compiled:
+    t0 = time.perf_counter()
+    compiled = run.stage_step(stage).lower(*run.abstract_inputs(stage)).compile()
+    run.compiled[stage.key] = compiled, time.perf_counter() - t0
+    logger.info(f"{name}; compiled in {run.compiled[stage.key][1]:.1f} s")
+  elif step == stage.start + 1:
+    logger.info(name)
+  return run.compiled[stage.key][0]
 
 
 def job_of(run):
@@ -117,6 +151,7 @@ def job_of(run):
       batches=functools.partial(device_batches, run), fresh_state=lambda: fresh_state(run),
       check_resume=lambda saved: config_lib.check_resume(run.config, saved, run.workdir),
       describe=functools.partial(describe, run), every=every, on_exit=on_exit,
+      step_for=functools.partial(stage_step, run),
       input_advice=input_advice(run.config, sharding.platform(run.mesh)),
       notes=list(run.notes))
 
@@ -195,6 +230,9 @@ def write_summary(run, results, train_seconds, final_loss, images_per_sec, skipp
   summary["model"].update(dtype=run.config.model.dtype,
                           encoder_tokens=run.config.model.get("encoder_tokens", "visible"),
                           kernels=dataclasses.asdict(run.model.kernels))
+  summary["stages"] = [dict(dataclasses.asdict(s), compile_seconds=round(
+      run.compiled[s.key][1], 2) if s.key in run.compiled else None)
+                       for s in run.stages]  # compile_seconds: this invocation's
   path = paths.join(run.workdir, "summary.json")
   paths.write_atomic(path, json.dumps(summary, indent=2, default=str))
   return path
@@ -269,6 +307,8 @@ def describe(run, restored):
           f"{d.total_steps} steps of batch {run.config.batch_size} "
           f"({d.steps_per_epoch} steps/epoch, warmup {d.warmup_steps}), "
           f"{jax.device_count()} device(s), mesh {dict(run.mesh.shape)}")
+  if len(run.stages) > 1:
+    head += f"; {len(run.stages)} stages (config.schedule)"
   resume = f"; resuming from step {restored}" if restored is not None else ""
   return head + resume
 

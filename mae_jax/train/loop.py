@@ -52,6 +52,8 @@ class Job:
   job's finish and before the logs close (monitors wait for their work in flight).
   every: (every_steps, fn(step, state, logger)) pairs, run after those steps' metrics are
   known finite (evaluations, monitors); their results must be functions of the state.
+  step_for(step, logger): the step function that makes step `step` (a pretraining's
+  stages, mae_jax.train.stages); default program.step for every step.
   """
   kind: str
   workdir: str
@@ -67,6 +69,7 @@ class Job:
   on_exit: Callable[[Any, Any], None] | None = None
   input_advice: str | None = None  # what to try when input-bound (logger.InputWait)
   every: tuple = ()
+  step_for: Callable[[int, Any], Callable] | None = None
   base_rng: Any = None  # default: jax.random.key(config.seed)
   notes: list = dataclasses.field(default_factory=list)
 
@@ -214,7 +217,8 @@ def steps(job, state, ckpt, logger, stop=None, input_wait=None):
     t_ask = time.perf_counter()
     batch = next(batches)
     input_wait.add(time.perf_counter() - t_ask)
-    state, metrics = job.program.step(state, batch, base_rng)
+    step_fn = job.program.step if job.step_for is None else job.step_for(step, logger)
+    state, metrics = step_fn(state, batch, base_rng)
     if t_compiled is None:  # the first call compiled, then dispatched asynchronously
       jax.block_until_ready(state.step)
       t_compiled = time.perf_counter()

@@ -20,7 +20,8 @@ import ml_collections
 import optax
 
 from mae_jax.model import sizes
-from mae_jax.train import config as config_lib, optim, sharding, train_step as ts
+from mae_jax.train import config as config_lib, optim, sharding, stages as stages_lib
+from mae_jax.train import train_step as ts
 
 
 def jit(fn, mesh, *, in_shardings=None, out_shardings=None, donate_argnums=()):
@@ -69,6 +70,19 @@ class Program:
     key = jax.eval_shape(lambda: jax.random.key(0))
     return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(self.mesh))
 
+  def jit_step(self, step_fn):
+    """`step_fn(state, batch, rng)` jitted as this program's step: the state in its
+    shardings and donated, the batch split over every device, rng and metrics
+    replicated."""
+    return jit_step(step_fn, self.mesh, self.state_shardings, self.batch_keys)
+
+
+def jit_step(step_fn, mesh, state_shardings, batch_keys):
+  repl = sharding.replicated(mesh)
+  batch_sh = {k: sharding.batch_sharding(mesh) for k in batch_keys}
+  return jit(step_fn, mesh, in_shardings=(state_shardings, batch_sh, repl),
+             out_shardings=(state_shardings, repl), donate_argnums=0)
+
 
 def build(mesh, init_fn, step_fn, batch_keys=("image", "label"), state_shardings=None):
   """The Program of `init_fn(rng) -> state` and `step_fn(state, batch, rng)`.
@@ -78,11 +92,9 @@ def build(mesh, init_fn, step_fn, batch_keys=("image", "label"), state_shardings
   """
   abstract = jax.eval_shape(init_fn, jax.random.key(0))
   shardings = (state_shardings or sharding.state_shardings)(abstract, mesh)
-  repl = sharding.replicated(mesh)
-  batch_sh = {k: sharding.batch_sharding(mesh) for k in batch_keys}
-  init = jit(init_fn, mesh, in_shardings=(repl,), out_shardings=shardings)
-  step = jit(step_fn, mesh, in_shardings=(shardings, batch_sh, repl),
-             out_shardings=(shardings, repl), donate_argnums=0)
+  init = jit(init_fn, mesh, in_shardings=(sharding.replicated(mesh),),
+             out_shardings=shardings)
+  step = jit_step(step_fn, mesh, shardings, tuple(batch_keys))
   return Program(mesh, with_shardings(abstract, shardings), shardings, init, step,
                  tuple(batch_keys))
 
@@ -90,7 +102,12 @@ def build(mesh, init_fn, step_fn, batch_keys=("image", "label"), state_shardings
 @dataclasses.dataclass
 class Pretraining(Program):
   """The MAE pretraining program of a validated config (the trainer's, the benchmark's
-  and the ahead-of-time compiler's: one program)."""
+  and the ahead-of-time compiler's: one program).
+
+  `step` and `model` are those of data.image_size and model.mask_ratio (evaluation's);
+  `stages` (mae_jax.train.stages) say which image size and mask ratio train each step,
+  and `stage_step(stage)` is the step that trains a stage (`step` itself where the stage
+  is the recipe's), jitted once per image size and mask ratio."""
   config: ml_collections.ConfigDict = None
   model: nn.Module = None
   durations: config_lib.Durations = None
@@ -98,16 +115,33 @@ class Pretraining(Program):
   schedule: optax.Schedule = None
   norm_stats: tuple = None  # (mean, std) per channel that the step normalizes images with
   num_params: int = 0
+  stages: tuple = ()
+  step_fn: Callable = None  # step_fn(model) -> the step function of that model
+  _stage_steps: dict = dataclasses.field(default_factory=dict)
 
   @property
   def image_shape(self):
     return image_shape(self.config)
 
-  def abstract_inputs(self):
-    """(state, batch, rng) of the step as ShapeDtypeStructs carrying their shardings."""
-    batch = self.abstract_batch(self.config.batch_size, {"image": (self.image_shape, jnp.uint8),
+  def abstract_inputs(self, stage=None):
+    """(state, batch, rng) of the step (of `stage`'s where given) as ShapeDtypeStructs
+    carrying their shardings."""
+    size = self.config.data.image_size if stage is None else stage.image_size
+    shape = (size, size, self.config.data.channels)
+    batch = self.abstract_batch(self.config.batch_size, {"image": (shape, jnp.uint8),
                                                          "label": ((), jnp.int32)})
     return self.abstract_state, batch, self.abstract_rng()
+
+  def stage_model(self, stage):
+    return self.model.clone(image_size=stage.image_size, mask_ratio=stage.mask_ratio)
+
+  def stage_step(self, stage):
+    """The jitted step that trains `stage` (one per image size and mask ratio)."""
+    if stage.key == (self.model.image_size, self.model.mask_ratio):
+      return self.step
+    if stage.key not in self._stage_steps:
+      self._stage_steps[stage.key] = self.jit_step(self.step_fn(self.stage_model(stage)))
+    return self._stage_steps[stage.key]
 
   def eval_step(self, baseline_HWC):
     """ts.eval_step on the params in their training layout and a split batch."""
@@ -129,15 +163,21 @@ def pretraining(config, devices, num_train_examples, norm_stats):
   dur = config_lib.durations(config, num_train_examples)
   mesh = sharding.make_mesh(config.mesh, devices)
   model = sizes.build_model(config, sharding.platform(mesh))
+  stages_lib.check(config, model.patch_size)
   tx, schedule = optim.make_optimizer(config.optim, config.batch_size, dur.warmup_steps,
                                       dur.total_steps)
   init = functools.partial(ts.init_state, model, tx, image_shape=image_shape(config))
-  step = functools.partial(
-      ts.train_step, model=model, tx=tx, schedule=schedule, mean=norm_stats[0],
-      std=norm_stats[1], norm_pix_loss=config.model.norm_pix_loss,
-      accum_steps=config.grad_accum_steps, skip_nonfinite=config.skip_nonfinite)
-  core = build(mesh, init, step)
+
+  def step_fn(model):  # the train step of `model` (each stage's model is its own)
+    return functools.partial(
+        ts.train_step, model=model, tx=tx, schedule=schedule, mean=norm_stats[0],
+        std=norm_stats[1], norm_pix_loss=config.model.norm_pix_loss,
+        accum_steps=config.grad_accum_steps, skip_nonfinite=config.skip_nonfinite)
+
+  core = build(mesh, init, step_fn(model))
   num_params = sum(x.size for x in jax.tree.leaves(core.abstract_state.params))
   return Pretraining(**{f.name: getattr(core, f.name) for f in dataclasses.fields(core)},
                      config=config, model=model, durations=dur, tx=tx, schedule=schedule,
-                     norm_stats=norm_stats, num_params=num_params)
+                     norm_stats=norm_stats, num_params=num_params,
+                     stages=tuple(stages_lib.of(config, dur.total_steps)),
+                     step_fn=step_fn)
