@@ -134,6 +134,12 @@ def log(message):
 def setup(config, encoder_tokens=None, seed=0):
   """(jitted train step, initial state, synthetic batch on device, rng, model): the
   trainer's program (mae_jax.train.program.pretraining) on synthetic uint8 images."""
+  run, state, rng = build(config, encoder_tokens, seed)
+  return run.step, state, synthetic_batch(run, config.data.image_size, seed), rng, run.model
+
+
+def build(config, encoder_tokens=None, seed=0):
+  """(the Pretraining program of `config`, its initial state, rng)."""
   config = config.copy_and_resolve_references()
   if encoder_tokens is not None:  # another encoder for the same recipe (vs_pytorch.py)
     with config.unlocked():
@@ -141,11 +147,16 @@ def setup(config, encoder_tokens=None, seed=0):
   channels = config.data.channels
   run = program.pretraining(config, jax.devices(), 10**6 * config.batch_size,
                             ((0.5,) * channels, (0.25,) * channels))
+  return run, run.init(jax.random.key(seed)), jax.random.key(seed)
+
+
+def synthetic_batch(run, image_size, seed):
+  """A global batch of uniform random uint8 images at `image_size`, on the mesh."""
   rng = np.random.default_rng(seed)
-  batch = sharding.global_batch(
-      {"image": rng.integers(0, 256, (config.batch_size, *run.image_shape), dtype=np.uint8),
-       "label": np.zeros((config.batch_size,), np.int32)}, run.mesh)
-  return run.step, run.init(jax.random.key(seed)), batch, jax.random.key(seed), run.model
+  shape = (run.config.batch_size, image_size, image_size, run.config.data.channels)
+  return sharding.global_batch(
+      {"image": rng.integers(0, 256, shape, dtype=np.uint8),
+       "label": np.zeros((run.config.batch_size,), np.int32)}, run.mesh)
 
 
 def compile_step(step, state, batch, rng):
@@ -284,20 +295,54 @@ def format_table(result):
 
 
 def benchmark(args):
-  """Compile, warm up and time the train step; returns the result record."""
+  """Compile, warm up and time the train step of each stage of the recipe (one stage
+  unless config.schedule sets some); returns their result records."""
   config = bench_config(args)
   log(f"building {config.model.variant} at {config.data.image_size}px, batch "
       f"{config.batch_size}, {jax.device_count()} x {jax.devices()[0].device_kind}")
-  step, state, batch, rng, model = setup(config, seed=args.seed)
-  log("compiling the train step ...")
-  compiled, compile_s = compile_step(step, state, batch, rng)
-  log(f"compiled in {compile_s:.1f}s; {args.warmup} warm-up steps ...")
-  state, _ = run_steps(compiled, state, batch, rng, args.warmup)
-  every = max(1, args.steps // 5)
-  state, times = run_steps(
-      compiled, state, batch, rng, args.steps,
-      lambda i, t: (i + 1) % every == 0 and log(f"step {i + 1}/{args.steps}: {t:.3f}s"))
-  return summarize(args, config, model, compiled, compile_s, times)
+  run, state, rng = build(config, seed=args.seed)
+  results, seen = [], {}
+  for i, stage in enumerate(run.stages):
+    if stage.key in seen:  # a later stage of the same program: the same figures
+      results.append(dict(seen[stage.key], stage=stage_record(run, i)))
+      continue
+    batch = synthetic_batch(run, stage.image_size, args.seed)
+    log(f"compiling the train step{stage_name(run, i)} ...")
+    compiled, compile_s = compile_step(run.stage_step(stage), state, batch, rng)
+    log(f"compiled in {compile_s:.1f}s; {args.warmup} warm-up steps ...")
+    state, _ = run_steps(compiled, state, batch, rng, args.warmup)
+    every = max(1, args.steps // 5)
+    state, times = run_steps(
+        compiled, state, batch, rng, args.steps,
+        lambda k, t: (k + 1) % every == 0 and log(f"step {k + 1}/{args.steps}: {t:.3f}s"))
+    seen[stage.key] = summarize(args, config, run.stage_model(stage), compiled, compile_s,
+                                times)
+    results.append(dict(seen[stage.key], stage=stage_record(run, i)))
+  return results
+
+
+def stage_name(run, i):
+  s = run.stages[i]
+  return "" if len(run.stages) == 1 else (
+      f" of stage {i + 1}/{len(run.stages)} ({s.image_size} px, mask ratio "
+      f"{s.mask_ratio:g})")
+
+
+def stage_record(run, i):
+  """Stage i of the recipe: its image size, mask ratio and share of the steps."""
+  s, total = run.stages[i], run.durations.total_steps
+  return {"index": i + 1, "of": len(run.stages), "image_size": s.image_size,
+          "mask_ratio": s.mask_ratio, "from": s.start / total, "to": s.end / total}
+
+
+def schedule_summary(results):
+  """The whole run's mean step time and images/s where it has stages (each stage's step
+  time weighted by its steps), against every step at the last stage's."""
+  shares = [r["stage"]["to"] - r["stage"]["from"] for r in results]
+  mean_step = sum(n * r["step_time_s"] for n, r in zip(shares, results)) / sum(shares)
+  return {"schedule_mean_step_time_s": mean_step,
+          "schedule_images_per_s": results[0]["batch_size"] / mean_step,
+          "speedup_vs_last_stage": results[-1]["step_time_s"] / mean_step}
 
 
 def main(argv=None):
@@ -305,8 +350,18 @@ def main(argv=None):
     result = benchmark(parse_args(sys.argv[1:] if argv is None else argv))
   except (config_lib.ConfigError, cli.UsageError) as e:
     cli.fail(e)
-  print(format_table(result))
-  print(json.dumps(result), flush=True)
+  for r in result:
+    if len(result) > 1:
+      print(f"stage {r['stage']['index']}/{r['stage']['of']}: {r['stage']['from']:.0%}"
+            f"-{r['stage']['to']:.0%} of the steps")
+    print(format_table(r))
+  if len(result) > 1:
+    summary = schedule_summary(result)
+    print(f"whole schedule: {summary['schedule_images_per_s']:.4g} images/s, "
+          f"{summary['speedup_vs_last_stage']:.3g}x the last stage's")
+    print(json.dumps(summary))
+  for r in result:
+    print(json.dumps(r), flush=True)
 
 
 def run():
