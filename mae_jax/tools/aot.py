@@ -109,15 +109,17 @@ def with_batch(config, global_batch, remat=None):
   return config
 
 
-def compile_step(config, devices):
-  """The trainer's step for `devices`, compiled: (compiled, program, seconds); compiled is
-  None where the compiler ran out of device memory (the program does not fit)."""
+def compile_step(config, devices, stage=None):
+  """The trainer's step for `devices` (the step of `stage`, one of the program's stages,
+  where given), compiled: (compiled, program, seconds); compiled is None where the
+  compiler ran out of device memory (the program does not fit)."""
   from mae_jax.data import source
   from mae_jax.train import program
   stats = (source.stats_for(config.data.name, config.data.channels)
            or ((0.5,) * config.data.channels, (0.25,) * config.data.channels))
   run = program.pretraining(config, devices, TRAIN_EXAMPLES, stats)
-  lowered = run.step.lower(*run.abstract_inputs())
+  step = run.step if stage is None else run.stage_step(stage)
+  lowered = step.lower(*run.abstract_inputs(stage))
   t0 = time.perf_counter()
   try:
     compiled = lowered.compile()
@@ -141,8 +143,8 @@ def memory(compiled, hbm, headroom):
   return out
 
 
-def analyze(compiled, run, hbm, ici, headroom):
-  """The report's numbers for one compiled step."""
+def analyze(compiled, run, hbm, ici, headroom, stage=None):
+  """The report's numbers for one compiled step (of `stage`, where given)."""
   from mae_jax.model import flops
   from mae_jax.tools import hlo
   mesh_shape = tuple(run.mesh.shape.values())
@@ -150,7 +152,8 @@ def analyze(compiled, run, hbm, ici, headroom):
   coll = hlo.summarize(found)
   ici_bytes = sum(row["ici_bytes"] for row in coll.values())
   n = run.mesh.devices.size
-  per_image = flops.train_flops(run.model, run.config.model.get("encoder_tokens", "visible"))
+  model = run.model if stage is None else run.stage_model(stage)
+  per_image = flops.train_flops(model, run.config.model.get("encoder_tokens", "visible"))
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}  # GPU compile-only: None
   complete = run.model.kernels.unroll and run.config.grad_accum_steps == 1
@@ -185,14 +188,37 @@ def report(config, topology, hbm_override=None, headroom=0.1, explicit=()):
 
 def report_on(config, devices, topology, hbm_override=None, headroom=0.1, explicit=()):
   """`report` for given compile-only devices of a kind in CHIPS (TPU or GPU); `topology`
-  names them in the report."""
+  names them in the report. A recipe with stages (config.schedule) is reported stage by
+  stage (one compile per image size and mask ratio) under "stages"."""
+  from mae_jax.train import config as config_lib, stages as stages_lib
+  config = checked_config(config, len(devices), explicit)
+  stages = stages_lib.of(config, config_lib.durations(config, TRAIN_EXAMPLES).total_steps)
+  if len(stages) == 1:
+    return report_stage(config, devices, topology, hbm_override, headroom)
+  reports = {}
+  for stage in stages:
+    if stage.key not in reports:
+      reports[stage.key] = dict(report_stage(config, devices, topology, hbm_override,
+                                             headroom, stage),
+                                mask_ratio=stage.mask_ratio, steps=[])
+    reports[stage.key]["steps"].append([stage.start + 1, stage.end])
+  rep = dict(next(iter(reports.values())))
+  for k in ("image_size", "compile_s", "memory", "collectives", "collectives_by_axes",
+            "ici_bytes_per_device", "ici_lower_bound_s", "flops", "mask_ratio", "steps"):
+    rep.pop(k, None)
+  rep["stages"] = list(reports.values())
+  return rep
+
+
+def report_stage(config, devices, topology, hbm_override=None, headroom=0.1, stage=None):
+  """The report of one compiled step: the recipe's, or `stage`'s."""
   gen, hbm, ici = chip_of(devices)
   hbm = hbm_override * GIB if hbm_override else hbm
-  config = checked_config(config, len(devices), explicit)
-  compiled, run, seconds = compile_step(config, devices)
+  compiled, run, seconds = compile_step(config, devices, stage)
   head = {"topology": topology, "chip": gen, "devices": len(devices),
           "mesh": dict(run.mesh.shape), "variant": config.model.variant,
-          "image_size": config.data.image_size, "dtype": config.model.dtype,
+          "image_size": config.data.image_size if stage is None else stage.image_size,
+          "dtype": config.model.dtype,
           "remat": config.model.remat, "grad_accum_steps": config.grad_accum_steps,
           "global_batch": config.batch_size,
           "per_device_batch": config.batch_size // len(devices),
@@ -200,17 +226,22 @@ def report_on(config, devices, topology, hbm_override=None, headroom=0.1, explic
   if compiled is None:
     return dict(head, memory={"hbm": hbm, "headroom": headroom, "fits": False,
                               "compiler": "out of device memory"})
-  return dict(head, **analyze(compiled, run, hbm, ici, headroom))
+  return dict(head, **analyze(compiled, run, hbm, ici, headroom, stage))
 
 
 def fits(config, devices, per_device, remat, hbm, headroom):
   """Whether the step at `per_device` images per device fits: (fits, total bytes or None)."""
   cfg = with_batch(config, per_device * len(devices), remat)
-  compiled, _, _ = compile_step(cfg, devices)
-  if compiled is None:
+  compiled, run, _ = compile_step(cfg, devices)
+  if len(run.stages) > 1:  # a schedule fits where each of its programs does
+    programs = {s.key: s for s in run.stages}.values()
+    compiled = [compile_step(cfg, devices, s)[0] for s in programs]
+  else:
+    compiled = [compiled]
+  if None in compiled:
     return False, None
-  m = memory(compiled, hbm, headroom)
-  return m["fits"], m["total"]
+  worst = max((memory(c, hbm, headroom) for c in compiled), key=lambda m: m["total"])
+  return worst["fits"], worst["total"]
 
 
 def max_batch(config, topology, remats, hbm_override=None, headroom=0.1, log=print,
@@ -346,6 +377,8 @@ def table(rep):
   if "max_batch" in rep:
     return "\n".join(f"largest per-device batch, remat={r}: {b}"
                      for r, b in rep["max_batch"].items())
+  if "stages" in rep:
+    return "\n".join(stages_table(rep))
   m = rep["memory"]
   lines = [f"{rep['variant']} {rep['image_size']}px {rep['dtype']} remat={rep['remat']} on "
            f"{rep['topology']} ({rep['devices']} x {rep['chip']}), mesh {rep['mesh']}, "
@@ -375,6 +408,23 @@ def table(rep):
   lines.append(f"training FLOPs per device per step: analytic {f['analytic_per_device'] / 1e12:.3f}"
                f" TFLOP; XLA {xla}")
   return "\n".join(lines)
+
+
+def stages_table(rep):
+  """A schedule's report: each stage's table, then the largest stage's memory."""
+  lines = []
+  for st in rep["stages"]:
+    steps = ", ".join(f"{a}-{b}" for a, b in st["steps"])
+    lines += [f"stage at {st['image_size']} px, mask ratio {st['mask_ratio']:g} (steps "
+              f"{steps}):", table(st), ""]
+  fitting = [st for st in rep["stages"] if "total" in st["memory"]]
+  if len(fitting) < len(rep["stages"]):
+    return lines + ["the schedule does NOT fit: a stage ran the compiler out of memory"]
+  largest = max(fitting, key=lambda st: st["memory"]["total"])
+  m = largest["memory"]
+  return lines + [f"largest stage: {largest['image_size']} px, {m['total'] / GIB:.3f} GiB per "
+                  f"device of {m['hbm'] / GIB:g}: "
+                  f"{'fits' if all(st['memory']['fits'] for st in fitting) else 'does NOT fit'}"]
 
 
 FLAGS = flags.FLAGS
