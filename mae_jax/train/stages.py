@@ -32,8 +32,9 @@ class Stage:
     return self.image_size, self.mask_ratio
 
   def describe(self):
-    return (f"steps {self.start + 1}-{self.end} at {self.image_size} px, mask ratio "
-            f"{self.mask_ratio:g}")
+    steps = (f"step {self.end}" if self.end == self.start + 1
+             else f"steps {self.start + 1}-{self.end}")
+    return f"{steps} at {self.image_size} px, mask ratio {self.mask_ratio:g}"
 
 
 def _number(x):
