@@ -221,3 +221,18 @@ def test_a_schedule_is_checked_before_the_data_is_read(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"config.schedule.resolution: "
                      r"resolution 6 is not"):
     trainer.build_run(config, str(tmp_path / "run"))
+
+
+def test_the_fast_imagenet_recipe_ends_at_the_papers_size():
+  """configs/mae_imagenet_fast.py: 112, 160, then 224 px for the last fifth, each a
+  multiple of the patch size; the rest is configs/mae_imagenet.py's."""
+  from configs import mae_imagenet, mae_imagenet_fast  # pylint: disable=g-import-not-at-top
+  fast, base = mae_imagenet_fast.get_config(), mae_imagenet.get_config()
+  stages.check(fast, 16)
+  total = config_lib.durations(fast, 1_281_167).total_steps
+  got = [(s.image_size, round(s.start / total, 2)) for s in stages.of(fast, total)]
+  assert got == [(112, 0.0), (160, 0.5), (224, 0.8)]
+  assert got[-1][0] == base.data.image_size == fast.data.image_size
+  with fast.unlocked():
+    fast.schedule.resolution = ()
+  assert fast.to_dict() == base.to_dict()
