@@ -44,6 +44,7 @@ def build_run(config, workdir, explicit=()):
     notes.append("smoke=True replaced " + ", ".join(config_lib.smoke_replaced(before, config))
                  + ("; kept the command line's " + ", ".join(kept) if kept else ""))
   config_lib.validate(config, explicit=explicit)
+  config_lib.validate_logging(config)
   train_src = data.load_source(config.data, "train")
   test_src = data.load_source(config.data, "test")
   if test_src.note:
