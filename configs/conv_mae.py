@@ -54,4 +54,7 @@ def get_config():
   c.stop_after_steps = config_dict.placeholder(int)  # leave after this many steps; resumable
   c.allow_config_change = False  # True: resume a run launched with other values
   c.eval_batch_size = 512
+  # A Weights & Biases project that gets the scalars too (configs/default.py); None = off.
+  c.logging = config_dict.ConfigDict()
+  c.logging.wandb = config_dict.placeholder(str)
   return c

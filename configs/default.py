@@ -122,6 +122,12 @@ def get_config():
   c.knn_every_epochs = 1.0
   c.knn_bank_size = 10000
   c.knn_test_size = 2000
+  # Where the run's scalars and pictures go besides TensorBoard and metrics.jsonl (always
+  # written). wandb: a Weights & Biases project that gets the same scalars and pictures,
+  # every launch of a workdir in one W&B run (pip install 'mae_jax[wandb]'; W&B's own
+  # settings apply: WANDB_ENTITY, WANDB_MODE=offline, WANDB_DIR...); None = off.
+  c.logging = config_dict.ConfigDict()
+  c.logging.wandb = config_dict.placeholder(str)
   c.smoke = False  # True: a tiny model and a few steps, for a quick check of any recipe
   # True: resume a workdir whose run was launched with other values (listed at start-up;
   # each launch's config is kept in WORKDIR/configs/). False: such a resume is refused.

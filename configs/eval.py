@@ -43,6 +43,10 @@ def get_config():
   c.mesh = config_dict.ConfigDict()
   c.mesh.data = -1
   c.mesh.fsdp = 1
+  # A Weights & Biases project that gets the linear probe's and fine-tuning's scalars too,
+  # each job in the W&B run of its directory (configs/default.py); None = off.
+  c.logging = config_dict.ConfigDict()
+  c.logging.wandb = config_dict.placeholder(str)
 
   # kNN on frozen features (Wu et al. 2018; the temperature-weighted vote of DINO).
   c.knn = config_dict.ConfigDict()

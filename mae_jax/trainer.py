@@ -55,6 +55,7 @@ def build_run(config, workdir, explicit=()):
     notes.append("smoke=True replaced " + ", ".join(config_lib.smoke_replaced(before, config))
                  + ("; kept the command line's " + ", ".join(kept) if kept else ""))
   config_lib.validate(config, explicit=explicit)
+  config_lib.validate_logging(config)
   patch_size = sizes.model_kwargs(config.model, config.data.image_size,
                                   config.data.channels)["patch_size"]
   stages.check(config, patch_size)  # before the data is read

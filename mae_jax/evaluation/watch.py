@@ -93,6 +93,7 @@ class ReconstructionMonitor:
     self.pending.clear()
     self.pool.shutdown()
     if logger is not None and wall_seconds:
-      logger.info(f"reconstruction pictures: {self.drawn} in TensorBoard "
+      where = "TensorBoard and W&B" if getattr(logger, "wandb", None) else "TensorBoard"
+      logger.info(f"reconstruction pictures: {self.drawn} in {where} "
                   f"(tag reconstructions), {self.seconds:.2f} s on the training thread "
                   f"({self.seconds / wall_seconds:.2%} of {wall_seconds:.0f} s)")

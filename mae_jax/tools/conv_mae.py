@@ -134,6 +134,7 @@ def validate(config, modes):
                     "max-pool between each of model.features)")
   config_lib.validate_data(config)
   config_lib.validate_optim(config)
+  config_lib.validate_logging(config)
   config_lib._check_int(config.batch_size, "batch_size", 1)
   config_lib._check_int(config.checkpoint_every_steps, "checkpoint_every_steps", 1)
   config_lib._check_int(config.keep_checkpoints, "keep_checkpoints", 1)
@@ -306,7 +307,8 @@ def probe_config(eval_config, num_classes, workdir):
            eval_batch_size=eval_config.eval_batch_size,
            keep_checkpoints=eval_config.keep_checkpoints,
            stop_after_steps=eval_config.stop_after_steps,
-           allow_config_change=eval_config.allow_config_change)
+           allow_config_change=eval_config.allow_config_change,
+           logging=dict(eval_config.get("logging") or {}))
   return c
 
 
@@ -314,6 +316,7 @@ def train_and_evaluate(config, eval_config, workdir, modes):
   """Train, then evaluate in `modes` (eval_<mode>.json each); returns summary.json's dict,
   or None where training stopped before its end (run again to resume)."""
   validate(config, modes)
+  config_lib.validate_logging(eval_config)  # its linear probe logs
   trained = train(config, workdir)
   if trained is None:
     return None

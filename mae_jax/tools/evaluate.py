@@ -63,6 +63,7 @@ def validate(config, modes, num_devices=None):
     if mode not in MODES:
       raise config_lib.ConfigError(f"--mode: {mode!r} is not valid; valid values: "
                                    f"{', '.join(MODES)}")
+  config_lib.validate_logging(config)
   check(config.init in INITS, "init", f"{config.init!r} is not valid; valid values: "
         f"{', '.join(INITS)}")
   for block in ("knn", "linprobe"):
@@ -215,6 +216,7 @@ class Evaluation:
     c.num_classes = self.num_classes
     c.data = self.subject.data_config.to_dict()
     c.mesh = self.config.mesh.to_dict()
+    c.logging = dict(self.config.get("logging") or {})
     for field in ("eval_batch_size", "keep_checkpoints", "stop_after_steps",
                   "allow_config_change"):
       c[field] = self.config[field]

@@ -1,5 +1,6 @@
 """Config checks and derived quantities: everything decided before anything compiles."""
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -10,7 +11,7 @@ import ml_collections
 
 from mae_jax import cli
 from mae_jax.model import kernels, masking, sizes, vit
-from mae_jax.train import sharding
+from mae_jax.train import logger, sharding
 
 
 class ConfigError(ValueError):
@@ -147,6 +148,22 @@ def validate_run(config):
                 optional=True)  # 0 or None: off
 
 
+def validate_logging(config):
+  """logging.wandb: a W&B project name or None (off), and where it is set, the wandb
+  package importable (an extra, not a dependency): checked before anything compiles."""
+  project = logger.wandb_project(config)
+  if project is None:
+    return
+  _check(isinstance(project, str) and project.strip() != "", "logging.wandb",
+         f"{project!r} must name a W&B project (or be None: W&B off)")
+  try:
+    importlib.import_module("wandb")
+  except Exception as e:  # pylint: disable=broad-except (missing or broken: the same advice)
+    _check(False, "logging.wandb", f"{project!r} logs to Weights & Biases, but `import wandb` "
+           f"fails ({type(e).__name__}: {e}); install the extra: pip install 'mae_jax[wandb]' "
+           "(or leave logging.wandb unset)")
+
+
 def validate(config, num_devices=None, explicit=()):
   """Raise ConfigError on the first field that cannot work (`explicit`: the fields given on
   the command line, blamed first where two fields conflict)."""
@@ -278,7 +295,8 @@ def check_resume(config, saved, workdir):
 # change them freely (the mesh and kernels change only float rounding).
 LAUNCH_FIELDS = frozenset({
     "stop_after_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-    "num_vis_images", "vis_every_steps", "knn_every_epochs", "knn_bank_size", "knn_test_size", "allow_config_change", "data.num_workers",
+    "num_vis_images", "vis_every_steps", "knn_every_epochs", "knn_bank_size", "knn_test_size",
+    "allow_config_change", "data.num_workers", "logging.wandb",
     "mesh.data", "mesh.fsdp", "model.remat", "model.attn_impl", "model.matmul",
     "model.unroll",
     # the same for the evaluation jobs (mae_jax.evaluate): fine-tuning's remat policy and

@@ -1,5 +1,6 @@
 """Run logging: a progress bar with ETA on a terminal, plain lines otherwise, TensorBoard
-event files and metrics.jsonl in the workdir. Only process 0 writes anything.
+event files and metrics.jsonl in the workdir, and the same scalars and images in Weights &
+Biases where config.logging.wandb names a project (WandbRun). Only process 0 writes anything.
 
 A gs:// workdir has no appendable files: both are written in a local staging directory
 and copied whole to the workdir by `sync` (the trainer calls it at each checkpoint), at
@@ -14,9 +15,11 @@ same values: resume is exact); the last record of a step is the current one.
 """
 import json
 import os
+import secrets
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 import jax
@@ -46,15 +49,76 @@ def summary_writer_class():
   return SummaryWriter
 
 
+WANDB_ID_FILE = "wandb_run_id"  # in the workdir: every launch of a run logs to one W&B run
+
+
+def wandb_project(config):
+  """config.logging.wandb (None where the config has no such field: W&B off)."""
+  return (config.get("logging") or {}).get("wandb")
+
+
+class WandbStartError(RuntimeError):
+  """wandb.init failed (no login, no network, a bad project name): the message says why."""
+
+
+class WandbRun:
+  """The W&B run of a workdir (process 0): its id is kept in WORKDIR/wandb_run_id, so a
+  resumed launch continues the same run (resume="allow"). Every record carries the
+  training step as `step`, W&B's x-axis for all of them (define_metric): the picture
+  thread's images arrive after later steps' scalars, and a resumed run logs again the
+  steps after its checkpoint, both of which W&B's own step counter would drop. A failing
+  call is one line on `say`; W&B is then off and the run goes on. A run that cannot start
+  W&B raises WandbStartError before its first step."""
+
+  def __init__(self, project, workdir, kind, config, say):
+    import wandb  # pylint: disable=import-outside-toplevel (optional: mae_jax[wandb])
+    self.wandb, self.say, self.lock = wandb, say, threading.Lock()
+    id_file = paths.join(workdir, WANDB_ID_FILE)
+    run_id = paths.read_text(id_file).strip() if paths.exists(id_file) else None
+    if not run_id:
+      run_id = secrets.token_hex(6)
+      paths.write_atomic(id_file, run_id)
+    name = "/".join(str(workdir).rstrip("/").split("/")[-2:])  # e.g. workdirs/demo
+    try:
+      self.run = wandb.init(project=project, id=run_id, resume="allow", name=name,
+                            job_type=kind, config=dict(config, workdir=str(workdir)))
+    except Exception as e:  # pylint: disable=broad-except (wandb's errors have no common base)
+      raise WandbStartError(f"W&B did not start ({type(e).__name__}: {e})") from None
+    self.run.define_metric("step")
+    self.run.define_metric("*", step_metric="step")
+
+  def log(self, step, record):
+    """`record` ({tag: value}, or a function making it) at training step `step`."""
+    with self.lock:
+      if self.run is None:
+        return
+      try:
+        self.run.log({"step": int(step), **(record() if callable(record) else record)})
+      except Exception as e:  # pylint: disable=broad-except (logging never loses the run)
+        self.say(f"W&B logging failed at step {step} ({type(e).__name__}: {e}); W&B is "
+                 "off for the rest of this launch, TensorBoard goes on")
+        self.run = None
+
+  def image(self, step, tag, image_HWC):
+    self.log(step, lambda: {tag: self.wandb.Image(image_HWC, caption=f"step {step}")})
+
+  def close(self):
+    with self.lock:
+      if self.run is not None:
+        self.run.finish()
+        self.run = None
+
+
 class Logger:
-  """Writes scalars to TensorBoard and reports progress of a run of `total_steps`."""
+  """Writes scalars to TensorBoard (and to W&B once `start_wandb` is called) and reports
+  progress of a run of `total_steps`."""
 
   def __init__(self, workdir, total_steps, start_step=0, stream=None, sync_secs=30):
-    self.total_steps = total_steps
+    self.workdir, self.total_steps = workdir, total_steps
     self.stream = stream or sys.stdout
     self.is_main = jax.process_index() == 0
     self.tty = self.stream.isatty()
-    self.writer = None
+    self.writer = self.wandb = None
     self.remote = paths.join(workdir) if paths.is_gcs(workdir) else None
     self.sync_secs, self._synced = sync_secs, time.monotonic()
     if self.is_main:
@@ -63,6 +127,12 @@ class Logger:
       self.jsonl = os.open(os.path.join(logdir, "metrics.jsonl"),
                            os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     self._t0, self._s0 = time.perf_counter(), start_step
+
+  def start_wandb(self, project, kind, config):
+    """Log to the W&B run of this workdir in `project` from here on (process 0); `kind`
+    (the job) and `config` (a dict) describe it there. Raises WandbStartError."""
+    if self.is_main:
+      self.wandb = WandbRun(project, self.workdir, kind, config, self.info)
 
   def _stage(self):
     """A local directory holding a copy of the gs:// workdir's metrics.jsonl, if any."""
@@ -92,13 +162,17 @@ class Logger:
       for name, value in record.items():
         self.writer.add_scalar(name, value, step)
       os.write(self.jsonl, (json.dumps({"step": int(step), **record}) + "\n").encode())
+      if self.wandb:
+        self.wandb.log(step, record)
       if self.remote and time.monotonic() - self._synced > self.sync_secs:
         self.sync()
 
   def image(self, step, tag, image_HWC):
-    """A uint8 (H, W, C) image in TensorBoard at `step` (process 0)."""
+    """A uint8 (H, W, C) image in TensorBoard (and W&B) at `step` (process 0)."""
     if self.writer:
       self.writer.add_image(tag, image_HWC, step, dataformats="HWC")
+    if self.wandb:
+      self.wandb.image(step, tag, image_HWC)
 
   def progress(self, step, metrics, images_per_step):
     """One line (or a redrawn bar on a tty) with step, loss, lr, img/s and ETA."""
@@ -130,6 +204,8 @@ class Logger:
       self.stream.flush()
 
   def close(self):
+    if self.wandb:
+      self.wandb.close()
     if self.writer:
       self.writer.close()
       os.close(self.jsonl)

@@ -8,14 +8,16 @@ probe, the conv baseline) runs here, with the same guarantees (docs/reliability.
   (seed, step), so a resumed job is the job that never stopped;
 - each launch's config kept (WORKDIR/configs/) and a resume with other values refused
   (config.allow_config_change), as is a workdir of another kind of job;
-- progress lines, TensorBoard and metrics.jsonl, and the share of time spent waiting for
-  input; a gs:// workdir gets its logs with each checkpoint.
+- progress lines, TensorBoard and metrics.jsonl (and W&B where config.logging.wandb names
+  a project), and the share of time spent waiting for input; a gs:// workdir gets its logs
+  with each checkpoint.
 
 A job gives the loop its program (mae_jax.train.program.build), its batches from a step on and
 its config; `run` does the rest and hands a finished job's state to the job's `finish`
 while the workdir is still held.
 """
 import dataclasses
+import json
 import math
 import time
 from typing import Any, Callable, Iterator
@@ -25,7 +27,7 @@ import ml_collections
 
 from mae_jax import paths
 from mae_jax.train import checkpoints, config as config_lib, distributed, workdirs
-from mae_jax.train.logger import InputWait, Logger
+from mae_jax.train.logger import InputWait, Logger, WandbStartError, wandb_project
 
 KINDS = {"pretrain": "pretraining", "finetune": "fine-tuning", "linprobe": "linear probe",
          "conv_mae": "conv baseline"}
@@ -175,6 +177,7 @@ def run_locked(job, lock, finish):
   lock_notes = [lock.note] if lock is not None and lock.note else []
   for note in job.notes + lock_notes + ckpt.notes:
     logger.info(note)
+  start_wandb(job, logger)
   t0 = time.perf_counter()
   input_wait = InputWait(cfg.get("data", {}).get("input_wait_warn", 0.2), job.input_advice)
   with distributed.GracefulStop() as stop:
@@ -197,6 +200,18 @@ def run_locked(job, lock, finish):
   ckpt.close()
   logger.close()
   return outcome, result
+
+
+def start_wandb(job, logger):
+  """Where config.logging.wandb names a project: the same scalars and pictures in that W&B
+  project, in the run of this workdir (one line and exit 2 where W&B cannot start)."""
+  project = wandb_project(job.config)
+  if not project:
+    return
+  try:
+    logger.start_wandb(project, job.kind, json.loads(job.config.to_json_best_effort()))
+  except WandbStartError as e:
+    raise config_lib.ConfigError(f"config.logging.wandb={project!r}: {e}") from None
 
 
 def steps(job, state, ckpt, logger, stop=None, input_wait=None):
