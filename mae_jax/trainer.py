@@ -58,7 +58,7 @@ def build_run(config, workdir, explicit=()):
   config_lib.validate_logging(config)
   patch_size = sizes.model_kwargs(config.model, config.data.image_size,
                                   config.data.channels)["patch_size"]
-  stages.check(config, patch_size)  # before the data is read
+  config_lib.validate_schedule(config, patch_size)  # before the data is read
   train_src = data.load_source(config.data, "train")
   test_src = data.load_source(config.data, "test")
   if test_src.note:

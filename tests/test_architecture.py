@@ -34,7 +34,7 @@ RANKS = {
     "model.patches": PARTS, "model.masking": PARTS, "model.posembed": PARTS,
     "model.kernels": PARTS,
     "train.optim": PARTS, "train.sharding": PARTS, "train.checkpoints": PARTS,
-    "train.logger": PARTS, "train.distributed": PARTS, "data": PARTS,
+    "train.logger": PARTS, "train.distributed": PARTS, "train.stages": PARTS, "data": PARTS,
     "train.workdirs": STORED, "train.param_dirs": STORED,
     "model.vit": VIT, "model.mae": MAE, "model.sizes": MODELS,
     "model.flops": USES_MODEL, "train.train_step": USES_MODEL, "train.config": USES_MODEL,

@@ -11,7 +11,7 @@ import ml_collections
 
 from mae_jax import cli
 from mae_jax.model import kernels, masking, sizes, vit
-from mae_jax.train import logger, sharding
+from mae_jax.train import logger, sharding, stages
 
 
 class ConfigError(ValueError):
@@ -183,6 +183,14 @@ def validate(config, num_devices=None, explicit=()):
   _check(config.batch_size % (accum * n) == 0, "grad_accum_steps",
          f"batch_size {config.batch_size} is not divisible into {accum} micro-batches "
          f"over the {n} data-parallel devices")
+
+
+def validate_schedule(config, patch_size):
+  """config.schedule (mae_jax.train.stages) for a model of `patch_size`."""
+  try:
+    stages.check(config, patch_size)
+  except stages.ScheduleError as e:
+    raise ConfigError(str(e)) from None
 
 
 def mesh_shape(mesh_config, num_devices):
