@@ -366,7 +366,7 @@ def test_every_shipped_ablation_sweep_loads_and_plans(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   files = sorted(f for f in os.listdir(os.path.join(ROOT, "configs", "ablations"))
                  if f.endswith(".py") and f not in ("__init__.py", "common.py"))
-  assert len(files) == 12
+  assert len(files) == 13
   default_dirs = set()
   for f in files:
     planned = sweep.plan(sweep.load_sweep(os.path.join(ROOT, "configs", "ablations", f)),
