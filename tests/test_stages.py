@@ -188,11 +188,11 @@ def test_a_run_stopped_in_any_stage_resumes_bitwise(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   ref = tmp_path / "reference"
   proc = subprocess.run(train_cmd(ref), env=env, cwd=ROOT, capture_output=True, text=True,
-                        timeout=400)
+                        timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   run = tmp_path / "run"
   proc = subprocess.run(train_cmd(run, stop_after_steps=3), env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=400)
+                        capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0 and "stopped at step 3" in proc.stdout, proc.stderr[-3000:]
   k1, _ = trainproc.run_and_kill(train_cmd(run), run, env, tmp_path / "1.log", lambda s: bool(
       s.logged >= 5 and not s.writing and s.complete and s.complete[-1] == 4), "in stage 2")
@@ -201,7 +201,7 @@ def test_a_run_stopped_in_any_stage_resumes_bitwise(tmp_path):
                                     "in stage 4")
   assert "resuming from step 4" in log2 and k2.logged >= 9
   proc = subprocess.run(train_cmd(run), env=env, cwd=ROOT, capture_output=True, text=True,
-                        timeout=400)
+                        timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"resuming from step {k2.complete[-1]}" in proc.stdout
   trainproc.assert_trees_equal(trainproc.load_state(run, 12), trainproc.load_state(ref, 12))
