@@ -194,8 +194,10 @@ def test_a_run_stopped_in_any_stage_resumes_bitwise(tmp_path):
   proc = subprocess.run(train_cmd(run, stop_after_steps=3), env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0 and "stopped at step 3" in proc.stdout, proc.stderr[-3000:]
-  k1, _ = trainproc.run_and_kill(train_cmd(run), run, env, tmp_path / "1.log", lambda s: bool(
-      s.logged >= 5 and not s.writing and s.complete and s.complete[-1] == 4), "in stage 2", timeout=900)
+  k1, _ = trainproc.run_and_kill(
+      train_cmd(run), run, env, tmp_path / "1.log",
+      lambda s: bool(s.logged >= 5 and not s.writing and s.complete and s.complete[-1] == 4),
+      "in stage 2", timeout=900)
   k2, log2 = trainproc.run_and_kill(train_cmd(run), run, env, tmp_path / "2.log",
                                     lambda s: bool(s.logged >= 9 and not s.writing),
                                     "in stage 4", timeout=900)
