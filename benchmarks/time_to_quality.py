@@ -30,10 +30,19 @@ def points(sweep, workdir):
       continue
     names = sweep_lib.result_names(sweep, point, ["knn"])
     knn = sweep_lib.read_json(os.path.join(directory, f"eval_{names['knn']}.json"))
-    arm = ",".join(f"{k.split('.')[-1]}={v}" for k, v in point["values"].items()
-                   if k != "seed")
+    arm = ", ".join(label(k, v) for k, v in point["values"].items() if k != "seed")
     out.append((arm, point["values"].get("seed"), summary, knn and knn["top1"]))
   return out
+
+
+def label(field, value):
+  """A short name of an axis value: a schedule as its values in order ('16>24>28 px'),
+  an empty one as 'fixed'."""
+  name = field.split(".")[-1]
+  if field.startswith("schedule."):
+    unit = " px" if name == "resolution" else ""
+    return f"{name} " + (">".join(str(v) for _, v in value) + unit if value else "fixed")
+  return f"{name} {value}"
 
 
 def mean_sd(values):
