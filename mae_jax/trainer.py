@@ -4,8 +4,8 @@ import collections
 import dataclasses
 import functools
 import importlib.util
-import json
 import itertools
+import json
 import math
 import shutil
 import sys
