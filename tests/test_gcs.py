@@ -165,8 +165,7 @@ def local_run(tmp_path_factory, train_env):
 def gs_snapshot(workdir, log_path):
   ckpts = f"{workdir}/checkpoints"
   complete = checkpoints.complete_steps(ckpts)
-  writing = [s for s in map(int, filter(str.isdigit, checkpoints.entries(ckpts)))
-             if s not in complete]
+  writing = [s for s, _ in checkpoints.interrupted_steps(ckpts)]
   logged = [int(s) for s in re.findall(r"^step (\d+)/", open(log_path).read(), re.M)]
   return complete, writing, max(logged, default=0)
 

@@ -39,7 +39,7 @@ from mae_jax import paths
 # this long instead of after TensorStore's retries (up to 32, backing off to 32 s each).
 GCS_SAVE_TIMEOUT_S = int(os.environ.get("MAE_JAX_CHECKPOINT_TIMEOUT_S", "1800"))
 MANIFEST = "mae_manifest.json"
-TMP_SUFFIX = ocp.utils.TMP_DIR_SUFFIX  # Orbax's name for a local step still being written
+TMP_SUFFIX = ocp.path.step.TMP_DIR_SUFFIX  # Orbax's name for a local step still being written
 _CHUNK = 1 << 22
 
 
@@ -203,23 +203,17 @@ class _DropClosedLoopErrors:
 def ignore_late_callbacks():
   """When a save fails, TensorStore still completes that save's other writes and calls back
   into the event loop Orbax has closed; each call would print a traceback around the
-  one-line error. Such callbacks can no longer matter: drop them (process-wide, once)."""
+  one-line error (tests/test_reliability.py::test_full_disk_mid_run_..., not on every run:
+  it depends on timing). Such callbacks can no longer matter: drop them (process-wide,
+  once)."""
   if not isinstance(sys.unraisablehook, _DropClosedLoopErrors):
     sys.unraisablehook = _DropClosedLoopErrors(sys.unraisablehook)
 
 
-def entries(directory):
-  """Names in `directory`; none where it does not exist (on Cloud Storage a "directory"
-  exists only while an object is below it)."""
-  try:
-    return paths.listdir(directory)
-  except (FileNotFoundError, NotADirectoryError):
-    return []
-
-
 class _OneLineOrbaxErrors(logging.Filter):
   """Orbax logs the exception of a failed background save with its traceback before the
-  run's own one-line error; keep such a record to one line (its message, shortened)."""
+  run's own one-line error (no option of its turns that off: tests/test_reliability.py
+  ::test_full_disk_mid_run_...); keep such a record to one line (its message, shortened)."""
 
   def filter(self, record):
     if record.exc_info and "orbax" in record.pathname:
@@ -238,25 +232,15 @@ def quiet_orbax_tracebacks():
 
 def complete_steps(directory):
   """Sorted steps whose directory Orbax finished (renamed from its temporary name locally;
-  holding its commit file on Cloud Storage)."""
-  names = [name for name in entries(directory) if name.isdigit()]
-  if paths.is_gcs(directory):
-    return sorted(int(n) for n in names
-                  if ocp.utils.is_checkpoint_finalized(paths.resolve(paths.join(directory, n))))
-  return sorted(int(n) for n in names if os.path.isdir(os.path.join(directory, n)))
+  holding its commit file on Cloud Storage), as Orbax itself tells them."""
+  return sorted(ocp.path.step.checkpoint_steps(paths.resolve(directory)))
 
 
 def interrupted_steps(directory):
-  """Sorted (step, path) of the directories of saves that never finished."""
-  found = []
-  complete = set(complete_steps(directory)) if paths.is_gcs(directory) else set()
-  for name in entries(directory):
-    match = re.fullmatch(r"(\d+)" + re.escape(TMP_SUFFIX) + r".*", name)
-    if match:
-      found.append((int(match.group(1)), paths.join(directory, name)))
-    elif paths.is_gcs(directory) and name.isdigit() and int(name) not in complete:
-      found.append((int(name), paths.join(directory, name)))
-  return sorted(found)
+  """Sorted (step, path) of the directories of saves that never finished (Orbax's
+  temporary paths)."""
+  found = [p.get() for p in ocp.path.step.all_temporary_paths(paths.resolve(directory))]
+  return sorted((ocp.path.step.step_from_checkpoint_name(p.name), os.fspath(p)) for p in found)
 
 
 def check_workdir(workdir, flag="--workdir"):
