@@ -233,14 +233,24 @@ def quiet_orbax_tracebacks():
 def complete_steps(directory):
   """Sorted steps whose directory Orbax finished (renamed from its temporary name locally;
   holding its commit file on Cloud Storage), as Orbax itself tells them."""
-  return sorted(ocp.path.step.checkpoint_steps(paths.resolve(directory)))
+  return sorted(_listed(ocp.path.step.checkpoint_steps, directory))
 
 
 def interrupted_steps(directory):
   """Sorted (step, path) of the directories of saves that never finished (Orbax's
   temporary paths)."""
-  found = [p.get() for p in ocp.path.step.all_temporary_paths(paths.resolve(directory))]
+  found = [p.get() for p in _listed(ocp.path.step.all_temporary_paths, directory)]
   return sorted((ocp.path.step.step_from_checkpoint_name(p.name), os.fspath(p)) for p in found)
+
+
+def _listed(orbax_listing, directory):
+  """orbax_listing(directory); nothing where the directory does not exist (on Cloud Storage
+  a "directory" exists only while an object is below it: another process's write probe
+  may vanish between Orbax's exists() and its listing)."""
+  try:
+    return orbax_listing(paths.resolve(directory))
+  except (FileNotFoundError, NotADirectoryError):
+    return []
 
 
 def check_workdir(workdir, flag="--workdir"):
