@@ -4,7 +4,8 @@ exit 2, found before any long work starts, never a traceback.
 `ArgumentParser` answers a bad flag in one line (argparse prints its usage first);
 the argparse types below refuse values no command can use (a zero batch, a NaN ratio);
 `check_output_file` and `load_python_file` check the files a command writes and reads
-before it computes anything.
+before it computes anything; `check` and its kin raise ConfigError("config.FIELD: why") for
+a recipe's field.
 """
 import argparse
 import importlib.util
@@ -35,6 +36,45 @@ def default_recipe(name):
 
 class UsageError(ValueError):
   """Bad input on a command line: the message is one line naming the flag or file."""
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message is one line naming the field."""
+
+
+def check(ok, field, message):
+  """Raise ConfigError("config.FIELD: message") unless `ok`."""
+  if not ok:
+    raise ConfigError(f"config.{field}: {message}")
+
+
+def check_choice(value, field, valid):
+  check(value in valid, field,
+        f"{value!r} is not valid; valid values: {', '.join(map(str, valid))}")
+
+
+def is_int(x):
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_number(x):
+  """A finite int or float (not a bool, NaN or infinity)."""
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_int(value, field, minimum, optional=False):
+  check((optional and value is None) or (is_int(value) and value >= minimum), field,
+        f"{value!r} must be an int >= {minimum}" + (" (or None)" if optional else ""))
+
+
+def check_number(value, field, minimum, *, strict=False, below=None, optional=False):
+  """A finite number >= minimum (> where strict), < below where given."""
+  ok = is_number(value) and (value > minimum if strict else value >= minimum)
+  ok = ok and (below is None or value < below)
+  low = f"{'>' if strict else '>='} {minimum}"
+  expected = f"in [{minimum}, {below})" if below is not None else low
+  check((optional and value is None) or ok, field,
+        f"{value!r} must be a finite number {expected}" + (" (or None)" if optional else ""))
 
 
 class ArgumentParser(argparse.ArgumentParser):

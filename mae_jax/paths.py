@@ -1,36 +1,39 @@
 """The one path layer: every path a user gives (workdir, data, weights) is local or gs://.
 
 Paths are etils `epath.Path`s, as in Orbax and TFDS. gs:// goes through gcsfs in every
-process (EPATH_USE_TF=false unless set otherwise): TensorFlow is not a training dependency,
-so how a workdir is read must not depend on whether it happens to be installed. Orbax's
-array data goes through TensorStore's own GCS driver; both honour the emulator variables
-the tests set (tests/gcs.py).
+command's process (`configure`, which the commands' package calls: EPATH_USE_TF=false unless
+set otherwise): TensorFlow is not a training dependency, so how a workdir is read must not
+depend on whether it happens to be installed. Orbax's array data goes through TensorStore's
+own GCS driver; both honour the emulator variables the tests set (tests/gcs_emulator.py).
 
 Cloud Storage has no directories and no rename: "makedirs" is a no-op there, and one
 object is written whole or not at all, so `write_atomic` writes it directly; on a local
 disk it writes a temporary file and renames it.
 """
-import json
+import functools
 import logging
 import os
 import re
 
-os.environ.setdefault("EPATH_USE_TF", "false")
-# Seconds one GCS request (gcsfs) may take before it is retried; gcsfs retries 6 times.
-GCS_REQUEST_TIMEOUT_S = float(os.environ.get("MAE_JAX_GCS_TIMEOUT_S", "60"))
+import fsspec
+from etils import epath
 
-import fsspec  # noqa: E402
-from etils import epath  # noqa: E402  (after EPATH_USE_TF)
 
-# Set before any gcsfs instance exists (fsspec caches them, Orbax's included): listings are
-# never cached, as Orbax's TensorStore writes bypass gcsfs and other processes write the
-# same workdir; one request is given GCS_REQUEST_TIMEOUT_S.
-fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
-fsspec.config.conf["gcs"].setdefault("requests_timeout", GCS_REQUEST_TIMEOUT_S)
-# gcsfs logs each request that ran out of retries with its traceback, and warns when it
-# cannot look up a bucket's type; the error itself reaches the caller, and every entry point
-# reports it in one line, so these would only repeat it as a traceback on stderr.
-logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
+def configure():
+  """What a process that reads or writes gs:// paths sets before its first one (every
+  command does, through mae_jax.tools; a library user calls it once): epath through gcsfs
+  (EPATH_USE_TF=false, unless set), and, for every gcsfs instance created afterwards
+  (fsspec caches them, Orbax's included), listings never cached (Orbax's TensorStore writes
+  bypass gcsfs, and other processes write the same workdir) and one request given
+  MAE_JAX_GCS_TIMEOUT_S seconds (default 60; gcsfs retries 6 times). gcsfs's log of each
+  request that ran out of retries (a traceback) is silenced: the error itself reaches the
+  caller, and every command reports it in one line."""
+  os.environ.setdefault("EPATH_USE_TF", "false")
+  gcs = fsspec.config.conf.setdefault("gcs", {})
+  gcs.setdefault("use_listings_cache", False)
+  gcs.setdefault("requests_timeout", float(os.environ.get("MAE_JAX_GCS_TIMEOUT_S", "60")))
+  logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
+
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 
@@ -102,17 +105,13 @@ def read_text(path):
   return resolve(path).read_text()
 
 
-def read_bytes(path):
-  return resolve(path).read_bytes()
-
-
 def write_probe(directory, tag=""):
   """Write and delete a small object in `directory` (local or gs://): what a missing bucket,
   missing credentials, an unreachable server or an unwritable folder raises, it raises,
   before a command starts its work."""
   probe = join(directory, f".write-probe-{tag}{os.getpid()}")
   write_atomic(probe, b"")
-  remove(probe)
+  resolve(probe).unlink()
 
 
 def write_atomic(path, data):
@@ -168,40 +167,30 @@ def replace_generation(path, data, generation):
   """Write `data` (str) to the gs:// `path` only if its object is still at `generation`
   (the ifGenerationMatch precondition, checked by the server): True if written, False if
   it was replaced or removed meanwhile. Of callers racing to replace one generation, one
-  wins. A multipart upload, as gcsfs's own: fake-gcs-server checks preconditions there
-  (and not on a media upload)."""
+  wins. gcsfs writes with no precondition but "absent" (mode="create"), so this goes
+  through the Cloud Storage client gcsfs itself depends on."""
+  from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
   bucket_name, key = _bucket_and_key(path)
-  fs = gcs_filesystem()
-  body = (b"--==0==\nContent-Type: application/json; charset=UTF-8\n\n"
-          + json.dumps({"name": key}).encode()
-          + b"\n--==0==\nContent-Type: application/octet-stream\n\n"
-          + data.encode() + b"\n--==0==--")
-  url = f"{fs._location}/upload/storage/v1/b/{bucket_name}/o"  # pylint: disable=protected-access
   try:
-    fs.call("POST", url, uploadType="multipart", ifGenerationMatch=str(generation), data=body,
-            headers={"Content-Type": 'multipart/related; boundary="==0=="'}, json_out=True)
-  except FileExistsError:  # gcsfs's answer to 412 Precondition Failed
+    _storage_client().bucket(bucket_name).blob(key).upload_from_string(
+        data.encode(), if_generation_match=generation)
+  except exceptions.PreconditionFailed:
     return False
-  fs.invalidate_cache(os.fspath(resolve(path))[len("gs://"):])
   return True
+
+
+@functools.cache
+def _storage_client():
+  """One google.cloud.storage client (credentials from the environment, as gcsfs's; the
+  emulator's STORAGE_EMULATOR_HOST honoured)."""
+  from google.cloud import storage  # pylint: disable=g-import-not-at-top
+  return storage.Client()
 
 
 def _bucket_and_key(path):
   rest = os.fspath(resolve(path))[len("gs://"):]
   bucket_name, _, key = rest.partition("/")
   return bucket_name, key
-
-
-def remove(path):
-  resolve(path).unlink()
-
-
-def rmtree(path):
-  resolve(path).rmtree()
-
-
-def size(path):
-  return resolve(path).stat().length
 
 
 def walk_files(root):

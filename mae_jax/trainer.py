@@ -54,11 +54,9 @@ def build_run(config, workdir, explicit=()):
     kept = sorted(set(explicit) & set(config_lib.SMOKE))
     notes.append("smoke=True replaced " + ", ".join(config_lib.smoke_replaced(before, config))
                  + ("; kept the command line's " + ", ".join(kept) if kept else ""))
-  config_lib.validate(config, explicit=explicit)
+  sizes.check(config, explicit)
+  config_lib.validate(config)
   config_lib.validate_logging(config)
-  patch_size = sizes.model_kwargs(config.model, config.data.image_size,
-                                  config.data.channels)["patch_size"]
-  config_lib.validate_schedule(config, patch_size)  # before the data is read
   train_src = data.load_source(config.data, "train")
   test_src = data.load_source(config.data, "test")
   if test_src.note:
@@ -153,7 +151,8 @@ def job_of(run):
       kind="pretrain", workdir=run.workdir, config=run.config, program=run,
       total_steps=run.durations.total_steps, images_per_step=run.config.batch_size,
       batches=functools.partial(device_batches, run), fresh_state=lambda: fresh_state(run),
-      check_resume=lambda saved: config_lib.check_resume(run.config, saved, run.workdir),
+      check_resume=lambda saved: config_lib.check_resume(run.config, saved, run.workdir,
+                                                           sizes.model_shape),
       describe=functools.partial(describe, run), every=every, on_exit=on_exit,
       step_for=functools.partial(stage_step, run),
       input_advice=input_advice(run.config, sharding.platform(run.mesh)),

@@ -29,6 +29,8 @@ import gcs_emulator  # noqa: E402
 def gcs_server(tmp_path_factory):
   """A fake-gcs-server on a free 127.0.0.1 port for the whole session, with the variables
   that point TensorStore, gcsfs (and every subprocess started meanwhile) at it."""
+  from mae_jax import paths  # pylint: disable=g-import-not-at-top
+  paths.configure()  # as every command does before its first path
   server = gcs_emulator.Emulator(tmp_path_factory.mktemp("gcs") / "objects").start()
   saved = {k: os.environ.get(k) for k in server.env()}
   os.environ.update(server.env())

@@ -14,9 +14,10 @@ from helpers import ROOT
 # The layers, lowest first.
 (BASE,  # what every layer may use: the path layer (local or gs://), command-line checks
  PARTS,  # the model's pure pieces and the training parts: none knows another
- STORED,  # over training checkpoints: the workdir (lock, config history), parameter dirs
+ STORED,  # over the training parts: config checks (no model: `sizes.check` has the model's),
+         # the workdir (lock, config history), parameter dirs
  VIT, MAE, MODELS,  # the model, one layer each: patches, masking, posembed -> vit -> mae -> sizes
- USES_MODEL,  # the pure train step, config validation and FLOP counts: model + optim
+ USES_MODEL,  # the pure train step and FLOP counts: model + optim
  PROGRAM,  # the one program builder and the one training loop
  PRETRAINED,  # a trained or converted model loaded from disk
  EVALUATION,  # kNN, linear probe, fine-tuning
@@ -35,9 +36,9 @@ RANKS = {
     "model.kernels": PARTS,
     "train.optim": PARTS, "train.sharding": PARTS, "train.checkpoints": PARTS,
     "train.logger": PARTS, "train.distributed": PARTS, "train.stages": PARTS, "data": PARTS,
-    "train.workdirs": STORED, "train.param_dirs": STORED,
+    "train.workdirs": STORED, "train.param_dirs": STORED, "train.config": STORED,
     "model.vit": VIT, "model.mae": MAE, "model.sizes": MODELS,
-    "model.flops": USES_MODEL, "train.train_step": USES_MODEL, "train.config": USES_MODEL,
+    "model.flops": USES_MODEL, "train.train_step": USES_MODEL,
     "train.program": PROGRAM, "train.loop": PROGRAM,
     "train.pretrained": PRETRAINED,
     "evaluation": EVALUATION,
@@ -137,6 +138,14 @@ def violations(root=ROOT):
 def test_no_import_runs_upward():
   new = [message for _, _, message in violations()]
   assert not new, "imports against the layers (tests/test_architecture.py):\n" + "\n".join(new)
+
+
+def test_config_does_not_import_the_model():
+  """The run's field checks know no model: the model's fields are checked by
+  mae_jax.model.sizes.check, which the commands call."""
+  known = module_names(ROOT)
+  imported = [m for _, m in imported_modules(known["train.config"], "train.config", known)]
+  assert imported and not [m for m in imported if m.split(".")[0] == "model"], imported
 
 
 def write_package(root, files):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 
 from mae_jax import paths
 from mae_jax.tools import sweep, verify
@@ -97,7 +98,7 @@ def test_damaged_object_on_gcs_is_named(gcs_bucket, damage, expected, capsys):
   directory = f"{gcs_bucket}/run/checkpoints"
   checkpointer_with_steps(directory).close()
   victim, _ = largest_object(f"{directory}/4")
-  paths.write_atomic(victim, damage(paths.read_bytes(victim)))  # replaced on the server
+  paths.write_atomic(victim, damage(epath.Path(victim).read_bytes()))  # replaced on the server
   ckpt = checkpoints.Checkpointer(directory, keep=3, every_steps=2)
   with pytest.raises(checkpoints.CheckpointError) as e:
     ckpt.restore_latest(small_state(0))
@@ -164,8 +165,7 @@ def local_run(tmp_path_factory, train_env):
 def gs_snapshot(workdir, log_path):
   ckpts = f"{workdir}/checkpoints"
   complete = checkpoints.complete_steps(ckpts)
-  writing = [s for s in map(int, filter(str.isdigit, checkpoints.entries(ckpts)))
-             if s not in complete]
+  writing = [s for s, _ in checkpoints.interrupted_steps(ckpts)]
   logged = [int(s) for s in re.findall(r"^step (\d+)/", open(log_path).read(), re.M)]
   return complete, writing, max(logged, default=0)
 
@@ -238,7 +238,7 @@ def test_gs_run_killed_mid_save_resumes_bitwise_as_a_local_run(gs_run, local_run
   assert {"config.json", "summary.json", "reconstructions.png", "metrics.jsonl",
           "checkpoints"} <= names
   assert any(n.startswith("events.out.tfevents.") for n in names)
-  assert paths.read_bytes(f"{workdir}/reconstructions.png")[:8] == b"\x89PNG\r\n\x1a\n"
+  assert epath.Path(f"{workdir}/reconstructions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert checkpoints.interrupted_steps(f"{workdir}/checkpoints") == []  # cleaned up
   assert [p for _, p in checkpoints.verify_all(f"{workdir}/checkpoints")] == [None] * 3
 
@@ -253,7 +253,7 @@ def test_visualize_and_evaluate_read_a_gs_workdir(gs_run, local_run, capsys):
   assert_trees_equal(jax.device_get(pre.params), load_state(local_run, STEPS)["params"])
   out = f"{workdir}/vis.png"
   assert visualize.main([workdir, "--out", out, "--num_images", "4"]) == 0
-  assert paths.read_bytes(out)[:4] == b"\x89PNG"
+  assert epath.Path(out).read_bytes()[:4] == b"\x89PNG"
   assert f"{workdir} at step {STEPS}: 4 images" in capsys.readouterr().out
   config = eval_config()
   config.knn.k = 5
@@ -584,7 +584,7 @@ def test_gcs_lock_generation_preconditions_are_honoured(gcs_bucket):
   assert not paths.replace_generation(path, "third", generation)  # stale generation
   data, newer = paths.read_generation(path)
   assert data == b"second" and newer != generation
-  paths.remove(path)
+  epath.Path(path).unlink()
   assert not paths.replace_generation(path, "fourth", newer)  # removed meanwhile
   assert not paths.exists(path)
 
@@ -703,7 +703,7 @@ def test_prepared_dataset_on_gcs_gives_the_local_batches(gcs_bucket, tmp_path):
       assert remote[i]["label"] == local[i]["label"]
   assert_same_batches(local, remote)  # the train split
   shard = remote.paths[0]
-  paths.write_atomic(shard, paths.read_bytes(shard)[:-7])
+  paths.write_atomic(shard, epath.Path(shard).read_bytes()[:-7])
   with pytest.raises(data.DatasetError, match=rf"^{re.escape(shard)}: \d+ bytes but "
                      r"manifest.json says \d+ \(shard and manifest do not match\)$"):
     data.load_source(prepared_config(root), "train")
@@ -735,7 +735,7 @@ def test_prepare_writes_and_verifies_a_dataset_on_gcs(gcs_bucket, tmp_path, caps
   remote = data.load_source(prepared_config(root), "train")
   assert_same_batches(data.load_source(prepared_config(local), "train"), remote)
   shard = remote.paths[1]
-  damaged = bytearray(paths.read_bytes(shard))
+  damaged = bytearray(epath.Path(shard).read_bytes())
   damaged[-20] ^= 0xFF
   paths.write_atomic(shard, bytes(damaged))
   assert run_prepare("--verify", root) == 2
@@ -838,7 +838,7 @@ def test_convert_import_to_gcs_and_export_back(gcs_bucket, tmp_path, capsys):
   assert convert.main(["export", out, str(tmp_path / "back.pth")]) == 0
   assert_same_tensors(load_pth(tmp_path / "back.pth"), state)
   assert convert.main(["export", out, f"{gcs_bucket}/back.pth"]) == 0
-  paths_back = torch.load(io.BytesIO(paths.read_bytes(f"{gcs_bucket}/back.pth")),
+  paths_back = torch.load(io.BytesIO(epath.Path(f"{gcs_bucket}/back.pth").read_bytes()),
                           weights_only=True)["model"]
   assert_same_tensors({k: v.numpy() for k, v in paths_back.items()}, state)
   assert convert.main(["export", out, f"{gcs_bucket}/hf", "--format", "hf"]) == 0
@@ -960,7 +960,7 @@ def test_sweep_runs_on_a_gs_workdir(gcs_server, train_env, tmp_path):
   assert "| mask_ratio |" in paths.read_text(f"{out}/results.md")
   assert {n for n in paths.listdir(out) if n.endswith(".png")} == {
       "images_per_sec.png", "knn_top1.png", "summary.png", "test_masked_mse.png"}
-  assert paths.read_bytes(f"{out}/summary.png")[:4] == b"\x89PNG"
+  assert epath.Path(f"{out}/summary.png").read_bytes()[:4] == b"\x89PNG"
   again = subprocess.run([sys.executable, "-m", "mae_jax.sweep", path, "--workdir", workdir],
                          env=train_env, cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
@@ -1069,7 +1069,7 @@ def test_failed_record_read_on_gcs_is_one_line(gcs_bucket, tmp_path):
                      "--processes", 1) == 0
   source = data.load_source(prepared_config(root), "train")
   assert source[0]["label"] == 0
-  paths.remove(source.paths[1])
+  epath.Path(source.paths[1]).unlink()
   with pytest.raises(data.DatasetError) as e:
     source[7]
   message = str(e.value)
@@ -1091,7 +1091,7 @@ def test_failed_tfds_record_read_on_gcs_is_one_line(gcs_bucket, tmp_path):
   records = [n for n in paths.walk_files(root) if ".array_record" in n and "-train." in n]
   assert records
   for name in records:
-    paths.remove(f"{root}/{name}")
+    epath.Path(f"{root}/{name}").unlink()
   with pytest.raises(data.DatasetError) as e:
     source[3]
   message = str(e.value)

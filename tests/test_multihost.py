@@ -195,6 +195,45 @@ def test_launch_kind_detects_how_the_run_was_started(options, env, kind):
   assert distributed.launch_kind(options, env) == kind
 
 
+JAX_DETECTS = """
+import logging
+import jax
+logging.basicConfig(level=logging.INFO)  # jax logs the devices it restricts the process to
+try:
+  jax.distributed.initialize(initialization_timeout=20)
+except ValueError:  # no cluster found, no coordinator given
+  print("lone")
+else:
+  print("joined", jax.process_count())
+"""
+
+
+def jax_detection(env):
+  """What jax.distributed.initialize() without arguments makes of `env`, in a fresh
+  process: (stdout words, stderr)."""
+  clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_"))}
+  proc = subprocess.run([sys.executable, "-c", JAX_DETECTS], capture_output=True, text=True,
+                        env={**clean, "JAX_PLATFORMS": "cpu", **env}, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return proc.stdout.split(), proc.stderr
+
+
+def test_where_jax_cluster_detection_falls_short():
+  """Why launch_kind decides before JAX's detection is asked: (1) a lone `srun` task (one
+  task, local id 3) joins a one-process runtime that JAX restricts to GPU 3, where a lone
+  process should drive every device; (2) Open MPI 5 sets no ORTE URI, so JAX finds no
+  cluster and each of the 4 processes would train alone; ours joins (JAX then names what
+  it lacks in one line) instead."""
+  lone_srun = dict(SRUN, SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_STEP_NODELIST="localhost",
+                   JAX_COORDINATOR_PORT=str(free_port()))
+  words, stderr = jax_detection(lone_srun)
+  assert words == ["joined", "1"] and "visible devices: 3" in stderr, stderr[-2000:]
+  assert distributed.launch_kind(distributed.Options(), lone_srun) is None
+  ompi5 = {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "1"}
+  assert jax_detection(ompi5)[0] == ["lone"]
+  assert distributed.launch_kind(distributed.Options(), ompi5) == "ompi"
+
+
 def test_a_lone_process_does_not_join_a_distributed_runtime():
   assert distributed.initialize(distributed.Options(), env={}) is None
   assert not jax.distributed.is_initialized() and jax.process_count() == 1

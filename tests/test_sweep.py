@@ -438,7 +438,7 @@ def test_encoder_tokens_picks_the_w_mask_token_model():
   with config.unlocked():
     config.model.encoder_tokens = "some"
   with pytest.raises(config_lib.ConfigError, match="model.encoder_tokens"):
-    config_lib.validate(config)
+    sizes.check(config)
 
 
 def test_train_examples_keeps_an_evenly_spaced_subset_with_the_split_stats():

@@ -102,7 +102,7 @@ def decode(path: str, channels: int) -> np.ndarray:
 
 def _local_or_bytes(path: str):
   """What PIL opens: a local path as it is, an object on gs:// read whole."""
-  return paths_lib.read_bytes(path) if paths_lib.is_gcs(path) else path
+  return paths_lib.resolve(path).read_bytes() if paths_lib.is_gcs(path) else path
 
 
 def unreadable(path: str) -> str | None:

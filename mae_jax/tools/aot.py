@@ -89,10 +89,12 @@ def chip_of(devices):
 def checked_config(config, num_devices, explicit=()):
   """The recipe (smoke applied, keeping the `explicit` fields) validated for the topology's
   device count."""
+  from mae_jax.model import sizes
   from mae_jax.train import config as config_lib
   if config.smoke:
     config = config_lib.apply_smoke(config, explicit)
   try:
+    sizes.check(config, explicit)
     config_lib.validate(config, num_devices)
   except config_lib.ConfigError as e:
     raise AotError(str(e)) from None

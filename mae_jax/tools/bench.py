@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from mae_jax import cli
-from mae_jax.model import flops, mae
+from mae_jax.model import flops, mae, sizes
 from mae_jax.train import config as config_lib, program, sharding
 
 # Dense bfloat16 peak TFLOP/s per chip, by a substring of device_kind; first match wins.
@@ -116,6 +116,7 @@ def bench_config(args):
   try:
     with config.unlocked():
       config.data.name = "synthetic"
+    sizes.check(config)
     config_lib.validate(config)
   except (AttributeError, KeyError) as e:  # a recipe without the fields train.py needs
     raise cli.UsageError(f"--config: not a pretraining recipe (no field {e}; see "

@@ -123,22 +123,21 @@ def eval_sums(params, images_u8, valid_B, rng, *, model, ratio):
 def validate(config, modes):
   """One line for the first field that cannot work, before anything compiles."""
   m = config.model
-  config_lib._check(len(m.features) >= 1 and all(
-      config_lib._is_int(f) and f >= 1 for f in m.features), "model.features",
-                    f"{tuple(m.features)} must be positive integers")
-  config_lib._check(config_lib._is_number(m.mask_ratio) and 0 < m.mask_ratio < 1,
-                    "model.mask_ratio", f"{m.mask_ratio} must be in (0, 1)")
+  cli.check(len(m.features) >= 1 and all(cli.is_int(f) and f >= 1 for f in m.features),
+            "model.features", f"{tuple(m.features)} must be positive integers")
+  cli.check(cli.is_number(m.mask_ratio) and 0 < m.mask_ratio < 1, "model.mask_ratio",
+            f"{m.mask_ratio} must be in (0, 1)")
   factor = 2**(len(m.features) - 1)
-  config_lib._check(config.data.image_size % factor == 0, "data.image_size",
-                    f"{config.data.image_size} is not a multiple of {factor} (one 2x2 "
-                    "max-pool between each of model.features)")
+  cli.check(config.data.image_size % factor == 0, "data.image_size",
+            f"{config.data.image_size} is not a multiple of {factor} (one 2x2 "
+            "max-pool between each of model.features)")
   config_lib.validate_data(config)
   config_lib.validate_optim(config)
   config_lib.validate_logging(config)
-  config_lib._check_int(config.batch_size, "batch_size", 1)
-  config_lib._check_int(config.checkpoint_every_steps, "checkpoint_every_steps", 1)
-  config_lib._check_int(config.keep_checkpoints, "keep_checkpoints", 1)
-  config_lib._check_int(config.stop_after_steps, "stop_after_steps", 1, optional=True)
+  cli.check_int(config.batch_size, "batch_size", 1)
+  cli.check_int(config.checkpoint_every_steps, "checkpoint_every_steps", 1)
+  cli.check_int(config.keep_checkpoints, "keep_checkpoints", 1)
+  cli.check_int(config.stop_after_steps, "stop_after_steps", 1, optional=True)
   for mode in modes:
     if mode not in MODES:
       raise config_lib.ConfigError(f"--mode: {mode!r} is not valid; valid values: "
@@ -266,8 +265,7 @@ def evaluate(model, params, mesh, sources, eval_config, workdir, modes, *, image
   if data_cfg.get("train_examples"):
     train_src = data.Subset(train_src, data_cfg.train_examples)
   num_classes = train_src.num_classes
-  config_lib._check(num_classes, "data.name", "the dataset has no class labels to "
-                    "evaluate against")
+  cli.check(num_classes, "data.name", "the dataset has no class labels to evaluate against")
   t0 = time.perf_counter()
   kw = dict(model=model, mesh=mesh, image_size=image_size, batch_size=eval_config.eval_batch_size)
   train, test = extract(params, train_src, **kw), extract(params, test_src, **kw)

@@ -265,8 +265,8 @@ class Evaluation:
         or not config_lib.changed_fields(job_config, saved)):
       return
     if jax.process_index() == 0:
-      paths.rmtree(self.job_dir(name))
-      paths.remove(results)
+      paths.resolve(self.job_dir(name)).rmtree()
+      paths.resolve(results).unlink()
     log(f"{self.job_dir(name)}: its finished {mode} had other values ("
         + "; ".join(f"{f} {a!r} there, {b!r} here"
                     for f, a, b in config_lib.changed_fields(job_config, saved))

@@ -34,12 +34,12 @@ import orbax.checkpoint as ocp
 
 from mae_jax import paths
 
-# Seconds a gs:// checkpoint operation may go without finishing (a save waits for the one
-# before it): a server that stops answering mid-save fails the run after this long instead
-# of after TensorStore's retries (up to 32, backing off to 32 s each).
-GCS_SAVE_TIMEOUT_S = float(os.environ.get("MAE_JAX_CHECKPOINT_TIMEOUT_S", "1800"))
+# Seconds the background writes of a gs:// save may take (Orbax's AsyncOptions.timeout_secs;
+# the next save or wait raises): a server that stops answering mid-save fails the run after
+# this long instead of after TensorStore's retries (up to 32, backing off to 32 s each).
+GCS_SAVE_TIMEOUT_S = int(os.environ.get("MAE_JAX_CHECKPOINT_TIMEOUT_S", "1800"))
 MANIFEST = "mae_manifest.json"
-TMP_SUFFIX = ocp.utils.TMP_DIR_SUFFIX  # Orbax's name for a local step still being written
+TMP_SUFFIX = ocp.path.step.TMP_DIR_SUFFIX  # Orbax's name for a local step still being written
 _CHUNK = 1 << 22
 
 
@@ -57,14 +57,13 @@ class Checkpointer:
     self.notes = []  # what restore_latest skipped, for the run's log
     ignore_late_callbacks()
     quiet_orbax_tracebacks()
+    bounded = ocp.AsyncOptions(timeout_secs=GCS_SAVE_TIMEOUT_S) if self._timeout() else None
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=every_steps,
+        max_to_keep=keep, save_interval_steps=every_steps, async_options=bounded,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._manifests = concurrent.futures.ThreadPoolExecutor(1, "mae_manifest")
     self._pending = None  # the Future of the manifest task last submitted
-    self._waiter = concurrent.futures.ThreadPoolExecutor(1, "mae_ckpt_deadline")
-    self._stuck = None  # the CheckpointError of an operation that ran past its deadline
     self._started = self._complete = self.manager.latest_step()  # steps known to Orbax
 
   def step_dir(self, step):
@@ -79,10 +78,7 @@ class Checkpointer:
     Raises CheckpointError if this save, or an earlier asynchronous one, cannot be written.
     """
     try:
-      saved = self._bounded(self.manager.save, step, args=ocp.args.StandardSave(state),
-                            force=force)
-    except CheckpointError:
-      raise
+      saved = self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
     except Exception as e:  # Orbax and TensorStore raise ValueError, OSError, ...
       raise self._write_error(e) from e
     self._complete = self._started  # the save above waited for the previous one to finish
@@ -146,9 +142,7 @@ class Checkpointer:
   def wait(self):
     """Block until pending saves are on disk; CheckpointError if one could not be written."""
     try:
-      self._bounded(self.manager.wait_until_finished)
-    except CheckpointError:
-      raise
+      self.manager.wait_until_finished()
     except Exception as e:
       raise self._write_error(e) from e
     self._complete = self._started
@@ -167,26 +161,6 @@ class Checkpointer:
     self.manager.close()
     self._manifests.shutdown()
 
-  def _bounded(self, fn, *args, **kwargs):
-    """fn(*args, **kwargs); on gs://, given at most GCS_SAVE_TIMEOUT_S, after which the
-    run stops with a CheckpointError (the call is left behind in its thread: the process
-    exits without waiting for it)."""
-    if self._stuck is not None:
-      raise self._stuck
-    if not paths.is_gcs(self.directory):
-      return fn(*args, **kwargs)
-    future = self._waiter.submit(fn, *args, **kwargs)
-    try:
-      return future.result(timeout=GCS_SAVE_TIMEOUT_S)
-    except concurrent.futures.TimeoutError:
-      kept = (f"the last complete checkpoint, step {self._complete}, is intact"
-              if self._complete is not None else "no checkpoint was completed")
-      self._stuck = CheckpointError(
-          f"cannot write a checkpoint in {self.directory}: not finished after "
-          f"{GCS_SAVE_TIMEOUT_S:.0f} s (MAE_JAX_CHECKPOINT_TIMEOUT_S): the storage stopped "
-          f"answering; {kept}")
-      raise self._stuck from None
-
   def _raise_manifest_error(self):
     error = self._pending.exception() if self._pending and self._pending.done() else None
     self._pending = None if error else self._pending
@@ -195,6 +169,13 @@ class Checkpointer:
                             f"{short_reason(error)}") from error
 
   def _write_error(self, error):
+    if isinstance(error, TimeoutError):  # Orbax's AsyncOptions.timeout_secs ran out (gs://)
+      kept = (f"the last complete checkpoint, step {self._complete}, is intact"
+              if self._complete is not None else "no checkpoint was completed")
+      return CheckpointError(
+          f"cannot write a checkpoint in {self.directory}: not finished after "
+          f"{GCS_SAVE_TIMEOUT_S} s (MAE_JAX_CHECKPOINT_TIMEOUT_S): the storage stopped "
+          f"answering; {kept}")
     steps = complete_steps(self.directory)
     kept = (f"the last complete checkpoint, step {steps[-1]}, is intact" if steps
             else "no checkpoint was completed")
@@ -222,23 +203,17 @@ class _DropClosedLoopErrors:
 def ignore_late_callbacks():
   """When a save fails, TensorStore still completes that save's other writes and calls back
   into the event loop Orbax has closed; each call would print a traceback around the
-  one-line error. Such callbacks can no longer matter: drop them (process-wide, once)."""
+  one-line error (tests/test_reliability.py::test_full_disk_mid_run_..., not on every run:
+  it depends on timing). Such callbacks can no longer matter: drop them (process-wide,
+  once)."""
   if not isinstance(sys.unraisablehook, _DropClosedLoopErrors):
     sys.unraisablehook = _DropClosedLoopErrors(sys.unraisablehook)
 
 
-def entries(directory):
-  """Names in `directory`; none where it does not exist (on Cloud Storage a "directory"
-  exists only while an object is below it)."""
-  try:
-    return paths.listdir(directory)
-  except (FileNotFoundError, NotADirectoryError):
-    return []
-
-
 class _OneLineOrbaxErrors(logging.Filter):
   """Orbax logs the exception of a failed background save with its traceback before the
-  run's own one-line error; keep such a record to one line (its message, shortened)."""
+  run's own one-line error (no option of its turns that off: tests/test_reliability.py
+  ::test_full_disk_mid_run_...); keep such a record to one line (its message, shortened)."""
 
   def filter(self, record):
     if record.exc_info and "orbax" in record.pathname:
@@ -257,25 +232,25 @@ def quiet_orbax_tracebacks():
 
 def complete_steps(directory):
   """Sorted steps whose directory Orbax finished (renamed from its temporary name locally;
-  holding its commit file on Cloud Storage)."""
-  names = [name for name in entries(directory) if name.isdigit()]
-  if paths.is_gcs(directory):
-    return sorted(int(n) for n in names
-                  if ocp.utils.is_checkpoint_finalized(paths.resolve(paths.join(directory, n))))
-  return sorted(int(n) for n in names if os.path.isdir(os.path.join(directory, n)))
+  holding its commit file on Cloud Storage), as Orbax itself tells them."""
+  return sorted(_listed(ocp.path.step.checkpoint_steps, directory))
 
 
 def interrupted_steps(directory):
-  """Sorted (step, path) of the directories of saves that never finished."""
-  found = []
-  complete = set(complete_steps(directory)) if paths.is_gcs(directory) else set()
-  for name in entries(directory):
-    match = re.fullmatch(r"(\d+)" + re.escape(TMP_SUFFIX) + r".*", name)
-    if match:
-      found.append((int(match.group(1)), paths.join(directory, name)))
-    elif paths.is_gcs(directory) and name.isdigit() and int(name) not in complete:
-      found.append((int(name), paths.join(directory, name)))
-  return sorted(found)
+  """Sorted (step, path) of the directories of saves that never finished (Orbax's
+  temporary paths)."""
+  found = [p.get() for p in _listed(ocp.path.step.all_temporary_paths, directory)]
+  return sorted((ocp.path.step.step_from_checkpoint_name(p.name), os.fspath(p)) for p in found)
+
+
+def _listed(orbax_listing, directory):
+  """orbax_listing(directory); nothing where the directory does not exist (on Cloud Storage
+  a "directory" exists only while an object is below it: another process's write probe
+  may vanish between Orbax's exists() and its listing)."""
+  try:
+    return orbax_listing(paths.resolve(directory))
+  except (FileNotFoundError, NotADirectoryError):
+    return []
 
 
 def check_workdir(workdir, flag="--workdir"):

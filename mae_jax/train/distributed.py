@@ -2,7 +2,11 @@
 
 `initialize` joins JAX's distributed runtime when this process is one of several (explicit
 flags, SLURM, Open MPI or a Cloud TPU VM) and does nothing for a lone process. It must run
-before anything touches a device. `GracefulStop` turns SIGTERM (a scheduler's preemption
+before anything touches a device. JAX's own cluster detection finds the coordinator, the
+process count and id; `launch_kind` only decides whether to ask it, where JAX's answer
+would be wrong (tests/test_multihost.py::test_where_jax_cluster_detection_falls_short):
+a lone `srun` task would join a one-process runtime restricted to one GPU, and an Open MPI 5
+launch (no ORTE URI) would run as N unrelated lone processes instead of failing. `GracefulStop` turns SIGTERM (a scheduler's preemption
 notice) and SIGINT (Ctrl-C) into a stop at a step every process agrees on, so that step can
 be saved collectively; a second Ctrl-C ends the process at once.
 """
@@ -15,6 +19,8 @@ from typing import Mapping, Sequence
 
 import jax
 from jax.experimental import multihost_utils
+
+from mae_jax import cli
 
 KINDS = ("flags", "slurm", "ompi", "tpu")  # what makes a run multi-process, in the order tried
 
@@ -44,11 +50,11 @@ def _int_env(env, name, default=0):
 
 
 def _in_cloud_tpu_vm(env):
-  """A Cloud TPU VM, as JAX's own start-up detected it, or a TPU pod's environment (more
-  than one worker: TPU_WORKER_HOSTNAMES=localhost is a single host, cli.NO_TPU_HOST_ENV)."""
-  from jax._src import cloud_tpu_init  # the flag JAX sets on import; no public equivalent
+  """A host with TPU chips (JAX asks the VM's metadata for the rest), or a TPU pod's
+  environment (more than one worker: TPU_WORKER_HOSTNAMES=localhost is a single host,
+  cli.NO_TPU_HOST_ENV)."""
   workers = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-  return (getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False) or len(workers) > 1
+  return (cli.has_tpu_chips() or len(workers) > 1
           or any(env.get(name) for name in ("TPU_PROCESS_ADDRESSES",
                                             "MEGASCALE_COORDINATOR_ADDRESS")))
 

@@ -140,7 +140,7 @@ class Logger:
     remote_jsonl = paths.join(self.remote, "metrics.jsonl")
     if paths.exists(remote_jsonl):
       with open(os.path.join(self.staging, "metrics.jsonl"), "wb") as f:
-        f.write(paths.read_bytes(remote_jsonl))
+        f.write(paths.resolve(remote_jsonl).read_bytes())
     return self.staging
 
   def sync(self):

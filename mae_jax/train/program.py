@@ -163,7 +163,7 @@ def pretraining(config, devices, num_train_examples, norm_stats):
   dur = config_lib.durations(config, num_train_examples)
   mesh = sharding.make_mesh(config.mesh, devices)
   model = sizes.build_model(config, sharding.platform(mesh))
-  config_lib.validate_schedule(config, model.patch_size)
+  stages_lib.check(config, model.patch_size)  # sizes.check's, for callers that skip it
   tx, schedule = optim.make_optimizer(config.optim, config.batch_size, dur.warmup_steps,
                                       dur.total_steps)
   init = functools.partial(ts.init_state, model, tx, image_shape=image_shape(config))

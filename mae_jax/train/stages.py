@@ -14,10 +14,7 @@ monitor stay at data.image_size and model.mask_ratio.
 import dataclasses
 import math
 
-
-class ScheduleError(ValueError):
-  """A schedule that cannot work; one line naming the field (config turns it into a
-  ConfigError)."""
+from mae_jax.cli import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,15 +48,15 @@ def _pairs(config, field, check_value):
   prev = None
   for entry in entries:
     if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and _number(entry[0])):
-      raise ScheduleError(f"{name}: {entry!r} is not a (fraction, value) pair; write e.g. "
+      raise ConfigError(f"{name}: {entry!r} is not a (fraction, value) pair; write e.g. "
                         "((0.0, 16), (0.5, 24), (0.8, 28))")
     fraction, value = entry
     if not 0 <= fraction < 1:
-      raise ScheduleError(f"{name}: fraction {fraction!r} must be in [0, 1)")
+      raise ConfigError(f"{name}: fraction {fraction!r} must be in [0, 1)")
     if prev is None and fraction != 0:
-      raise ScheduleError(f"{name}: the first stage must start at fraction 0.0, not {fraction!r}")
+      raise ConfigError(f"{name}: the first stage must start at fraction 0.0, not {fraction!r}")
     if prev is not None and fraction <= prev:
-      raise ScheduleError(f"{name}: stages out of order: fraction {fraction!r} follows "
+      raise ConfigError(f"{name}: stages out of order: fraction {fraction!r} follows "
                         f"{prev!r}; list them by increasing fraction")
     check_value(name, value)
     prev = fraction
@@ -67,19 +64,19 @@ def _pairs(config, field, check_value):
 
 
 def check(config, patch_size):
-  """ScheduleError (one line naming the field) for a schedule that cannot work: pairs out of
+  """ConfigError (one line naming the field) for a schedule that cannot work: pairs out of
   order, a resolution the patch size does not divide, a ratio outside (0, 1) or one that
   leaves no patch visible at some resolution of the run."""
 
   def resolution(name, size):
     if not (isinstance(size, int) and not isinstance(size, bool) and size >= patch_size
             and size % patch_size == 0):
-      raise ScheduleError(f"{name}: resolution {size!r} is not a positive multiple of the "
+      raise ConfigError(f"{name}: resolution {size!r} is not a positive multiple of the "
                         f"patch size {patch_size}")
 
   def ratio(name, r):
     if not (_number(r) and 0 < r < 1):
-      raise ScheduleError(f"{name}: mask ratio {r!r} must be in (0, 1)")
+      raise ConfigError(f"{name}: mask ratio {r!r} must be in (0, 1)")
 
   sizes = [s for _, s in _pairs(config, "resolution", resolution)] or [config.data.image_size]
   ratios = [r for _, r in _pairs(config, "mask_ratio", ratio)] or [config.model.mask_ratio]
@@ -87,7 +84,7 @@ def check(config, patch_size):
     for r in ratios:
       patches = (size // patch_size)**2
       if int(patches * (1 - r)) < 1:  # masking.num_visible
-        raise ScheduleError(f"config.schedule: mask ratio {r:g} leaves no visible patch of "
+        raise ConfigError(f"config.schedule: mask ratio {r:g} leaves no visible patch of "
                           f"the {patches} at {size} px")
 
 

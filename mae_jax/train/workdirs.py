@@ -230,7 +230,7 @@ class GcsWorkdirLock(WorkdirLock):
       return
     with contextlib.suppress(OSError, FileNotFoundError):
       if paths.read_text(self.path) == self.fd:
-        paths.remove(self.path)
+        paths.resolve(self.path).unlink()
     self.fd = None
 
 
