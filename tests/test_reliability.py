@@ -138,9 +138,13 @@ def test_sigkill_at_three_points_resumes_exactly(reference, env, tmp_path):
       "during a checkpoint write")
   half = k2.writing[-1]
   assert os.path.isdir(workdir / "checkpoints" / f"{half}{checkpoints.TMP_SUFFIX}")
-  # 3: between checkpoints again, later
-  k3, log3 = run_and_kill(workdir, env, tmp_path / "3.log", lambda s: bool(
-      s.complete and s.logged > s.complete[-1] and not s.writing and s.logged > half + 1),
+  # 3: between checkpoints again, later. This launch checkpoints every 6 steps (a launch
+  # field), so the steps after the resume run with no write in flight: at every 3 a loaded
+  # machine's async write can span the whole interval, leaving no such moment to catch.
+  k3, log3 = trainproc.run_and_kill(
+      train_cmd(workdir, extra=["--config.checkpoint_every_steps=6"]), workdir, env,
+      tmp_path / "3.log", lambda s: bool(
+          s.complete and s.logged > s.complete[-1] and not s.writing and s.logged > half + 1),
       "between checkpoints, after resuming from the interrupted write")
   assert k1.logged < half < k3.logged  # three different steps
   # the half-written step was not taken: the run fell back to the previous one, and said so

@@ -162,12 +162,17 @@ class Snapshot:
 
 
 def snapshot(workdir, first_record):
+  """The workdir now, read with one directory listing: the watcher polls it every few
+  milliseconds, and a slower read (Orbax's own listing takes ~25x as long) can miss the
+  short moments between a loaded machine's checkpoint writes. Local checkpoints only: a
+  finished step's directory is its number, a save in flight has Orbax's temporary name."""
   from mae_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
   ckpts = os.path.join(workdir, "checkpoints")
-  writing = ([s for s, _ in checkpoints.interrupted_steps(ckpts)] if os.path.isdir(ckpts)
-             else [])
+  names = os.listdir(ckpts) if os.path.isdir(ckpts) else []
+  complete = sorted(int(n) for n in names if n.isdigit())
+  writing = sorted(int(n.split(".")[0]) for n in names if checkpoints.TMP_SUFFIX in n)
   logged = max((r["step"] for r in train_records(workdir)[first_record:]), default=0)
-  return Snapshot(checkpoints.complete_steps(ckpts), writing, logged)
+  return Snapshot(complete, writing, logged)
 
 
 def wait_stopped(pid, timeout=30):
