@@ -49,7 +49,7 @@ class ReconstructionMonitor:
     self.batch = sharding.global_batch({"image": padded[part], "valid": (np.arange(size)
                                                                          < n)[part]}, run.mesh)
     self.fn = run.eval_step(np.zeros(self.images.shape[1:], np.float32))
-    self.rng = jax.random.fold_in(jax.random.key(cfg.seed), VIS_STREAM)
+    self.rng = None  # made at the first picture: nothing runs before the run's checks
     self.note = pictures.target_note(cfg.model.norm_pix_loss)
     self.pool = concurrent.futures.ThreadPoolExecutor(1, "mae_pictures")
     self.pending = []
@@ -64,6 +64,8 @@ class ReconstructionMonitor:
 
   def __call__(self, step, state, logger):
     t0 = time.perf_counter()
+    if self.rng is None:
+      self.rng = jax.random.fold_in(jax.random.key(self.run.config.seed), VIS_STREAM)
     out = self.fn(state.params, self.batch, self.rng)  # dispatched; runs before the next step
     pred, mask = out["pred"], out["mask"]
     if jax.process_count() > 1:  # gathering is a collective: every process, this thread

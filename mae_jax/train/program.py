@@ -90,7 +90,7 @@ def build(mesh, init_fn, step_fn, batch_keys=("image", "label"), state_shardings
   state_shardings: by default sharding.state_shardings (FSDP over the mesh's fsdp axis,
   small leaves replicated); a callable of the abstract state may choose others.
   """
-  abstract = jax.eval_shape(init_fn, jax.random.key(0))
+  abstract = jax.eval_shape(lambda: init_fn(jax.random.key(0)))  # traced: nothing compiles
   shardings = (state_shardings or sharding.state_shardings)(abstract, mesh)
   init = jit(init_fn, mesh, in_shardings=(sharding.replicated(mesh),),
              out_shardings=shardings)
