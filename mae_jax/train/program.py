@@ -119,10 +119,6 @@ class Pretraining(Program):
   step_fn: Callable = None  # step_fn(model) -> the step function of that model
   _stage_steps: dict = dataclasses.field(default_factory=dict)
 
-  @property
-  def image_shape(self):
-    return image_shape(self.config)
-
   def abstract_inputs(self, stage=None):
     """(state, batch, rng) of the step (of `stage`'s where given) as ShapeDtypeStructs
     carrying their shardings."""
