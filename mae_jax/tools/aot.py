@@ -204,12 +204,14 @@ def report_on(config, devices, topology, hbm_override=None, headroom=0.1, explic
                                              headroom, stage),
                                 mask_ratio=stage.mask_ratio, steps=[])
     reports[stage.key]["steps"].append([stage.start + 1, stage.end])
-  rep = dict(next(iter(reports.values())))
-  for k in ("image_size", "compile_s", "memory", "collectives", "collectives_by_axes",
-            "ici_bytes_per_device", "ici_lower_bound_s", "flops", "mask_ratio", "steps"):
-    rep.pop(k, None)
-  rep["stages"] = list(reports.values())
-  return rep
+  first = next(iter(reports.values()))  # what every stage shares heads the report
+  return dict({k: v for k, v in first.items() if k not in PER_STAGE},
+              stages=list(reports.values()))
+
+
+# The fields of a schedule's report that each stage has its own value of.
+PER_STAGE = ("image_size", "compile_s", "memory", "collectives", "collectives_by_axes",
+             "ici_bytes_per_device", "ici_lower_bound_s", "flops", "mask_ratio", "steps")
 
 
 def report_stage(config, devices, topology, hbm_override=None, headroom=0.1, stage=None):
