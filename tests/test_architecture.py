@@ -12,7 +12,7 @@ import os
 from helpers import ROOT
 
 # The layers, lowest first.
-(BASE,  # what every layer may use: the path layer (local or gs://), command-line checks
+(BASE,  # what every layer may use: the path layer (local or gs://), checks of user values
  PARTS,  # the model's pure pieces and the training parts: none knows another
  STORED,  # over the training parts: config checks (no model: `sizes.check` has the model's),
          # the workdir (lock, config history), parameter dirs
@@ -30,7 +30,7 @@ RANK_NAMES = ["base", "parts", "stored", "vit", "mae", "sizes", "uses the model"
 # Module paths under mae_jax/ (a package's name covers its modules; the longest name that
 # matches counts). A module missing here fails the test: place it when you add it.
 RANKS = {
-    "__init__": BASE, "paths": BASE, "cli": BASE, "tools.hlo": BASE,
+    "__init__": BASE, "paths": BASE, "checks": BASE, "tools.hlo": BASE,
     "model": BASE, "train": BASE,  # the packages' __init__ (docstrings only)
     "model.patches": PARTS, "model.masking": PARTS, "model.posembed": PARTS,
     "model.kernels": PARTS,

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from mae_jax import cli, trainer
+from mae_jax import trainer
+from mae_jax.tools import cli
 from mae_jax.tools import bench, convert, evaluate, prepare, sweep, visualize
 from mae_jax.train import checkpoints, param_dirs, workdirs
 from configs.eval import get_config as get_eval_config
@@ -441,8 +442,8 @@ def test_convert_export_of_a_train_workdir(workdir, tmp_path, capsys):
 def test_libtpu_adds_nothing_to_a_commands_stderr(tmp_path, argv, says):
   """With libtpu installed (the test extra has it) on a host without TPU chips, a command's
   bad input is the one line of its stderr, not the sixth after libtpu's errors."""
-  from mae_jax import cli  # pylint: disable=g-import-not-at-top
-  assert not cli.has_tpu_chips()
+  from mae_jax import checks  # pylint: disable=g-import-not-at-top
+  assert not checks.has_tpu_chips()
   (tmp_path / "a_file").write_text("x")
   env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
   proc = subprocess.run([sys.executable, *[a.format(tmp=tmp_path) for a in argv]], cwd=ROOT,
@@ -454,12 +455,12 @@ def test_libtpu_adds_nothing_to_a_commands_stderr(tmp_path, argv, says):
 
 def test_a_host_is_told_apart_by_its_pci_devices(tmp_path):
   """has_tpu_chips reads the PCI vendor ids: Google's (0x1ae0) is a TPU chip."""
-  from mae_jax import cli  # pylint: disable=g-import-not-at-top
+  from mae_jax import checks  # pylint: disable=g-import-not-at-top
   for name, vendor in (("0000:00:04.0", "0x8086"), ("0000:00:05.0", "0x10de")):
     (tmp_path / name).mkdir()
     (tmp_path / name / "vendor").write_text(vendor + "\n")
-  assert not cli.has_tpu_chips(str(tmp_path))
+  assert not checks.has_tpu_chips(str(tmp_path))
   (tmp_path / "0000:00:06.0").mkdir()
   (tmp_path / "0000:00:06.0" / "vendor").write_text("0x1ae0\n")
-  assert cli.has_tpu_chips(str(tmp_path))
-  assert not cli.has_tpu_chips(str(tmp_path / "missing"))
+  assert checks.has_tpu_chips(str(tmp_path))
+  assert not checks.has_tpu_chips(str(tmp_path / "missing"))

@@ -1015,7 +1015,7 @@ def test_conv_mae_writes_a_gs_workdir(gcs_bucket, tmp_path):
 
 
 def test_conv_mae_bad_gs_workdir_is_one_line(gcs_bucket):
-  from mae_jax import cli
+  from mae_jax.tools import cli
   from mae_jax.tools import conv_mae
   paths.write_atomic(f"{gcs_bucket}/an_object", b"x")
   for workdir, expected in [

@@ -184,7 +184,7 @@ SRUN = {  # what srun sets in each of its tasks (here: task 3 of 8 on two nodes)
     (distributed.Options(mode="off"), SRUN, None),
     (distributed.Options(), {"OMPI_COMM_WORLD_SIZE": "4"}, "ompi"),
     (distributed.Options(), {"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}, "tpu"),
-    # one host (what a command sets on a host without TPU chips: cli.NO_TPU_HOST_ENV)
+    # one host (what a command sets on a host without TPU chips: mae_jax.tools.cli.NO_TPU_HOST_ENV)
     (distributed.Options(), {"TPU_WORKER_HOSTNAMES": "localhost"}, None),
     (distributed.Options(coordinator_address="h0:1234", num_processes=2, process_id=1), {},
      "flags"),

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax import cli, data
+from mae_jax import checks, data
 from mae_jax.evaluation import features as features_lib
 from mae_jax.train import config as config_lib, program, sharding
 
@@ -119,7 +119,7 @@ class Monitor:
           f"config.knn_every_epochs: data.name={cfg.data.name!r} has no class labels "
           "for the kNN monitor; leave knn_every_epochs unset")
     bank = cfg.get("knn_bank_size")  # the recipe's, on a smaller split: the whole split
-    cli.check("knn_bank_size" not in explicit or bank <= len(run.train_src), "knn_bank_size",
+    checks.check("knn_bank_size" not in explicit or bank <= len(run.train_src), "knn_bank_size",
               f"{bank} is larger than the {len(run.train_src)} training images; None for "
               "the whole split")
     return cls(run, max(1, round(every * run.durations.steps_per_epoch)))

@@ -2,7 +2,7 @@
 import jax.numpy as jnp
 import ml_collections
 
-from mae_jax import cli
+from mae_jax import checks
 from mae_jax.model import kernels, masking, vit
 from mae_jax.model.kernels import Kernels
 from mae_jax.model.mae import ENCODERS
@@ -77,51 +77,51 @@ def build_model(config, platform):
 
 
 def check(config, explicit=()):
-  """Raise cli.ConfigError on the first model field of a run config that cannot work: a
+  """Raise checks.ConfigError on the first model field of a run config that cannot work: a
   known variant, consistent sizes, a mask that leaves patches visible. `explicit`: the
   fields given on the command line, which an error blames first."""
   m = config.model
-  cli.check_choice(m.mask_strategy, "model.mask_strategy", sorted(masking.STRATEGIES))
-  cli.check_choice(m.dtype, "model.dtype", sorted(DTYPES))
-  cli.check_choice(m.remat, "model.remat", sorted(vit.REMAT_POLICIES))
-  cli.check_choice(m.attn_impl, "model.attn_impl", [None, "xla", "cudnn"])
-  cli.check_choice(m.matmul, "model.matmul", list(kernels.MATMULS))
-  cli.check_choice(m.get("encoder_tokens", "visible"), "model.encoder_tokens", sorted(ENCODERS))
+  checks.check_choice(m.mask_strategy, "model.mask_strategy", sorted(masking.STRATEGIES))
+  checks.check_choice(m.dtype, "model.dtype", sorted(DTYPES))
+  checks.check_choice(m.remat, "model.remat", sorted(vit.REMAT_POLICIES))
+  checks.check_choice(m.attn_impl, "model.attn_impl", [None, "xla", "cudnn"])
+  checks.check_choice(m.matmul, "model.matmul", list(kernels.MATMULS))
+  checks.check_choice(m.get("encoder_tokens", "visible"), "model.encoder_tokens", sorted(ENCODERS))
   try:
     kw = model_kwargs(m, config.data.image_size, config.data.channels)
   except ValueError as e:
-    raise cli.ConfigError(f"config.{e}") from None
+    raise checks.ConfigError(f"config.{e}") from None
   for field in ("width", "depth", "num_heads", "patch_size", "decoder_width", "decoder_depth",
                 "decoder_heads"):
-    cli.check_int(kw[field], f"model.{field}", 1)
-  cli.check_int(kw["image_size"], "data.image_size", 1)
-  cli.check_number(m.mlp_ratio, "model.mlp_ratio", 0, strict=True)
+    checks.check_int(kw[field], f"model.{field}", 1)
+  checks.check_int(kw["image_size"], "data.image_size", 1)
+  checks.check_number(m.mlp_ratio, "model.mlp_ratio", 0, strict=True)
   if kw["image_size"] % kw["patch_size"]:  # blamed on the field the user set
     patch_field = "model.patch_size" if m.get("patch_size") is not None else "model.variant"
-    cli.check(patch_field not in explicit or "data.image_size" in explicit, patch_field,
+    checks.check(patch_field not in explicit or "data.image_size" in explicit, patch_field,
               f"{m.patch_size if patch_field == 'model.patch_size' else m.variant!r} gives "
               f"patch size {kw['patch_size']}, which does not divide data.image_size "
               f"{kw['image_size']}")
-    cli.check(False, "data.image_size", f"{kw['image_size']} is not a positive multiple of "
+    checks.check(False, "data.image_size", f"{kw['image_size']} is not a positive multiple of "
               f"the patch size {kw['patch_size']} ({patch_field})")
   _check_widths(kw)
-  cli.check(cli.is_number(m.mask_ratio) and 0 < m.mask_ratio < 1, "model.mask_ratio",
+  checks.check(checks.is_number(m.mask_ratio) and 0 < m.mask_ratio < 1, "model.mask_ratio",
             f"{m.mask_ratio} must be in (0, 1)")
   num_patches = (kw["image_size"] // kw["patch_size"])**2
-  cli.check(masking.num_visible(num_patches, m.mask_ratio) >= 1, "model.mask_ratio",
+  checks.check(masking.num_visible(num_patches, m.mask_ratio) >= 1, "model.mask_ratio",
             f"{m.mask_ratio} leaves no visible patch out of {num_patches}")
   stages.check(config, kw["patch_size"])  # config.schedule's sizes and ratios
 
 
 def _check_widths(kw):
   """Widths that the 2D sin-cos embedding and the heads can split."""
-  cli.check(kw["width"] % 4 == 0, "model.width",
+  checks.check(kw["width"] % 4 == 0, "model.width",
             f"{kw['width']} must be divisible by 4 (2D sin-cos)")
-  cli.check(kw["decoder_width"] % 4 == 0, "model.decoder_width",
+  checks.check(kw["decoder_width"] % 4 == 0, "model.decoder_width",
             f"{kw['decoder_width']} must be divisible by 4")
-  cli.check(kw["width"] % kw["num_heads"] == 0, "model.num_heads",
+  checks.check(kw["width"] % kw["num_heads"] == 0, "model.num_heads",
             f"{kw['num_heads']} does not divide width {kw['width']}")
-  cli.check(kw["decoder_width"] % kw["decoder_heads"] == 0, "model.decoder_heads",
+  checks.check(kw["decoder_width"] % kw["decoder_heads"] == 0, "model.decoder_heads",
             f"{kw['decoder_heads']} does not divide decoder_width {kw['decoder_width']}")
 
 

@@ -12,7 +12,8 @@ script.
   visualize   reconstruction grids of a model
   verify      re-read every checkpoint of a workdir against its manifest
 """
-from mae_jax import cli, paths
+from mae_jax import paths
+from mae_jax.tools import cli
 
 # A command's process, before any of them starts JAX or touches a path.
 cli.quiet_libtpu_without_tpu()

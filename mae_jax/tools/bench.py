@@ -27,9 +27,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from mae_jax import cli
 from mae_jax.model import flops, mae, sizes
 from mae_jax.train import config as config_lib, program, sharding
+from mae_jax.tools import cli
 
 # Dense bfloat16 peak TFLOP/s per chip, by a substring of device_kind; first match wins.
 PEAK_TFLOPS = {
@@ -95,7 +95,7 @@ def parse_args(argv):
                          "--config FILE and --config.FIELD=VALUE (e.g. "
                          "--config.model.variant=B/16 --config.batch_size=256)") from None
   except Exception as e:  # pylint: disable=broad-except (absl, ml_collections, the recipe)
-    raise cli.UsageError(config_lib.flag_error(e, argv, recipe=IMAGENET)) from None
+    raise cli.UsageError(cli.flag_error(e, argv, recipe=IMAGENET)) from None
 
 
 def check_recipe(path):

@@ -36,9 +36,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from mae_jax import cli, data, paths
+from mae_jax import checks, data, paths
 from mae_jax.evaluation import knn as knn_lib, linprobe
 from mae_jax.train import config as config_lib, loop, optim, program, sharding
+from mae_jax.tools import cli
 
 MODES = ("knn", "linprobe")
 
@@ -123,21 +124,21 @@ def eval_sums(params, images_u8, valid_B, rng, *, model, ratio):
 def validate(config, modes):
   """One line for the first field that cannot work, before anything compiles."""
   m = config.model
-  cli.check(len(m.features) >= 1 and all(cli.is_int(f) and f >= 1 for f in m.features),
+  checks.check(len(m.features) >= 1 and all(checks.is_int(f) and f >= 1 for f in m.features),
             "model.features", f"{tuple(m.features)} must be positive integers")
-  cli.check(cli.is_number(m.mask_ratio) and 0 < m.mask_ratio < 1, "model.mask_ratio",
+  checks.check(checks.is_number(m.mask_ratio) and 0 < m.mask_ratio < 1, "model.mask_ratio",
             f"{m.mask_ratio} must be in (0, 1)")
   factor = 2**(len(m.features) - 1)
-  cli.check(config.data.image_size % factor == 0, "data.image_size",
+  checks.check(config.data.image_size % factor == 0, "data.image_size",
             f"{config.data.image_size} is not a multiple of {factor} (one 2x2 "
             "max-pool between each of model.features)")
   config_lib.validate_data(config)
   config_lib.validate_optim(config)
   config_lib.validate_logging(config)
-  cli.check_int(config.batch_size, "batch_size", 1)
-  cli.check_int(config.checkpoint_every_steps, "checkpoint_every_steps", 1)
-  cli.check_int(config.keep_checkpoints, "keep_checkpoints", 1)
-  cli.check_int(config.stop_after_steps, "stop_after_steps", 1, optional=True)
+  checks.check_int(config.batch_size, "batch_size", 1)
+  checks.check_int(config.checkpoint_every_steps, "checkpoint_every_steps", 1)
+  checks.check_int(config.keep_checkpoints, "keep_checkpoints", 1)
+  checks.check_int(config.stop_after_steps, "stop_after_steps", 1, optional=True)
   for mode in modes:
     if mode not in MODES:
       raise config_lib.ConfigError(f"--mode: {mode!r} is not valid; valid values: "
@@ -265,7 +266,7 @@ def evaluate(model, params, mesh, sources, eval_config, workdir, modes, *, image
   if data_cfg.get("train_examples"):
     train_src = data.Subset(train_src, data_cfg.train_examples)
   num_classes = train_src.num_classes
-  cli.check(num_classes, "data.name", "the dataset has no class labels to evaluate against")
+  checks.check(num_classes, "data.name", "the dataset has no class labels to evaluate against")
   t0 = time.perf_counter()
   kw = dict(model=model, mesh=mesh, image_size=image_size, batch_size=eval_config.eval_batch_size)
   train, test = extract(params, train_src, **kw), extract(params, test_src, **kw)

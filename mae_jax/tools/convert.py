@@ -51,11 +51,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax import cli, paths
+from mae_jax import paths
 from mae_jax.model import posembed, sizes
 from mae_jax.train import checkpoints, param_dirs
 from mae_jax.model.mae import MaskedAutoencoder
 from mae_jax.train.param_dirs import load_params, read_meta, save_params, shape_mismatches
+from mae_jax.tools import cli
 
 POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")
 STACKS = ("blocks", "decoder_blocks")  # official names of the scanned block stacks

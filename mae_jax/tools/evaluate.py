@@ -19,13 +19,14 @@ import time
 import jax
 import ml_collections
 
-from mae_jax import cli, data, paths
+from mae_jax import data, paths
 from mae_jax.data import augment as data_augment
 from mae_jax.evaluation import classifier, features as features_lib, finetune, knn as knn_lib
 from mae_jax.evaluation import linprobe
 from mae_jax.model import vit
 from mae_jax.train import checkpoints, config as config_lib, loop, param_dirs, pretrained, sharding, workdirs
 from mae_jax.model.mae import MaskedAutoencoder
+from mae_jax.tools import cli
 
 MODES = ("knn", "linprobe", "finetune")
 INITS = ("pretrained", "random")
@@ -366,7 +367,7 @@ def define_flags():
 
 def flag_failure(error, argv):
   """One `error:` line naming the flag and what it expects; exit 2."""
-  message = config_lib.flag_error(error, argv, recipe="configs/eval.py")
+  message = cli.flag_error(error, argv, recipe="configs/eval.py")
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
 

@@ -32,9 +32,10 @@ import time
 import numpy as np
 from PIL import Image
 
-from mae_jax import cli, paths
+from mae_jax import paths
 from mae_jax.data import decode, folder, prepared
 from mae_jax.data.errors import DatasetError
+from mae_jax.tools import cli
 
 MAX_SIDE = 384  # default: detail vs decode speed measured in docs/benchmarks.md
 QUALITY = 90

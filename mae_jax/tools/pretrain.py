@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mae_jax import cli
+from mae_jax.tools import cli
 
 FLAGS = flags.FLAGS
 
@@ -20,8 +20,7 @@ FLAGS = flags.FLAGS
 def flag_failure(error):
   """One `error:` line naming the flag and what it expects (or, for an exception of a
   recipe file's own code, the file and line); exit 2."""
-  from mae_jax.train.config import flag_error  # imported here: it imports JAX
-  print(f"error: {flag_error(error, sys.argv)}", file=sys.stderr)
+  print(f"error: {cli.flag_error(error, sys.argv)}", file=sys.stderr)
   sys.exit(2)
 
 

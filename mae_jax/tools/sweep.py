@@ -62,7 +62,8 @@ import sys
 import tempfile
 import time
 
-from mae_jax import cli, paths
+from mae_jax import paths
+from mae_jax.tools import cli
 
 PROGRAMS = ("mae", "conv")
 EVAL_PREFIX = "eval."  # an axis or point field of the evaluation recipe: eval.init, ...

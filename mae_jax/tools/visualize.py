@@ -15,8 +15,9 @@ import sys
 
 import numpy as np
 
-from mae_jax import cli, paths as paths_lib
+from mae_jax import paths as paths_lib
 from mae_jax.evaluation.pictures import save_reconstructions, target_note
+from mae_jax.tools import cli
 
 
 def image_source(paths, channels):

@@ -3,72 +3,70 @@ import dataclasses
 import importlib
 import json
 import math
-import os
-import re
 
 import jax
 
-from mae_jax import cli
+from mae_jax import checks
 from mae_jax.train import logger, sharding
 
 
-ConfigError = cli.ConfigError  # what every check below raises
+ConfigError = checks.ConfigError  # what every check below raises
 
 
 def validate_data(config):
   """Data fields: a dataset name, channels, augmentation and its crop range."""
   d = config.data
-  cli.check(isinstance(d.name, str) and d.name.strip() != "", "data.name",
+  checks.check(isinstance(d.name, str) and d.name.strip() != "", "data.name",
             f"{d.name!r} must name a dataset (fashion_mnist, synthetic, folder or a TFDS name)")
-  cli.check_choice(d.channels, "data.channels", [1, 3])
-  cli.check_choice(d.augment, "data.augment", ["none", "crop", "crop_flip"])
+  checks.check_choice(d.channels, "data.channels", [1, 3])
+  checks.check_choice(d.augment, "data.augment", ["none", "crop", "crop_flip"])
   scale = d.crop_scale
-  cli.check(isinstance(scale, (tuple, list)) and len(scale) == 2
-            and all(cli.is_number(x) for x in scale) and 0 < scale[0] <= scale[1] <= 1,
+  checks.check(isinstance(scale, (tuple, list)) and len(scale) == 2
+            and all(checks.is_number(x) for x in scale) and 0 < scale[0] <= scale[1] <= 1,
             "data.crop_scale", f"{scale!r} must be (min, max) with 0 < min <= max <= 1")
-  cli.check_int(d.num_workers, "data.num_workers", 0)
-  cli.check_int(d.get("worker_processes", 0), "data.worker_processes", 0)
-  cli.check_int(d.get("repeat_samples", 1), "data.repeat_samples", 1)
-  cli.check_choice(d.get("resize", "auto"), "data.resize", ["auto", "host", "device"])
+  checks.check_int(d.num_workers, "data.num_workers", 0)
+  checks.check_int(d.get("worker_processes", 0), "data.worker_processes", 0)
+  checks.check_int(d.get("repeat_samples", 1), "data.repeat_samples", 1)
+  checks.check_choice(d.get("resize", "auto"), "data.resize", ["auto", "host", "device"])
   repeat = d.get("repeat_samples", 1)
-  cli.check(not cli.is_int(config.batch_size) or config.batch_size % repeat == 0,
+  checks.check(not checks.is_int(config.batch_size) or config.batch_size % repeat == 0,
             "data.repeat_samples",
             f"{repeat} must divide batch_size={config.batch_size}")
   warn = d.get("input_wait_warn", 0.2)
-  cli.check(cli.is_number(warn) and 0 <= warn <= 1, "data.input_wait_warn",
+  checks.check(checks.is_number(warn) and 0 <= warn <= 1, "data.input_wait_warn",
             f"{warn!r} must be a share of wall time in [0, 1]")
   if d.name == "synthetic":
-    cli.check_int(d.synthetic_size, "data.synthetic_size", 1)
+    checks.check_int(d.synthetic_size, "data.synthetic_size", 1)
 
 
 def validate_optim(config):
   """AdamW and schedule fields: finite, in range."""
   o = config.optim
-  cli.check_number(o.base_lr, "optim.base_lr", 0, strict=True)
-  cli.check_number(o.min_lr, "optim.min_lr", 0)
-  cli.check_number(o.weight_decay, "optim.weight_decay", 0)
-  cli.check_number(o.b1, "optim.b1", 0, below=1)
-  cli.check_number(o.b2, "optim.b2", 0, below=1)
-  cli.check_number(o.eps, "optim.eps", 0, strict=True)
-  cli.check_number(o.warmup_epochs, "optim.warmup_epochs", 0)
-  cli.check_int(o.warmup_steps, "optim.warmup_steps", 0, optional=True)
-  cli.check_number(o.grad_clip, "optim.grad_clip", 0, strict=True, optional=True)
+  checks.check_number(o.base_lr, "optim.base_lr", 0, strict=True)
+  checks.check_number(o.min_lr, "optim.min_lr", 0)
+  checks.check_number(o.weight_decay, "optim.weight_decay", 0)
+  checks.check_number(o.b1, "optim.b1", 0, below=1)
+  checks.check_number(o.b2, "optim.b2", 0, below=1)
+  checks.check_number(o.eps, "optim.eps", 0, strict=True)
+  checks.check_number(o.warmup_epochs, "optim.warmup_epochs", 0)
+  checks.check_int(o.warmup_steps, "optim.warmup_steps", 0, optional=True)
+  checks.check_number(o.grad_clip, "optim.grad_clip", 0, strict=True, optional=True)
 
 
 def validate_run(config):
   """Lengths and intervals of the run."""
   if config.num_steps is None:
-    cli.check(cli.is_number(config.num_epochs) and config.num_epochs > 0, "num_epochs",
+    checks.check(checks.is_number(config.num_epochs) and config.num_epochs > 0, "num_epochs",
               f"{config.num_epochs!r} must be a positive number (or set num_steps)")
-  cli.check_int(config.num_steps, "num_steps", 1, optional=True)
-  cli.check_int(config.stop_after_steps, "stop_after_steps", 1, optional=True)
+  checks.check_int(config.num_steps, "num_steps", 1, optional=True)
+  checks.check_int(config.stop_after_steps, "stop_after_steps", 1, optional=True)
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
-    cli.check_int(config[field], field, 1)
-  cli.check_int(config.num_vis_images, "num_vis_images", 0)
-  cli.check_int(config.get("vis_every_steps"), "vis_every_steps", 1, optional=True)
-  cli.check_int(config.get("knn_bank_size"), "knn_bank_size", 1, optional=True)
-  cli.check_int(config.get("knn_test_size"), "knn_test_size", 1, optional=True)
-  cli.check_number(config.get("knn_every_epochs"), "knn_every_epochs", 0,
+    checks.check_int(config[field], field, 1)
+  checks.check_int(config.num_vis_images, "num_vis_images", 0)
+  checks.check_int(config.get("vis_every_steps"), "vis_every_steps", 1, optional=True)
+  checks.check_int(config.get("knn_bank_size"), "knn_bank_size", 1, optional=True)
+  checks.check_int(config.get("knn_test_size"), "knn_test_size", 1, optional=True)
+  checks.check_number(config.get("knn_every_epochs"), "knn_every_epochs", 0,
                    optional=True)  # 0 or None: off
 
 
@@ -78,12 +76,12 @@ def validate_logging(config):
   project = logger.wandb_project(config)
   if project is None:
     return
-  cli.check(isinstance(project, str) and project.strip() != "", "logging.wandb",
+  checks.check(isinstance(project, str) and project.strip() != "", "logging.wandb",
             f"{project!r} must name a W&B project (or be None: W&B off)")
   try:
     importlib.import_module("wandb")
   except Exception as e:  # pylint: disable=broad-except (missing or broken: the same advice)
-    cli.check(False, "logging.wandb", f"{project!r} logs to Weights & Biases, but `import "
+    checks.check(False, "logging.wandb", f"{project!r} logs to Weights & Biases, but `import "
               f"wandb` fails ({type(e).__name__}: {e}); install the extra: pip install "
               "'mae_jax[wandb]' (or leave logging.wandb unset)")
 
@@ -97,13 +95,13 @@ def validate(config, num_devices=None):
   mesh_shape(config.mesh, num_devices or jax.device_count())
   n = data_parallel_size(config.mesh, num_devices or jax.device_count())
   for field in ("batch_size", "eval_batch_size"):
-    cli.check(cli.is_int(config[field]) and config[field] >= 1 and config[field] % n == 0, field,
+    checks.check(checks.is_int(config[field]) and config[field] >= 1 and config[field] % n == 0, field,
               f"{config[field]} is not a positive multiple of the {n} data-parallel devices")
-    cli.check(config[field] % jax.process_count() == 0, field,
+    checks.check(config[field] % jax.process_count() == 0, field,
               f"{config[field]} is not divisible by the {jax.process_count()} processes")
   accum = config.grad_accum_steps
-  cli.check(isinstance(accum, int) and accum >= 1, "grad_accum_steps", f"{accum} must be >= 1")
-  cli.check(config.batch_size % (accum * n) == 0, "grad_accum_steps",
+  checks.check(isinstance(accum, int) and accum >= 1, "grad_accum_steps", f"{accum} must be >= 1")
+  checks.check(config.batch_size % (accum * n) == 0, "grad_accum_steps",
             f"batch_size {config.batch_size} is not divisible into {accum} micro-batches "
             f"over the {n} data-parallel devices")
 
@@ -174,7 +172,7 @@ def apply_smoke(config, explicit=()):
 
 def check_data_size(config, num_train_examples):
   """An epoch must hold at least one full global batch."""
-  cli.check(num_train_examples >= config.batch_size, "batch_size",
+  checks.check(num_train_examples >= config.batch_size, "batch_size",
             f"{config.batch_size} is larger than the {num_train_examples} training images of "
             f"data.name={config.data.name!r} (expected at most {num_train_examples})")
 
@@ -189,7 +187,7 @@ def check_resume(config, saved, workdir, model_shape):
                       f"({type(e).__name__}: {e}); use a new --workdir") from None
   ours = model_shape(config)
   differ = [path for path in ours if ours[path] != theirs[path]]
-  cli.check(not differ, differ[0] if differ else "", (
+  checks.check(not differ, differ[0] if differ else "", (
       f"the checkpoints in {workdir} are of another model ("
       + "; ".join(f"{p} {theirs[p]!r} there, {ours[p]!r} here" for p in differ)
       + f"); resume with the values in {workdir}/config.json or use a new --workdir"))
@@ -243,40 +241,3 @@ def check_config_change(config, saved, workdir):
         "with its values, set --config.allow_config_change=True to go on with these "
         f"(each launch's config is kept in {workdir}/configs/), or use a new --workdir")
   return f"config changed on resume (allow_config_change): {listed}"
-
-
-_FLAG_PROBLEMS = (  # fragments of absl / ml_collections parse errors -> what was expected
-    ("invalid literal for int()", "expected an int"),
-    ("could not convert string to float", "expected a float"),
-    ("Non-boolean argument", "expected true or false"),
-    ("is not a dict", "expected a field of it, e.g. --config.optim.base_lr=1e-4"),
-    ("as a ConfigDict", "it is a group of fields; set one, e.g. --config.optim.base_lr=1e-4"),
-)
-
-
-def flag_error(error, argv, recipe="configs/default.py"):
-  """One line for a bad --config, --config.FIELD or other flag: absl and ml_collections raise
-  several kinds of error, some of them multi-line or quoted twice. `recipe` is the file an
-  unknown field's message points to."""
-  files = cli.recipe_files(argv, [cli.default_recipe(os.path.basename(recipe))])
-  if cli.user_code_error(error, files) is not None:  # the recipe file's own code raised it
-    return f"a recipe file fails to load: {cli.user_code_failure(error, files)}"
-  text = " ".join(str(error).replace("\\n", " ").replace("\\'", "'").split())
-  if isinstance(error, (KeyError, AttributeError)):  # an unknown --config.FIELD
-    key = re.search(r"'(\w+)'", text)
-    key = key.group(1) if key else text
-    hint = re.search(r'Did you mean "(\w+)"', text)
-    flag = next((a.split("=", 1)[0] for a in argv
-                 if re.match(rf"--?config\.(\w+\.)*{re.escape(key)}(=|$)", a)), None)
-    where = (flag.lstrip("-") if flag else f"config.{key}")
-    return (f"{where}: unknown field {key!r}" + (f"; did you mean {hint.group(1)!r}?" if hint
-                                                 else f"; see {recipe}"))
-  match = re.match(r"flag --(config\.[\w.]+)=(.*?): (.*)", text)
-  if match:
-    field, value, problem = match.groups()
-    expected = next((e for fragment, e in _FLAG_PROBLEMS if fragment in problem), problem)
-    return f"{field}: {value!r} is not valid; {expected}"
-  errno = re.search(r"\[Errno \d+\].*", text)
-  if isinstance(error, OSError) and errno:
-    return f"--config: cannot load the recipe: {errno.group(0)}"
-  return text

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import jax
 from jax.experimental import multihost_utils
 
-from mae_jax import cli
+from mae_jax import checks
 
 KINDS = ("flags", "slurm", "ompi", "tpu")  # what makes a run multi-process, in the order tried
 
@@ -52,9 +52,9 @@ def _int_env(env, name, default=0):
 def _in_cloud_tpu_vm(env):
   """A host with TPU chips (JAX asks the VM's metadata for the rest), or a TPU pod's
   environment (more than one worker: TPU_WORKER_HOSTNAMES=localhost is a single host,
-  cli.NO_TPU_HOST_ENV)."""
+  mae_jax.tools.cli.NO_TPU_HOST_ENV)."""
   workers = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-  return (cli.has_tpu_chips() or len(workers) > 1
+  return (checks.has_tpu_chips() or len(workers) > 1
           or any(env.get(name) for name in ("TPU_PROCESS_ADDRESSES",
                                             "MEGASCALE_COORDINATOR_ADDRESS")))
 

@@ -14,7 +14,7 @@ monitor stay at data.image_size and model.mask_ratio.
 import dataclasses
 import math
 
-from mae_jax.cli import ConfigError
+from mae_jax.checks import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """What every command line of mae_jax shares: bad input is one `error:` line on stderr and
 exit 2, found before any long work starts, never a traceback.
 
-`ArgumentParser` answers a bad flag in one line (argparse prints its usage first);
-the argparse types below refuse values no command can use (a zero batch, a NaN ratio);
-`check_output_file` and `load_python_file` check the files a command writes and reads
-before it computes anything; `check` and its kin raise ConfigError("config.FIELD: why") for
-a recipe's field.
+`ArgumentParser` answers a bad flag in one line (argparse prints its usage first); the
+argparse types refuse values no command can use (a zero batch, a NaN ratio);
+`check_output_file` and `load_python_file` check the files a command writes and reads before
+it computes anything; `flag_error` words absl's and ml_collections' errors about a recipe's
+flags in one line. A recipe's fields are checked by mae_jax.checks.
 """
 import argparse
 import importlib.util
@@ -14,6 +14,8 @@ import os
 import re
 import sys
 import traceback
+
+from mae_jax.checks import has_tpu_chips
 
 
 def default_recipe(name):
@@ -36,45 +38,6 @@ def default_recipe(name):
 
 class UsageError(ValueError):
   """Bad input on a command line: the message is one line naming the flag or file."""
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message is one line naming the field."""
-
-
-def check(ok, field, message):
-  """Raise ConfigError("config.FIELD: message") unless `ok`."""
-  if not ok:
-    raise ConfigError(f"config.{field}: {message}")
-
-
-def check_choice(value, field, valid):
-  check(value in valid, field,
-        f"{value!r} is not valid; valid values: {', '.join(map(str, valid))}")
-
-
-def is_int(x):
-  return isinstance(x, int) and not isinstance(x, bool)
-
-
-def is_number(x):
-  """A finite int or float (not a bool, NaN or infinity)."""
-  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def check_int(value, field, minimum, optional=False):
-  check((optional and value is None) or (is_int(value) and value >= minimum), field,
-        f"{value!r} must be an int >= {minimum}" + (" (or None)" if optional else ""))
-
-
-def check_number(value, field, minimum, *, strict=False, below=None, optional=False):
-  """A finite number >= minimum (> where strict), < below where given."""
-  ok = is_number(value) and (value > minimum if strict else value >= minimum)
-  ok = ok and (below is None or value < below)
-  low = f"{'>' if strict else '>='} {minimum}"
-  expected = f"in [{minimum}, {below})" if below is not None else low
-  check((optional and value is None) or ok, field,
-        f"{value!r} must be a finite number {expected}" + (" (or None)" if optional else ""))
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -234,28 +197,46 @@ def call_user_function(module, path, function, what):
 # worker names it cannot find. These describe a single host with no TPU to it; a TPU VM
 # keeps whatever its environment says.
 NO_TPU_HOST_ENV = {"TPU_WORKER_HOSTNAMES": "localhost", "TPU_HOST_BOUNDS": "1,1,1"}
-GOOGLE_PCI_VENDOR = "0x1ae0"  # the PCI vendor id of TPU chips
-
-
-def has_tpu_chips(pci_devices="/sys/bus/pci/devices"):
-  """Whether this host has a PCI device of Google's (a TPU chip)."""
-  try:
-    names = os.listdir(pci_devices)
-  except OSError:
-    return False
-  for name in names:
-    try:
-      with open(os.path.join(pci_devices, name, "vendor")) as f:
-        if f.read().strip() == GOOGLE_PCI_VENDOR:
-          return True
-    except OSError:
-      continue
-  return False
-
-
 def quiet_libtpu_without_tpu():
   """Before JAX starts: on a host without TPU chips, tell libtpu so (NO_TPU_HOST_ENV, where
   not set already), so that it adds nothing to a command's stderr."""
   if not has_tpu_chips():
     for key, value in NO_TPU_HOST_ENV.items():
       os.environ.setdefault(key, value)
+
+
+_FLAG_PROBLEMS = (  # fragments of absl / ml_collections parse errors -> what was expected
+    ("invalid literal for int()", "expected an int"),
+    ("could not convert string to float", "expected a float"),
+    ("Non-boolean argument", "expected true or false"),
+    ("is not a dict", "expected a field of it, e.g. --config.optim.base_lr=1e-4"),
+    ("as a ConfigDict", "it is a group of fields; set one, e.g. --config.optim.base_lr=1e-4"),
+)
+
+
+def flag_error(error, argv, recipe="configs/default.py"):
+  """One line for a bad --config, --config.FIELD or other flag: absl and ml_collections raise
+  several kinds of error, some of them multi-line or quoted twice. `recipe` is the file an
+  unknown field's message points to."""
+  files = recipe_files(argv, [default_recipe(os.path.basename(recipe))])
+  if user_code_error(error, files) is not None:  # the recipe file's own code raised it
+    return f"a recipe file fails to load: {user_code_failure(error, files)}"
+  text = " ".join(str(error).replace("\\n", " ").replace("\\'", "'").split())
+  if isinstance(error, (KeyError, AttributeError)):  # an unknown --config.FIELD
+    key = re.search(r"'(\w+)'", text)
+    key = key.group(1) if key else text
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    flag = next((a.split("=", 1)[0] for a in argv
+                 if re.match(rf"--?config\.(\w+\.)*{re.escape(key)}(=|$)", a)), None)
+    where = (flag.lstrip("-") if flag else f"config.{key}")
+    return (f"{where}: unknown field {key!r}" + (f"; did you mean {hint.group(1)!r}?" if hint
+                                                 else f"; see {recipe}"))
+  match = re.match(r"flag --(config\.[\w.]+)=(.*?): (.*)", text)
+  if match:
+    field, value, problem = match.groups()
+    expected = next((e for fragment, e in _FLAG_PROBLEMS if fragment in problem), problem)
+    return f"{field}: {value!r} is not valid; {expected}"
+  errno = re.search(r"\[Errno \d+\].*", text)
+  if isinstance(error, OSError) and errno:
+    return f"--config: cannot load the recipe: {errno.group(0)}"
+  return text
