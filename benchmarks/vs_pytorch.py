@@ -29,7 +29,8 @@ import numpy as np
 import torch
 import transformers
 
-from mae_jax.model import flops, vit
+from mae_jax.model import vit
+from mae_jax.tools import flops
 from mae_jax.tools import bench
 
 # name -> the bench flags of one MAE configuration (and its global batch).

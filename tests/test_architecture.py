@@ -38,7 +38,7 @@ RANKS = {
     "train.logger": PARTS, "train.distributed": PARTS, "train.stages": PARTS, "data": PARTS,
     "train.workdirs": STORED, "train.param_dirs": STORED, "train.config": STORED,
     "model.vit": VIT, "model.mae": MAE, "model.sizes": MODELS,
-    "model.flops": USES_MODEL, "train.train_step": USES_MODEL,
+    "train.train_step": USES_MODEL,
     "train.program": PROGRAM, "train.loop": PROGRAM,
     "train.pretrained": PRETRAINED,
     "evaluation": EVALUATION,

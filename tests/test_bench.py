@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, exit_code
-from mae_jax.model import flops, mae, sizes
+from mae_jax.model import mae, sizes
+from mae_jax.tools import flops
 from mae_jax.tools import bench
 from mae_jax.train import train_step as ts
 

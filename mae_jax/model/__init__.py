@@ -8,5 +8,4 @@
   vit        attention, MLP, block, block stack and Encoder: the one ViT encoder
   mae        MaskedAutoencoder (encoder over visible patches, light decoder), the loss
   sizes      the size table ("Ti/16", "B/16", ...) and build_model
-  flops      analytic FLOPs of a model
 """

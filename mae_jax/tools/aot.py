@@ -147,7 +147,7 @@ def memory(compiled, hbm, headroom):
 
 def analyze(compiled, run, hbm, ici, headroom, stage=None):
   """The report's numbers for one compiled step (of `stage`, where given)."""
-  from mae_jax.model import flops
+  from mae_jax.tools import flops
   from mae_jax.tools import hlo
   mesh_shape = tuple(run.mesh.shape.values())
   found = hlo.collectives(compiled.as_text(), mesh_shape)

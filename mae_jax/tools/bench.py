@@ -27,7 +27,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from mae_jax.model import flops, mae, sizes
+from mae_jax.model import mae, sizes
+from mae_jax.tools import flops
 from mae_jax.train import config as config_lib, program, sharding
 from mae_jax.tools import cli
 
