@@ -1,14 +1,6 @@
-"""The one path layer: every path a user gives (workdir, data, weights) is local or gs://.
-
-Paths are etils `epath.Path`s, as in Orbax and TFDS. gs:// goes through gcsfs in every
-command's process (`configure`, which the commands' package calls: EPATH_USE_TF=false unless
-set otherwise): TensorFlow is not a training dependency, so how a workdir is read must not
-depend on whether it happens to be installed. Orbax's array data goes through TensorStore's
-own GCS driver; both honour the emulator variables the tests set (tests/gcs_emulator.py).
-
-Cloud Storage has no directories and no rename: "makedirs" is a no-op there, and one
-object is written whole or not at all, so `write_atomic` writes it directly; on a local
-disk it writes a temporary file and renames it.
+"""The one path layer: every path a user gives (workdir, data, weights) is local or gs://,
+an etils `epath.Path` as in Orbax and TFDS, gs:// through gcsfs (`configure`). Cloud
+Storage has no directories and no rename: an object is written whole or not at all.
 """
 import functools
 import logging
@@ -20,14 +12,11 @@ from etils import epath
 
 
 def configure():
-  """What a process that reads or writes gs:// paths sets before its first one (every
-  command does, through mae_jax.tools; a library user calls it once): epath through gcsfs
-  (EPATH_USE_TF=false, unless set), and, for every gcsfs instance created afterwards
-  (fsspec caches them, Orbax's included), listings never cached (Orbax's TensorStore writes
-  bypass gcsfs, and other processes write the same workdir) and one request given
-  MAE_JAX_GCS_TIMEOUT_S seconds (default 60; gcsfs retries 6 times). gcsfs's log of each
-  request that ran out of retries (a traceback) is silenced: the error itself reaches the
-  caller, and every command reports it in one line."""
+  """Set up gs:// for this process before its first path (every command does; a library
+  user calls it once): epath through gcsfs (EPATH_USE_TF=false: TensorFlow is not a
+  dependency), listings never cached (TensorStore and other processes write the same
+  workdir), MAE_JAX_GCS_TIMEOUT_S seconds a request (default 60), and gcsfs's traceback
+  of a failed request silenced (the caller reports the error in one line)."""
   os.environ.setdefault("EPATH_USE_TF", "false")
   gcs = fsspec.config.conf.setdefault("gcs", {})
   gcs.setdefault("use_listings_cache", False)

@@ -1,22 +1,9 @@
-"""Orbax checkpoints of the train state: async, keep-N, atomic, verified, resumable; on a
-local disk or gs:// (paths go through mae_jax.paths).
-
-On a local disk Orbax writes step N into `N.orbax-checkpoint-tmp` and renames it to `N`
-once every file is written; on Cloud Storage, which has no rename, it writes `N/` in place
-and adds `N/commit_success.txt` last. Either way `complete_steps` only sees finished steps,
-and an unfinished one a killed run left behind is noted (`notes`) and removed.
-
-Once a step is complete, a background thread of process 0 writes a manifest of its files
-(MANIFEST: size and checksum of each): locally the CRC-32 of each file, read back while
-it is still in the page cache; on Cloud Storage the CRC-32C the server computed on upload,
-from one listing, so nothing is downloaded. Training never waits for it. Restore checks
-the manifest first: every file present at its size, and its checksum (locally re-read;
-on Cloud Storage compared from a listing); a truncated, missing or corrupted file is named
-instead of being read as garbage. `python -m mae_jax.checkpoint verify DIR` re-reads every
-byte of every step (Cloud Storage objects downloaded and their CRC-32C recomputed).
-Write failures (a full or unwritable disk, an unreachable bucket) surface as one
-CheckpointError naming the directory; the previous complete checkpoint is never touched.
-The data position needs no saving: batches are a pure function of (seed, step).
+"""Orbax checkpoints of the train state, local or gs://: async, keep-N, atomic (Orbax's
+own commit), and verified: a background thread of process 0 writes each complete step's
+manifest (size and CRC-32 of each file; on Cloud Storage the server's CRC-32C, listed), and
+a restore names a missing, truncated or corrupted file instead of reading garbage. Every
+failure is one CheckpointError naming the directory (docs/reliability.md). Batches are a
+function of (seed, step): the data position needs no saving.
 """
 import base64
 import concurrent.futures
@@ -74,9 +61,7 @@ class Checkpointer:
 
   def save(self, step, state, force=False):
     """Start saving `state` at `step` (if due, or `force`); returns whether it saves.
-
-    Raises CheckpointError if this save, or an earlier asynchronous one, cannot be written.
-    """
+    CheckpointError if this save or an earlier asynchronous one cannot be written."""
     try:
       saved = self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
     except Exception as e:  # Orbax and TensorStore raise ValueError, OSError, ...
@@ -87,13 +72,9 @@ class Checkpointer:
     return saved
 
   def restore(self, step, target, unfit_hint=None):
-    """Restore `step` onto the shapes, dtypes and shardings of `target` (a state pytree
-    of arrays or jax.ShapeDtypeStructs), after checking its files against the manifest.
-
-    unfit_hint: what to advise when Orbax cannot restore the step although its files
-    passed their checks: it may be of another config rather than damaged (a workdir
-    without config.json), so deleting it would be the wrong advice.
-    """
+    """Restore `step` onto the shapes, dtypes and shardings of `target` (arrays or
+    ShapeDtypeStructs), its files checked against the manifest first. unfit_hint: the
+    advice where Orbax cannot restore files that passed (another config, not damage)."""
     step_dir = self.step_dir(step)
     verify(step_dir, step, self._fallback(step))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
@@ -108,11 +89,8 @@ class Checkpointer:
     return state
 
   def restore_latest(self, target, unfit_hint=None):
-    """(state, step) from the latest complete checkpoint, or (target, None) if none.
-
-    Steps whose writing was interrupted are never candidates; each one newer than the
-    step restored is noted in `notes`.
-    """
+    """(state, step) of the latest complete checkpoint, or (target, None); each newer
+    step whose writing was interrupted is noted in `notes`."""
     step = self.latest_step()
     resumed = "starting from scratch" if step is None else f"resuming from step {step}"
     for s, path in self.interrupted:
@@ -124,14 +102,12 @@ class Checkpointer:
     return self.restore(step, target, unfit_hint), step
 
   def check_space(self, target):
-    """Raise CheckpointError if the disk cannot hold one checkpoint of `target` (Cloud
-    Storage has no fixed capacity: nothing to check there)."""
+    """CheckpointError if the local disk cannot hold one checkpoint of `target`."""
     if not paths.is_gcs(self.directory):
       check_space(self.directory, sum(x.nbytes for x in jax.tree.leaves(target)))
 
   def write_manifests(self):
-    """Queue the manifests of the complete steps that have none (process 0 only); a
-    background thread writes them, one task at a time."""
+    """Queue the manifests of complete steps without one (process 0, one task at a time)."""
     if jax.process_index() != 0:
       return
     if self._pending is not None and not self._pending.done():
@@ -169,18 +145,13 @@ class Checkpointer:
                             f"{short_reason(error)}") from error
 
   def _write_error(self, error):
-    if isinstance(error, TimeoutError):  # Orbax's AsyncOptions.timeout_secs ran out (gs://)
-      kept = (f"the last complete checkpoint, step {self._complete}, is intact"
-              if self._complete is not None else "no checkpoint was completed")
-      return CheckpointError(
-          f"cannot write a checkpoint in {self.directory}: not finished after "
-          f"{GCS_SAVE_TIMEOUT_S} s (MAE_JAX_CHECKPOINT_TIMEOUT_S): the storage stopped "
-          f"answering; {kept}")
-    steps = complete_steps(self.directory)
-    kept = (f"the last complete checkpoint, step {steps[-1]}, is intact" if steps
+    timeout = isinstance(error, TimeoutError)  # Orbax's AsyncOptions.timeout_secs (gs://)
+    last = self._complete if timeout else (complete_steps(self.directory) or [None])[-1]
+    kept = (f"the last complete checkpoint, step {last}, is intact" if last is not None
             else "no checkpoint was completed")
-    return CheckpointError(f"cannot write a checkpoint in {self.directory}: "
-                           f"{short_reason(error)}; {kept}")
+    why = (f"not finished after {GCS_SAVE_TIMEOUT_S} s (MAE_JAX_CHECKPOINT_TIMEOUT_S): the "
+           "storage stopped answering" if timeout else short_reason(error))
+    return CheckpointError(f"cannot write a checkpoint in {self.directory}: {why}; {kept}")
 
   def _fallback(self, step):
     earlier = [s for s in complete_steps(self.directory) if s < step]
@@ -189,7 +160,7 @@ class Checkpointer:
 
 
 class _DropClosedLoopErrors:
-  """sys.unraisablehook that drops "Event loop is closed" and passes on everything else."""
+  """sys.unraisablehook that drops "Event loop is closed", passing on everything else."""
 
   def __init__(self, previous):
     self.previous = previous
@@ -201,19 +172,16 @@ class _DropClosedLoopErrors:
 
 
 def ignore_late_callbacks():
-  """When a save fails, TensorStore still completes that save's other writes and calls back
-  into the event loop Orbax has closed; each call would print a traceback around the
-  one-line error (tests/test_reliability.py::test_full_disk_mid_run_..., not on every run:
-  it depends on timing). Such callbacks can no longer matter: drop them (process-wide,
-  once)."""
+  """After a failed save TensorStore calls back into the event loop Orbax has closed, each
+  call a traceback around the one-line error (test_full_disk_mid_run_..., timing-dependent):
+  drop them (process-wide, once)."""
   if not isinstance(sys.unraisablehook, _DropClosedLoopErrors):
     sys.unraisablehook = _DropClosedLoopErrors(sys.unraisablehook)
 
 
 class _OneLineOrbaxErrors(logging.Filter):
-  """Orbax logs the exception of a failed background save with its traceback before the
-  run's own one-line error (no option of its turns that off: tests/test_reliability.py
-  ::test_full_disk_mid_run_...); keep such a record to one line (its message, shortened)."""
+  """Orbax logs a failed background save with its traceback before the run's one-line
+  error (no option turns that off: test_full_disk_mid_run_...): keep it to one line."""
 
   def filter(self, record):
     if record.exc_info and "orbax" in record.pathname:
@@ -231,22 +199,19 @@ def quiet_orbax_tracebacks():
 
 
 def complete_steps(directory):
-  """Sorted steps whose directory Orbax finished (renamed from its temporary name locally;
-  holding its commit file on Cloud Storage), as Orbax itself tells them."""
+  """Sorted steps whose directory Orbax finished, as Orbax itself tells them."""
   return sorted(_listed(ocp.path.step.checkpoint_steps, directory))
 
 
 def interrupted_steps(directory):
-  """Sorted (step, path) of the directories of saves that never finished (Orbax's
-  temporary paths)."""
+  """Sorted (step, path) of saves that never finished (Orbax's temporary paths)."""
   found = [p.get() for p in _listed(ocp.path.step.all_temporary_paths, directory)]
   return sorted((ocp.path.step.step_from_checkpoint_name(p.name), os.fspath(p)) for p in found)
 
 
 def _listed(orbax_listing, directory):
-  """orbax_listing(directory); nothing where the directory does not exist (on Cloud Storage
-  a "directory" exists only while an object is below it: another process's write probe
-  may vanish between Orbax's exists() and its listing)."""
+  """orbax_listing(directory); nothing where it does not exist (a gs:// "directory" of
+  another process's write probe may vanish between Orbax's exists() and its listing)."""
   try:
     return orbax_listing(paths.resolve(directory))
   except (FileNotFoundError, NotADirectoryError):
@@ -254,8 +219,7 @@ def _listed(orbax_listing, directory):
 
 
 def check_workdir(workdir, flag="--workdir"):
-  """Raise CheckpointError for an empty workdir (it would mean the current directory) or
-  one that is a file."""
+  """CheckpointError for an empty workdir (the current directory) or a file."""
   if not isinstance(workdir, (str, os.PathLike)) or not str(workdir).strip():
     raise CheckpointError(f"{flag}: empty; expected a directory for the run's checkpoints "
                           "and logs")
@@ -288,8 +252,8 @@ def check_writable(directory):
 
 
 def check_gcs_writable(directory):
-  """Write and delete a probe object under `directory`: a missing bucket, missing
-  credentials or an unreachable server is one CheckpointError before any work starts."""
+  """A probe object written and deleted: a missing bucket or credentials, or an unreachable
+  server, is one CheckpointError before any work starts."""
   try:
     paths.write_probe(directory, f"{jax.process_index()}-")
   except FileNotFoundError:
@@ -320,9 +284,8 @@ def check_space(directory, need_bytes):
 
 def file_crc32(path):
   crc = 0
-  with paths.resolve(path).open("rb") as f:
-    while chunk := f.read(_CHUNK):
-      crc = zlib.crc32(chunk, crc)
+  for chunk in _chunks(path):
+    crc = zlib.crc32(chunk, crc)
   return crc
 
 
@@ -330,42 +293,33 @@ def file_crc32c(path):
   """Base64 CRC-32C of a file's bytes, as Cloud Storage reports it."""
   import google_crc32c
   crc = google_crc32c.Checksum()
-  with paths.resolve(path).open("rb") as f:
-    while chunk := f.read(_CHUNK):
-      crc.update(chunk)
+  for chunk in _chunks(path):
+    crc.update(chunk)
   return base64.b64encode(crc.digest()).decode()
 
 
+def _chunks(path):
+  with paths.resolve(path).open("rb") as f:
+    while chunk := f.read(_CHUNK):
+      yield chunk
+
+
 def step_listing(step_dir):
-  """{path relative to `step_dir`: (size, CRC-32C from the server or None locally)} of all
-  its files but the manifest: one listing, nothing read."""
-  if paths.is_gcs(step_dir):
-    sizes = paths.walk_files(step_dir)
-    crcs = paths.gcs_checksums(step_dir)
-    files = {rel: (size, crcs.get(rel)) for rel, size in sizes.items()}
-  else:
-    files = {rel: (size, None) for rel, size in paths.walk_files(step_dir).items()}
-  return {rel: v for rel, v in files.items() if not os.path.basename(rel).startswith(MANIFEST)}
-
-
-def step_files(step_dir):
-  """Paths relative to `step_dir` of all its files but the manifest."""
-  return sorted(step_listing(step_dir))
+  """{relative path: (size, server's CRC-32C or None locally)} of a step's files but the
+  manifest: one listing, nothing read."""
+  crcs = paths.gcs_checksums(step_dir) if paths.is_gcs(step_dir) else {}
+  return {rel: (size, crcs.get(rel)) for rel, size in paths.walk_files(step_dir).items()
+          if not os.path.basename(rel).startswith(MANIFEST)}
 
 
 def write_manifest(step_dir):
-  """Record {file: [size, checksum]} of a complete step directory, atomically: locally the
-  CRC-32 of each file (read back), on Cloud Storage the server's CRC-32C (listed)."""
+  """Write a complete step's manifest {file: [size, checksum]} atomically."""
+  gcs = paths.is_gcs(step_dir)
   try:
-    listing = step_listing(step_dir)
-    if paths.is_gcs(step_dir):
-      files, kind = {rel: [size, crc] for rel, (size, crc) in listing.items()}, "crc32c"
-    else:
-      files = {rel: [size, file_crc32(paths.join(step_dir, rel))]
-               for rel, (size, _) in listing.items()}
-      kind = "crc32"
-    paths.write_atomic(paths.join(step_dir, MANIFEST), json.dumps({"checksum": kind,
-                                                                   "files": files}))
+    files = {rel: [size, crc if gcs else file_crc32(paths.join(step_dir, rel))]
+             for rel, (size, crc) in step_listing(step_dir).items()}
+    manifest = {"checksum": "crc32c" if gcs else "crc32", "files": files}
+    paths.write_atomic(paths.join(step_dir, MANIFEST), json.dumps(manifest))
   except FileNotFoundError:
     pass  # Orbax deleted the step meanwhile (keep-N)
 
@@ -392,13 +346,9 @@ def read_manifest(step_dir, step, hint):
 
 
 def verify(step_dir, step, hint, full=False):
-  """Raise CheckpointError naming the first file of `step_dir` that is missing, truncated
-  or changed since its manifest was written; returns whether there was a manifest.
-
-  Sizes come from one listing. Checksums: a local file is re-read (a restore reads it
-  anyway); a Cloud Storage object's CRC-32C is the server's, listed, unless `full`, which
-  downloads the object and recomputes it.
-  """
+  """CheckpointError naming the first file of `step_dir` missing, truncated or changed
+  since its manifest; returns whether there was one. A local file is re-read; a gs://
+  object's CRC-32C is the server's, listed (`full`: downloaded and recomputed)."""
   manifest = read_manifest(step_dir, step, hint)
   if manifest is None:
     return False
@@ -427,11 +377,8 @@ def checksum_matches(kind, file, recorded, listed, full):
 
 
 def short_reason(error, limit=300):
-  """A long Orbax/TensorStore error in a phrase: the file it names, if any, and the cause.
-
-  The cause is the OS error named by TensorStore's `[os_error_code=N]`, as os.strerror
-  words it: the text before the code varies with where the write failed.
-  """
+  """A long Orbax/TensorStore error in a phrase: the file it names and the OS error of
+  its `[os_error_code=N]` (the text before the code varies with where a write failed)."""
   text = " ".join(str(error).split()) or type(error).__name__
   files = re.findall(r'(?:local file|Failed writing:|Metadata file:?)\s*"?(/[^"\s,]+)', text)
   code = re.search(r"\[os_error_code='?(\d+)", text)
@@ -455,8 +402,8 @@ def _all_finite(leaves):
 
 
 def check_finite_tree(tree, what, error=None, hint=None):
-  """Raise `error` (CheckpointError by default) naming the non-finite leaves of `tree`:
-  a bit flip in a stored float restores without complaint from Orbax."""
+  """Raise `error` (default CheckpointError) naming the non-finite leaves of `tree` (a bit
+  flip in a stored float restores without complaint from Orbax)."""
   bad = nonfinite_leaves(tree)
   if bad:
     shown = ", ".join(bad[:5]) + (f" ... ({len(bad)} in all)" if len(bad) > 5 else "")
@@ -465,7 +412,7 @@ def check_finite_tree(tree, what, error=None, hint=None):
 
 
 def verify_all(directory):
-  """Fully verify every complete step of a checkpoints directory: (step, problem or None)."""
+  """[(step, problem or None)] of every complete step, fully verified."""
   results = []
   for step in complete_steps(directory):
     step_dir = paths.join(directory, str(step))

@@ -1,14 +1,10 @@
 """Several processes, one run: jax.distributed start-up and stops all processes agree on.
 
-`initialize` joins JAX's distributed runtime when this process is one of several (explicit
-flags, SLURM, Open MPI or a Cloud TPU VM) and does nothing for a lone process. It must run
-before anything touches a device. JAX's own cluster detection finds the coordinator, the
-process count and id; `launch_kind` only decides whether to ask it, where JAX's answer
-would be wrong (tests/test_multihost.py::test_where_jax_cluster_detection_falls_short):
-a lone `srun` task would join a one-process runtime restricted to one GPU, and an Open MPI 5
-launch (no ORTE URI) would run as N unrelated lone processes instead of failing. `GracefulStop` turns SIGTERM (a scheduler's preemption
-notice) and SIGINT (Ctrl-C) into a stop at a step every process agrees on, so that step can
-be saved collectively; a second Ctrl-C ends the process at once.
+`initialize` joins JAX's distributed runtime where this process is one of several (flags,
+SLURM, Open MPI, a Cloud TPU VM), before anything touches a device. JAX's cluster detection
+finds the coordinator and ids; `launch_kind` only decides whether to ask it, where JAX's
+answer would be wrong (test_multihost.py::test_where_jax_cluster_detection_falls_short).
+`GracefulStop` turns SIGTERM / SIGINT into a stop at a step every process agrees on.
 """
 import dataclasses
 import os
@@ -91,10 +87,7 @@ def check(opts: Options):
 
 def initialize(opts: Options, env: Mapping[str, str] = os.environ) -> str | None:
   """Join the distributed runtime if this is one of several processes; returns the kind.
-
-  Arguments left None are found by JAX's cluster detection (SLURM, Open MPI, Cloud TPU).
-  CPU processes exchange collectives over TCP with gloo.
-  """
+  Arguments left None are JAX's cluster detection's; CPU collectives go over gloo."""
   check(opts)
   kind = launch_kind(opts, env)
   if kind is None:
@@ -135,11 +128,9 @@ def _say(message):
 class GracefulStop:
   """SIGTERM / SIGINT -> stop after a step all processes agree on (a context manager).
 
-  Alone, a signal sets a flag read at the next step. With the distributed runtime, JAX's
-  preemption service catches SIGTERM (a TPU maintenance notice arrives the same way),
-  tells every process, and `reached(step)` is True on all of them at the same step;
-  SIGINT is passed on to it as a SIGTERM. After the first SIGINT, Ctrl-C has its default
-  meaning again: a second one ends the process at once, whatever it is doing.
+  Alone, a signal sets a flag read at the next step; with the distributed runtime JAX's
+  preemption service takes SIGTERM (SIGINT is passed on as one) and `reached(step)` is
+  True on every process at the same step. A second Ctrl-C ends the process at once.
   """
 
   def __init__(self):

@@ -1,17 +1,10 @@
-"""Run logging: a progress bar with ETA on a terminal, plain lines otherwise, TensorBoard
-event files and metrics.jsonl in the workdir, and the same scalars and images in Weights &
-Biases where config.logging.wandb names a project (WandbRun). Only process 0 writes anything.
+"""Run logging (process 0): progress lines with ETA, TensorBoard events and metrics.jsonl
+in the workdir, and W&B where config.logging.wandb names a project.
 
-A gs:// workdir has no appendable files: both are written in a local staging directory
-and copied whole to the workdir by `sync` (the trainer calls it at each checkpoint), at
-most `sync_secs` after a record and at close; each copy replaces the object at once. A
-killed run therefore loses only records of steps after its last checkpoint, which the
-resumed run does again.
-
-metrics.jsonl gets one JSON object per logged step, {"step": s, "train/loss": ..., ...},
-appended with a single write each so a killed run never leaves half a record. A resumed
-run appends again from its checkpoint, so a step may appear more than once (with the
-same values: resume is exact); the last record of a step is the current one.
+metrics.jsonl gets one JSON object per logged step, each one write (a killed run leaves no
+half record); a resumed run logs its steps after the checkpoint again, with the same
+values. A gs:// workdir has no appendable files: the logs are staged locally and copied
+whole at each checkpoint (`sync`), at most `sync_secs` after a record and at close.
 """
 import json
 import os
@@ -62,13 +55,10 @@ class WandbStartError(RuntimeError):
 
 
 class WandbRun:
-  """The W&B run of a workdir (process 0): its id is kept in WORKDIR/wandb_run_id, so a
-  resumed launch continues the same run (resume="allow"). Every record carries the
-  training step as `step`, W&B's x-axis for all of them (define_metric): the picture
-  thread's images arrive after later steps' scalars, and a resumed run logs again the
-  steps after its checkpoint, both of which W&B's own step counter would drop. A failing
-  call is one line on `say`; W&B is then off and the run goes on. A run that cannot start
-  W&B raises WandbStartError before its first step."""
+  """The W&B run of a workdir (id in WORKDIR/wandb_run_id: a resumed launch continues it).
+  Every record's x-axis is the training step (`step`): W&B's own counter would drop late
+  pictures and the steps a resume logs again. A failing call is one line on `say`, then
+  W&B is off; one that cannot start raises WandbStartError before the first step."""
 
   def __init__(self, project, workdir, kind, config, say):
     import wandb  # pylint: disable=import-outside-toplevel (optional: mae_jax[wandb])

@@ -1,20 +1,9 @@
-"""The one training loop: every job that trains (pretraining, fine-tuning, the linear
-probe, the conv baseline) runs here, with the same guarantees (docs/reliability.md):
-
-- one run per workdir (its lock), taken before anything in it is touched;
-- checkpoints every `checkpoint_every_steps`, at the end and on SIGTERM / SIGINT, never of
-  a step whose loss, gradients or update are not finite;
-- exact resume by running the same command again: batches and RNG are functions of
-  (seed, step), so a resumed job is the job that never stopped;
-- each launch's config kept (WORKDIR/configs/) and a resume with other values refused
-  (config.allow_config_change), as is a workdir of another kind of job;
-- progress lines, TensorBoard and metrics.jsonl (and W&B where config.logging.wandb names
-  a project), and the share of time spent waiting for input; a gs:// workdir gets its logs
-  with each checkpoint.
-
-A job gives the loop its program (mae_jax.train.program.build), its batches from a step on and
-its config; `run` does the rest and hands a finished job's state to the job's `finish`
-while the workdir is still held.
+"""The one training loop: pretraining, fine-tuning, the linear probe and the conv baseline
+all run here, with the same guarantees (docs/reliability.md): the workdir's lock,
+checkpoints (periodic, final, on SIGTERM / SIGINT; never of a non-finite step), exact
+resume by rerunning the command (batches and RNG are functions of (seed, step)), each
+launch's config kept and checked, and the logs. A job gives its program
+(mae_jax.train.program.build), its batches from a step on and its config.
 """
 import dataclasses
 import json
@@ -41,21 +30,13 @@ class NonFiniteLossError(RuntimeError):
 class Job:
   """A training job as the loop runs it.
 
-  config: saved with each launch and compared on resume. The loop reads its seed,
-  checkpoint_every_steps, keep_checkpoints, log_every_steps, stop_after_steps,
-  allow_config_change, and skip_nonfinite / data.input_wait_warn where present.
-  program: a mae_jax.train.program.Program (init, step, abstract_state).
-  batches(start): global batches of steps start + 1, start + 2, ...
-  fresh_state(): the state at step 0 (default: program.init of the seed's key).
-  check_resume(saved): raises ConfigError where the saved config (a dict) describes a job
-  this one cannot continue (another model, encoder, number of classes...).
-  on_resume(step): called with the step a launch resumes from, before its first step.
-  on_exit(outcome, logger): called when the steps end (finished or stopped), before the
-  job's finish and before the logs close (monitors wait for their work in flight).
-  every: (every_steps, fn(step, state, logger)) pairs, run after those steps' metrics are
-  known finite (evaluations, monitors); their results must be functions of the state.
-  step_for(step, logger): the step function that makes step `step` (a pretraining's
-  stages, mae_jax.train.stages); default program.step for every step.
+  config: saved with each launch, compared on resume; the loop reads seed, the
+  checkpoint / log / stop fields, allow_config_change, skip_nonfinite, data.input_wait_warn.
+  program: a mae_jax.train.program.Program. batches(start): global batches of steps
+  start + 1, ... check_resume(saved): ConfigError where the saved config (a dict) is of a
+  job this one cannot continue. every: (every_steps, fn(step, state, logger)) pairs run
+  once those steps' metrics are known finite. step_for(step, logger): the step function
+  of step `step` (pretraining's stages); default program.step.
   """
   kind: str
   workdir: str
@@ -64,11 +45,11 @@ class Job:
   total_steps: int
   images_per_step: int
   batches: Callable[[int], Iterator]
-  fresh_state: Callable[[], Any] | None = None
+  fresh_state: Callable[[], Any] | None = None  # default: program.init of the seed's key
   check_resume: Callable[[dict], None] | None = None
   describe: Callable[[int | None], str] | None = None
-  on_resume: Callable[[int], None] | None = None
-  on_exit: Callable[[Any, Any], None] | None = None
+  on_resume: Callable[[int], None] | None = None  # the step resumed from, before the first
+  on_exit: Callable[[Any, Any], None] | None = None  # (outcome, logger) before logs close
   input_advice: str | None = None  # what to try when input-bound (logger.InputWait)
   every: tuple = ()
   step_for: Callable[[int, Any], Callable] | None = None

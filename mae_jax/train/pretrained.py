@@ -5,11 +5,9 @@ checkpoint (`python -m mae_jax.convert import ...`).
   pre = pretrained.load("out/mae_visualize_large")  # an imported official / HF model
   out = pre.model.apply({"params": pre.params}, normalized_images, rngs={"mask": rng})
 
-A workdir gives its model from config.json and the params of its latest (or a chosen)
-Orbax checkpoint; only the params are read, never the optimizer state. With a `mesh`,
-params arrive in their training layout on it (split over fsdp where the run's would be).
-Converted checkpoints were trained on ImageNet, so their inputs use ImageNet's mean and
-std; a workdir's inputs use its dataset's.
+Only the params are read, never the optimizer state; with a `mesh` they arrive in their
+training layout on it. Converted checkpoints take ImageNet's mean and std, a workdir its
+dataset's.
 """
 import dataclasses
 import functools
@@ -52,11 +50,8 @@ def is_workdir(path):
 
 
 def load(path, step=None, mesh=None):
-  """The model, params and input statistics stored at `path` (see the module doc).
-
-  mesh: restore the params straight into their training layout on this mesh (replicated,
-  or split over its fsdp axis); None: on the first device.
-  """
+  """The model, params and input statistics stored at `path`; the params in their
+  training layout on `mesh` (None: the first device)."""
   if is_converted(path):
     return load_converted(path, mesh)
   if is_workdir(path):
@@ -126,12 +121,9 @@ def load_converted(path, mesh=None):
 
 
 def restore_params(path, model, step=None, mesh=None):
-  """(params, step) of a workdir's checkpoint (the latest where step is None).
-
-  Only the params are read (an Orbax partial restore), after the step's files are checked
-  against its manifest: the optimizer state, however large, never leaves the disk. Only the
-  step's files are read, so a run still writing into the workdir is left alone.
-  """
+  """(params, step) of a workdir's checkpoint (the latest where step is None): an Orbax
+  partial restore of the params alone, after the manifest check; nothing in the workdir is
+  written, so a run still writing there is left alone."""
   directory = paths.absolute(paths.join(path, "checkpoints"))
   steps = checkpoints.complete_steps(directory)
   step = (steps[-1] if steps else None) if step is None else step

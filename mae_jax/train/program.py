@@ -1,13 +1,7 @@
-"""The one program builder: every program that is trained, timed (`mae_jax.bench`),
-compiled ahead of time (`mae_jax.aot`, benchmarks/aot_gpu.py) or evaluated is jitted here.
-
-`jit` is the only way a function reaches XLA: explicit shardings over the mesh, and the
-activation rules (sharding.LOGICAL_RULES) in force while it traces, so the model's logical
-constraints mean the same whoever asks for the program. `build` makes a training program
-from an init function and a step function: the state's abstract value and shardings, the
-jitted init and the jitted step with the old state donated. `pretraining` is the MAE's
-program for a validated config on a set of devices; fine-tuning, the linear probe and the
-conv baseline call `build` with their own state and step.
+"""The one program builder: every program trained, timed (bench), compiled ahead of time
+(aot) or evaluated is jitted by `jit` (explicit shardings, the activation rules in force
+while it traces). `build` makes a training program (abstract state, shardings, jitted init
+and donating step); `pretraining` is the MAE's.
 """
 import dataclasses
 import functools

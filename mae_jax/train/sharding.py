@@ -1,13 +1,8 @@
 """Device mesh (axes `data`, `fsdp`), parameter partitioning and global batches.
 
-The batch is split over both axes; with fsdp > 1 every parameter and optimizer-state
-leaf is also split over `fsdp` along one dimension (fsdp_spec; ZeRO-3 style):
-XLA all-gathers it where it is used and reduce-scatters its gradient.
-
-Activations carry logical axis names (`nn.with_logical_constraint(x, ("batch", ...))` in
-the model); LOGICAL_RULES maps them to mesh axes, and `activation_rules(mesh)` puts them
-in force while a program traces. Only the program builder (mae_jax.train.program) enters it, for
-every program it jits, so a model means the same sharding whoever asks for its program.
+The batch is split over both axes; with fsdp > 1 every state leaf is also split over
+`fsdp` along one dimension (fsdp_spec, ZeRO-3 style). The model's activations carry logical
+axis names; LOGICAL_RULES maps them to mesh axes while mae_jax.train.program traces.
 """
 import collections
 import contextlib

@@ -1,15 +1,8 @@
-"""Stages of a pretraining run: the image size and mask ratio change at fractions of
-training (config.schedule), each stage trained by its own compiled step.
-
-    config.schedule.resolution = ((0.0, 16), (0.5, 24), (0.8, 28))
-
-trains at 16 px from the start, at 24 px from half of the steps on and at 28 px for the
-last fifth; `config.schedule.mask_ratio` takes (fraction, ratio) pairs the same way. An
-empty schedule (the default) is the whole run at data.image_size and model.mask_ratio.
-The MAE's position embeddings are fixed sin-cos tables of the patch grid and no parameter
-depends on the image size, so every stage trains the same parameters and a checkpoint of
-any step restores into the stage that step falls in. Evaluation, pictures and the kNN
-monitor stay at data.image_size and model.mask_ratio.
+"""Stages of a pretraining run (config.schedule): `resolution = ((0.0, 16), (0.5, 24))`
+trains at 16 px, then at 24 px from half of the steps on; `mask_ratio` takes (fraction,
+ratio) pairs the same way; empty: data.image_size and model.mask_ratio throughout. Each
+stage has its own compiled step over the same parameters (the position tables are fixed
+sin-cos of the grid). Evaluation, pictures and kNN stay at data.image_size.
 """
 import dataclasses
 import math
