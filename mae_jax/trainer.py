@@ -216,11 +216,9 @@ def skipped_images(run):
 
 def write_summary(run, results, train_seconds, final_loss, images_per_sec, skipped_steps=0,
                   input_wait=None):
-  """summary.json: test MSEs, final loss (null where the last step's was not finite and
-  skipped), steps, updates skipped as non-finite, images skipped as unreadable, this
-  invocation's training seconds and images/s (the train loop after its first step: host
-  pipeline and checkpoints included, compilation not), the share of that time spent
-  waiting for input, devices and model."""
+  """summary.json: test MSEs, final loss (null where not finite), steps, skipped updates
+  and images, this invocation's training seconds and images/s (after the first step:
+  compilation left out), its input-wait share, devices, model and stages."""
   if final_loss is not None and not math.isfinite(final_loss):
     final_loss = None  # JSON has no NaN; skipped_steps says why
   summary = dict(results, final_train_loss=final_loss, steps=run.durations.total_steps,

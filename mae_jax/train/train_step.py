@@ -87,12 +87,9 @@ def train_step(state, batch, base_rng, *, model, tx, schedule, mean, std, norm_p
                accum_steps=1, skip_nonfinite=False):
   """One AdamW step on the masked-patch MSE; returns (new state, metrics).
 
-  metrics["nonfinite"] is 1 where the loss, a gradient or an updated parameter is not
-  finite. With skip_nonfinite such an update is dropped: parameters and optimizer state
-  stay as they were, the step still advances and state.skipped counts it.
-
-  With accum_steps > 1 the global batch is processed as that many micro-batches (less
-  activation memory) and their gradients averaged before the single update.
+  metrics["nonfinite"] is 1 where the loss, a gradient or a new parameter is not finite;
+  with skip_nonfinite such an update is dropped (the step advances, state.skipped counts
+  it). accum_steps > 1: the batch as that many micro-batches, one update.
   """
   images = normalize(batch["image"], mean, std)
   noise = mask_noise(model, step_rngs(base_rng, state.step)["mask"], images.shape[0])
@@ -133,12 +130,9 @@ def denormalize_pred(pred_BNP, images_BHWC, patch_size, norm_pix_loss):
 
 
 def eval_step(params, batch, rng, *, model, mean, std, baseline_HWC, norm_pix_loss=False):
-  """Masked-patch squared error on [0, 1] pixels for one batch, with the masks of `rng`.
-
-  Sums over masked pixels of valid examples, for the model and for `baseline_HWC` (a
-  fixed image on [0, 1], e.g. the training set's per-pixel mean), the masked-pixel count,
-  and the reconstructions (B, N, p*p*C) on [0, 1] pixels with their masks. A
-  norm_pix_loss model is judged after `denormalize_pred`.
+  """Masked-patch squared error on [0, 1] pixels for one batch, with the masks of `rng`:
+  sums over masked pixels of valid examples for the model and for `baseline_HWC` (e.g. the
+  per-pixel mean), their count, and the reconstructions (B, N, p*p*C) with their masks.
   """
   images = normalize(batch["image"], mean, std)
   out = model.apply({"params": params}, images, rngs={"mask": rng})

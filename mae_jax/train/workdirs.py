@@ -34,10 +34,9 @@ def launch_configs(workdir):
 
 
 def save_config(config, workdir, start_step=0, job="pretrain"):
-  """Record this launch's config (process 0 only): WORKDIR/config.json is the first
-  launch's and is never overwritten; each launch adds configs/launch-NNN-step-S.json
-  (S: the step it started from). `job` (the kind of job, mae_jax.train.loop.KINDS) is recorded
-  with it as "job"."""
+  """Record this launch's config with its `job` kind (process 0): config.json is the first
+  launch's, never overwritten; each launch adds configs/launch-NNN-step-S.json (S: the step
+  it started from)."""
   if jax.process_index() != 0:
     return
   text = json.dumps({**json.loads(config.to_json_best_effort()), "job": job}, indent=2,
@@ -84,14 +83,10 @@ def _holder_of(text):
 
 
 class WorkdirLock:
-  """WORKDIR/run.lock, held by one run (process 0 of it) from start-up to exit.
-
-  The file names its holder (host, pid, start time). It is held with a POSIX record lock
-  (fcntl.lockf), which the kernel (or the NFS server) drops when the holder dies however
-  it dies: a lock file left by a killed run is stale by construction and is taken over,
-  with a note naming the run it was left by. A file system without POSIX locks falls back
-  to the file's contents: a holder that is alive on this host, or that runs on another
-  host (which cannot be checked from here), keeps the workdir.
+  """WORKDIR/run.lock, naming its holder (host, pid, start), held by one run's process 0
+  with a POSIX record lock, which the kernel (or NFS server) drops however the holder dies:
+  a file left by a killed run is taken over, with a note. Without POSIX locks, a holder
+  alive on this host, or on another (not checkable), keeps the workdir.
   """
 
   def __init__(self, workdir):
@@ -185,11 +180,9 @@ def _alive(pid):
 
 
 class GcsWorkdirLock(WorkdirLock):
-  """WORKDIR/run.lock on Cloud Storage, which has no record locks: the object names its
-  holder, and a launch finding one refuses unless the holder ran on this host and is gone
-  (a run restarted on the same VM after a crash). A holder on another host cannot be
-  checked from here: the refusal names it, and the lock object is removed by hand once
-  that run is known to be over (a preempted VM)."""
+  """WORKDIR/run.lock on Cloud Storage (no record locks): a launch finding one refuses
+  unless its holder ran on this host and is gone; one of another host is named, to be
+  removed by hand once that run is known to be over."""
 
   def __init__(self, workdir):  # pylint: disable=super-init-not-called
     self.path = paths.join(workdir, LOCK_FILE)
@@ -197,11 +190,9 @@ class GcsWorkdirLock(WorkdirLock):
     self.note = None
 
   def acquire(self):
-    """Create the lock object only where none exists, or replace a lock left by a dead run
-    of this host only while it is the generation read: each is one request with a
-    precondition (ifGenerationMatch=0, or the stale lock's generation), so of launches
-    racing for a free workdir or for the same stale lock, one wins and the others find
-    the winner's lock."""
+    """Create the lock object where none exists, or replace a dead holder's lock while it
+    is the generation read: one request with a precondition each, so of racing launches
+    one wins and the others find its lock."""
     me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                      "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
     while not paths.create_new(self.path, me):
