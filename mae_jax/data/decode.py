@@ -1,18 +1,10 @@
 """Decode only what a training crop needs, from an encoded image (a file or its bytes).
 
-The crop boxes are computed from the image's size as read from its header, before any pixel
-is decoded. A JPEG is then decoded scaled down by 2, 4 or 8 in the DCT domain (PIL's
-`draft`), as far as the smallest crop of that image still has at least `image_size` pixels
-on each side; the box is resized straight from the decoded pixels (PIL's resize with a `box`
-crops before it resamples), or cut out for the accelerator to resize (device_resize).
-Several crops of one image (repeated sampling) share one decode. RGB and gray JPEGs decoded
-to RGB go through libjpeg-turbo directly (simplejpeg: no PIL image, no copy; the same scale
-and pixels as PIL's draft); everything else through PIL.
-
-With draft off the result is exactly the decode-everything path's (folder.decode then
-augment.augment_batch); with draft on, pixels of downscaled crops differ by the difference
-between DCT-domain and bicubic downscaling.
-"""
+The boxes are drawn on the size in the header; a JPEG is then decoded scaled down by 2, 4
+or 8 in the DCT domain (PIL's `draft`) as far as its smallest crop keeps `image_size` pixels
+per side (docs/benchmarks.md), once for all crops of the image. RGB and gray JPEGs decoded
+to RGB go through libjpeg-turbo (simplejpeg: the same scale and pixels, no copy). With draft
+off the crops are exactly those of `decode` then augment.augment_batch."""
 import io
 import math
 
@@ -27,6 +19,7 @@ except ImportError:  # an install without it (a GPU machine off the network): PI
 from mae_jax.data import augment as augment_lib
 from mae_jax.data.errors import DatasetError
 
+resize_boxes = augment_lib.resize_boxes  # defined with the other resizes; kept here by name
 PIL_MODES = {1: "L", 3: "RGB"}  # data.channels -> PIL mode decoded to
 JPEG_MAGIC = b"\xff\xd8\xff"
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit gray (PIL: "I" from some PNGs)
@@ -65,9 +58,7 @@ def crop_boxes(height: int, width: int, draws_KD, augment, image_size: int, crop
   None for the deterministic eval box."""
   k = 1 if draws_KD is None else len(draws_KD)
   sizes_K2 = np.tile(np.array([[height, width]], np.int64), (k, 1))
-  if augment.random_crop:
-    return augment_lib.random_resized_crop_boxes(sizes_K2, draws_KD, crop_scale)
-  return augment_lib.center_boxes(sizes_K2, image_size)
+  return augment_lib.crop_boxes(sizes_K2, draws_KD, augment, image_size, crop_scale)
 
 
 def draft_size(width: int, height: int, boxes_K4, image_size: int):
@@ -143,24 +134,6 @@ def decode_for_boxes(encoded, draws_KD, augment, image_size: int, crop_scale, ch
   return array, boxes * np.array([array.shape[0] / height, array.shape[1] / width] * 2)
 
 
-def flips(draws_KD, augment, k: int) -> np.ndarray:
-  """bool (K,): which of K crops are mirrored."""
-  if not augment.flip:
-    return np.zeros(k, bool)
-  return draws_KD[:, augment_lib.FLIP] < 0.5
-
-
-def resize_boxes(array_HWC, boxes_K4, image_size: int) -> np.ndarray:
-  """uint8 (K, image_size, image_size, C): each float box of the image resized bicubically
-  (PIL's resize with a box crops before it resamples)."""
-  channels = array_HWC.shape[-1]
-  pil = Image.fromarray(array_HWC[..., 0] if channels == 1 else array_HWC)  # once for all K
-  return np.stack([np.asarray(pil.resize((image_size,) * 2, augment_lib.RESAMPLE,
-                                         box=(left, top, left + w, top + h)))
-                   for top, left, h, w in boxes_K4.tolist()]).reshape(
-                       -1, image_size, image_size, channels)
-
-
 def decode_crops(encoded, draws_KD, augment, image_size: int, crop_scale, channels: int,
                  draft: bool, name: str = "image") -> np.ndarray:
   """K crops of one encoded image, resized to uint8 (K, image_size, image_size, channels),
@@ -168,10 +141,7 @@ def decode_crops(encoded, draws_KD, augment, image_size: int, crop_scale, channe
   cannot be decoded."""
   array, boxes = decode_for_boxes(encoded, draws_KD, augment, image_size, crop_scale,
                                   channels, draft, name)
-  out = resize_boxes(array, boxes, image_size)
-  flip = flips(draws_KD, augment, len(out))
-  out[flip] = out[flip, :, ::-1]
-  return out
+  return augment_lib.mirror(resize_boxes(array, boxes, image_size), draws_KD, augment)
 
 
 def runs(indices_B) -> list[tuple[int, int]]:

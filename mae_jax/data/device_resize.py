@@ -1,37 +1,22 @@
-"""Training crops resized on the accelerator (data.resize='device').
+"""Training crops resized on the accelerator (data.resize='device'; docs/benchmarks.md).
 
-Pillow's bicubic resize of each crop to image_size is the largest part of the host's work
-per training sample (docs/benchmarks.md). With data.resize='device' the host still draws the
-boxes on the original image (RandomResizedCrop's scale and ratio, the same draws as the host
-path), decodes as small as JPEG draft allows and cuts each box out together with the few
-pixels around it that the bicubic kernel reaches; it pads that region into a fixed bucket of
-BUCKET_RATIO * image_size pixels per side and sends it, uint8, with the box inside it. The
-accelerator resizes every box to image_size with PIL's own weights (antialiased bicubic,
-horizontal pass then vertical, rounded to uint8 between and after them) as two batched
-matmuls, and mirrors the flipped rows. Where Pillow also resizes horizontally first the
-pixels agree to one level; Pillow 13 resizes some images vertically first (e.g. every
-384 x 288 portrait image, not 500 x 375 ones: its rule depends on the image and output
-sizes, not on the box), and for those the different rounding between the passes moves
-about 15 % of the pixels, by a few levels at most (docs/benchmarks.md).
-
-A region larger than the bucket (a large crop that draft could not shrink enough: not a
-JPEG, a crop of 2 to 2.7 times image_size on its longer side, or crops of very different
-sizes sharing a decode) is resized on the host as the host path does and sent as an aligned
-box of image_size, which the accelerator's resize copies unchanged: slower for that crop,
-the same pixels.
+Pillow's resize is most of the host's work per sample, so the host only cuts each box (the
+same draws as the host path) with the pixels its bicubic kernel reaches into a bucket of
+BUCKET_RATIO * image_size per side; the accelerator resizes it with PIL's weights (horizontal
+pass then vertical, rounded between) as two batched matmuls, and flips. Pixels agree with
+Pillow's to a level, except where Pillow resizes vertically first (a few levels). A region
+larger than the bucket is resized on the host and sent as an aligned box, copied unchanged.
 
 Host batch: region uint8 (B, P, P, C), box float32 (B, 4) (top, left, height, width in the
 region's pixels), extent int32 (B, 2) (the region's valid height and width; the rest is
-padding), flip bool (B,), label int32 (B,). Everything is a function of the host batch, so a
-step's crops stay a pure function of (seed, step).
-"""
+padding), flip bool (B,), label int32 (B,)."""
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax.data import augment as augment_lib, decode as decode_lib
+from mae_jax.data import augment as augment_lib
 
 # Bucket side / image_size: regions (crop + kernel margin) up to twice image_size per side
 # fit, as every crop of a 384 px prepared image at 224 px does; larger ones are resized on
@@ -75,7 +60,7 @@ def cut_regions(array_HWC: np.ndarray, boxes_K4, image_size: int, out_KPPC: np.n
     r0, r1 = span(top, h, height, image_size)
     c0, c1 = span(left, w, width, image_size)
     if max(r1 - r0, c1 - c0) > side:  # too large for the bucket: resized here instead
-      out_KPPC[k, :image_size, :image_size] = decode_lib.resize_boxes(
+      out_KPPC[k, :image_size, :image_size] = augment_lib.resize_boxes(
           array_HWC, np.array([[top, left, h, w]]), image_size)[0]
       boxes[k], extents[k] = (0, 0, image_size, image_size), (image_size, image_size)
       continue  # the accelerator's resize of an aligned box of the same size copies it

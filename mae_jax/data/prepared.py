@@ -1,31 +1,16 @@
-"""A prepared dataset (written by `python -m mae_jax.prepare`): sharded ArrayRecord files of
-JPEGs at a maximum side, read by random access.
-
-Layout of data.data_dir:
-  manifest.json                        written last: its presence means the dataset is complete
-  {split}-{i:05d}-of-{n:05d}.array_record
-                                       one record per image: HEADER then the JPEG bytes
-Record i of the split is record i - offset of the shard holding it (shards in order), so
-the example order is the input's (an image folder's sorted order, a TFDS split's order)
-with the skipped images left out. Each process reads only the records of its part of each
-batch (pipeline.ProcessSlice), never whole shards.
-
-data.data_dir may be gs://BUCKET/PATH: the manifest and the shard listing are read through
-mae_jax.paths (gcsfs), and the records by ArrayRecord's own Cloud Storage reader (ranged
-reads, so each process still fetches only its records). That reader is google-cloud-cpp's:
-it finds credentials as every Google client library does, and an emulator through
-CLOUD_STORAGE_EMULATOR_ENDPOINT (the tests' fake-gcs-server).
-"""
+"""A prepared dataset (written by `python -m mae_jax.prepare`; docs/reliability.md 6b):
+shards `{split}-{i:05d}-of-{n:05d}.array_record` of records HEADER + JPEG, in the input's
+order, and `manifest.json`, written last. Each process reads only its records, by random
+access; on gs:// through ArrayRecord's own Cloud Storage reader (google-cloud-cpp: its
+credentials, CLOUD_STORAGE_EMULATOR_ENDPOINT for the tests' fake-gcs-server)."""
 import functools
 import json
 import os
 import struct
 
-import numpy as np
-
 from mae_jax import paths
 from mae_jax.data.source import (DatasetError, EncodedSource, Source, Subset, holdout,
-                                 record_read_error)
+                                 read_error, read_record)
 
 MANIFEST = "manifest.json"
 FORMAT = "mae_jax.prepared/1"
@@ -126,22 +111,9 @@ class PreparedSource(EncodedSource):
     return self._records
 
   def encoded(self, index):
-    label, _, _, jpeg = unpack(self.record(index))
+    record = read_record(self.records(), index, self.name, paths.is_gcs(self.name))
+    label, _, _, jpeg = unpack(record)
     return jpeg, label, f"{self.name} record {index}"
-
-  def record(self, index) -> bytes:
-    """Record `index`; on gs://, a read that fails is one DatasetError naming it."""
-    try:
-      return self.records()[index]
-    except RuntimeError as e:  # how ArrayRecord's reader reports every failure
-      if not paths.is_gcs(self.name):
-        raise
-      raise record_read_error(f"{self.name} record {index}", e) from None
-
-  def batch(self, indices):
-    examples = [self.get(int(i)) for i in indices]
-    return ([image for image, _ in examples],
-            np.array([label for _, label in examples], np.int32).reshape(len(examples)))
 
 
 def load_prepared(data_config, split: str) -> Source:
@@ -193,6 +165,4 @@ def _on_gcs_errors(root, fn, *args):
   except Exception as e:  # gcsfs, aiohttp, google-auth and ArrayRecord errors
     if not paths.is_gcs(root):
       raise
-    reason = " ".join(str(e).split())[:200]
-    raise DatasetError(f"data.data_dir={root}: cannot read it ({type(e).__name__}: "
-                       f"{reason}); check the bucket, the credentials and the network") from None
+    raise read_error(f"data.data_dir={root}", e, 200) from None

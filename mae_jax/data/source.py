@@ -1,9 +1,5 @@
-"""Random-access sources: the common base, channel conversion and normalisation stats.
-
-A source is one split: `len(source)` examples, `source[i] -> {'image': uint8 (H, W, C),
-'label': int}` (label -1 where there is none), plus `num_classes`, `mean` and `std`
-(per-channel, on [0, 1] pixels).
-"""
+"""Random-access sources: one split, `source[i] -> {'image': uint8 (H, W, C), 'label': int}`
+(-1: no label), with `num_classes` and per-channel `mean`, `std` on [0, 1] pixels."""
 from typing import Callable
 
 import numpy as np
@@ -24,15 +20,11 @@ HOLDOUT_EVERY = 10
 HOLDOUT_MAX = 10_000
 
 
-
-
 class Source:
   """Base of all sources: subclasses define __len__ and get(i) -> (image_HWC, label).
 
-  Stats are `known_stats` where given, else estimated lazily from `stats_source()` (the
-  training split; None means this source itself). `note`: how the split was made, where a
-  run should say so (e.g. a test split held out of the training images).
-  """
+  Stats are `known_stats`, else estimated on first use from `stats_source()` (the training
+  split; None: this source). `note`: how the split was made, e.g. a held-out test split."""
   note: str | None = None
 
   def __init__(self, *, channels: int, num_classes: int | None,
@@ -62,17 +54,33 @@ class Source:
     images, labels = self.batch(indices)
     return augment_lib.augment_batch(images, draws_BD, augment, image_size, crop_scale), labels
 
+  def decoded(self, index: int, draws_KD, augment, image_size, crop_scale):
+    """(image uint8 (h, w, C), boxes (K, 4) in its pixels, label) of example `index` for K
+    crops; EncodedSource decodes as small as the boxes allow."""
+    image, label = self.get(index)
+    boxes = decode_lib.crop_boxes(*image.shape[:2], draws_KD, augment, image_size, crop_scale)
+    return image, boxes, label
+
+  def decoded_runs(self, indices, draws_BD, augment, image_size, crop_scale):
+    """(rows, image, boxes, label) for each run of equal indices (repeated samples): one
+    decode per run."""
+    for start, stop in decode_lib.runs(indices):
+      draws = None if draws_BD is None else draws_BD[start:stop]
+      yield (slice(start, stop),
+             *self.decoded(int(indices[start]), draws, augment, image_size, crop_scale))
+
   def region_batch(self, indices, draws_BD, augment, image_size: int, crop_scale):
     """data.resize='device': the crops of crop_batch as regions for the accelerator to
     resize (device_resize's host batch, without the label) and the labels int32 (B,)."""
-    images, labels = self.batch(indices)
-    out = device_resize.regions_batch(len(labels), image_size, self.channels)
-    for k, image in enumerate(images):
-      draws = None if draws_BD is None else draws_BD[k:k + 1]
-      boxes = decode_lib.crop_boxes(*image.shape[:2], draws, augment, image_size, crop_scale)
-      out["box"][k:k + 1], out["extent"][k:k + 1] = device_resize.cut_regions(
-          image, boxes, image_size, out["region"][k:k + 1])
-    out["flip"] = decode_lib.flips(draws_BD, augment, len(labels))
+    indices = np.asarray(indices, np.int64)
+    out = device_resize.regions_batch(len(indices), image_size, self.channels)
+    labels = np.zeros(len(indices), np.int32)
+    for rows, image, boxes, label in self.decoded_runs(indices, draws_BD, augment, image_size,
+                                                       crop_scale):
+      labels[rows] = label
+      out["box"][rows], out["extent"][rows] = device_resize.cut_regions(
+          image, boxes, image_size, out["region"][rows])
+    out["flip"] = augment_lib.flips(draws_BD, augment, len(indices))
     return out, labels
 
   def __getitem__(self, index: int) -> dict:
@@ -167,53 +175,39 @@ class EncodedSource(Source):
     encoded, label, name = self.encoded(index)
     return decode_lib.decode(encoded, self.channels, name), label
 
-  def decoded(self, index: int, draws_KD, augment, image_size, crop_scale):
-    """(decoded uint8 (h, w, C), float boxes (K, 4) in its pixels, label) of example
-    `index` for K crops: decoded once, as small as draft allows."""
+  def decoded(self, index, draws_KD, augment, image_size, crop_scale):
     encoded, label, name = self.encoded(index)
     array, boxes = decode_lib.decode_for_boxes(encoded, draws_KD, augment, image_size,
                                                crop_scale, self.channels, self.draft, name)
     return array, boxes, label
 
-  def crops(self, index: int, draws_KD, augment, image_size, crop_scale):
-    """(crops uint8 (K, S, S, C), label) of example `index`, decoded once."""
-    array, boxes, label = self.decoded(index, draws_KD, augment, image_size, crop_scale)
-    out = decode_lib.resize_boxes(array, boxes, image_size)
-    flip = decode_lib.flips(draws_KD, augment, len(out))
-    out[flip] = out[flip, :, ::-1]
-    return out, label
-
   def crop_batch(self, indices, draws_BD, augment, image_size, crop_scale):
     indices = np.asarray(indices, np.int64)
     out = np.zeros((len(indices), image_size, image_size, self.channels), np.uint8)
     labels = np.zeros(len(indices), np.int32)
-    for start, stop in decode_lib.runs(indices):  # equal neighbours: repeated samples
-      draws = None if draws_BD is None else draws_BD[start:stop]
-      out[start:stop], labels[start:stop] = self.crops(int(indices[start]), draws, augment,
-                                                       image_size, crop_scale)
-    return out, labels
-
-  def region_batch(self, indices, draws_BD, augment, image_size, crop_scale):
-    indices = np.asarray(indices, np.int64)
-    out = device_resize.regions_batch(len(indices), image_size, self.channels)
-    labels = np.zeros(len(indices), np.int32)
-    for start, stop in decode_lib.runs(indices):  # one decode for the repeated samples
-      draws = None if draws_BD is None else draws_BD[start:stop]
-      array, boxes, labels[start:stop] = self.decoded(int(indices[start]), draws, augment,
-                                                      image_size, crop_scale)
-      out["box"][start:stop], out["extent"][start:stop] = device_resize.cut_regions(
-          array, boxes, image_size, out["region"][start:stop])
-    out["flip"] = decode_lib.flips(draws_BD, augment, len(indices))
-    return out, labels
+    for rows, array, boxes, label in self.decoded_runs(indices, draws_BD, augment, image_size,
+                                                       crop_scale):
+      out[rows], labels[rows] = augment_lib.resize_boxes(array, boxes, image_size), label
+    return augment_lib.mirror(out, draws_BD, augment), labels
 
 
-def record_read_error(where: str, error: Exception) -> DatasetError:
-  """One line for a record that ArrayRecord's Cloud Storage reader could not read, after
-  its own retries (google-cloud-cpp's: up to 15 minutes, not bounded by
-  MAE_JAX_GCS_TIMEOUT_S), instead of a traceback."""
-  reason = " ".join(str(error).split())[:300]
+def read_error(where: str, error: Exception, width: int = 300) -> DatasetError:
+  """One line instead of a traceback for data on gs:// that cannot be read."""
+  reason = " ".join(str(error).split())[:width]
   return DatasetError(f"{where}: cannot read it ({type(error).__name__}: {reason}); check "
                       "the bucket, the credentials and the network")
+
+
+def read_record(records, index: int, where: str, remote: bool):
+  """records[index]; where `remote` (gs://), a record ArrayRecord's reader could not read
+  after its own retries (google-cloud-cpp's: up to 15 minutes, not bounded by
+  MAE_JAX_GCS_TIMEOUT_S) is one DatasetError naming it."""
+  try:
+    return records[index]
+  except RuntimeError as e:  # how ArrayRecord's reader reports every failure
+    if not remote:
+      raise
+    raise read_error(f"{where} record {index}", e) from None
 
 
 def convert_channels(image_HWC: np.ndarray, channels: int) -> np.ndarray:

@@ -8,7 +8,7 @@ import functools
 import numpy as np
 
 from mae_jax import paths
-from mae_jax.data.source import (DatasetError, Source, convert_channels, record_read_error,
+from mae_jax.data.source import (DatasetError, Source, convert_channels, read_record,
                                  stats_for)
 
 # Our split name -> TFDS split names to try in order (imagenet2012 has no 'test').
@@ -35,12 +35,7 @@ class TfdsSource(Source):
     return len(self.data_source)
 
   def get(self, index):
-    try:
-      example = self.data_source[index]
-    except RuntimeError as e:  # how ArrayRecord's reader reports every failure
-      if not self.remote:
-        raise
-      raise record_read_error(f"{self.where} record {index}", e) from None
+    example = read_record(self.data_source, index, self.where, self.remote)
     image = np.asarray(example[self.image_key], np.uint8)
     image = image[..., None] if image.ndim == 2 else image
     label = int(example[self.label_key]) if self.label_key else -1
