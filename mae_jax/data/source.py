@@ -25,15 +25,15 @@ class Source:
 
   Stats are `known_stats`, else estimated on first use from `stats_source()` (the training
   split; None: this source). `note`: how the split was made, e.g. a held-out test split."""
-  note: str | None = None
 
   def __init__(self, *, channels: int, num_classes: int | None,
                known_stats: tuple | None = None,
-               stats_source: Callable[[], "Source"] | None = None):
+               stats_source: Callable[[], "Source"] | None = None, note: str | None = None):
     self.channels = channels
     self.num_classes = num_classes
     self._stats = known_stats
     self._stats_source = stats_source
+    self.note = note
 
   def __len__(self) -> int:
     raise NotImplementedError
@@ -136,12 +136,11 @@ class Subset(Source):
   def __init__(self, base: Source, count: int | None = None, indices=None,
                note: str | None = None):
     super().__init__(channels=base.channels, num_classes=base.num_classes,
-                     stats_source=lambda: base)
-    self._stats = base._stats
+                     known_stats=base._stats, stats_source=lambda: base,
+                     note=note or base.note)
     self.base = base
     self.indices = evenly_spaced(len(base), count) if indices is None else np.asarray(
         indices, np.int64)
-    self.note = note or base.note
 
   def __len__(self) -> int:
     return len(self.indices)
