@@ -18,11 +18,8 @@ NUM_DRAWS = 2 * ATTEMPTS + 3
 
 def random_resized_crop_boxes(sizes_B2: np.ndarray, draws_BD: np.ndarray,
                               scale: tuple[float, float], ratio=RATIO) -> np.ndarray:
-  """torchvision's RandomResizedCrop.get_params, vectorised: int boxes (B, 4).
-
-  sizes_B2: (height, width) of each image. Per example, the first of ATTEMPTS (area, aspect)
-  draws that fits wins; where none fits, the centre crop clamped to `ratio`.
-  """
+  """torchvision's RandomResizedCrop.get_params, vectorised: int boxes (B, 4) of images of
+  sizes_B2 (height, width). The first of ATTEMPTS draws that fits wins, else the fallback."""
   height, width = (sizes_B2[:, k:k + 1].astype(np.float64) for k in (0, 1))
   area = height * width * (scale[0] + (scale[1] - scale[0]) * draws_BD[:, SCALE])
   log_lo, log_hi = np.log(ratio[0]), np.log(ratio[1])
@@ -34,20 +31,13 @@ def random_resized_crop_boxes(sizes_B2: np.ndarray, draws_BD: np.ndarray,
   height, width = height[:, 0], width[:, 0]
   top = np.floor(draws_BD[:, TOP] * (height - h + 1))
   left = np.floor(draws_BD[:, LEFT] * (width - w + 1))
-  fb_h, fb_w = fallback_crop(height, width, ratio)
   found = fits_BA.any(1)
-  h, w = np.where(found, h, fb_h), np.where(found, w, fb_w)
+  in_ratio = width / height  # the fallback: the whole image, clamped to the aspect range
+  h = np.where(found, h, np.where(in_ratio < ratio[0], np.round(width / ratio[0]), height))
+  w = np.where(found, w, np.where(in_ratio > ratio[1], np.round(height * ratio[1]), width))
   top = np.where(found, top, (height - h) // 2)
   left = np.where(found, left, (width - w) // 2)
   return np.stack([top, left, h, w], 1).astype(np.int64)
-
-
-def fallback_crop(height, width, ratio):
-  """(h, w) of torchvision's fallback: the whole image, clamped to the aspect range."""
-  in_ratio = width / height
-  h = np.where(in_ratio < ratio[0], np.round(width / ratio[0]), height)  # too tall
-  w = np.where(in_ratio > ratio[1], np.round(height * ratio[1]), width)  # too wide
-  return h, w
 
 
 def center_boxes(sizes_B2: np.ndarray, image_size: int) -> np.ndarray:
@@ -92,11 +82,7 @@ def cubic(x, xp=np):
 def resize_weights(start_B, length_B, in_size: int, out_size: int, extent_B=None, xp=np):
   """(B, out_size, in_size) weights resampling [start, start + length) of each row to
   out_size pixels, as PIL's antialiased bicubic resize (kernel widened when shrinking).
-
-  extent_B: where given, each row's pixels from extent on are padding (zero weight), as
-  PIL clips its kernel at the image's edge. xp: numpy or jax.numpy (the same weights
-  on the host or inside a jitted program).
-  """
+  extent_B: pixels from there on are padding (zero weight, as PIL clips at the edge)."""
   scale_B = (xp.asarray(length_B) / out_size).astype(xp.float32)
   widen_B11 = xp.maximum(scale_B, 1)[:, None, None]
   centers_BO = (xp.asarray(start_B)[:, None].astype(xp.float32)
@@ -151,10 +137,8 @@ def mirror(crops_KSSC: np.ndarray, draws_KD, augment) -> np.ndarray:
 
 def augment_batch(images, draws_BD: np.ndarray | None, augment: Augment, image_size: int,
                   crop_scale: tuple[float, float] | None) -> np.ndarray:
-  """Images -> uint8 (B, image_size, image_size, C).
-
-  images: one uint8 (B, H, W, C) array (resized in numpy, vectorised) or a list of B uint8
-  (H_i, W_i, C) arrays of any sizes (resized one by one with PIL)."""
+  """Images -> uint8 (B, image_size, image_size, C): one uint8 (B, H, W, C) array (resized
+  in numpy, vectorised) or a list of uint8 (H_i, W_i, C) (resized one by one with PIL)."""
   sizes_B2 = np.array([image.shape[:2] for image in images], np.int64).reshape(-1, 2)
   boxes = crop_boxes(sizes_B2, draws_BD, augment, image_size, crop_scale)
   if isinstance(images, np.ndarray):

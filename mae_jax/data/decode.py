@@ -43,8 +43,7 @@ def to_array(image: Image.Image, channels: int) -> np.ndarray:
 
 
 def decode(encoded, channels: int, name: str = "image") -> np.ndarray:
-  """The whole image as uint8 (H, W, channels); DatasetError naming `name` if it cannot be
-  decoded."""
+  """The whole image as uint8 (H, W, channels); DatasetError naming `name` if it cannot."""
   try:
     with open_image(encoded) as image:
       image.load()
@@ -54,8 +53,7 @@ def decode(encoded, channels: int, name: str = "image") -> np.ndarray:
 
 
 def crop_boxes(height: int, width: int, draws_KD, augment, image_size: int, crop_scale):
-  """Boxes (K, 4) (top, left, h, w) of K crops of one (height, width) image; draws_KD is
-  None for the deterministic eval box."""
+  """Boxes (K, 4) of K crops of one (height, width) image (draws_KD None: the eval box)."""
   k = 1 if draws_KD is None else len(draws_KD)
   sizes_K2 = np.tile(np.array([[height, width]], np.int64), (k, 1))
   return augment_lib.crop_boxes(sizes_K2, draws_KD, augment, image_size, crop_scale)
@@ -79,10 +77,8 @@ def draft_scale(width: int, height: int, wanted) -> int:
 
 
 def turbo_for_boxes(jpeg: bytes, draws_KD, augment, image_size: int, crop_scale, draft: bool):
-  """decode_for_boxes of an RGB or gray JPEG's bytes decoded to RGB with libjpeg-turbo
-  straight into numpy (simplejpeg: about 1.6x PIL's decode and copy); the same DCT scale
-  as PIL's draft, the same decoder settings, the same pixels. None where it cannot
-  (CMYK, a damaged file: PIL then decodes it or says why not)."""
+  """decode_for_boxes of JPEG bytes to RGB by libjpeg-turbo (about 1.6x PIL's decode and
+  copy; the same pixels), or None where it cannot (CMYK, damage: PIL then tries)."""
   try:
     height, width, colorspace, _ = simplejpeg.decode_jpeg_header(jpeg)
     if colorspace not in ("YCbCr", "Gray", "RGB"):
@@ -108,9 +104,7 @@ def jpeg_bytes(encoded) -> bytes | None:
 def decode_for_boxes(encoded, draws_KD, augment, image_size: int, crop_scale, channels: int,
                      draft: bool, name: str = "image"):
   """(decoded uint8 (h, w, channels), float boxes (K, 4) in its pixels) for K crops of one
-  encoded image: the boxes are drawn on the original size (from the header), the JPEG is
-  decoded as small as draft allows and the boxes scaled to what was decoded. DatasetError
-  naming `name` if the image cannot be decoded."""
+  encoded image, decoded as small as draft allows; DatasetError naming `name` if it cannot."""
   try:
     jpeg = jpeg_bytes(encoded) if channels == 3 and simplejpeg is not None else None
   except OSError as e:
@@ -136,9 +130,8 @@ def decode_for_boxes(encoded, draws_KD, augment, image_size: int, crop_scale, ch
 
 def decode_crops(encoded, draws_KD, augment, image_size: int, crop_scale, channels: int,
                  draft: bool, name: str = "image") -> np.ndarray:
-  """K crops of one encoded image, resized to uint8 (K, image_size, image_size, channels),
-  flipped where augment.flip and the draw says so. DatasetError naming `name` if the image
-  cannot be decoded."""
+  """K crops of one encoded image, resized and flipped: uint8 (K, image_size, image_size,
+  channels); DatasetError naming `name` if it cannot be decoded."""
   array, boxes = decode_for_boxes(encoded, draws_KD, augment, image_size, crop_scale,
                                   channels, draft, name)
   return augment_lib.mirror(resize_boxes(array, boxes, image_size), draws_KD, augment)

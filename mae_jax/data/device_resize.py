@@ -18,17 +18,15 @@ import numpy as np
 
 from mae_jax.data import augment as augment_lib
 
-# Bucket side / image_size: regions (crop + kernel margin) up to twice image_size per side
-# fit, as every crop of a 384 px prepared image at 224 px does; larger ones are resized on
-# the host. Its square is the upload per sample (602 KB at 224 px) and the resize's cost.
+# Bucket side / image_size: every crop of a 384 px prepared image at 224 px fits; its square
+# is the upload per sample (602 KB at 224 px) and the resize's cost.
 BUCKET_RATIO = 2
 KEYS = ("region", "box", "extent", "flip")  # a device-resize host batch's keys (and label)
 
 
 def resolve(resize: str, platform: str) -> str:
-  """data.resize for devices of `platform`: 'auto' is 'device' on GPU and TPU (matmuls
-  are cheap there, host cores are the limit) and 'host' on CPU (where the "device" is the
-  host's cores, and Pillow's fixed-point resize is the cheaper one)."""
+  """data.resize for devices of `platform`: 'auto' is 'host' on CPU (Pillow's fixed-point
+  resize is cheaper on the same cores), else 'device' (host cores are the limit)."""
   if resize != "auto":
     return resize
   return "host" if platform == "cpu" else "device"
@@ -47,11 +45,8 @@ def span(start: float, length: float, size: int, out_size: int) -> tuple[int, in
 
 
 def cut_regions(array_HWC: np.ndarray, boxes_K4, image_size: int, out_KPPC: np.ndarray):
-  """Cut each box's region of one image into out_KPPC[k] (zeros past the region).
-
-  boxes_K4: float (top, left, height, width) in array_HWC's pixels. Returns the boxes in
-  their regions' pixels, float32 (K, 4), and the regions' extents, int32 (K, 2).
-  """
+  """Cut each box (K, 4) of one image into its region out_KPPC[k] (zeros past it); returns
+  the boxes in their regions' pixels, float32 (K, 4), and the extents, int32 (K, 2)."""
   height, width, _ = array_HWC.shape
   side = out_KPPC.shape[1]
   boxes, extents = np.zeros((len(boxes_K4), 4), np.float32), np.zeros((len(boxes_K4), 2),

@@ -38,12 +38,10 @@ def read_manifest(root: str) -> dict:
   if not paths.isfile(path):
     started = paths.isdir(root) and any(n.endswith((".array_record", ".done.json"))
                                         for n in paths.listdir(root))
-    raise DatasetError(
-        f"data.data_dir={root}: " + ("half-written prepared dataset (no manifest.json); "
-                                     "rerun `python -m mae_jax.prepare` with the same "
-                                     "arguments to finish it" if started else
-                                     "not a prepared dataset (no manifest.json); make one "
-                                     "with `python -m mae_jax.prepare --out DIR ...`"))
+    why = ("half-written prepared dataset (no manifest.json); rerun `python -m mae_jax.prepare`"
+           " with the same arguments to finish it" if started else "not a prepared dataset (no "
+           "manifest.json); make one with `python -m mae_jax.prepare --out DIR ...`")
+    raise DatasetError(f"data.data_dir={root}: {why}")
   try:
     manifest = json.loads(paths.read_text(path))
   except (OSError, ValueError) as e:

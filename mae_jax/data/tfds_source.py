@@ -1,8 +1,5 @@
-"""Any TFDS image dataset read through `tfds.data_source` (array_record files, no TensorFlow).
-
-Preparing a dataset needs TensorFlow (the optional extra); reading does not. Prepare once,
-before training (`tfds build NAME --file_format=array_record`), not from every host.
-"""
+"""Any TFDS image dataset read through `tfds.data_source` (array_record files). Reading
+needs no TensorFlow; preparing does (`tfds build NAME --file_format=array_record`, once)."""
 import functools
 
 import numpy as np
