@@ -84,8 +84,7 @@ def turbo_for_boxes(jpeg: bytes, draws_KD, augment, image_size: int, crop_scale,
     if colorspace not in ("YCbCr", "Gray", "RGB"):
       return None
     boxes = crop_boxes(height, width, draws_KD, augment, image_size, crop_scale)
-    s = draft_scale(width, height, draft_size(width, height, boxes, image_size) if draft
-                    else None)
+    s = draft_scale(width, height, draft_size(width, height, boxes, image_size) if draft else None)
     array = simplejpeg.decode_jpeg(jpeg, "RGB", min_height=-(-height // s),
                                    min_width=-(-width // s))
   except ValueError:

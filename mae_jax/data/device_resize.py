@@ -40,8 +40,7 @@ def span(start: float, length: float, size: int, out_size: int) -> tuple[int, in
   """[lo, hi) of the pixels of an axis of `size` that resampling [start, start + length) to
   out_size reaches (the kernel's support, widened when shrinking, plus one pixel)."""
   support = 2 * max(length / out_size, 1.0)
-  return max(math.floor(start - support) - 1, 0), min(math.ceil(start + length + support) + 1,
-                                                      size)
+  return max(math.floor(start - support) - 1, 0), min(math.ceil(start + length + support) + 1, size)
 
 
 def cut_regions(array_HWC: np.ndarray, boxes_K4, image_size: int, out_KPPC: np.ndarray):
@@ -49,8 +48,7 @@ def cut_regions(array_HWC: np.ndarray, boxes_K4, image_size: int, out_KPPC: np.n
   the boxes in their regions' pixels, float32 (K, 4), and the extents, int32 (K, 2)."""
   height, width, _ = array_HWC.shape
   side = out_KPPC.shape[1]
-  boxes, extents = np.zeros((len(boxes_K4), 4), np.float32), np.zeros((len(boxes_K4), 2),
-                                                                      np.int32)
+  boxes, extents = np.zeros((len(boxes_K4), 4), np.float32), np.zeros((len(boxes_K4), 2), np.int32)
   for k, (top, left, h, w) in enumerate(np.asarray(boxes_K4, np.float64).tolist()):
     r0, r1 = span(top, h, height, image_size)
     c0, c1 = span(left, w, width, image_size)
@@ -72,8 +70,7 @@ def resize_regions(region_BPPC, box_B4, extent_B2, flip_B, image_size: int):
   hi = jax.lax.Precision.HIGHEST  # float32 matmuls: no TF32 / bf16 passes on GPU or TPU
   cols_BSW = augment_lib.resize_weights(box_B4[:, 1], box_B4[:, 3], p_w, image_size,
                                         extent_B2[:, 1], xp=jnp)
-  x_BHSC = jnp.einsum("bsw,bhwc->bhsc", cols_BSW, region_BPPC.astype(jnp.float32),
-                      precision=hi)
+  x_BHSC = jnp.einsum("bsw,bhwc->bhsc", cols_BSW, region_BPPC.astype(jnp.float32), precision=hi)
   x_BHSC = jnp.clip(jnp.floor(x_BHSC + 0.5), 0, 255)
   rows_BTH = augment_lib.resize_weights(box_B4[:, 0], box_B4[:, 2], p_h, image_size,
                                         extent_B2[:, 0], xp=jnp)
@@ -84,8 +81,7 @@ def resize_regions(region_BPPC, box_B4, extent_B2, flip_B, image_size: int):
 
 def crops_of(batch: dict, image_size: int) -> dict:
   """A device-resize batch -> the host path's {'image': uint8 (B, S, S, C), 'label'}."""
-  image = resize_regions(batch["region"], batch["box"], batch["extent"], batch["flip"],
-                         image_size)
+  image = resize_regions(batch["region"], batch["box"], batch["extent"], batch["flip"], image_size)
   return {"image": image, **{k: v for k, v in batch.items() if k not in KEYS}}
 
 

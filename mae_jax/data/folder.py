@@ -66,8 +66,7 @@ class FolderSource(EncodedSource):
         if self.strict:
           raise DatasetError(f"{e} (data.strict=True)") from e
         self.skip(self.paths[i], str(e).split(": ", 1)[-1])
-    raise DatasetError(f"none of the {len(self)} images ({self.paths[0]}, ...) can be "
-                       "decoded")
+    raise DatasetError(f"none of the {len(self)} images ({self.paths[0]}, ...) can be decoded")
 
   def skip(self, path: str, reason: str) -> None:
     with self._lock:
@@ -75,8 +74,7 @@ class FolderSource(EncodedSource):
         return
       self.skipped[path] = reason
       count = len(self.skipped)
-    logging.warning("%s: skipped (%s); %d unreadable image(s) skipped so far", path, reason,
-                    count)
+    logging.warning("%s: skipped (%s); %d unreadable image(s) skipped so far", path, reason, count)
 
 
 def unreadable(path: str) -> str | None:
@@ -102,16 +100,13 @@ def images_under(directory: str) -> list[str]:
   if paths_lib.is_gcs(directory):
     return sorted(paths_lib.join(directory, rel) for rel in paths_lib.walk_files(directory)
                   if is_image(os.path.basename(rel)))
-  found = [os.path.join(d, f) for d, _, files in os.walk(directory, followlinks=True)
-           for f in files if is_image(f)]
-  return sorted(found)
+  return sorted(os.path.join(d, f) for d, _, files in os.walk(directory, followlinks=True)
+                for f in files if is_image(f))
 
 
 def split_dir(root: str, split: str) -> tuple[str, bool]:
-  """(the folder that holds `split`, whether the split is a hold-out of it).
-
-  root/test (or val, validation) for the test split where there is one; else root/train,
-  or the root itself where it has no split folders, for both splits, held out."""
+  """(the folder that holds `split`, whether the split is a hold-out of it): root/test (or
+  val, validation) for test, else root/train or, without split folders, root, held out."""
   test_folders = [d for d in SPLIT_DIRS["test"] if paths_lib.isdir(paths_lib.join(root, d))]
   if split == "test" and test_folders:
     return paths_lib.join(root, test_folders[0]), False

@@ -130,9 +130,8 @@ def load_prepared(data_config, split: str) -> Source:
                        f"{sorted(splits)})")
   entry = splits[name]
   shard_paths = _on_gcs_errors(root, check_shards, root, name, entry)
-  stats = manifest.get("stats")
-  known = (tuple(stats["mean"]), tuple(stats["std"])) if stats and data_config.channels == 3 \
-      else None
+  stats = manifest.get("stats") if data_config.channels == 3 else None
+  known = (tuple(stats["mean"]), tuple(stats["std"])) if stats else None
   train = None if known or name == "train" else functools.partial(load_prepared, data_config,
                                                                    "train")
   source = PreparedSource(shard_paths, entry["num_examples"], f"{root}/{name}",

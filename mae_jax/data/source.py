@@ -21,10 +21,9 @@ HOLDOUT_MAX = 10_000
 
 
 class Source:
-  """Base of all sources: subclasses define __len__ and get(i) -> (image_HWC, label).
-
-  Stats are `known_stats`, else estimated on first use from `stats_source()` (the training
-  split; None: this source). `note`: how the split was made, e.g. a held-out test split."""
+  """Base of all sources: subclasses define __len__ and get(i) -> (image_HWC, label). Stats
+  are `known_stats`, else estimated on first use from `stats_source()` (the training split;
+  None: this source). `note`: how the split was made, e.g. a held-out test split."""
 
   def __init__(self, *, channels: int, num_classes: int | None,
                known_stats: tuple | None = None,
@@ -198,9 +197,8 @@ def read_error(where: str, error: Exception, width: int = 300) -> DatasetError:
 
 
 def read_record(records, index: int, where: str, remote: bool):
-  """records[index]; where `remote` (gs://), a record ArrayRecord's reader could not read
-  after its own retries (google-cloud-cpp's: up to 15 minutes, not bounded by
-  MAE_JAX_GCS_TIMEOUT_S) is one DatasetError naming it."""
+  """records[index]; on gs:// (`remote`), a record ArrayRecord could not read after its own
+  retries (up to 15 minutes, not MAE_JAX_GCS_TIMEOUT_S) is one DatasetError naming it."""
   try:
     return records[index]
   except RuntimeError as e:  # how ArrayRecord's reader reports every failure
@@ -239,9 +237,8 @@ def stats_for(name: str, channels: int) -> tuple | None:
 
 
 def holdout(n: int, split: str, where: str) -> tuple[np.ndarray, str]:
-  """(indices of `split`, a note saying so) where a dataset's test split is held out of its
-  n training examples: every HOLDOUT_EVERY-th (at most HOLDOUT_MAX, evenly spaced) is test,
-  the rest train. `where` names the data in the note and errors."""
+  """(indices of `split`, a note saying so) where the test split is held out of n training
+  examples: every HOLDOUT_EVERY-th (at most HOLDOUT_MAX) is test; `where` names the data."""
   if n < 2:
     raise DatasetError(f"{where}: {n} image(s); a dataset without a test split needs at "
                        "least 2, one to hold out for the test split")
@@ -262,9 +259,7 @@ def estimate_stats(source: Source, count: int = STATS_EXAMPLES):
   """Per-channel mean and std over all pixels of up to `count` evenly spaced images."""
   if len(source) == 0:
     raise DatasetError("cannot estimate normalisation stats of an empty split")
-  sums = np.zeros(source.channels)
-  squares = np.zeros(source.channels)
-  pixels = 0
+  sums, squares, pixels = np.zeros(source.channels), np.zeros(source.channels), 0
   for i in evenly_spaced(len(source), count):
     image = source[int(i)]["image"].reshape(-1, source.channels).astype(np.float64) / 255.0
     sums += image.sum(0)

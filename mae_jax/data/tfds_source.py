@@ -5,8 +5,7 @@ import functools
 import numpy as np
 
 from mae_jax import paths
-from mae_jax.data.source import (DatasetError, Source, convert_channels, read_record,
-                                 stats_for)
+from mae_jax.data.source import DatasetError, Source, convert_channels, read_record, stats_for
 
 # Our split name -> TFDS split names to try in order (imagenet2012 has no 'test').
 SPLIT_CANDIDATES = {"train": ("train",), "test": ("test", "validation")}
