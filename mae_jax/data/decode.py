@@ -1,10 +1,7 @@
-"""Decode only what a training crop needs, from an encoded image (a file or its bytes).
-
-The boxes are drawn on the size in the header; a JPEG is then decoded scaled down by 2, 4
-or 8 in the DCT domain (PIL's `draft`) as far as its smallest crop keeps `image_size` pixels
-per side (docs/benchmarks.md), once for all crops of the image. RGB and gray JPEGs decoded
-to RGB go through libjpeg-turbo (simplejpeg: the same scale and pixels, no copy). With draft
-off the crops are exactly those of `decode` then augment.augment_batch."""
+"""Decode only what a training crop needs, from an encoded image (a file or its bytes): boxes
+drawn on the header's size, then a JPEG decoded once for all its crops, scaled down in the
+DCT domain (PIL's `draft`) as far as its smallest crop keeps `image_size` pixels per side.
+With draft off the crops are exactly those of `decode` then augment.augment_batch."""
 import io
 import math
 

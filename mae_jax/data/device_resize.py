@@ -1,11 +1,7 @@
-"""Training crops resized on the accelerator (data.resize='device'; docs/benchmarks.md).
-
-Pillow's resize is most of the host's work per sample, so the host only cuts each box (the
-same draws as the host path) with the pixels its bicubic kernel reaches into a bucket of
-BUCKET_RATIO * image_size per side; the accelerator resizes it with PIL's weights (horizontal
-pass then vertical, rounded between) as two batched matmuls, and flips. Pixels agree with
-Pillow's to a level, except where Pillow resizes vertically first (a few levels). A region
-larger than the bucket is resized on the host and sent as an aligned box, copied unchanged.
+"""Training crops resized on the accelerator (data.resize='device'; docs/benchmarks.md): the
+host only cuts each box with the pixels its bicubic kernel reaches into a bucket, and the
+accelerator resizes it with PIL's weights as two batched matmuls (a region too large for
+the bucket is resized on the host and sent as an aligned box, which that copies unchanged).
 
 Host batch: region uint8 (B, P, P, C), box float32 (B, 4) (top, left, height, width in the
 region's pixels), extent int32 (B, 2) (the region's valid height and width; the rest is

@@ -1,10 +1,7 @@
-"""A folder of images: root/<split>/<class>/*, root/<class>/*, or flat files (label -1).
-
-Labels index the sorted class folders. Without a test folder, a test split is held out
-(source.holdout). Bad files (docs/reliability.md): unopenable ones are left out when listed,
-one that fails to decode is replaced by the next that decodes (so a batch stays a function
-of its step); both counted in `skipped`, or with data.strict the first stops the run. On
-gs:// the folder is listed once and each image fetched when decoded."""
+"""A folder of images: root/<split>/<class>/*, root/<class>/*, or flat files (label -1);
+without a test folder a test split is held out. Bad files (docs/reliability.md): unopenable
+ones are left out when listed, one that fails to decode is replaced by the next that decodes
+(a batch stays a function of its step); both counted in `skipped`, unless data.strict."""
 import functools
 import os
 import threading

@@ -110,8 +110,7 @@ def check_train_args(source, image_size, global_batch_size, augment, crop_scale,
                      f"worker_processes={worker_processes} must be >= 0")
 
 
-def iterate(steps: grain.MapDataset, num_workers: int, worker_processes: int = 0
-            ) -> Iterator[dict]:
+def iterate(steps: grain.MapDataset, num_workers: int, worker_processes: int = 0) -> Iterator[dict]:
   """Iterate in order: num_workers threads make batches ahead (PIL decodes without the GIL;
   0: in the calling thread), in worker_processes processes each (0: in this one)."""
   options = grain.ReadOptions(num_threads=num_workers, prefetch_buffer_size=2 * num_workers)
@@ -173,9 +172,8 @@ def eval_batch(b: int, *, source: Source, part: ProcessSlice, image_size: int) -
   return out
 
 
-def make_eval_batches(source: Source, *, image_size: int, batch_size: int,
-                      process_index: int = 0, process_count: int = 1,
-                      num_workers: int = 0) -> Iterator[dict]:
+def make_eval_batches(source: Source, *, image_size: int, batch_size: int, process_index: int = 0,
+                      process_count: int = 1, num_workers: int = 0) -> Iterator[dict]:
   """One in-order pass: {'image': uint8 (B, S, S, C), 'label': int32 (B,), 'valid': bool (B,)},
   B = batch_size // process_count; the last global batch padded (valid False there)."""
   part = ProcessSlice(batch_size, process_index, process_count)

@@ -1,8 +1,6 @@
-"""A prepared dataset (written by `python -m mae_jax.prepare`; docs/reliability.md 6b):
-shards `{split}-{i:05d}-of-{n:05d}.array_record` of records HEADER + JPEG, in the input's
-order, and `manifest.json`, written last. Each process reads only its records, by random
-access; on gs:// through ArrayRecord's own Cloud Storage reader (google-cloud-cpp: its
-credentials, CLOUD_STORAGE_EMULATOR_ENDPOINT for the tests' fake-gcs-server)."""
+"""A prepared dataset (`python -m mae_jax.prepare`; docs/reliability.md 6b): ArrayRecord
+shards of HEADER + JPEG records in the input's order and `manifest.json`, written last; each
+process reads only its records (on gs://, by ArrayRecord's own Cloud Storage reader)."""
 import functools
 import json
 import os

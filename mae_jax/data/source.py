@@ -25,8 +25,7 @@ class Source:
   are `known_stats`, else estimated on first use from `stats_source()` (the training split;
   None: this source). `note`: how the split was made, e.g. a held-out test split."""
 
-  def __init__(self, *, channels: int, num_classes: int | None,
-               known_stats: tuple | None = None,
+  def __init__(self, *, channels: int, num_classes: int | None, known_stats: tuple | None = None,
                stats_source: Callable[[], "Source"] | None = None, note: str | None = None):
     self.channels = channels
     self.num_classes = num_classes
@@ -88,13 +87,8 @@ class Source:
     image, label = self.get(int(index) % len(self))
     return {"image": image, "label": label}
 
-  @property
-  def mean(self) -> tuple[float, ...]:
-    return self.stats()[0]
-
-  @property
-  def std(self) -> tuple[float, ...]:
-    return self.stats()[1]
+  mean = property(lambda self: self.stats()[0])
+  std = property(lambda self: self.stats()[1])
 
   def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) per channel, estimated once on first use where not known."""
@@ -132,11 +126,9 @@ class Subset(Source):
   """`count` evenly spaced examples of `base` (all of them where it has fewer), or those
   at `indices`; the normalization stats stay the base split's."""
 
-  def __init__(self, base: Source, count: int | None = None, indices=None,
-               note: str | None = None):
-    super().__init__(channels=base.channels, num_classes=base.num_classes,
-                     known_stats=base._stats, stats_source=lambda: base,
-                     note=note or base.note)
+  def __init__(self, base: Source, count: int | None = None, indices=None, note: str | None = None):
+    super().__init__(channels=base.channels, num_classes=base.num_classes, known_stats=base._stats,
+                     stats_source=lambda: base, note=note or base.note)
     self.base = base
     self.indices = evenly_spaced(len(base), count) if indices is None else np.asarray(
         indices, np.int64)
@@ -158,9 +150,8 @@ class Subset(Source):
 
 
 class EncodedSource(Source):
-  """A source of encoded images (files or bytes): subclasses define __len__ and
-  encoded(i) -> (path or bytes, label, name for messages). Training crops decode only what
-  they need (mae_jax.data.decode); `draft` allows JPEG DCT-domain downscaling."""
+  """Encoded images: subclasses define __len__ and encoded(i) -> (path or bytes, label, name
+  for messages). Crops decode only what they need; `draft` allows JPEG DCT downscaling."""
 
   def __init__(self, *, draft: bool = True, **kwargs):
     super().__init__(**kwargs)
