@@ -31,8 +31,7 @@ def to_array(image: Image.Image, channels: int) -> np.ndarray:
   """uint8 (H, W, channels) of any PIL mode: 16-bit gray scaled (PIL's convert would clip),
   float taken to be on [0, 1], alpha dropped, gray <-> RGB as PIL converts."""
   if image.mode in WIDE_MODES:
-    wide = np.asarray(image).astype(np.float64)
-    image = Image.fromarray(np.clip(np.round(wide / 257), 0, 255).astype(np.uint8))
+    image = Image.fromarray(np.clip(np.round(np.asarray(image) / 257), 0, 255).astype(np.uint8))
   elif image.mode == "F":
     image = Image.fromarray(np.clip(np.round(np.asarray(image) * 255), 0, 255).astype(np.uint8))
   array = np.asarray(image.convert(PIL_MODES[channels]))
@@ -135,8 +134,5 @@ def decode_crops(encoded, draws_KD, augment, image_size: int, crop_scale, channe
 
 def runs(indices_B) -> list[tuple[int, int]]:
   """[(start, stop)] of the runs of equal consecutive indices (repeated sampling's groups)."""
-  indices_B = np.asarray(indices_B)
-  if len(indices_B) == 0:
-    return []
-  starts = np.flatnonzero(np.r_[True, indices_B[1:] != indices_B[:-1]])
-  return list(zip(starts.tolist(), np.r_[starts[1:], len(indices_B)].tolist()))
+  bounds = [0, *(np.flatnonzero(np.diff(indices_B)) + 1).tolist(), len(indices_B)]
+  return list(zip(bounds[:-1], bounds[1:])) if len(indices_B) else []

@@ -116,7 +116,11 @@ def load_prepared(data_config, split: str) -> Source:
   """Split `split` of the prepared dataset in data.data_dir (test: its test, val or
   validation split; without one, both splits are held out of train, as for folders)."""
   root = data_config.data_dir
-  if not root or not _is_dir(root):
+  try:  # on gs://: a prefix with objects below it
+    is_dir = bool(root) and _on_gcs_errors(root, paths.isdir, root)
+  except paths.PathError as e:
+    raise DatasetError(f"data.data_dir={e}") from None
+  if not is_dir:
     raise DatasetError(f"data.data_dir={root}: not a directory (data.name='prepared' needs "
                        "the output of `python -m mae_jax.prepare`)")
   manifest = _on_gcs_errors(root, read_manifest, root)
@@ -140,14 +144,6 @@ def load_prepared(data_config, split: str) -> Source:
     return source
   indices, note = holdout(len(source), split, f"data.data_dir={root}")
   return Subset(source, indices=indices, note=note)
-
-
-def _is_dir(root) -> bool:
-  """Whether data.data_dir is a directory (on gs://: a prefix with objects below it)."""
-  try:
-    return _on_gcs_errors(root, paths.isdir, root)
-  except paths.PathError as e:
-    raise DatasetError(f"data.data_dir={e}") from None
 
 
 def _on_gcs_errors(root, fn, *args):

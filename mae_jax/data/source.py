@@ -47,8 +47,7 @@ class Source:
     return [image for image, _ in examples], labels
 
   def crop_batch(self, indices, draws_BD, augment, image_size: int, crop_scale) -> np.ndarray:
-    """Training crops uint8 (B, image_size, image_size, C) of `indices` (row k cropped by
-    draws_BD[k]): here everything decoded, then cropped; EncodedSource decodes less."""
+    """Training crops uint8 (B, S, S, C) of `indices`, row k cropped by draws_BD[k]."""
     images, labels = self.batch(indices)
     return augment_lib.augment_batch(images, draws_BD, augment, image_size, crop_scale), labels
 
@@ -60,16 +59,14 @@ class Source:
     return image, boxes, label
 
   def decoded_runs(self, indices, draws_BD, augment, image_size, crop_scale):
-    """(rows, image, boxes, label) for each run of equal indices (repeated samples): one
-    decode per run."""
+    """(rows, image, boxes, label) per run of equal indices (repeated samples): one decode."""
     for start, stop in decode_lib.runs(indices):
       draws = None if draws_BD is None else draws_BD[start:stop]
       yield (slice(start, stop),
              *self.decoded(int(indices[start]), draws, augment, image_size, crop_scale))
 
   def region_batch(self, indices, draws_BD, augment, image_size: int, crop_scale):
-    """data.resize='device': the crops of crop_batch as regions for the accelerator to
-    resize (device_resize's host batch, without the label) and the labels int32 (B,)."""
+    """data.resize='device': crop_batch's crops as device_resize regions, labels int32 (B,)."""
     indices = np.asarray(indices, np.int64)
     out = device_resize.regions_batch(len(indices), image_size, self.channels)
     labels = np.zeros(len(indices), np.int32)
@@ -93,8 +90,7 @@ class Source:
   def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) per channel, estimated once on first use where not known."""
     if self._stats is None:
-      source = self._stats_source() if self._stats_source else self
-      self._stats = estimate_stats(source)
+      self._stats = estimate_stats(self._stats_source() if self._stats_source else self)
     return self._stats
 
 
