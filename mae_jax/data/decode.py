@@ -34,8 +34,7 @@ def to_array(image: Image.Image, channels: int) -> np.ndarray:
     image = Image.fromarray(np.clip(np.round(np.asarray(image) / 257), 0, 255).astype(np.uint8))
   elif image.mode == "F":
     image = Image.fromarray(np.clip(np.round(np.asarray(image) * 255), 0, 255).astype(np.uint8))
-  array = np.asarray(image.convert(PIL_MODES[channels]))
-  return array[..., None] if array.ndim == 2 else array
+  return np.atleast_3d(np.asarray(image.convert(PIL_MODES[channels])))  # "L": (H, W)
 
 
 def decode(encoded, channels: int, name: str = "image") -> np.ndarray:

@@ -59,9 +59,8 @@ def cut_regions(array_HWC: np.ndarray, boxes_K4, image_size: int, out_KPPC: np.n
 
 
 def resize_regions(region_BPPC, box_B4, extent_B2, flip_B, image_size: int):
-  """uint8 (B, image_size, image_size, C): each box of its region resized with PIL's
-  bicubic weights (horizontal pass, round to uint8, vertical pass, round), mirrored where
-  flip_B. jnp throughout: runs inside a jitted program on the accelerator."""
+  """uint8 (B, S, S, C): each box of its region resized with PIL's bicubic weights (horizontal
+  pass, round, vertical pass, round), mirrored where flip_B; jnp, inside a jitted program."""
   _, p_h, p_w, _ = region_BPPC.shape
   hi = jax.lax.Precision.HIGHEST  # float32 matmuls: no TF32 / bf16 passes on GPU or TPU
   cols_BSW = augment_lib.resize_weights(box_B4[:, 1], box_B4[:, 3], p_w, image_size,

@@ -22,9 +22,7 @@ class FolderSource(EncodedSource):
   def __init__(self, paths: list[str], labels: list[int], *, strict: bool = False,
                skipped: dict | None = None, **kwargs):
     super().__init__(**kwargs)
-    self.paths = paths
-    self.labels = labels
-    self.strict = strict
+    self.paths, self.labels, self.strict = paths, labels, strict
     self.skipped = dict(skipped or {})  # path -> why; grows as files fail to decode
     self.listed_unreadable = len(self.skipped)  # left out of `paths` while listing
     self._lock = threading.Lock()

@@ -2,9 +2,8 @@
 
 The global batch of step s is a pure function of (seed, s): slice b of epoch e's permutation
 (seeded by (seed, e)), row k augmented by draws seeded by (seed, s), process p taking rows
-[p*L, (p+1)*L). So nothing depends on the process or worker count, and a run resumed at
-step k gives what a run from step 0 gives from k on. repeat_samples = r: G // r examples,
-each on r neighbouring rows with their own draws."""
+[p*L, (p+1)*L); so a resumed run, or any process or worker count, gives the same batches.
+repeat_samples = r: G // r examples, each on r neighbouring rows with their own draws."""
 import dataclasses
 import functools
 import sys
@@ -149,9 +148,8 @@ def array_batches(arrays: dict, global_batch_size: int, seed: int, start_step: i
   (seed, e), the remainder dropped; this process's part of each global batch."""
   n = len(next(iter(arrays.values())))
   part = ProcessSlice.of_this_process(global_batch_size).local
-  per_epoch = n // global_batch_size
   for index in range(start_step, sys.maxsize):  # batch `index` feeds step index + 1
-    epoch, b = divmod(index, per_epoch)
+    epoch, b = divmod(index, n // global_batch_size)
     order = np.random.default_rng([seed, epoch]).permutation(n)
     rows = order[b * global_batch_size:(b + 1) * global_batch_size][part]
     yield {name: array[rows] for name, array in arrays.items()}

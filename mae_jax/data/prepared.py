@@ -89,9 +89,7 @@ class PreparedSource(EncodedSource):
 
   def __init__(self, paths: list[str], num_examples: int, name: str, **kwargs):
     super().__init__(**kwargs)
-    self.paths = paths
-    self.num_examples = num_examples
-    self.name = name
+    self.paths, self.num_examples, self.name = paths, num_examples, name
     self._records = None  # opened on first use, so worker processes open their own
 
   def __getstate__(self):
@@ -113,8 +111,8 @@ class PreparedSource(EncodedSource):
 
 
 def load_prepared(data_config, split: str) -> Source:
-  """Split `split` of the prepared dataset in data.data_dir (test: its test, val or
-  validation split; without one, both splits are held out of train, as for folders)."""
+  """`split` of the prepared dataset in data.data_dir (test: test, val or validation split,
+  else held out of train as for folders)."""
   root = data_config.data_dir
   try:  # on gs://: a prefix with objects below it
     is_dir = bool(root) and _on_gcs_errors(root, paths.isdir, root)

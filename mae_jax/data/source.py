@@ -27,8 +27,7 @@ class Source:
 
   def __init__(self, *, channels: int, num_classes: int | None, known_stats: tuple | None = None,
                stats_source: Callable[[], "Source"] | None = None, note: str | None = None):
-    self.channels = channels
-    self.num_classes = num_classes
+    self.channels, self.num_classes = channels, num_classes
     self._stats = known_stats
     self._stats_source = stats_source
     self.note = note
@@ -40,8 +39,7 @@ class Source:
     raise NotImplementedError
 
   def batch(self, indices) -> tuple[list[np.ndarray] | np.ndarray, np.ndarray]:
-    """Images of `indices` (a list of uint8 (H, W, C); ArraySource: one (B, H, W, C) array)
-    and their labels int32 (B,)."""
+    """Images of `indices` (a list of uint8 (H, W, C), or one array) and labels int32 (B,)."""
     examples = [self.get(int(i)) for i in indices]
     labels = np.array([label for _, label in examples], np.int32).reshape(len(examples))
     return [image for image, _ in examples], labels
@@ -104,8 +102,7 @@ class ArraySource(Source):
                          f"{images_NHWC.dtype} {images_NHWC.shape}")
     if len(labels_N) != len(images_NHWC):
       raise DatasetError(f"{len(images_NHWC)} images but {len(labels_N)} labels")
-    self.images = images_NHWC
-    self.labels = np.asarray(labels_N, np.int64)
+    self.images, self.labels = images_NHWC, np.asarray(labels_N, np.int64)
 
   def __len__(self) -> int:
     return len(self.images)
@@ -119,8 +116,7 @@ class ArraySource(Source):
 
 
 class Subset(Source):
-  """`count` evenly spaced examples of `base` (all of them where it has fewer), or those
-  at `indices`; the normalization stats stay the base split's."""
+  """`count` evenly spaced examples of `base`, or those at `indices`, with the base's stats."""
 
   def __init__(self, base: Source, count: int | None = None, indices=None, note: str | None = None):
     super().__init__(channels=base.channels, num_classes=base.num_classes, known_stats=base._stats,

@@ -21,9 +21,7 @@ class TfdsSource(Source):
   def __init__(self, data_source, image_key: str, label_key: str | None, where: str = "",
                remote: bool = False, **kwargs):
     super().__init__(**kwargs)
-    self.data_source = data_source
-    self.image_key = image_key
-    self.label_key = label_key
+    self.data_source, self.image_key, self.label_key = data_source, image_key, label_key
     self.where = where  # names the split in errors
     self.remote = remote  # on gs://: a failed read is one DatasetError
 
@@ -32,8 +30,7 @@ class TfdsSource(Source):
 
   def get(self, index):
     example = read_record(self.data_source, index, self.where, self.remote)
-    image = np.asarray(example[self.image_key], np.uint8)
-    image = image[..., None] if image.ndim == 2 else image
+    image = np.atleast_3d(np.asarray(example[self.image_key], np.uint8))  # (H, W) -> (H, W, 1)
     label = int(example[self.label_key]) if self.label_key else -1
     return convert_channels(image, self.channels), label
 
@@ -108,8 +105,7 @@ def load_tfds(data_config, split: str, name: str | None = None) -> TfdsSource:
   train = None if stats or split == "train" else functools.partial(
       load_tfds, data_config, "train", name=name)
   num_classes = builder.info.features[label_key].num_classes if label_key else None
-  return TfdsSource(data_source, image_key, label_key,
+  return TfdsSource(data_source, image_key, label_key, known_stats=stats, stats_source=train,
                     where=f"data.name={name!r} split {tfds_split!r} in {data_config.data_dir}",
                     remote=paths.is_gcs(data_config.data_dir or ""),
-                    channels=data_config.channels, num_classes=num_classes,
-                    known_stats=stats, stats_source=train)
+                    channels=data_config.channels, num_classes=num_classes)
