@@ -1,6 +1,5 @@
-"""Crop boxes (random-resized, centre) computed for a whole batch in numpy; PIL resizes.
-A box is (top, left, height, width) in source pixels; random ones come from per-example
-uniform draws (B, NUM_DRAWS), so the caller decides what seeds them."""
+"""Crop boxes (top, left, height, width) for a whole batch in numpy, random ones from uniform
+draws (B, NUM_DRAWS) that the caller seeds; resizes as PIL's bicubic."""
 import dataclasses
 
 import numpy as np

@@ -111,8 +111,7 @@ class PreparedSource(EncodedSource):
 
 
 def load_prepared(data_config, split: str) -> Source:
-  """`split` of the prepared dataset in data.data_dir (test: test, val or validation split,
-  else held out of train as for folders)."""
+  """`split` of the prepared dataset in data.data_dir (test: test/val/validation, else held out)."""
   root = data_config.data_dir
   try:  # on gs://: a prefix with objects below it
     is_dir = bool(root) and _on_gcs_errors(root, paths.isdir, root)

@@ -50,8 +50,7 @@ class Source:
     return augment_lib.augment_batch(images, draws_BD, augment, image_size, crop_scale), labels
 
   def decoded(self, index: int, draws_KD, augment, image_size, crop_scale):
-    """(image uint8 (h, w, C), boxes (K, 4) in its pixels, label) of example `index` for K
-    crops; EncodedSource decodes as small as the boxes allow."""
+    """(image uint8 (h, w, C), boxes (K, 4) in its pixels, label) of example `index`, K crops."""
     image, label = self.get(index)
     boxes = decode_lib.crop_boxes(*image.shape[:2], draws_KD, augment, image_size, crop_scale)
     return image, boxes, label
