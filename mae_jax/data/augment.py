@@ -1,8 +1,5 @@
-"""Crop boxes (random-resized, centre) computed for a whole batch in numpy; PIL resizes.
-
-A box is (top, left, height, width) in source pixels. Random boxes come from per-example
-uniform draws (B, NUM_DRAWS), so the caller decides what seeds them.
-"""
+"""Crop boxes (top, left, height, width) for a whole batch in numpy, random ones from uniform
+draws (B, NUM_DRAWS) that the caller seeds; resizes as PIL's bicubic."""
 import dataclasses
 
 import numpy as np
@@ -20,11 +17,8 @@ NUM_DRAWS = 2 * ATTEMPTS + 3
 
 def random_resized_crop_boxes(sizes_B2: np.ndarray, draws_BD: np.ndarray,
                               scale: tuple[float, float], ratio=RATIO) -> np.ndarray:
-  """torchvision's RandomResizedCrop.get_params, vectorised: int boxes (B, 4).
-
-  sizes_B2: (height, width) of each image. Per example, the first of ATTEMPTS (area, aspect)
-  draws that fits wins; where none fits, the centre crop clamped to `ratio`.
-  """
+  """torchvision's RandomResizedCrop.get_params, vectorised: int boxes (B, 4) of images of
+  sizes_B2 (height, width). The first of ATTEMPTS draws that fits wins, else the fallback."""
   height, width = (sizes_B2[:, k:k + 1].astype(np.float64) for k in (0, 1))
   area = height * width * (scale[0] + (scale[1] - scale[0]) * draws_BD[:, SCALE])
   log_lo, log_hi = np.log(ratio[0]), np.log(ratio[1])
@@ -36,20 +30,13 @@ def random_resized_crop_boxes(sizes_B2: np.ndarray, draws_BD: np.ndarray,
   height, width = height[:, 0], width[:, 0]
   top = np.floor(draws_BD[:, TOP] * (height - h + 1))
   left = np.floor(draws_BD[:, LEFT] * (width - w + 1))
-  fb_h, fb_w = fallback_crop(height, width, ratio)
   found = fits_BA.any(1)
-  h, w = np.where(found, h, fb_h), np.where(found, w, fb_w)
+  in_ratio = width / height  # the fallback: the whole image, clamped to the aspect range
+  h = np.where(found, h, np.where(in_ratio < ratio[0], np.round(width / ratio[0]), height))
+  w = np.where(found, w, np.where(in_ratio > ratio[1], np.round(height * ratio[1]), width))
   top = np.where(found, top, (height - h) // 2)
   left = np.where(found, left, (width - w) // 2)
   return np.stack([top, left, h, w], 1).astype(np.int64)
-
-
-def fallback_crop(height, width, ratio):
-  """(h, w) of torchvision's fallback: the whole image, clamped to the aspect range."""
-  in_ratio = width / height
-  h = np.where(in_ratio < ratio[0], np.round(width / ratio[0]), height)  # too tall
-  w = np.where(in_ratio > ratio[1], np.round(height * ratio[1]), width)  # too wide
-  return h, w
 
 
 def center_boxes(sizes_B2: np.ndarray, image_size: int) -> np.ndarray:
@@ -62,13 +49,27 @@ def center_boxes(sizes_B2: np.ndarray, image_size: int) -> np.ndarray:
   return np.stack([(height - h) / 2, (width - w) / 2, h, w], 1)
 
 
+def crop_boxes(sizes_B2, draws_BD, augment, image_size: int, crop_scale) -> np.ndarray:
+  """Boxes (B, 4) of the crops `augment` makes of images (height, width) sizes_B2."""
+  if augment.random_crop:
+    return random_resized_crop_boxes(sizes_B2, draws_BD, crop_scale)
+  return center_boxes(sizes_B2, image_size)
+
+
+def resize_boxes(array_HWC, boxes_K4, image_size: int) -> np.ndarray:
+  """uint8 (K, image_size, image_size, C): each float box of the image resized bicubically
+  (PIL's resize with a box crops before it resamples)."""
+  channels = array_HWC.shape[-1]
+  pil = Image.fromarray(array_HWC[..., 0] if channels == 1 else array_HWC)  # once for all K
+  return np.stack([np.asarray(pil.resize((image_size,) * 2, RESAMPLE,
+                                         box=(left, top, left + w, top + h)))
+                   for top, left, h, w in boxes_K4.tolist()]).reshape(
+                       -1, image_size, image_size, channels)
+
+
 def crop_resize(image_HWC: np.ndarray, box, size: int) -> np.ndarray:
   """uint8 (H, W, C) -> (size, size, C): the box (top, left, h, w) resized bicubically."""
-  top, left, h, w = (float(v) for v in box)
-  channels = image_HWC.shape[-1]
-  pil = Image.fromarray(image_HWC[..., 0] if channels == 1 else image_HWC)
-  out = np.asarray(pil.resize((size, size), RESAMPLE, box=(left, top, left + w, top + h)))
-  return out.reshape(size, size, channels)
+  return resize_boxes(image_HWC, np.asarray(box, np.float64)[None], size)[0]
 
 
 def cubic(x, xp=np):
@@ -80,11 +81,7 @@ def cubic(x, xp=np):
 def resize_weights(start_B, length_B, in_size: int, out_size: int, extent_B=None, xp=np):
   """(B, out_size, in_size) weights resampling [start, start + length) of each row to
   out_size pixels, as PIL's antialiased bicubic resize (kernel widened when shrinking).
-
-  extent_B: where given, each row's pixels from extent on are padding (zero weight), as
-  PIL clips its kernel at the image's edge. xp: numpy or jax.numpy (the same weights
-  on the host or inside a jitted program).
-  """
+  extent_B: pixels from there on are padding (zero weight, as PIL clips at the edge)."""
   scale_B = (xp.asarray(length_B) / out_size).astype(xp.float32)
   widen_B11 = xp.maximum(scale_B, 1)[:, None, None]
   centers_BO = (xp.asarray(start_B)[:, None].astype(xp.float32)
@@ -123,26 +120,28 @@ AUGMENTS = {
 }
 
 
+def flips(draws_KD, augment, k: int) -> np.ndarray:
+  """bool (K,): which of K crops are mirrored."""
+  if not augment.flip:
+    return np.zeros(k, bool)
+  return draws_KD[:, FLIP] < 0.5
+
+
+def mirror(crops_KSSC: np.ndarray, draws_KD, augment) -> np.ndarray:
+  """The crops, those that flips() picks mirrored in place."""
+  flip = flips(draws_KD, augment, len(crops_KSSC))
+  crops_KSSC[flip] = crops_KSSC[flip, :, ::-1]
+  return crops_KSSC
+
+
 def augment_batch(images, draws_BD: np.ndarray | None, augment: Augment, image_size: int,
                   crop_scale: tuple[float, float] | None) -> np.ndarray:
-  """Images -> uint8 (B, image_size, image_size, C).
-
-  images: one uint8 (B, H, W, C) array (resized in numpy, vectorised) or a list of B uint8
-  (H_i, W_i, C) arrays of any sizes (resized one by one with PIL).
-  """
-  if isinstance(images, np.ndarray):
-    sizes_B2 = np.tile(np.array(images.shape[1:3]), (len(images), 1))
-  else:
-    sizes_B2 = np.array([image.shape[:2] for image in images], np.int64).reshape(-1, 2)
-  if augment.random_crop:
-    boxes = random_resized_crop_boxes(sizes_B2, draws_BD, crop_scale)
-  else:
-    boxes = center_boxes(sizes_B2, image_size)
+  """Images -> uint8 (B, image_size, image_size, C): one uint8 (B, H, W, C) array (resized
+  in numpy, vectorised) or a list of uint8 (H_i, W_i, C) (resized one by one with PIL)."""
+  sizes_B2 = np.array([image.shape[:2] for image in images], np.int64).reshape(-1, 2)
+  boxes = crop_boxes(sizes_B2, draws_BD, augment, image_size, crop_scale)
   if isinstance(images, np.ndarray):
     out = crop_resize_array(images, boxes, image_size)
   else:
     out = np.stack([crop_resize(image, box, image_size) for image, box in zip(images, boxes)])
-  if augment.flip:
-    flip = draws_BD[:, FLIP] < 0.5
-    out[flip] = out[flip, :, ::-1]
-  return out
+  return mirror(out, draws_BD, augment)

@@ -1,18 +1,7 @@
-"""Decode only what a training crop needs, from an encoded image (a file or its bytes).
-
-The crop boxes are computed from the image's size as read from its header, before any pixel
-is decoded. A JPEG is then decoded scaled down by 2, 4 or 8 in the DCT domain (PIL's
-`draft`), as far as the smallest crop of that image still has at least `image_size` pixels
-on each side; the box is resized straight from the decoded pixels (PIL's resize with a `box`
-crops before it resamples), or cut out for the accelerator to resize (device_resize).
-Several crops of one image (repeated sampling) share one decode. RGB and gray JPEGs decoded
-to RGB go through libjpeg-turbo directly (simplejpeg: no PIL image, no copy; the same scale
-and pixels as PIL's draft); everything else through PIL.
-
-With draft off the result is exactly the decode-everything path's (folder.decode then
-augment.augment_batch); with draft on, pixels of downscaled crops differ by the difference
-between DCT-domain and bicubic downscaling.
-"""
+"""Decode only what a training crop needs, from an encoded image (a file or its bytes): boxes
+drawn on the header's size, then a JPEG decoded once for all its crops, scaled down in the
+DCT domain (PIL's `draft`) as far as its smallest crop keeps `image_size` pixels per side.
+With draft off the crops are exactly those of `decode` then augment.augment_batch."""
 import io
 import math
 
@@ -27,6 +16,7 @@ except ImportError:  # an install without it (a GPU machine off the network): PI
 from mae_jax.data import augment as augment_lib
 from mae_jax.data.errors import DatasetError
 
+resize_boxes = augment_lib.resize_boxes  # defined with the other resizes; kept here by name
 PIL_MODES = {1: "L", 3: "RGB"}  # data.channels -> PIL mode decoded to
 JPEG_MAGIC = b"\xff\xd8\xff"
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit gray (PIL: "I" from some PNGs)
@@ -41,17 +31,14 @@ def to_array(image: Image.Image, channels: int) -> np.ndarray:
   """uint8 (H, W, channels) of any PIL mode: 16-bit gray scaled (PIL's convert would clip),
   float taken to be on [0, 1], alpha dropped, gray <-> RGB as PIL converts."""
   if image.mode in WIDE_MODES:
-    wide = np.asarray(image).astype(np.float64)
-    image = Image.fromarray(np.clip(np.round(wide / 257), 0, 255).astype(np.uint8))
+    image = Image.fromarray(np.clip(np.round(np.asarray(image) / 257), 0, 255).astype(np.uint8))
   elif image.mode == "F":
     image = Image.fromarray(np.clip(np.round(np.asarray(image) * 255), 0, 255).astype(np.uint8))
-  array = np.asarray(image.convert(PIL_MODES[channels]))
-  return array[..., None] if array.ndim == 2 else array
+  return np.atleast_3d(np.asarray(image.convert(PIL_MODES[channels])))  # "L": (H, W)
 
 
 def decode(encoded, channels: int, name: str = "image") -> np.ndarray:
-  """The whole image as uint8 (H, W, channels); DatasetError naming `name` if it cannot be
-  decoded."""
+  """The whole image as uint8 (H, W, channels); DatasetError naming `name` if it cannot."""
   try:
     with open_image(encoded) as image:
       image.load()
@@ -61,13 +48,10 @@ def decode(encoded, channels: int, name: str = "image") -> np.ndarray:
 
 
 def crop_boxes(height: int, width: int, draws_KD, augment, image_size: int, crop_scale):
-  """Boxes (K, 4) (top, left, h, w) of K crops of one (height, width) image; draws_KD is
-  None for the deterministic eval box."""
+  """Boxes (K, 4) of K crops of one (height, width) image (draws_KD None: the eval box)."""
   k = 1 if draws_KD is None else len(draws_KD)
   sizes_K2 = np.tile(np.array([[height, width]], np.int64), (k, 1))
-  if augment.random_crop:
-    return augment_lib.random_resized_crop_boxes(sizes_K2, draws_KD, crop_scale)
-  return augment_lib.center_boxes(sizes_K2, image_size)
+  return augment_lib.crop_boxes(sizes_K2, draws_KD, augment, image_size, crop_scale)
 
 
 def draft_size(width: int, height: int, boxes_K4, image_size: int):
@@ -88,17 +72,14 @@ def draft_scale(width: int, height: int, wanted) -> int:
 
 
 def turbo_for_boxes(jpeg: bytes, draws_KD, augment, image_size: int, crop_scale, draft: bool):
-  """decode_for_boxes of an RGB or gray JPEG's bytes decoded to RGB with libjpeg-turbo
-  straight into numpy (simplejpeg: about 1.6x PIL's decode and copy); the same DCT scale
-  as PIL's draft, the same decoder settings, the same pixels. None where it cannot
-  (CMYK, a damaged file: PIL then decodes it or says why not)."""
+  """decode_for_boxes of JPEG bytes to RGB by libjpeg-turbo (about 1.6x PIL's decode and
+  copy; the same pixels), or None where it cannot (CMYK, damage: PIL then tries)."""
   try:
     height, width, colorspace, _ = simplejpeg.decode_jpeg_header(jpeg)
     if colorspace not in ("YCbCr", "Gray", "RGB"):
       return None
     boxes = crop_boxes(height, width, draws_KD, augment, image_size, crop_scale)
-    s = draft_scale(width, height, draft_size(width, height, boxes, image_size) if draft
-                    else None)
+    s = draft_scale(width, height, draft_size(width, height, boxes, image_size) if draft else None)
     array = simplejpeg.decode_jpeg(jpeg, "RGB", min_height=-(-height // s),
                                    min_width=-(-width // s))
   except ValueError:
@@ -117,9 +98,7 @@ def jpeg_bytes(encoded) -> bytes | None:
 def decode_for_boxes(encoded, draws_KD, augment, image_size: int, crop_scale, channels: int,
                      draft: bool, name: str = "image"):
   """(decoded uint8 (h, w, channels), float boxes (K, 4) in its pixels) for K crops of one
-  encoded image: the boxes are drawn on the original size (from the header), the JPEG is
-  decoded as small as draft allows and the boxes scaled to what was decoded. DatasetError
-  naming `name` if the image cannot be decoded."""
+  encoded image, decoded as small as draft allows; DatasetError naming `name` if it cannot."""
   try:
     jpeg = jpeg_bytes(encoded) if channels == 3 and simplejpeg is not None else None
   except OSError as e:
@@ -143,41 +122,16 @@ def decode_for_boxes(encoded, draws_KD, augment, image_size: int, crop_scale, ch
   return array, boxes * np.array([array.shape[0] / height, array.shape[1] / width] * 2)
 
 
-def flips(draws_KD, augment, k: int) -> np.ndarray:
-  """bool (K,): which of K crops are mirrored."""
-  if not augment.flip:
-    return np.zeros(k, bool)
-  return draws_KD[:, augment_lib.FLIP] < 0.5
-
-
-def resize_boxes(array_HWC, boxes_K4, image_size: int) -> np.ndarray:
-  """uint8 (K, image_size, image_size, C): each float box of the image resized bicubically
-  (PIL's resize with a box crops before it resamples)."""
-  channels = array_HWC.shape[-1]
-  pil = Image.fromarray(array_HWC[..., 0] if channels == 1 else array_HWC)  # once for all K
-  return np.stack([np.asarray(pil.resize((image_size,) * 2, augment_lib.RESAMPLE,
-                                         box=(left, top, left + w, top + h)))
-                   for top, left, h, w in boxes_K4.tolist()]).reshape(
-                       -1, image_size, image_size, channels)
-
-
 def decode_crops(encoded, draws_KD, augment, image_size: int, crop_scale, channels: int,
                  draft: bool, name: str = "image") -> np.ndarray:
-  """K crops of one encoded image, resized to uint8 (K, image_size, image_size, channels),
-  flipped where augment.flip and the draw says so. DatasetError naming `name` if the image
-  cannot be decoded."""
+  """K crops of one encoded image, resized and flipped: uint8 (K, image_size, image_size,
+  channels); DatasetError naming `name` if it cannot be decoded."""
   array, boxes = decode_for_boxes(encoded, draws_KD, augment, image_size, crop_scale,
                                   channels, draft, name)
-  out = resize_boxes(array, boxes, image_size)
-  flip = flips(draws_KD, augment, len(out))
-  out[flip] = out[flip, :, ::-1]
-  return out
+  return augment_lib.mirror(resize_boxes(array, boxes, image_size), draws_KD, augment)
 
 
 def runs(indices_B) -> list[tuple[int, int]]:
   """[(start, stop)] of the runs of equal consecutive indices (repeated sampling's groups)."""
-  indices_B = np.asarray(indices_B)
-  if len(indices_B) == 0:
-    return []
-  starts = np.flatnonzero(np.r_[True, indices_B[1:] != indices_B[:-1]])
-  return list(zip(starts.tolist(), np.r_[starts[1:], len(indices_B)].tolist()))
+  bounds = [0, *(np.flatnonzero(np.diff(indices_B)) + 1).tolist(), len(indices_B)]
+  return list(zip(bounds[:-1], bounds[1:])) if len(indices_B) else []

@@ -1,30 +1,15 @@
-"""A folder of images: root/<split>/<class>/*, root/<class>/*, or flat files.
-
-Labels are the index of the class folder in sorted order (-1 for flat files). A folder
-with no test split (only root/train/, or no split folders at all) holds out every tenth
-image of the sorted list as its test split (source.holdout), and says so. Images are
-decoded with PIL lazily, one per `source[i]`, so worker threads decode in parallel. Any
-PIL mode is converted to data.channels: gray, RGB, RGBA (alpha dropped), palette, CMYK,
-and 16-bit images scaled down to 8 bits (PIL's own conversion would clip them).
-
-Bad files: zero-byte and unopenable ones are left out when the folder is listed; one that
-fails to decode is replaced by the next image that decodes (in index order, wrapping), so
-a batch stays a pure function of its step. Both are counted in `source.skipped` and
-logged; with data.strict the first one stops the run instead, naming the file.
-
-data.data_dir may be gs://BUCKET/PATH (mae_jax.paths): the folder is listed once and each
-image is fetched when it is decoded; a zero-byte object is then a file that fails to
-decode (replaced and counted like one).
-"""
+"""A folder of images: root/<split>/<class>/*, root/<class>/*, or flat files (label -1);
+without a test folder a test split is held out. Bad files (docs/reliability.md): unopenable
+ones are left out when listed, one that fails to decode is replaced by the next that decodes
+(a batch stays a function of its step); both counted in `skipped`, unless data.strict."""
 import functools
 import os
 import threading
 
-import numpy as np
 from absl import logging
 
 from mae_jax import paths as paths_lib
-from mae_jax.data import decode as decode_lib, source as source_lib
+from mae_jax.data import source as source_lib
 from mae_jax.data.source import DatasetError, EncodedSource
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -32,18 +17,12 @@ SPLIT_DIRS = {"train": ("train",), "test": ("test", "val", "validation")}
 
 
 class FolderSource(EncodedSource):
-  """Image files decoded with PIL: paths (N,) and labels (N,).
-
-  skipped: {path: reason} of the files left out or replaced so far (shared by threads).
-  """
+  """Image files decoded with PIL: paths (N,) and labels (N,)."""
 
   def __init__(self, paths: list[str], labels: list[int], *, strict: bool = False,
-               skipped: dict | None = None, note: str | None = None, **kwargs):
+               skipped: dict | None = None, **kwargs):
     super().__init__(**kwargs)
-    self.note = note  # how the split was made, where a run should say it (a held-out test)
-    self.paths = paths
-    self.labels = labels
-    self.strict = strict
+    self.paths, self.labels, self.strict = paths, labels, strict
     self.skipped = dict(skipped or {})  # path -> why; grows as files fail to decode
     self.listed_unreadable = len(self.skipped)  # left out of `paths` while listing
     self._lock = threading.Lock()
@@ -58,8 +37,9 @@ class FolderSource(EncodedSource):
     return len(self.paths)
 
   def encoded(self, index):
-    path = self.paths[index]
-    return _local_or_bytes(path), self.labels[index], path
+    path = self.paths[index]  # PIL opens a local path itself; an object on gs:// is read whole
+    return (paths_lib.resolve(path).read_bytes() if paths_lib.is_gcs(path) else path,
+            self.labels[index], path)
 
   def get(self, index):
     """Image `index` as uint8 (H, W, channels), or the next one that decodes."""
@@ -81,8 +61,7 @@ class FolderSource(EncodedSource):
         if self.strict:
           raise DatasetError(f"{e} (data.strict=True)") from e
         self.skip(self.paths[i], str(e).split(": ", 1)[-1])
-    raise DatasetError(f"none of the {len(self)} images ({self.paths[0]}, ...) can be "
-                       "decoded")
+    raise DatasetError(f"none of the {len(self)} images ({self.paths[0]}, ...) can be decoded")
 
   def skip(self, path: str, reason: str) -> None:
     with self._lock:
@@ -90,19 +69,7 @@ class FolderSource(EncodedSource):
         return
       self.skipped[path] = reason
       count = len(self.skipped)
-    logging.warning("%s: skipped (%s); %d unreadable image(s) skipped so far", path, reason,
-                    count)
-
-
-def decode(path: str, channels: int) -> np.ndarray:
-  """The image file at `path` as uint8 (H, W, channels); DatasetError naming it if it
-  cannot be decoded."""
-  return decode_lib.decode(_local_or_bytes(path), channels, path)
-
-
-def _local_or_bytes(path: str):
-  """What PIL opens: a local path as it is, an object on gs:// read whole."""
-  return paths_lib.resolve(path).read_bytes() if paths_lib.is_gcs(path) else path
+    logging.warning("%s: skipped (%s); %d unreadable image(s) skipped so far", path, reason, count)
 
 
 def unreadable(path: str) -> str | None:
@@ -128,16 +95,13 @@ def images_under(directory: str) -> list[str]:
   if paths_lib.is_gcs(directory):
     return sorted(paths_lib.join(directory, rel) for rel in paths_lib.walk_files(directory)
                   if is_image(os.path.basename(rel)))
-  found = [os.path.join(d, f) for d, _, files in os.walk(directory, followlinks=True)
-           for f in files if is_image(f)]
-  return sorted(found)
+  return sorted(os.path.join(d, f) for d, _, files in os.walk(directory, followlinks=True)
+                for f in files if is_image(f))
 
 
 def split_dir(root: str, split: str) -> tuple[str, bool]:
-  """(the folder that holds `split`, whether the split is a hold-out of it).
-
-  root/test (or val, validation) for the test split where there is one; else root/train,
-  or the root itself where it has no split folders, for both splits, held out."""
+  """(the folder that holds `split`, whether the split is a hold-out of it): root/test (or
+  val, validation) for test, else root/train or, without split folders, root, held out."""
   test_folders = [d for d in SPLIT_DIRS["test"] if paths_lib.isdir(paths_lib.join(root, d))]
   if split == "test" and test_folders:
     return paths_lib.join(root, test_folders[0]), False
@@ -159,8 +123,8 @@ def list_examples(directory: str) -> tuple[list[str], list[int], int | None]:
     paths = sorted(paths_lib.join(directory, f) for f in paths_lib.listdir(directory)
                    if is_image(f))
     return paths, [-1] * len(paths), None
-  pairs = [(p, label) for label, files in enumerate(per_class) for p in files]
-  return [p for p, _ in pairs], [label for _, label in pairs], len(per_class)
+  labels = [label for label, files in enumerate(per_class) for _ in files]
+  return [p for files in per_class for p in files], labels, len(per_class)
 
 
 def load_folder(data_config, split: str) -> FolderSource:

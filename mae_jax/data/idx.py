@@ -36,11 +36,8 @@ def read_idx(path: str) -> np.ndarray:
 
 def find_idx(directory: str, name: str) -> str | None:
   """directory/name or directory/name.gz, whichever exists."""
-  for candidate in (name, name + ".gz"):
-    path = os.path.join(directory, candidate)
-    if os.path.isfile(path):
-      return path
-  return None
+  path = os.path.join(directory, name)
+  return next((p for p in (path, path + ".gz") if os.path.isfile(p)), None)
 
 
 def load_idx_split(directory: str, split: str, channels: int) -> ArraySource:

@@ -13,10 +13,8 @@ CHANNELS = (1, 3)
 
 
 def load_source(data_config, split: str) -> Source:
-  """The `split` ('train' or 'test') of the dataset data.name, as a random-access Source.
-
-  data.train_examples (optional; None = all) keeps that many evenly spaced examples of
-  the training split, e.g. for a quick kNN memory bank or linear probe."""
+  """The `split` ('train' or 'test') of the dataset data.name, as a random-access Source;
+  data.train_examples (None: all) keeps that many evenly spaced training examples."""
   if split not in SPLITS:
     raise DatasetError(f"split={split!r}: expected one of {list(SPLITS)}")
   if data_config.channels not in CHANNELS:

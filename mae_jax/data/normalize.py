@@ -1,6 +1,5 @@
-"""On-device input normalization: batches leave the host as uint8 and are standardized
-inside the jitted programs (pretraining, evaluation, fine-tuning) with the dataset's
-per-channel mean and std."""
+"""On-device input normalization: batches leave the host as uint8 and are standardized in
+the jitted programs with the dataset's per-channel mean and std."""
 import jax.numpy as jnp
 
 

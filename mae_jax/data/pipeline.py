@@ -1,14 +1,9 @@
 """Host batches: training (infinite, resumable, augmented) and evaluation (one padded pass).
 
-Exactness contract: the global batch of step s is a pure function of (seed, s). Epoch
-e = s // steps_per_epoch orders the examples by a permutation seeded by (seed, e); the
-global batch is its slice [b*G, (b+1)*G) and process p takes the contiguous part
-[p*L, (p+1)*L), L = G // process_count. Example k of the global batch is augmented with
-draws seeded by (seed, s) at row k, so nothing depends on the process or worker count, and
-starting at step k gives exactly what a run from step 0 gives from step k on. With
-repeat_samples = r the epoch's permutation is cut into G // r examples per step, each on r
-neighbouring rows, which still get their own draws.
-"""
+The global batch of step s is a pure function of (seed, s): slice b of epoch e's permutation
+(seeded by (seed, e)), row k augmented by draws seeded by (seed, s), process p taking rows
+[p*L, (p+1)*L); so a resumed run, or any process or worker count, gives the same batches.
+repeat_samples = r: G // r examples, each on r neighbouring rows with their own draws."""
 import dataclasses
 import functools
 import sys
@@ -23,9 +18,7 @@ from mae_jax.data.source import DatasetError, Source, evenly_spaced
 
 ORDER_STREAM, AUGMENT_STREAM = 0, 1  # keep the two seed streams apart
 PAD_LABEL = -1  # label of eval padding (its 'valid' is False)
-# data.resize: where each training crop is resized to image_size. host: Pillow in the input
-# pipeline; device: the accelerator, from regions the host cuts (mae_jax.data.device_resize).
-RESIZE = ("host", "device")
+RESIZE = ("host", "device")  # data.resize: crops resized by Pillow here, or by device_resize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +50,7 @@ class ProcessSlice:
 @functools.lru_cache(maxsize=4)
 def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   """The order (num_examples,) of the examples in `epoch`: a permutation seeded by it."""
-  rng = np.random.default_rng([seed, ORDER_STREAM, epoch])
-  return rng.permutation(num_examples)
+  return np.random.default_rng([seed, ORDER_STREAM, epoch]).permutation(num_examples)
 
 
 def global_indices(seed: int, step: int, num_examples: int, global_batch_size: int,
@@ -80,10 +72,8 @@ def augment_draws(seed: int, step: int, global_batch_size: int) -> np.ndarray:
 def train_batch(step: int, *, source: Source, part: ProcessSlice, seed: int, image_size: int,
                 augment: augment_lib.Augment, crop_scale, repeat_samples: int = 1,
                 resize: str = "host") -> dict:
-  """This process's part of the global batch of `step`: image uint8 (L, S, S, C), label (L,).
-  Row k is cropped and flipped by its own draws, also where an example repeats.
-  resize='device': the regions of those crops instead of 'image' (device_resize.KEYS), for
-  device_resize.crops_of to finish on the accelerator."""
+  """This process's part of the global batch of `step`: image uint8 (L, S, S, C), label (L,);
+  resize='device': the crops' regions (device_resize.KEYS) instead of 'image'."""
   g = part.global_batch_size
   indices = global_indices(seed, step, len(source), g, repeat_samples)[part.local]
   draws = augment_draws(seed, step, g)[part.local]
@@ -119,12 +109,9 @@ def check_train_args(source, image_size, global_batch_size, augment, crop_scale,
                      f"worker_processes={worker_processes} must be >= 0")
 
 
-def iterate(steps: grain.MapDataset, num_workers: int, worker_processes: int = 0
-            ) -> Iterator[dict]:
-  """Iterate in order; num_workers > 0 threads make batches ahead (PIL decodes without
-  the GIL), 0 makes each batch in the calling thread when it is asked for.
-  worker_processes > 0: that many processes (grain multiprocessing) make whole batches,
-  each with num_workers threads, and hand them back in step order; no GIL shared."""
+def iterate(steps: grain.MapDataset, num_workers: int, worker_processes: int = 0) -> Iterator[dict]:
+  """Iterate in order: num_workers threads make batches ahead (PIL decodes without the GIL;
+  0: in the calling thread), in worker_processes processes each (0: in this one)."""
   options = grain.ReadOptions(num_threads=num_workers, prefetch_buffer_size=2 * num_workers)
   dataset = steps.to_iter_dataset(options)
   if worker_processes > 0:
@@ -140,13 +127,9 @@ def make_train_batches(source: Source, *, image_size: int, global_batch_size: in
                        augment: str = "crop_flip", crop_scale=(0.2, 1.0), start_step: int = 0,
                        num_workers: int = 0, repeat_samples: int = 1,
                        worker_processes: int = 0, resize: str = "host") -> Iterator[dict]:
-  """Infinite iterator of this process's batches from step start_step on.
-
-  Yields {'image': uint8 (G // process_count, S, S, C), 'label': int32 (G // process_count,)}.
-  repeat_samples = k: G // k distinct examples per global batch, k independent crops each.
-  resize='device': 'image' replaced by the crops' regions (device_resize's host batch);
-  device_resize.crops_of makes the same 'image' from them on the accelerator.
-  """
+  """Infinite iterator of this process's batches from step start_step on: {'image': uint8
+  (G // process_count, S, S, C), 'label': int32 (G // process_count,)}; resize='device':
+  regions instead of 'image', which device_resize.crops_of makes on the accelerator."""
   check_train_args(source, image_size, global_batch_size, augment, crop_scale, start_step,
                    num_workers, repeat_samples, worker_processes, resize)
   part = ProcessSlice(global_batch_size, process_index, process_count)
@@ -165,9 +148,8 @@ def array_batches(arrays: dict, global_batch_size: int, seed: int, start_step: i
   (seed, e), the remainder dropped; this process's part of each global batch."""
   n = len(next(iter(arrays.values())))
   part = ProcessSlice.of_this_process(global_batch_size).local
-  per_epoch = n // global_batch_size
   for index in range(start_step, sys.maxsize):  # batch `index` feeds step index + 1
-    epoch, b = divmod(index, per_epoch)
+    epoch, b = divmod(index, n // global_batch_size)
     order = np.random.default_rng([seed, epoch]).permutation(n)
     rows = order[b * global_batch_size:(b + 1) * global_batch_size][part]
     yield {name: array[rows] for name, array in arrays.items()}
@@ -188,9 +170,8 @@ def eval_batch(b: int, *, source: Source, part: ProcessSlice, image_size: int) -
   return out
 
 
-def make_eval_batches(source: Source, *, image_size: int, batch_size: int,
-                      process_index: int = 0, process_count: int = 1,
-                      num_workers: int = 0) -> Iterator[dict]:
+def make_eval_batches(source: Source, *, image_size: int, batch_size: int, process_index: int = 0,
+                      process_count: int = 1, num_workers: int = 0) -> Iterator[dict]:
   """One in-order pass: {'image': uint8 (B, S, S, C), 'label': int32 (B,), 'valid': bool (B,)},
   B = batch_size // process_count; the last global batch padded (valid False there)."""
   part = ProcessSlice(batch_size, process_index, process_count)

@@ -1,31 +1,14 @@
-"""A prepared dataset (written by `python -m mae_jax.prepare`): sharded ArrayRecord files of
-JPEGs at a maximum side, read by random access.
-
-Layout of data.data_dir:
-  manifest.json                        written last: its presence means the dataset is complete
-  {split}-{i:05d}-of-{n:05d}.array_record
-                                       one record per image: HEADER then the JPEG bytes
-Record i of the split is record i - offset of the shard holding it (shards in order), so
-the example order is the input's (an image folder's sorted order, a TFDS split's order)
-with the skipped images left out. Each process reads only the records of its part of each
-batch (pipeline.ProcessSlice), never whole shards.
-
-data.data_dir may be gs://BUCKET/PATH: the manifest and the shard listing are read through
-mae_jax.paths (gcsfs), and the records by ArrayRecord's own Cloud Storage reader (ranged
-reads, so each process still fetches only its records). That reader is google-cloud-cpp's:
-it finds credentials as every Google client library does, and an emulator through
-CLOUD_STORAGE_EMULATOR_ENDPOINT (the tests' fake-gcs-server).
-"""
+"""A prepared dataset (`python -m mae_jax.prepare`; docs/reliability.md 6b): ArrayRecord
+shards of HEADER + JPEG records in the input's order and `manifest.json`, written last; each
+process reads only its records (on gs://, by ArrayRecord's own Cloud Storage reader)."""
 import functools
 import json
 import os
 import struct
 
-import numpy as np
-
 from mae_jax import paths
 from mae_jax.data.source import (DatasetError, EncodedSource, Source, Subset, holdout,
-                                 record_read_error)
+                                 read_error, read_record)
 
 MANIFEST = "manifest.json"
 FORMAT = "mae_jax.prepared/1"
@@ -53,12 +36,10 @@ def read_manifest(root: str) -> dict:
   if not paths.isfile(path):
     started = paths.isdir(root) and any(n.endswith((".array_record", ".done.json"))
                                         for n in paths.listdir(root))
-    raise DatasetError(
-        f"data.data_dir={root}: " + ("half-written prepared dataset (no manifest.json); "
-                                     "rerun `python -m mae_jax.prepare` with the same "
-                                     "arguments to finish it" if started else
-                                     "not a prepared dataset (no manifest.json); make one "
-                                     "with `python -m mae_jax.prepare --out DIR ...`"))
+    why = ("half-written prepared dataset (no manifest.json); rerun `python -m mae_jax.prepare`"
+           " with the same arguments to finish it" if started else "not a prepared dataset (no "
+           "manifest.json); make one with `python -m mae_jax.prepare --out DIR ...`")
+    raise DatasetError(f"data.data_dir={root}: {why}")
   try:
     manifest = json.loads(paths.read_text(path))
   except (OSError, ValueError) as e:
@@ -108,9 +89,7 @@ class PreparedSource(EncodedSource):
 
   def __init__(self, paths: list[str], num_examples: int, name: str, **kwargs):
     super().__init__(**kwargs)
-    self.paths = paths
-    self.num_examples = num_examples
-    self.name = name
+    self.paths, self.num_examples, self.name = paths, num_examples, name
     self._records = None  # opened on first use, so worker processes open their own
 
   def __getstate__(self):
@@ -126,29 +105,19 @@ class PreparedSource(EncodedSource):
     return self._records
 
   def encoded(self, index):
-    label, _, _, jpeg = unpack(self.record(index))
+    record = read_record(self.records(), index, self.name, paths.is_gcs(self.name))
+    label, _, _, jpeg = unpack(record)
     return jpeg, label, f"{self.name} record {index}"
-
-  def record(self, index) -> bytes:
-    """Record `index`; on gs://, a read that fails is one DatasetError naming it."""
-    try:
-      return self.records()[index]
-    except RuntimeError as e:  # how ArrayRecord's reader reports every failure
-      if not paths.is_gcs(self.name):
-        raise
-      raise record_read_error(f"{self.name} record {index}", e) from None
-
-  def batch(self, indices):
-    examples = [self.get(int(i)) for i in indices]
-    return ([image for image, _ in examples],
-            np.array([label for _, label in examples], np.int32).reshape(len(examples)))
 
 
 def load_prepared(data_config, split: str) -> Source:
-  """Split `split` of the prepared dataset in data.data_dir (test: its test, val or
-  validation split; without one, both splits are held out of train, as for folders)."""
+  """`split` of the prepared dataset in data.data_dir (test: test/val/validation, else held out)."""
   root = data_config.data_dir
-  if not root or not _is_dir(root):
+  try:  # on gs://: a prefix with objects below it
+    is_dir = bool(root) and _on_gcs_errors(root, paths.isdir, root)
+  except paths.PathError as e:
+    raise DatasetError(f"data.data_dir={e}") from None
+  if not is_dir:
     raise DatasetError(f"data.data_dir={root}: not a directory (data.name='prepared' needs "
                        "the output of `python -m mae_jax.prepare`)")
   manifest = _on_gcs_errors(root, read_manifest, root)
@@ -160,9 +129,8 @@ def load_prepared(data_config, split: str) -> Source:
                        f"{sorted(splits)})")
   entry = splits[name]
   shard_paths = _on_gcs_errors(root, check_shards, root, name, entry)
-  stats = manifest.get("stats")
-  known = (tuple(stats["mean"]), tuple(stats["std"])) if stats and data_config.channels == 3 \
-      else None
+  stats = manifest.get("stats") if data_config.channels == 3 else None
+  known = (tuple(stats["mean"]), tuple(stats["std"])) if stats else None
   train = None if known or name == "train" else functools.partial(load_prepared, data_config,
                                                                    "train")
   source = PreparedSource(shard_paths, entry["num_examples"], f"{root}/{name}",
@@ -175,14 +143,6 @@ def load_prepared(data_config, split: str) -> Source:
   return Subset(source, indices=indices, note=note)
 
 
-def _is_dir(root) -> bool:
-  """Whether data.data_dir is a directory (on gs://: a prefix with objects below it)."""
-  try:
-    return _on_gcs_errors(root, paths.isdir, root)
-  except paths.PathError as e:
-    raise DatasetError(f"data.data_dir={e}") from None
-
-
 def _on_gcs_errors(root, fn, *args):
   """fn(*args); on gs://, a client error (credentials, network, server) becomes one
   DatasetError naming data.data_dir instead of a traceback from gcsfs or aiohttp."""
@@ -193,6 +153,4 @@ def _on_gcs_errors(root, fn, *args):
   except Exception as e:  # gcsfs, aiohttp, google-auth and ArrayRecord errors
     if not paths.is_gcs(root):
       raise
-    reason = " ".join(str(e).split())[:200]
-    raise DatasetError(f"data.data_dir={root}: cannot read it ({type(e).__name__}: "
-                       f"{reason}); check the bucket, the credentials and the network") from None
+    raise read_error(f"data.data_dir={root}", e, 200) from None

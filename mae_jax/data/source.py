@@ -1,9 +1,5 @@
-"""Random-access sources: the common base, channel conversion and normalisation stats.
-
-A source is one split: `len(source)` examples, `source[i] -> {'image': uint8 (H, W, C),
-'label': int}` (label -1 where there is none), plus `num_classes`, `mean` and `std`
-(per-channel, on [0, 1] pixels).
-"""
+"""Random-access sources: one split, `source[i] -> {'image': uint8 (H, W, C), 'label': int}`
+(-1: no label), with `num_classes` and per-channel `mean`, `std` on [0, 1] pixels."""
 from typing import Callable
 
 import numpy as np
@@ -24,24 +20,17 @@ HOLDOUT_EVERY = 10
 HOLDOUT_MAX = 10_000
 
 
-
-
 class Source:
-  """Base of all sources: subclasses define __len__ and get(i) -> (image_HWC, label).
+  """Base of all sources: subclasses define __len__ and get(i) -> (image_HWC, label). Stats
+  are `known_stats`, else estimated on first use from `stats_source()` (the training split;
+  None: this source). `note`: how the split was made, e.g. a held-out test split."""
 
-  Stats are `known_stats` where given, else estimated lazily from `stats_source()` (the
-  training split; None means this source itself). `note`: how the split was made, where a
-  run should say so (e.g. a test split held out of the training images).
-  """
-  note: str | None = None
-
-  def __init__(self, *, channels: int, num_classes: int | None,
-               known_stats: tuple | None = None,
-               stats_source: Callable[[], "Source"] | None = None):
-    self.channels = channels
-    self.num_classes = num_classes
+  def __init__(self, *, channels: int, num_classes: int | None, known_stats: tuple | None = None,
+               stats_source: Callable[[], "Source"] | None = None, note: str | None = None):
+    self.channels, self.num_classes = channels, num_classes
     self._stats = known_stats
     self._stats_source = stats_source
+    self.note = note
 
   def __len__(self) -> int:
     raise NotImplementedError
@@ -50,29 +39,40 @@ class Source:
     raise NotImplementedError
 
   def batch(self, indices) -> tuple[list[np.ndarray] | np.ndarray, np.ndarray]:
-    """Images of `indices` (a list of uint8 (H, W, C); ArraySource: one (B, H, W, C) array)
-    and their labels int32 (B,)."""
+    """Images of `indices` (a list of uint8 (H, W, C), or one array) and labels int32 (B,)."""
     examples = [self.get(int(i)) for i in indices]
     labels = np.array([label for _, label in examples], np.int32).reshape(len(examples))
     return [image for image, _ in examples], labels
 
   def crop_batch(self, indices, draws_BD, augment, image_size: int, crop_scale) -> np.ndarray:
-    """Training crops uint8 (B, image_size, image_size, C) of `indices` (row k cropped by
-    draws_BD[k]): here everything decoded, then cropped; EncodedSource decodes less."""
+    """Training crops uint8 (B, S, S, C) of `indices`, row k cropped by draws_BD[k]."""
     images, labels = self.batch(indices)
     return augment_lib.augment_batch(images, draws_BD, augment, image_size, crop_scale), labels
 
+  def decoded(self, index: int, draws_KD, augment, image_size, crop_scale):
+    """(image uint8 (h, w, C), boxes (K, 4) in its pixels, label) of example `index`, K crops."""
+    image, label = self.get(index)
+    boxes = decode_lib.crop_boxes(*image.shape[:2], draws_KD, augment, image_size, crop_scale)
+    return image, boxes, label
+
+  def decoded_runs(self, indices, draws_BD, augment, image_size, crop_scale):
+    """(rows, image, boxes, label) per run of equal indices (repeated samples): one decode."""
+    for start, stop in decode_lib.runs(indices):
+      draws = None if draws_BD is None else draws_BD[start:stop]
+      yield (slice(start, stop),
+             *self.decoded(int(indices[start]), draws, augment, image_size, crop_scale))
+
   def region_batch(self, indices, draws_BD, augment, image_size: int, crop_scale):
-    """data.resize='device': the crops of crop_batch as regions for the accelerator to
-    resize (device_resize's host batch, without the label) and the labels int32 (B,)."""
-    images, labels = self.batch(indices)
-    out = device_resize.regions_batch(len(labels), image_size, self.channels)
-    for k, image in enumerate(images):
-      draws = None if draws_BD is None else draws_BD[k:k + 1]
-      boxes = decode_lib.crop_boxes(*image.shape[:2], draws, augment, image_size, crop_scale)
-      out["box"][k:k + 1], out["extent"][k:k + 1] = device_resize.cut_regions(
-          image, boxes, image_size, out["region"][k:k + 1])
-    out["flip"] = decode_lib.flips(draws_BD, augment, len(labels))
+    """data.resize='device': crop_batch's crops as device_resize regions, labels int32 (B,)."""
+    indices = np.asarray(indices, np.int64)
+    out = device_resize.regions_batch(len(indices), image_size, self.channels)
+    labels = np.zeros(len(indices), np.int32)
+    for rows, image, boxes, label in self.decoded_runs(indices, draws_BD, augment, image_size,
+                                                       crop_scale):
+      labels[rows] = label
+      out["box"][rows], out["extent"][rows] = device_resize.cut_regions(
+          image, boxes, image_size, out["region"][rows])
+    out["flip"] = augment_lib.flips(draws_BD, augment, len(indices))
     return out, labels
 
   def __getitem__(self, index: int) -> dict:
@@ -81,19 +81,13 @@ class Source:
     image, label = self.get(int(index) % len(self))
     return {"image": image, "label": label}
 
-  @property
-  def mean(self) -> tuple[float, ...]:
-    return self.stats()[0]
-
-  @property
-  def std(self) -> tuple[float, ...]:
-    return self.stats()[1]
+  mean = property(lambda self: self.stats()[0])
+  std = property(lambda self: self.stats()[1])
 
   def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) per channel, estimated once on first use where not known."""
     if self._stats is None:
-      source = self._stats_source() if self._stats_source else self
-      self._stats = estimate_stats(source)
+      self._stats = estimate_stats(self._stats_source() if self._stats_source else self)
     return self._stats
 
 
@@ -107,8 +101,7 @@ class ArraySource(Source):
                          f"{images_NHWC.dtype} {images_NHWC.shape}")
     if len(labels_N) != len(images_NHWC):
       raise DatasetError(f"{len(images_NHWC)} images but {len(labels_N)} labels")
-    self.images = images_NHWC
-    self.labels = np.asarray(labels_N, np.int64)
+    self.images, self.labels = images_NHWC, np.asarray(labels_N, np.int64)
 
   def __len__(self) -> int:
     return len(self.images)
@@ -122,18 +115,14 @@ class ArraySource(Source):
 
 
 class Subset(Source):
-  """`count` evenly spaced examples of `base` (all of them where it has fewer), or those
-  at `indices`; the normalization stats stay the base split's."""
+  """`count` evenly spaced examples of `base`, or those at `indices`, with the base's stats."""
 
-  def __init__(self, base: Source, count: int | None = None, indices=None,
-               note: str | None = None):
-    super().__init__(channels=base.channels, num_classes=base.num_classes,
-                     stats_source=lambda: base)
-    self._stats = base._stats
+  def __init__(self, base: Source, count: int | None = None, indices=None, note: str | None = None):
+    super().__init__(channels=base.channels, num_classes=base.num_classes, known_stats=base._stats,
+                     stats_source=lambda: base, note=note or base.note)
     self.base = base
     self.indices = evenly_spaced(len(base), count) if indices is None else np.asarray(
         indices, np.int64)
-    self.note = note or base.note
 
   def __len__(self) -> int:
     return len(self.indices)
@@ -152,9 +141,8 @@ class Subset(Source):
 
 
 class EncodedSource(Source):
-  """A source of encoded images (files or bytes): subclasses define __len__ and
-  encoded(i) -> (path or bytes, label, name for messages). Training crops decode only what
-  they need (mae_jax.data.decode); `draft` allows JPEG DCT-domain downscaling."""
+  """Encoded images: subclasses define __len__ and encoded(i) -> (path or bytes, label, name
+  for messages). Crops decode only what they need; `draft` allows JPEG DCT downscaling."""
 
   def __init__(self, *, draft: bool = True, **kwargs):
     super().__init__(**kwargs)
@@ -167,53 +155,38 @@ class EncodedSource(Source):
     encoded, label, name = self.encoded(index)
     return decode_lib.decode(encoded, self.channels, name), label
 
-  def decoded(self, index: int, draws_KD, augment, image_size, crop_scale):
-    """(decoded uint8 (h, w, C), float boxes (K, 4) in its pixels, label) of example
-    `index` for K crops: decoded once, as small as draft allows."""
+  def decoded(self, index, draws_KD, augment, image_size, crop_scale):
     encoded, label, name = self.encoded(index)
     array, boxes = decode_lib.decode_for_boxes(encoded, draws_KD, augment, image_size,
                                                crop_scale, self.channels, self.draft, name)
     return array, boxes, label
 
-  def crops(self, index: int, draws_KD, augment, image_size, crop_scale):
-    """(crops uint8 (K, S, S, C), label) of example `index`, decoded once."""
-    array, boxes, label = self.decoded(index, draws_KD, augment, image_size, crop_scale)
-    out = decode_lib.resize_boxes(array, boxes, image_size)
-    flip = decode_lib.flips(draws_KD, augment, len(out))
-    out[flip] = out[flip, :, ::-1]
-    return out, label
-
   def crop_batch(self, indices, draws_BD, augment, image_size, crop_scale):
     indices = np.asarray(indices, np.int64)
     out = np.zeros((len(indices), image_size, image_size, self.channels), np.uint8)
     labels = np.zeros(len(indices), np.int32)
-    for start, stop in decode_lib.runs(indices):  # equal neighbours: repeated samples
-      draws = None if draws_BD is None else draws_BD[start:stop]
-      out[start:stop], labels[start:stop] = self.crops(int(indices[start]), draws, augment,
-                                                       image_size, crop_scale)
-    return out, labels
-
-  def region_batch(self, indices, draws_BD, augment, image_size, crop_scale):
-    indices = np.asarray(indices, np.int64)
-    out = device_resize.regions_batch(len(indices), image_size, self.channels)
-    labels = np.zeros(len(indices), np.int32)
-    for start, stop in decode_lib.runs(indices):  # one decode for the repeated samples
-      draws = None if draws_BD is None else draws_BD[start:stop]
-      array, boxes, labels[start:stop] = self.decoded(int(indices[start]), draws, augment,
-                                                      image_size, crop_scale)
-      out["box"][start:stop], out["extent"][start:stop] = device_resize.cut_regions(
-          array, boxes, image_size, out["region"][start:stop])
-    out["flip"] = decode_lib.flips(draws_BD, augment, len(indices))
-    return out, labels
+    for rows, array, boxes, label in self.decoded_runs(indices, draws_BD, augment, image_size,
+                                                       crop_scale):
+      out[rows], labels[rows] = augment_lib.resize_boxes(array, boxes, image_size), label
+    return augment_lib.mirror(out, draws_BD, augment), labels
 
 
-def record_read_error(where: str, error: Exception) -> DatasetError:
-  """One line for a record that ArrayRecord's Cloud Storage reader could not read, after
-  its own retries (google-cloud-cpp's: up to 15 minutes, not bounded by
-  MAE_JAX_GCS_TIMEOUT_S), instead of a traceback."""
-  reason = " ".join(str(error).split())[:300]
+def read_error(where: str, error: Exception, width: int = 300) -> DatasetError:
+  """One line instead of a traceback for data on gs:// that cannot be read."""
+  reason = " ".join(str(error).split())[:width]
   return DatasetError(f"{where}: cannot read it ({type(error).__name__}: {reason}); check "
                       "the bucket, the credentials and the network")
+
+
+def read_record(records, index: int, where: str, remote: bool):
+  """records[index]; on gs:// (`remote`), a record ArrayRecord could not read after its own
+  retries (up to 15 minutes, not MAE_JAX_GCS_TIMEOUT_S) is one DatasetError naming it."""
+  try:
+    return records[index]
+  except RuntimeError as e:  # how ArrayRecord's reader reports every failure
+    if not remote:
+      raise
+    raise read_error(f"{where} record {index}", e) from None
 
 
 def convert_channels(image_HWC: np.ndarray, channels: int) -> np.ndarray:
@@ -246,9 +219,8 @@ def stats_for(name: str, channels: int) -> tuple | None:
 
 
 def holdout(n: int, split: str, where: str) -> tuple[np.ndarray, str]:
-  """(indices of `split`, a note saying so) where a dataset's test split is held out of its
-  n training examples: every HOLDOUT_EVERY-th (at most HOLDOUT_MAX, evenly spaced) is test,
-  the rest train. `where` names the data in the note and errors."""
+  """(indices of `split`, a note saying so) where the test split is held out of n training
+  examples: every HOLDOUT_EVERY-th (at most HOLDOUT_MAX) is test; `where` names the data."""
   if n < 2:
     raise DatasetError(f"{where}: {n} image(s); a dataset without a test split needs at "
                        "least 2, one to hold out for the test split")
@@ -269,9 +241,7 @@ def estimate_stats(source: Source, count: int = STATS_EXAMPLES):
   """Per-channel mean and std over all pixels of up to `count` evenly spaced images."""
   if len(source) == 0:
     raise DatasetError("cannot estimate normalisation stats of an empty split")
-  sums = np.zeros(source.channels)
-  squares = np.zeros(source.channels)
-  pixels = 0
+  sums, squares, pixels = np.zeros(source.channels), np.zeros(source.channels), 0
   for i in evenly_spaced(len(source), count):
     image = source[int(i)]["image"].reshape(-1, source.channels).astype(np.float64) / 255.0
     sums += image.sum(0)

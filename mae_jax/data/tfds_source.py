@@ -1,15 +1,11 @@
-"""Any TFDS image dataset read through `tfds.data_source` (array_record files, no TensorFlow).
-
-Preparing a dataset needs TensorFlow (the optional extra); reading does not. Prepare once,
-before training (`tfds build NAME --file_format=array_record`), not from every host.
-"""
+"""Any TFDS image dataset read through `tfds.data_source` (array_record files). Reading
+needs no TensorFlow; preparing does (`tfds build NAME --file_format=array_record`, once)."""
 import functools
 
 import numpy as np
 
 from mae_jax import paths
-from mae_jax.data.source import (DatasetError, Source, convert_channels, record_read_error,
-                                 stats_for)
+from mae_jax.data.source import DatasetError, Source, convert_channels, read_record, stats_for
 
 # Our split name -> TFDS split names to try in order (imagenet2012 has no 'test').
 SPLIT_CANDIDATES = {"train": ("train",), "test": ("test", "validation")}
@@ -25,9 +21,7 @@ class TfdsSource(Source):
   def __init__(self, data_source, image_key: str, label_key: str | None, where: str = "",
                remote: bool = False, **kwargs):
     super().__init__(**kwargs)
-    self.data_source = data_source
-    self.image_key = image_key
-    self.label_key = label_key
+    self.data_source, self.image_key, self.label_key = data_source, image_key, label_key
     self.where = where  # names the split in errors
     self.remote = remote  # on gs://: a failed read is one DatasetError
 
@@ -35,14 +29,8 @@ class TfdsSource(Source):
     return len(self.data_source)
 
   def get(self, index):
-    try:
-      example = self.data_source[index]
-    except RuntimeError as e:  # how ArrayRecord's reader reports every failure
-      if not self.remote:
-        raise
-      raise record_read_error(f"{self.where} record {index}", e) from None
-    image = np.asarray(example[self.image_key], np.uint8)
-    image = image[..., None] if image.ndim == 2 else image
+    example = read_record(self.data_source, index, self.where, self.remote)
+    image = np.atleast_3d(np.asarray(example[self.image_key], np.uint8))  # (H, W) -> (H, W, 1)
     label = int(example[self.label_key]) if self.label_key else -1
     return convert_channels(image, self.channels), label
 
@@ -117,8 +105,7 @@ def load_tfds(data_config, split: str, name: str | None = None) -> TfdsSource:
   train = None if stats or split == "train" else functools.partial(
       load_tfds, data_config, "train", name=name)
   num_classes = builder.info.features[label_key].num_classes if label_key else None
-  return TfdsSource(data_source, image_key, label_key,
+  return TfdsSource(data_source, image_key, label_key, known_stats=stats, stats_source=train,
                     where=f"data.name={name!r} split {tfds_split!r} in {data_config.data_dir}",
                     remote=paths.is_gcs(data_config.data_dir or ""),
-                    channels=data_config.channels, num_classes=num_classes,
-                    known_stats=stats, stats_source=train)
+                    channels=data_config.channels, num_classes=num_classes)
