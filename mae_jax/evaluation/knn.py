@@ -120,8 +120,8 @@ class Monitor:
           "for the kNN monitor; leave knn_every_epochs unset")
     bank = cfg.get("knn_bank_size")  # the recipe's, on a smaller split: the whole split
     checks.check("knn_bank_size" not in explicit or bank <= len(run.train_src), "knn_bank_size",
-              f"{bank} is larger than the {len(run.train_src)} training images; None for "
-              "the whole split")
+                 f"{bank} is larger than the {len(run.train_src)} training images; None for "
+                 "the whole split")
     return cls(run, max(1, round(every * run.durations.steps_per_epoch)))
 
   def due(self, step):

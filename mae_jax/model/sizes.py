@@ -99,30 +99,30 @@ def check(config, explicit=()):
   if kw["image_size"] % kw["patch_size"]:  # blamed on the field the user set
     patch_field = "model.patch_size" if m.get("patch_size") is not None else "model.variant"
     checks.check(patch_field not in explicit or "data.image_size" in explicit, patch_field,
-              f"{m.patch_size if patch_field == 'model.patch_size' else m.variant!r} gives "
-              f"patch size {kw['patch_size']}, which does not divide data.image_size "
-              f"{kw['image_size']}")
+                 f"{m.patch_size if patch_field == 'model.patch_size' else m.variant!r} gives "
+                 f"patch size {kw['patch_size']}, which does not divide data.image_size "
+                 f"{kw['image_size']}")
     checks.check(False, "data.image_size", f"{kw['image_size']} is not a positive multiple of "
-              f"the patch size {kw['patch_size']} ({patch_field})")
+                 f"the patch size {kw['patch_size']} ({patch_field})")
   _check_widths(kw)
   checks.check(checks.is_number(m.mask_ratio) and 0 < m.mask_ratio < 1, "model.mask_ratio",
-            f"{m.mask_ratio} must be in (0, 1)")
+               f"{m.mask_ratio} must be in (0, 1)")
   num_patches = (kw["image_size"] // kw["patch_size"])**2
   checks.check(masking.num_visible(num_patches, m.mask_ratio) >= 1, "model.mask_ratio",
-            f"{m.mask_ratio} leaves no visible patch out of {num_patches}")
+               f"{m.mask_ratio} leaves no visible patch out of {num_patches}")
   stages.check(config, kw["patch_size"])  # config.schedule's sizes and ratios
 
 
 def _check_widths(kw):
   """Widths that the 2D sin-cos embedding and the heads can split."""
   checks.check(kw["width"] % 4 == 0, "model.width",
-            f"{kw['width']} must be divisible by 4 (2D sin-cos)")
+               f"{kw['width']} must be divisible by 4 (2D sin-cos)")
   checks.check(kw["decoder_width"] % 4 == 0, "model.decoder_width",
-            f"{kw['decoder_width']} must be divisible by 4")
+               f"{kw['decoder_width']} must be divisible by 4")
   checks.check(kw["width"] % kw["num_heads"] == 0, "model.num_heads",
-            f"{kw['num_heads']} does not divide width {kw['width']}")
+               f"{kw['num_heads']} does not divide width {kw['width']}")
   checks.check(kw["decoder_width"] % kw["decoder_heads"] == 0, "model.decoder_heads",
-            f"{kw['decoder_heads']} does not divide decoder_width {kw['decoder_width']}")
+               f"{kw['decoder_heads']} does not divide decoder_width {kw['decoder_width']}")
 
 
 # Fields that fix the shapes of the saved parameters and optimizer state: model_kwargs key

@@ -125,13 +125,13 @@ def validate(config, modes):
   """One line for the first field that cannot work, before anything compiles."""
   m = config.model
   checks.check(len(m.features) >= 1 and all(checks.is_int(f) and f >= 1 for f in m.features),
-            "model.features", f"{tuple(m.features)} must be positive integers")
+               "model.features", f"{tuple(m.features)} must be positive integers")
   checks.check(checks.is_number(m.mask_ratio) and 0 < m.mask_ratio < 1, "model.mask_ratio",
-            f"{m.mask_ratio} must be in (0, 1)")
+               f"{m.mask_ratio} must be in (0, 1)")
   factor = 2**(len(m.features) - 1)
   checks.check(config.data.image_size % factor == 0, "data.image_size",
-            f"{config.data.image_size} is not a multiple of {factor} (one 2x2 "
-            "max-pool between each of model.features)")
+               f"{config.data.image_size} is not a multiple of {factor} (one 2x2 "
+               "max-pool between each of model.features)")
   config_lib.validate_data(config)
   config_lib.validate_optim(config)
   config_lib.validate_logging(config)

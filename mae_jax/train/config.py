@@ -17,24 +17,24 @@ def validate_data(config):
   """Data fields: a dataset name, channels, augmentation and its crop range."""
   d = config.data
   checks.check(isinstance(d.name, str) and d.name.strip() != "", "data.name",
-            f"{d.name!r} must name a dataset (fashion_mnist, synthetic, folder or a TFDS name)")
+               f"{d.name!r} must name a dataset (fashion_mnist, synthetic, folder or a TFDS name)")
   checks.check_choice(d.channels, "data.channels", [1, 3])
   checks.check_choice(d.augment, "data.augment", ["none", "crop", "crop_flip"])
   scale = d.crop_scale
   checks.check(isinstance(scale, (tuple, list)) and len(scale) == 2
-            and all(checks.is_number(x) for x in scale) and 0 < scale[0] <= scale[1] <= 1,
-            "data.crop_scale", f"{scale!r} must be (min, max) with 0 < min <= max <= 1")
+               and all(checks.is_number(x) for x in scale) and 0 < scale[0] <= scale[1] <= 1,
+               "data.crop_scale", f"{scale!r} must be (min, max) with 0 < min <= max <= 1")
   checks.check_int(d.num_workers, "data.num_workers", 0)
   checks.check_int(d.get("worker_processes", 0), "data.worker_processes", 0)
   checks.check_int(d.get("repeat_samples", 1), "data.repeat_samples", 1)
   checks.check_choice(d.get("resize", "auto"), "data.resize", ["auto", "host", "device"])
   repeat = d.get("repeat_samples", 1)
   checks.check(not checks.is_int(config.batch_size) or config.batch_size % repeat == 0,
-            "data.repeat_samples",
-            f"{repeat} must divide batch_size={config.batch_size}")
+               "data.repeat_samples",
+               f"{repeat} must divide batch_size={config.batch_size}")
   warn = d.get("input_wait_warn", 0.2)
   checks.check(checks.is_number(warn) and 0 <= warn <= 1, "data.input_wait_warn",
-            f"{warn!r} must be a share of wall time in [0, 1]")
+               f"{warn!r} must be a share of wall time in [0, 1]")
   if d.name == "synthetic":
     checks.check_int(d.synthetic_size, "data.synthetic_size", 1)
 
@@ -42,32 +42,26 @@ def validate_data(config):
 def validate_optim(config):
   """AdamW and schedule fields: finite, in range."""
   o = config.optim
-  checks.check_number(o.base_lr, "optim.base_lr", 0, strict=True)
-  checks.check_number(o.min_lr, "optim.min_lr", 0)
-  checks.check_number(o.weight_decay, "optim.weight_decay", 0)
-  checks.check_number(o.b1, "optim.b1", 0, below=1)
-  checks.check_number(o.b2, "optim.b2", 0, below=1)
-  checks.check_number(o.eps, "optim.eps", 0, strict=True)
-  checks.check_number(o.warmup_epochs, "optim.warmup_epochs", 0)
+  for field, kw in (("base_lr", {"strict": True}), ("min_lr", {}), ("weight_decay", {}),
+                    ("b1", {"below": 1}), ("b2", {"below": 1}), ("eps", {"strict": True}),
+                    ("warmup_epochs", {}), ("grad_clip", {"strict": True, "optional": True})):
+    checks.check_number(o[field], f"optim.{field}", 0, **kw)
   checks.check_int(o.warmup_steps, "optim.warmup_steps", 0, optional=True)
-  checks.check_number(o.grad_clip, "optim.grad_clip", 0, strict=True, optional=True)
 
 
 def validate_run(config):
   """Lengths and intervals of the run."""
   if config.num_steps is None:
     checks.check(checks.is_number(config.num_epochs) and config.num_epochs > 0, "num_epochs",
-              f"{config.num_epochs!r} must be a positive number (or set num_steps)")
-  checks.check_int(config.num_steps, "num_steps", 1, optional=True)
-  checks.check_int(config.stop_after_steps, "stop_after_steps", 1, optional=True)
+                 f"{config.num_epochs!r} must be a positive number (or set num_steps)")
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     checks.check_int(config[field], field, 1)
+  for field in ("num_steps", "stop_after_steps", "vis_every_steps", "knn_bank_size",
+                "knn_test_size"):
+    checks.check_int(config.get(field), field, 1, optional=True)
   checks.check_int(config.num_vis_images, "num_vis_images", 0)
-  checks.check_int(config.get("vis_every_steps"), "vis_every_steps", 1, optional=True)
-  checks.check_int(config.get("knn_bank_size"), "knn_bank_size", 1, optional=True)
-  checks.check_int(config.get("knn_test_size"), "knn_test_size", 1, optional=True)
   checks.check_number(config.get("knn_every_epochs"), "knn_every_epochs", 0,
-                   optional=True)  # 0 or None: off
+                      optional=True)  # 0 or None: off
 
 
 def validate_logging(config):
@@ -77,13 +71,13 @@ def validate_logging(config):
   if project is None:
     return
   checks.check(isinstance(project, str) and project.strip() != "", "logging.wandb",
-            f"{project!r} must name a W&B project (or be None: W&B off)")
+               f"{project!r} must name a W&B project (or be None: W&B off)")
   try:
     importlib.import_module("wandb")
   except Exception as e:  # pylint: disable=broad-except (missing or broken: the same advice)
     checks.check(False, "logging.wandb", f"{project!r} logs to Weights & Biases, but `import "
-              f"wandb` fails ({type(e).__name__}: {e}); install the extra: pip install "
-              "'mae_jax[wandb]' (or leave logging.wandb unset)")
+                 f"wandb` fails ({type(e).__name__}: {e}); install the extra: pip install "
+                 "'mae_jax[wandb]' (or leave logging.wandb unset)")
 
 
 def validate(config, num_devices=None):
@@ -92,18 +86,18 @@ def validate(config, num_devices=None):
   validate_data(config)
   validate_optim(config)
   validate_run(config)
-  mesh_shape(config.mesh, num_devices or jax.device_count())
-  n = data_parallel_size(config.mesh, num_devices or jax.device_count())
+  n = data_parallel_size(config.mesh, num_devices or jax.device_count())  # checks the mesh
   for field in ("batch_size", "eval_batch_size"):
-    checks.check(checks.is_int(config[field]) and config[field] >= 1 and config[field] % n == 0, field,
-              f"{config[field]} is not a positive multiple of the {n} data-parallel devices")
-    checks.check(config[field] % jax.process_count() == 0, field,
-              f"{config[field]} is not divisible by the {jax.process_count()} processes")
+    size = config[field]
+    checks.check(checks.is_int(size) and size >= 1 and size % n == 0, field,
+                 f"{size} is not a positive multiple of the {n} data-parallel devices")
+    checks.check(size % jax.process_count() == 0, field,
+                 f"{size} is not divisible by the {jax.process_count()} processes")
   accum = config.grad_accum_steps
   checks.check(isinstance(accum, int) and accum >= 1, "grad_accum_steps", f"{accum} must be >= 1")
   checks.check(config.batch_size % (accum * n) == 0, "grad_accum_steps",
-            f"batch_size {config.batch_size} is not divisible into {accum} micro-batches "
-            f"over the {n} data-parallel devices")
+               f"batch_size {config.batch_size} is not divisible into {accum} micro-batches "
+               f"over the {n} data-parallel devices")
 
 
 def mesh_shape(mesh_config, num_devices):
@@ -158,23 +152,16 @@ SMOKE = {
 def apply_smoke(config, explicit=()):
   """Shrink any recipe to a seconds-long check. Fields named in `explicit` (the ones given
   on the command line, e.g. --config.num_steps=20) keep their values."""
-  keep = set(explicit)
   with config.unlocked():
-    for path, value in SMOKE.items():
-      if path not in keep:
-        *parents, name = path.split(".")
-        node = config
-        for parent in parents:
-          node = node[parent]
-        node[name] = value
+    config.update_from_flattened_dict({k: v for k, v in SMOKE.items() if k not in explicit})
   return config
 
 
 def check_data_size(config, num_train_examples):
   """An epoch must hold at least one full global batch."""
   checks.check(num_train_examples >= config.batch_size, "batch_size",
-            f"{config.batch_size} is larger than the {num_train_examples} training images of "
-            f"data.name={config.data.name!r} (expected at most {num_train_examples})")
+               f"{config.batch_size} is larger than the {num_train_examples} training images of "
+               f"data.name={config.data.name!r} (expected at most {num_train_examples})")
 
 
 def check_resume(config, saved, workdir, model_shape):

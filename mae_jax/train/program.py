@@ -33,12 +33,6 @@ def jit(fn, mesh, *, in_shardings=None, out_shardings=None, donate_argnums=()):
   return jax.jit(traced, donate_argnums=donate_argnums, **kw)
 
 
-def with_shardings(abstract, shardings):
-  """ShapeDtypeStructs of `abstract` carrying `shardings` (a matching pytree)."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
-
-
 @dataclasses.dataclass
 class Program:
   """A training program on `mesh`.
@@ -68,14 +62,10 @@ class Program:
     """`step_fn(state, batch, rng)` jitted as this program's step: the state in its
     shardings and donated, the batch split over every device, rng and metrics
     replicated."""
-    return jit_step(step_fn, self.mesh, self.state_shardings, self.batch_keys)
-
-
-def jit_step(step_fn, mesh, state_shardings, batch_keys):
-  repl = sharding.replicated(mesh)
-  batch_sh = {k: sharding.batch_sharding(mesh) for k in batch_keys}
-  return jit(step_fn, mesh, in_shardings=(state_shardings, batch_sh, repl),
-             out_shardings=(state_shardings, repl), donate_argnums=0)
+    repl = sharding.replicated(self.mesh)
+    batch = {k: sharding.batch_sharding(self.mesh) for k in self.batch_keys}
+    return jit(step_fn, self.mesh, in_shardings=(self.state_shardings, batch, repl),
+               out_shardings=(self.state_shardings, repl), donate_argnums=0)
 
 
 def build(mesh, init_fn, step_fn, batch_keys=("image", "label"), state_shardings=None):
@@ -88,9 +78,11 @@ def build(mesh, init_fn, step_fn, batch_keys=("image", "label"), state_shardings
   shardings = (state_shardings or sharding.state_shardings)(abstract, mesh)
   init = jit(init_fn, mesh, in_shardings=(sharding.replicated(mesh),),
              out_shardings=shardings)
-  step = jit_step(step_fn, mesh, shardings, tuple(batch_keys))
-  return Program(mesh, with_shardings(abstract, shardings), shardings, init, step,
-                 tuple(batch_keys))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  program = Program(mesh, abstract, shardings, init, None, tuple(batch_keys))
+  program.step = program.jit_step(step_fn)
+  return program
 
 
 @dataclasses.dataclass
@@ -143,10 +135,6 @@ class Pretraining(Program):
                                             sharding.replicated(self.mesh)))
 
 
-def image_shape(config):
-  return (config.data.image_size,) * 2 + (config.data.channels,)
-
-
 def pretraining(config, devices, num_train_examples, norm_stats):
   """The Pretraining program of a validated config over `devices`: the mesh, the model
   for their platform, the optimizer, the state's shardings and the jitted steps."""
@@ -156,7 +144,8 @@ def pretraining(config, devices, num_train_examples, norm_stats):
   stages_lib.check(config, model.patch_size)  # sizes.check's, for callers that skip it
   tx, schedule = optim.make_optimizer(config.optim, config.batch_size, dur.warmup_steps,
                                       dur.total_steps)
-  init = functools.partial(ts.init_state, model, tx, image_shape=image_shape(config))
+  image_shape = (config.data.image_size,) * 2 + (config.data.channels,)
+  init = functools.partial(ts.init_state, model, tx, image_shape=image_shape)
 
   def step_fn(model):  # the train step of `model` (each stage's model is its own)
     return functools.partial(
