@@ -189,21 +189,21 @@ def walk_files(root):
   if not is_gcs(root_p):
     return {os.path.relpath(os.path.join(d, n), root_p): os.path.getsize(os.path.join(d, n))
             for d, _, names in os.walk(root_p) for n in names}
-  fs = gcs_filesystem()
-  prefix = os.fspath(root_p)[len("gs://"):].rstrip("/") + "/"
-  found = fs.find(prefix, detail=True)
-  return {name[len(prefix):]: int(info["size"]) for name, info in found.items()
-          if info.get("type") != "directory" and not name.endswith("/")}
+  return {rel: int(info["size"]) for rel, info in _gcs_objects(root_p).items()}
 
 
 def gcs_checksums(root):
   """{path relative to `root`: base64 CRC-32C} as Cloud Storage computed it on upload
   (returned by a listing: no object is downloaded)."""
-  fs = gcs_filesystem()
+  return {rel: info.get("crc32c") for rel, info in _gcs_objects(root).items()}
+
+
+def _gcs_objects(root):
+  """{path relative to the gs:// `root`: gcsfs's info} of every object below it."""
   prefix = os.fspath(resolve(root))[len("gs://"):].rstrip("/") + "/"
-  return {name[len(prefix):]: info.get("crc32c")
-          for name, info in fs.find(prefix, detail=True).items()
-          if info.get("type") != "directory"}
+  return {name[len(prefix):]: info
+          for name, info in gcs_filesystem().find(prefix, detail=True).items()
+          if info.get("type") != "directory" and not name.endswith("/")}
 
 
 def gcs_filesystem():
