@@ -1,9 +1,6 @@
-"""End-to-end fine-tuning of the encoder as a classifier (paper Sec. A.3).
-
-AdamW (0.9, 0.999) with layer-wise lr decay, warmup then cosine, drop path, label
-smoothing, mixup / cutmix and RandAugment-style ops (on device, inside the jitted step);
-random-resized crop and flip come from the host pipeline (`finetune.augment`).
-The same code fine-tunes from scratch when no pretrained encoder is given.
+"""End-to-end fine-tuning of the encoder as a classifier (paper Sec. A.3), or training it
+from scratch: AdamW with layer-wise lr decay, drop path, label smoothing, mixup / cutmix and
+RandAugment-style ops in the jitted step; crop and flip from the host pipeline.
 """
 import dataclasses
 import functools
@@ -60,8 +57,7 @@ HISTORY_FILE = "history.json"  # test top-1 by step, kept across launches of one
 
 
 class Finetuner:
-  """The classifier, its program (mae_jax.train.program.build) and the loop's Job of one
-  fine-tuning run in a workdir (checkpoints, logs, the classifier at the end)."""
+  """The classifier, its program and the loop's Job of one fine-tuning run."""
 
   def __init__(self, mae_model, cfg, *, train_src, test_src, mesh, seed, image_size,
                eval_batch_size, num_classes):
@@ -144,8 +140,7 @@ class Finetuner:
       self.history = [h for h in json.loads(paths.read_text(saved)) if h["step"] <= restored]
 
   def job(self, workdir, job_config, mae_params, num_workers=0):
-    """The loop's Job: checkpoints, logs and history in `workdir`; `job_config` is what a
-    resume is compared against (mae_jax.tools.evaluate.Evaluation.job_config)."""
+    """The loop's Job in `workdir`; `job_config` is what a resume is compared against."""
     cfg, dur = self.cfg, self.dur
     every = cfg.eval_every_epochs and max(1, round(cfg.eval_every_epochs * dur.steps_per_epoch))
 
@@ -167,9 +162,9 @@ class Finetuner:
         every=((every, functools.partial(self.evaluate, workdir)),) if every else ())
 
   def run(self, workdir, job_config, mae_params, num_workers=0):
-    """Fine-tune in `workdir` (resuming it where it holds checkpoints); returns (results
-    dict, final params), or (None, None) where the job stopped before its end. Test
-    top-1 every eval_every_epochs epochs (if set) and at the end."""
+    """Fine-tune in `workdir` (resuming its checkpoints): (results, final params), or
+    (None, None) where the job stopped early. Test top-1 every eval_every_epochs and at
+    the end."""
 
     def finish(outcome, logger):
       if not self.history or self.history[-1]["step"] != self.dur.total_steps:

@@ -1,9 +1,6 @@
-"""Linear probing (paper Sec. A.2): a linear head on frozen features, trained with LARS.
-
-The head is BatchNorm without affine parameters (the features' scale does not matter)
-followed by a linear layer, as the reference. Features are computed once, without
-augmentation (`features.extract`), so an epoch over them costs almost nothing; the
-reference recomputes them each epoch under RandomResizedCrop + flip.
+"""Linear probing (paper Sec. A.2): BatchNorm without affine parameters + a linear head,
+trained with LARS on frozen features computed once, without augmentation (the reference
+recomputes them each epoch under RandomResizedCrop + flip).
 """
 import functools
 from typing import Any
@@ -12,11 +9,10 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from mae_jax import data
-from mae_jax.evaluation import classifier, optimizers
+from mae_jax.evaluation import classifier, features, optimizers
 from mae_jax.train import config as config_lib, loop, program, sharding
 
 
@@ -78,15 +74,8 @@ def test_top1(state, model, test, mesh, batch_size):
 
   correct = program.jit(correct, mesh, in_shardings=(sharding.replicated(mesh),
                                                      sharding.batch_sharding(mesh)))
-  part = data.ProcessSlice.of_this_process(batch_size).local
-  total = 0
-  for start in range(0, len(feats_MD), batch_size):
-    rows = np.arange(start, start + batch_size)
-    valid = rows < len(feats_MD)
-    rows = np.where(valid, rows, 0)[part]
-    batch = {"x": feats_MD[rows], "label": labels_M[rows], "valid": valid[part]}
-    total += int(correct(state, sharding.global_batch(batch, mesh)))
-  return total / len(feats_MD)
+  batches = features.row_batches({"x": feats_MD, "label": labels_M}, batch_size, mesh)
+  return sum(int(correct(state, b)) for b in batches) / len(feats_MD)
 
 
 def job(train, cfg, *, num_classes, mesh, workdir, job_config):

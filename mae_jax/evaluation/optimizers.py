@@ -1,8 +1,6 @@
-"""LARS for the linear probe and layer-wise lr decay for fine-tuning (paper Sec. A.2, A.3).
-
-Both follow the reference implementation (facebookresearch/mae `util/lars.py`,
-`util/lr_decay.py`), written as optax transforms over our parameter pytrees, where the
-encoder blocks are stacked on a leading layer axis (`blocks/layers/...`, shape (depth, ...)).
+"""LARS for the linear probe and layer-wise lr decay for fine-tuning (paper Sec. A.2, A.3),
+as the reference's `util/lars.py` and `util/lr_decay.py`, over our parameter pytrees (the
+blocks stacked on a leading layer axis: `blocks/layers/...`, shape (depth, ...)).
 """
 import flax
 import jax
@@ -11,8 +9,7 @@ import optax
 
 from mae_jax.train import optim
 
-# Leaves at the bottom of the network for layer-wise decay (layer id 0); blocks are 1..depth,
-# everything else (final norms, head) depth + 1.
+# Leaves at the bottom of the network for layer-wise decay (layer 0).
 EMBED_LEAVES = ("patch_embed", "cls_token", "pos_embed")
 
 
@@ -46,26 +43,16 @@ def lars(learning_rate, momentum=0.9, trust_coefficient=0.001, weight_decay=0.0)
       optax.scale_by_learning_rate(learning_rate))
 
 
-def layer_id(path, depth):
-  """Layer of a parameter (path: tuple of names) for layer-wise decay: 0 for the patch
-  embedding and tokens, depth + 1 for everything above the blocks. Blocks are stacked, so
-  their id is per slice of the leading axis: None here, see layerwise_scales."""
-  if path[0] in EMBED_LEAVES:
-    return 0
-  if path[0] == "blocks":
-    return None
-  return depth + 1
-
-
 def layerwise_scales(params, depth, decay):
-  """Per-leaf lr multipliers decay ** (depth + 1 - layer): a float for unstacked leaves, an
-  array (depth, 1, ..., 1) for the stacked blocks (block i is layer i + 1)."""
+  """Per-leaf lr multipliers decay ** (depth + 1 - layer): layer 0 for the patch embedding
+  and tokens, depth + 1 above the blocks; the stacked blocks (block i is layer i + 1) get
+  an array (depth, 1, ..., 1)."""
   block_scales_L = decay ** (depth - jnp.arange(depth, dtype=jnp.float32))
 
   def scale(path, leaf):
-    layer = layer_id(path, depth)
-    if layer is None:
+    if path[0] == "blocks":
       return block_scales_L.reshape((depth,) + (1,) * (leaf.ndim - 1))
+    layer = 0 if path[0] in EMBED_LEAVES else depth + 1
     return jnp.float32(decay ** (depth + 1 - layer))
 
   flat = flax.traverse_util.flatten_dict(params)
