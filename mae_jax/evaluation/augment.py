@@ -1,8 +1,6 @@
-"""On-device augmentation for fine-tuning: RandAugment-style ops, mixup / cutmix, targets.
-
-jnp on a float batch from an explicit key, so it runs inside the jitted, sharded step.
-RandAugment (Cubuk et al. 2019) as timm applies it; the geometric ops are composed into one
-affine map and resampled once; equalize and invert are left out (docs/evaluation.md).
+"""On-device augmentation for fine-tuning (jnp from an explicit key, inside the jitted step):
+RandAugment as timm applies it, its geometric ops composed into one affine map and resampled
+once (equalize and invert left out); mixup / cutmix; label-smoothed targets.
 """
 import functools
 import math
@@ -59,8 +57,7 @@ def _geometric(op, level, sign, size):
   identity for the colour ops."""
   t, shear = sign * level * math.radians(30), sign * level * 0.3
   shift = sign * level * 0.45 * size
-  cos, sin = jnp.cos(t), jnp.sin(t)
-  matrices = jnp.array([[[cos, -sin, 0], [sin, cos, 0], [0, 0, 1]],
+  matrices = jnp.array([[[jnp.cos(t), -jnp.sin(t), 0], [jnp.sin(t), jnp.cos(t), 0], [0, 0, 1]],
                         [[1, shear, 0], [0, 1, 0], [0, 0, 1]],
                         [[1, 0, 0], [shear, 1, 0], [0, 0, 1]],
                         [[1, 0, shift], [0, 1, 0], [0, 0, 1]],

@@ -1,8 +1,6 @@
-"""The MAE encoder as a classifier for fine-tuning (paper Sec. A.3).
-
-The encoder is the MAE's own `vit.Encoder`, so a pretrained encoder loads by its parameter
-names. Heads: average pooling + `fc_norm` (the reference's default) or the cls token after
-`norm`; `pos_embed` is trained from the sin-cos table, as the reference (or kept fixed).
+"""The MAE encoder as a classifier for fine-tuning (paper Sec. A.3): the MAE's own
+`vit.Encoder`, so a pretrained encoder loads by its parameter names, with average pooling +
+`fc_norm` (the reference's default) or the cls token after `norm`, and a linear head.
 """
 from typing import Any
 

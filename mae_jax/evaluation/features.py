@@ -26,9 +26,8 @@ def features_of(params, images_BHWC, *, model, kind, mean, std):
 
 @functools.lru_cache(maxsize=32)
 def compile_features(model, kind, mean, std, mesh):
-  """features_of jitted once per (model, kind, stats, mesh), so the train and test splits
-  and every kNN-monitor call share one compilation: the params in their training layout
-  on the mesh (pretrained.abstract_params), the batch split over it."""
+  """features_of jitted once per (model, kind, stats, mesh) for both splits and every kNN
+  monitor call: the params in their training layout, the batch split over the mesh."""
   fn = functools.partial(features_of, model=model, kind=kind, mean=mean, std=std)
   params_sharding = jax.tree.map(lambda a: a.sharding, pretrained.abstract_params(model, mesh))
   return program.jit(fn, mesh, in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
@@ -48,11 +47,10 @@ def extract(params, source, *, model, kind, mesh, image_size, batch_size, log=pr
   fetched, pending = [], None  # host (features, labels, valid) per batch; one batch behind
   t0 = time.perf_counter()
   for i, batch in enumerate(batches):
-    global_batch = sharding.global_batch(batch, mesh)
-    current = (fn(params, global_batch["image"]), global_batch["label"], global_batch["valid"])
-    if pending is not None:
-      fetched.append(tuple(map(sharding.to_host, pending)))
-    pending = current
+    b = sharding.global_batch(batch, mesh)
+    previous, pending = pending, (fn(params, b["image"]), b["label"], b["valid"])
+    if previous is not None:
+      fetched.append(tuple(map(sharding.to_host, previous)))
     if (i + 1) % log_every == 0 or i + 1 == num_batches:
       rate = (i + 1) * batch_size / (time.perf_counter() - t0)
       log(f"{what}: batch {i + 1}/{num_batches}  {rate:.0f} img/s")

@@ -11,20 +11,17 @@ import numpy as np
 
 from mae_jax import cli, data
 from mae_jax.evaluation import features as features_lib
-from mae_jax.train import config as config_lib, program, sharding
+from mae_jax.train import program, sharding
 
 # The monitor's vote (the evaluation's own values live in configs/eval.py).
 MONITOR_K, MONITOR_TEMPERATURE, MONITOR_FEATURES = 20, 0.07, "cls"
 
 
-def l2_normalize(x_ND, eps=1e-12):
-  return x_ND / jnp.maximum(jnp.linalg.norm(x_ND, axis=-1, keepdims=True), eps)
-
-
 def knn_predict(train_ND, train_labels_N, test_BD, *, k, temperature, num_classes):
   """Predicted labels (B,): the class of the heaviest vote of the k training features most
   cosine-similar to each test feature, each weighted exp(similarity / temperature)."""
-  sim_BN = l2_normalize(test_BD) @ l2_normalize(train_ND).T
+  unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  sim_BN = unit(test_BD) @ unit(train_ND).T
   top_sim_BK, top_idx_BK = jax.lax.top_k(sim_BN, k)
   weights_BK = jnp.exp(top_sim_BK / temperature)
   onehot_BKC = jax.nn.one_hot(train_labels_N[top_idx_BK], num_classes, dtype=jnp.float32)
@@ -64,9 +61,8 @@ def seeded_subset(source, size, seed, stream):
   """`size` examples of `source` drawn with (seed, stream), in index order (all: None)."""
   if size is None or size >= len(source):
     return source
-  rows = np.sort(np.random.default_rng([seed, stream]).choice(len(source), size,
-                                                              replace=False))
-  return data.Subset(source, indices=rows)
+  rng = np.random.default_rng([seed, stream])
+  return data.Subset(source, indices=np.sort(rng.choice(len(source), size, replace=False)))
 
 
 class Monitor:
@@ -89,13 +85,11 @@ class Monitor:
     every = cfg.get("knn_every_epochs")
     if not every:
       return None
-    if not run.train_src.num_classes:
-      if "knn_every_epochs" not in explicit:
-        run.notes.append(f"kNN monitor off: data.name={cfg.data.name!r} has no class labels")
-        return None
-      raise config_lib.ConfigError(
-          f"config.knn_every_epochs: data.name={cfg.data.name!r} has no class labels "
-          "for the kNN monitor; leave knn_every_epochs unset")
+    if not run.train_src.num_classes and "knn_every_epochs" not in explicit:
+      run.notes.append(f"kNN monitor off: data.name={cfg.data.name!r} has no class labels")
+      return None
+    cli.check(run.train_src.num_classes, "knn_every_epochs", f"data.name={cfg.data.name!r} "
+              "has no class labels for the kNN monitor; leave knn_every_epochs unset")
     bank = cfg.get("knn_bank_size")  # the recipe's, on a smaller split: the whole split
     cli.check("knn_bank_size" not in explicit or bank <= len(run.train_src), "knn_bank_size",
               f"{bank} is larger than the {len(run.train_src)} training images; None for "
@@ -107,8 +101,7 @@ class Monitor:
     kw = dict(model=run.model, kind=MONITOR_FEATURES, mesh=run.mesh,
               image_size=run.config.data.image_size, batch_size=run.config.eval_batch_size,
               log=lambda _: None)
-    train = features_lib.extract(params, self.bank, **kw)
-    test = features_lib.extract(params, self.test, **kw)
+    train, test = (features_lib.extract(params, split, **kw) for split in (self.bank, self.test))
     top1 = knn_top1(train, test, k=MONITOR_K, temperature=MONITOR_TEMPERATURE,
                     num_classes=run.train_src.num_classes, mesh=run.mesh,
                     batch_size=run.config.eval_batch_size)

@@ -78,10 +78,11 @@ def test_top1(state, model, test, mesh, batch_size):
   return sum(int(correct(state, b)) for b in batches) / len(feats_MD)
 
 
-def job(train, cfg, *, num_classes, mesh, workdir, job_config):
-  """The loop's Job of a probe on train = (features (N, D), labels (N,)) in `workdir`;
-  `job_config` is what a resume is compared against (its encoder, features and classes
-  must match)."""
+def train_and_test(train, test, cfg, *, num_classes, mesh, eval_batch_size, workdir,
+                   job_config):
+  """Train the probe on train = (features (N, D), labels (N,)) in `workdir` (resuming its
+  checkpoints, refused where `job_config` has another encoder, features or classes); test
+  top-1 on test. None where the job stopped early."""
   feats_ND, labels_N = train
   dur = config_lib.durations(cfg, len(feats_ND))
   tx, schedule = optimizers.linprobe_optimizer(cfg.optim, cfg.batch_size, dur.warmup_steps,
@@ -91,7 +92,7 @@ def job(train, cfg, *, num_classes, mesh, workdir, job_config):
                         functools.partial(probe_step, model=model, tx=tx, schedule=schedule),
                         batch_keys=("x", "label"))
   arrays = {"x": feats_ND, "label": labels_N}
-  return loop.Job(
+  job = loop.Job(
       kind="linprobe", workdir=workdir, config=job_config, program=probe,
       total_steps=dur.total_steps, images_per_step=cfg.batch_size,
       batches=lambda start: sharding.device_batches(
@@ -104,18 +105,10 @@ def job(train, cfg, *, num_classes, mesh, workdir, job_config):
           f"{feats_ND.shape[1]}-dim features of {len(feats_ND)} examples"
           + (f"; resuming from step {restored}" if restored is not None else "")))
 
-
-def train_and_test(train, test, cfg, *, num_classes, mesh, eval_batch_size, workdir,
-                   job_config):
-  """Train the probe on train = (features (N, D), labels (N,)) in `workdir` (resuming it
-  where it holds checkpoints); test top-1 on test. None where the job stopped early."""
-  probe_job = job(train, cfg, num_classes=num_classes, mesh=mesh, workdir=workdir,
-                  job_config=job_config)
-
   def finish(outcome, logger):
-    top1 = test_top1(outcome.state, LinearProbe(num_classes), test, mesh, eval_batch_size)
+    top1 = test_top1(outcome.state, model, test, mesh, eval_batch_size)
     logger.info(f"linear probe: test top-1 {top1:.4f}")
     return {"top1": top1, "final_train_loss": outcome.final_loss,
-            "steps": probe_job.total_steps, "resumed_from": outcome.restored}
+            "steps": dur.total_steps, "resumed_from": outcome.restored}
 
-  return loop.run(probe_job, finish)[1]
+  return loop.run(job, finish)[1]

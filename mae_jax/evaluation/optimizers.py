@@ -14,9 +14,8 @@ EMBED_LEAVES = ("patch_embed", "cls_token", "pos_embed")
 
 
 def scale_by_trust_ratio(trust_coefficient=0.001, weight_decay=0.0):
-  """The LARS direction: for leaves with ndim > 1, (g + wd * p) times the trust ratio
-  tc * ||p|| / ||g + wd * p|| (1 where either norm is zero); other leaves (biases, norm
-  parameters) pass unchanged, without decay or adaptation, as in the reference."""
+  """The LARS direction of leaves with ndim > 1: (g + wd * p) * tc * ||p|| / ||g + wd * p||
+  (1 where a norm is zero); biases and norm parameters pass unchanged, as in the reference."""
 
   def adapt(g, p):
     if g.ndim <= 1:
@@ -26,12 +25,12 @@ def scale_by_trust_ratio(trust_coefficient=0.001, weight_decay=0.0):
     ratio = jnp.where((p_norm > 0) & (g_norm > 0), trust_coefficient * p_norm / g_norm, 1.0)
     return g * ratio
 
-  def update(updates, state, params=None):
+  def direction(updates, params):
     if params is None:
       raise ValueError("LARS needs the parameters: tx.update(grads, state, params)")
-    return jax.tree.map(adapt, updates, params), state
+    return jax.tree.map(adapt, updates, params)
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+  return optax.stateless(direction)
 
 
 def lars(learning_rate, momentum=0.9, trust_coefficient=0.001, weight_decay=0.0):
@@ -61,18 +60,13 @@ def layerwise_scales(params, depth, decay):
 
 def scale_by_tree(scales):
   """Multiply each update leaf by the matching leaf of `scales` (broadcasting)."""
-
-  def update(updates, state, params=None):
-    del params
-    return jax.tree.map(lambda u, s: u * s.astype(u.dtype), updates, scales), state
-
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+  return optax.stateless(
+      lambda updates, _: jax.tree.map(lambda u, s: u * s.astype(u.dtype), updates, scales))
 
 
 def finetune_optimizer(cfg, params, depth, global_batch_size, warmup_steps, total_steps):
-  """(tx, schedule): AdamW (no decay on biases, norms, tokens) with lr = base_lr * batch /
-  256, warmup then cosine, every update (decay included, as torch's AdamW with per-group
-  lr) scaled by its layer's decay ** (depth + 1 - layer)."""
+  """(tx, schedule): AdamW (no decay on biases, norms, tokens), lr = base_lr * batch / 256,
+  warmup then cosine, each update (decay included, as torch's per-group lr) layer-scaled."""
   peak = optim.scaled_lr(cfg.base_lr, global_batch_size)
   schedule = optim.lr_schedule(peak, warmup_steps, total_steps, cfg.min_lr)
   tx = optax.chain(

@@ -45,11 +45,10 @@ def labelled(image, row_names, title, pad=6):
   `title` above, black on white."""
   font = ImageFont.load_default()
   text_w = int(max(font.getlength(t) for t in (*row_names, ""))) + 2 * pad
-  out = Image.new(image.mode, (text_w + image.width, TITLE_HEIGHT + image.height), 255 if
-                  image.mode == "L" else (255, 255, 255))
+  white, ink = (255, 0) if image.mode == "L" else ((255, 255, 255), (0, 0, 0))
+  out = Image.new(image.mode, (text_w + image.width, TITLE_HEIGHT + image.height), white)
   out.paste(image, (text_w, TITLE_HEIGHT))
   draw = ImageDraw.Draw(out)
-  ink = 0 if image.mode == "L" else (0, 0, 0)
   draw.text((pad, pad), title, fill=ink, font=font)
   row_h = image.height / len(row_names)
   for r, name in enumerate(row_names):
@@ -70,8 +69,7 @@ def reconstruction_picture(images_u8_BHWC, pred_BNP, mask_BN, patch_size, title=
   masked_input = images * (1 - mask) + 0.5 * mask  # grey holes
   pasted = images * (1 - mask) + pred * mask
   rows = [images, masked_input, np.clip(pred, 0, 1), np.clip(pasted, 0, 1)]
-  if scale is None:  # small images are blown up for viewing, large ones kept as they are
-    scale = max(1, 112 // h)
+  scale = max(1, 112 // h) if scale is None else scale  # small images blown up for viewing
   return labelled(grid(rows, scale=scale), ROW_NAMES, title)
 
 

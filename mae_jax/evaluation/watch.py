@@ -1,7 +1,6 @@
-"""Reconstructions of fixed test images in TensorBoard every `vis_every_steps` steps, to
-watch a pretraining run learn: the same images and masks each time, so the pictures differ
-only by the model. The program is built once; a background thread waits for its result and
-draws the picture, so the train step never waits, and a failed picture is a log line.
+"""Reconstructions of fixed test images (masked the same way each time) in TensorBoard every
+`vis_every_steps` steps, drawn on a background thread so that training never waits for a
+picture; a failed picture is a line in the log.
 """
 import concurrent.futures
 import time
