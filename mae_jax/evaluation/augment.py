@@ -1,11 +1,6 @@
-"""On-device augmentation for fine-tuning: RandAugment-style ops, mixup / cutmix, targets.
-
-Everything is jnp on a float batch, drawn from an explicit key, so it runs inside the
-jitted, sharded step with no host cost. `rand_augment` follows RandAugment (Cubuk et al.
-2019) as timm applies it: `num_ops` ops drawn uniformly per image, each applied with
-probability `prob` at `magnitude` (0..10) with a random sign. The geometric ops (rotate,
-shear, translate) are composed into one affine map and resampled once (bilinear, zero
-fill); equalize and invert are left out.
+"""On-device augmentation for fine-tuning (jnp from an explicit key, inside the jitted step):
+RandAugment as timm applies it, its geometric ops composed into one affine map and resampled
+once (equalize and invert left out); mixup / cutmix; label-smoothed targets.
 """
 import functools
 import math
@@ -14,13 +9,11 @@ import jax
 import jax.numpy as jnp
 
 
-def _identity(x, level, sign):
-  del level, sign
+def _identity(x, *_):
   return x
 
 
-def _autocontrast(x, level, sign):
-  del level, sign
+def _autocontrast(x, *_):
   lo, hi = x.min(axis=(0, 1)), x.max(axis=(0, 1))
   return jnp.where(hi > lo, (x - lo) / jnp.maximum(hi - lo, 1e-6), x)
 
@@ -43,54 +36,32 @@ def _sharpness(x, level, sign):
   return jnp.clip(blurred + (1 + sign * 0.9 * level) * (x - blurred), 0, 1)
 
 
-def _solarize(x, level, sign):
-  del sign
+def _solarize(x, level, *_):
   return jnp.where(x >= 1 - level, 1 - x, x)
 
 
-def _posterize(x, level, sign):
+def _posterize(x, level, *_):
   """Keep 8 - round(4 * level) bits of each 8-bit pixel."""
-  del sign
   step = 2.0**jnp.round(4 * level)
   return jnp.floor(x * 255 / step) * step / 255
 
 
 COLOR_OPS = (_identity, _autocontrast, _brightness, _contrast, _sharpness, _solarize,
              _posterize)
-
-
-def _rotate(level, sign, size):
-  del size
-  t = sign * level * math.radians(30)
-  return jnp.array([[jnp.cos(t), -jnp.sin(t), 0], [jnp.sin(t), jnp.cos(t), 0], [0, 0, 1]])
-
-
-def _shear_x(level, sign, size):
-  del size
-  return jnp.array([[1, sign * level * 0.3, 0], [0, 1, 0], [0, 0, 1]])
-
-
-def _shear_y(level, sign, size):
-  del size
-  return jnp.array([[1, 0, 0], [sign * level * 0.3, 1, 0], [0, 0, 1]])
-
-
-def _translate_x(level, sign, size):
-  return jnp.array([[1, 0, sign * level * 0.45 * size], [0, 1, 0], [0, 0, 1]])
-
-
-def _translate_y(level, sign, size):
-  return jnp.array([[1, 0, 0], [0, 1, sign * level * 0.45 * size], [0, 0, 1]])
-
-
-# Output -> input maps of (x, y, 1) about the image centre.
-GEOMETRIC_OPS = (_rotate, _shear_x, _shear_y, _translate_x, _translate_y)
-NUM_OPS = len(COLOR_OPS) + len(GEOMETRIC_OPS)
+NUM_GEOMETRIC = 5  # rotate, shear x / y, translate x / y
+NUM_OPS = len(COLOR_OPS) + NUM_GEOMETRIC
 
 
 def _geometric(op, level, sign, size):
-  """The affine map of op, (3, 3): the identity for the colour ops."""
-  matrices = jnp.stack([f(level, sign, size).astype(jnp.float32) for f in GEOMETRIC_OPS])
+  """The affine map (3, 3) of op, output -> input of (x, y, 1) about the image centre: the
+  identity for the colour ops."""
+  t, shear = sign * level * math.radians(30), sign * level * 0.3
+  shift = sign * level * 0.45 * size
+  matrices = jnp.array([[[jnp.cos(t), -jnp.sin(t), 0], [jnp.sin(t), jnp.cos(t), 0], [0, 0, 1]],
+                        [[1, shear, 0], [0, 1, 0], [0, 0, 1]],
+                        [[1, 0, 0], [shear, 1, 0], [0, 0, 1]],
+                        [[1, 0, shift], [0, 1, 0], [0, 0, 1]],
+                        [[1, 0, 0], [0, 1, shift], [0, 0, 1]]], jnp.float32)
   index = op - len(COLOR_OPS)
   return jnp.where(index >= 0, matrices[jnp.maximum(index, 0)], jnp.eye(3))
 
@@ -140,8 +111,7 @@ def cutmix_box(rng, lam, height, width):
   """A box mask (H, W) of area about (1 - lam) * H * W at a uniform centre (clipped at the
   border), as the reference's rand_bbox."""
   cut = jnp.sqrt(1 - lam)
-  ch, cw = (jnp.floor(height * cut) // 2).astype(jnp.int32), (jnp.floor(width * cut) // 2
-                                                              ).astype(jnp.int32)
+  ch, cw = ((jnp.floor(n * cut) // 2).astype(jnp.int32) for n in (height, width))
   ky, kx = jax.random.split(rng)
   cy, cx = jax.random.randint(ky, (), 0, height), jax.random.randint(kx, (), 0, width)
   rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
@@ -156,10 +126,8 @@ def mixup_cutmix(images_BHWC, targets_BC, rng, *, mixup_alpha, cutmix_alpha, pro
   if mixup_alpha <= 0 and cutmix_alpha <= 0:
     return images_BHWC, targets_BC
   k_apply, k_switch, k_mix, k_cut, k_box = jax.random.split(rng, 5)
-  if cutmix_alpha <= 0 or mixup_alpha <= 0:
-    use_cutmix = cutmix_alpha > 0
-  else:
-    use_cutmix = jax.random.bernoulli(k_switch, switch_prob)
+  both = mixup_alpha > 0 and cutmix_alpha > 0
+  use_cutmix = jax.random.bernoulli(k_switch, switch_prob) if both else cutmix_alpha > 0
   flipped = images_BHWC[::-1]
   lam_mix = jax.random.beta(k_mix, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else 1.0
   mixed = lam_mix * images_BHWC + (1 - lam_mix) * flipped

@@ -1,12 +1,6 @@
-"""The MAE encoder as a classifier for fine-tuning (paper Sec. A.3).
-
-The encoder is `vit.Encoder`, the MAE's own, so its parameters keep the MaskedAutoencoder's
-names (`patch_embed`, `cls_token`, `blocks/layers/...`, `norm`) and a pretrained encoder
-loads as it is; the decoder is dropped. Heads: global average pooling of the patch tokens +
-LayerNorm (`fc_norm`, the reference's default; the encoder's final `norm` is then unused)
-or the cls token after `norm`. As in the reference's fine-tuning, the position embedding
-is a trained parameter `pos_embed` initialized from the fixed sin-cos table
-(`learned_pos_embed=False` keeps the table fixed).
+"""The MAE encoder as a classifier for fine-tuning (paper Sec. A.3): the MAE's own
+`vit.Encoder`, so a pretrained encoder loads by its parameter names, with average pooling +
+`fc_norm` (the reference's default) or the cls token after `norm`, and a linear head.
 """
 from typing import Any
 

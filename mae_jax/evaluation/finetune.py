@@ -1,9 +1,6 @@
-"""End-to-end fine-tuning of the encoder as a classifier (paper Sec. A.3).
-
-AdamW (0.9, 0.999) with layer-wise lr decay, warmup then cosine, drop path, label
-smoothing, mixup / cutmix and RandAugment-style ops (on device, inside the jitted step);
-random-resized crop and flip come from the host pipeline (`finetune.augment`).
-The same code fine-tunes from scratch when no pretrained encoder is given.
+"""End-to-end fine-tuning of the encoder as a classifier (paper Sec. A.3), or training it
+from scratch: AdamW with layer-wise lr decay, drop path, label smoothing, mixup / cutmix and
+RandAugment-style ops in the jitted step; crop and flip from the host pipeline.
 """
 import dataclasses
 import functools
@@ -60,14 +57,12 @@ HISTORY_FILE = "history.json"  # test top-1 by step, kept across launches of one
 
 
 class Finetuner:
-  """The classifier, its program (mae_jax.train.program.build) and the loop's Job of one
-  fine-tuning run in a workdir (checkpoints, logs, the classifier at the end)."""
+  """The classifier, its program and the loop's Job of one fine-tuning run."""
 
   def __init__(self, mae_model, cfg, *, train_src, test_src, mesh, seed, image_size,
                eval_batch_size, num_classes):
-    self.cfg, self.mesh, self.seed = cfg, mesh, seed
-    self.train_src, self.test_src = train_src, test_src
-    self.image_size, self.eval_batch_size = image_size, eval_batch_size
+    self.cfg, self.mesh, self.seed, self.image_size = cfg, mesh, seed, image_size
+    self.train_src, self.test_src, self.eval_batch_size = train_src, test_src, eval_batch_size
     self.model = classifier.from_mae(mae_model, num_classes, cfg.pool, cfg.drop_path,
                                      learned_pos_embed=cfg.pos_embed == "learned")
     if cfg.remat is not None:
@@ -120,10 +115,9 @@ class Finetuner:
 
   def test_top1(self, params):
     correct = self.correct_fn
-    batches = data.make_eval_batches(self.test_src, image_size=self.image_size,
-                                     batch_size=self.eval_batch_size,
-                                     process_index=jax.process_index(),
-                                     process_count=jax.process_count())
+    batches = data.make_eval_batches(
+        self.test_src, image_size=self.image_size, batch_size=self.eval_batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count())
     total = sum(int(correct(params, sharding.global_batch(b, self.mesh))) for b in batches)
     return total / len(self.test_src)
 
@@ -143,9 +137,10 @@ class Finetuner:
     if paths.exists(saved):
       self.history = [h for h in json.loads(paths.read_text(saved)) if h["step"] <= restored]
 
-  def job(self, workdir, job_config, mae_params, num_workers=0):
-    """The loop's Job: checkpoints, logs and history in `workdir`; `job_config` is what a
-    resume is compared against (mae_jax.tools.evaluate.Evaluation.job_config)."""
+  def run(self, workdir, job_config, mae_params, num_workers=0):
+    """Fine-tune in `workdir` (resuming its checkpoints; `job_config` is what a resume is
+    compared against): (results, final params), or (None, None) where the job stopped
+    early. Test top-1 every eval_every_epochs (if set) and at the end."""
     cfg, dur = self.cfg, self.dur
     every = cfg.eval_every_epochs and max(1, round(cfg.eval_every_epochs * dur.steps_per_epoch))
 
@@ -156,7 +151,15 @@ class Finetuner:
               f"pool {cfg.pool}, layer decay {cfg.optim.layer_decay}"
               + (f"; resuming from step {restored}" if restored is not None else ""))
 
-    return loop.Job(
+    def finish(outcome, logger):
+      if not self.history or self.history[-1]["step"] != dur.total_steps:
+        self.evaluate(workdir, dur.total_steps, outcome.state, logger)
+      return {"top1": self.history[-1]["top1"], "history": self.history,
+              "steps": dur.total_steps, "final_train_loss": outcome.final_loss,
+              "train_seconds": round(outcome.train_seconds, 1),
+              "resumed_from": outcome.restored}, outcome.state.params
+
+    job = loop.Job(
         kind="finetune", workdir=workdir, config=job_config, program=self.program,
         total_steps=dur.total_steps, images_per_step=cfg.batch_size,
         batches=functools.partial(self.batches, num_workers),
@@ -165,22 +168,7 @@ class Finetuner:
                                        ("encoder", "num_classes")),
         describe=describe, on_resume=functools.partial(self.resume_history, workdir),
         every=((every, functools.partial(self.evaluate, workdir)),) if every else ())
-
-  def run(self, workdir, job_config, mae_params, num_workers=0):
-    """Fine-tune in `workdir` (resuming it where it holds checkpoints); returns (results
-    dict, final params), or (None, None) where the job stopped before its end. Test
-    top-1 every eval_every_epochs epochs (if set) and at the end."""
-
-    def finish(outcome, logger):
-      if not self.history or self.history[-1]["step"] != self.dur.total_steps:
-        self.evaluate(workdir, self.dur.total_steps, outcome.state, logger)
-      return {"top1": self.history[-1]["top1"], "history": self.history,
-              "steps": self.dur.total_steps, "final_train_loss": outcome.final_loss,
-              "train_seconds": round(outcome.train_seconds, 1),
-              "resumed_from": outcome.restored}, outcome.state.params
-
-    _, result = loop.run(self.job(workdir, job_config, mae_params, num_workers), finish)
-    return result or (None, None)
+    return loop.run(job, finish)[1] or (None, None)
 
 
 CLASSIFIER_FILE = "classifier.json"
@@ -192,10 +180,9 @@ def save(directory, params, model, results):
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(paths.join(directory, "params"), params, force=True)
   if jax.process_index() == 0:
-    fields = {f: getattr(model, f) for f in ("num_classes", "image_size", "patch_size",
-                                              "channels", "width", "depth", "num_heads",
-                                              "mlp_ratio", "pool", "drop_path",
-                                              "learned_pos_embed")}
+    fields = {f: getattr(model, f) for f in (
+        "num_classes", "image_size", "patch_size", "channels", "width", "depth", "num_heads",
+        "mlp_ratio", "pool", "drop_path", "learned_pos_embed")}
     paths.write_atomic(paths.join(directory, CLASSIFIER_FILE),
                        json.dumps({"model": fields, "results": results}, indent=2, default=str))
   return directory

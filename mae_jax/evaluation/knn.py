@@ -1,8 +1,6 @@
-"""Weighted k-nearest-neighbour classification on frozen features (Wu et al. 2018, as
-used by DINO): cosine similarity to every training feature, the k most similar vote for
-their labels with weight exp(similarity / T), the heaviest class wins.
-
-`Monitor` runs it every few epochs during pretraining (config.knn_every_epochs).
+"""Weighted k-nearest-neighbour classification on frozen features (Wu et al. 2018, as used
+by DINO): the k most cosine-similar training features vote for their labels with weight
+exp(similarity / T). `Monitor` runs it during pretraining (config.knn_every_epochs).
 """
 import functools
 import time
@@ -13,87 +11,64 @@ import numpy as np
 
 from mae_jax import checks, data
 from mae_jax.evaluation import features as features_lib
-from mae_jax.train import config as config_lib, program, sharding
+from mae_jax.train import program, sharding
 
 # The monitor's vote (the evaluation's own values live in configs/eval.py).
 MONITOR_K, MONITOR_TEMPERATURE, MONITOR_FEATURES = 20, 0.07, "cls"
 
 
-def l2_normalize(x_ND, eps=1e-12):
-  return x_ND / jnp.maximum(jnp.linalg.norm(x_ND, axis=-1, keepdims=True), eps)
-
-
-def knn_votes(train_ND, train_labels_N, test_BD, *, k, temperature, num_classes):
-  """Class votes (B, num_classes) of the k training features most cosine-similar to each
-  test feature, each weighted exp(similarity / temperature)."""
-  sim_BN = l2_normalize(test_BD) @ l2_normalize(train_ND).T
+def knn_predict(train_ND, train_labels_N, test_BD, *, k, temperature, num_classes):
+  """Predicted labels (B,): the class of the heaviest vote of the k training features most
+  cosine-similar to each test feature, each weighted exp(similarity / temperature)."""
+  unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  sim_BN = unit(test_BD) @ unit(train_ND).T
   top_sim_BK, top_idx_BK = jax.lax.top_k(sim_BN, k)
   weights_BK = jnp.exp(top_sim_BK / temperature)
   onehot_BKC = jax.nn.one_hot(train_labels_N[top_idx_BK], num_classes, dtype=jnp.float32)
-  return jnp.einsum("bk,bkc->bc", weights_BK, onehot_BKC)
-
-
-def knn_predict(train_ND, train_labels_N, test_BD, *, k, temperature, num_classes):
-  """Predicted labels (B,): the class with the largest weighted vote."""
-  return jnp.argmax(knn_votes(train_ND, train_labels_N, test_BD, k=k,
-                              temperature=temperature, num_classes=num_classes), axis=-1)
+  return jnp.argmax(jnp.einsum("bk,bkc->bc", weights_BK, onehot_BKC), axis=-1)
 
 
 def knn_top1(train, test, *, k, temperature, num_classes, mesh, batch_size):
-  """Top-1 accuracy of test (features (M, D), labels (M,)) against train (N, D), (N,).
-
-  The training features are replicated on every device; test features go in global
-  batches of `batch_size` split over the mesh (padding rows are not counted).
-  """
+  """Top-1 accuracy of test (features (M, D), labels (M,)) against train (N, D), (N,): the
+  training features replicated, the test features in global batches of `batch_size`."""
   (train_ND, train_labels_N), (test_MD, test_labels_M) = train, test
-  predict = compile_predict(min(k, len(train_ND)), temperature, num_classes, mesh)
+  correct = compile_correct(min(k, len(train_ND)), temperature, num_classes, mesh)
   train_ND = jax.device_put(jnp.asarray(train_ND, jnp.float32), sharding.replicated(mesh))
   train_labels_N = jax.device_put(jnp.asarray(train_labels_N), sharding.replicated(mesh))
-  correct = 0
-  for start in range(0, len(test_MD), batch_size):
-    feats = np.asarray(test_MD[start:start + batch_size], np.float32)
-    n = len(feats)
-    padded = np.zeros((batch_size, feats.shape[1]), np.float32)
-    padded[:n] = feats
-    pred = sharding.to_host(predict(train_ND, train_labels_N,
-                                        global_rows(padded, mesh)))[:n]
-    correct += int(np.sum(pred == test_labels_M[start:start + n]))
-  return correct / len(test_MD)
+  batches = features_lib.row_batches(
+      {"x": np.asarray(test_MD, np.float32), "label": test_labels_M}, batch_size, mesh)
+  return sum(int(correct(train_ND, train_labels_N, b)) for b in batches) / len(test_MD)
 
 
 @functools.lru_cache(maxsize=32)
-def compile_predict(k, temperature, num_classes, mesh):
-  """knn_predict jitted once per setting: the memory bank replicated, test rows split."""
-  return program.jit(
-      functools.partial(knn_predict, k=k, temperature=temperature, num_classes=num_classes),
-      mesh, in_shardings=(sharding.replicated(mesh),) * 2 + (sharding.batch_sharding(mesh),),
-      out_shardings=sharding.batch_sharding(mesh))
+def compile_correct(k, temperature, num_classes, mesh):
+  """The correct predictions of a test batch, jitted once per setting: the memory bank
+  replicated, test rows split."""
 
+  def correct(train_ND, train_labels_N, batch):
+    pred_B = knn_predict(train_ND, train_labels_N, batch["x"], k=k, temperature=temperature,
+                         num_classes=num_classes)
+    return ((pred_B == batch["label"]) & batch["valid"]).sum()
 
-def global_rows(rows, mesh):
-  """A global batch of `rows` (the same on every process) split over the mesh."""
-  local = data.ProcessSlice.of_this_process(len(rows)).local
-  return sharding.global_batch(rows[local], mesh)
+  return program.jit(correct, mesh, in_shardings=(sharding.replicated(mesh),) * 2 + (
+      sharding.batch_sharding(mesh),))
 
 
 BANK_STREAM, TEST_STREAM = 2**31 - 3, 2**31 - 4  # seeds of the monitor's subsets
 
 
 def seeded_subset(source, size, seed, stream):
-  """`size` examples of `source` drawn with (seed, stream), in index order; all of it
-  where size is None or not smaller."""
+  """`size` examples of `source` drawn with (seed, stream), in index order (all: None)."""
   if size is None or size >= len(source):
     return source
-  rows = np.sort(np.random.default_rng([seed, stream]).choice(len(source), size,
-                                                              replace=False))
-  return data.Subset(source, indices=rows)
+  rng = np.random.default_rng([seed, stream])
+  return data.Subset(source, indices=np.sort(rng.choice(len(source), size, replace=False)))
 
 
 class Monitor:
-  """kNN top-1 of the current encoder every `every_steps` pretraining steps, logged to
-  TensorBoard as eval/knn_top1: a memory bank of config.knn_bank_size training images and
-  config.knn_test_size test images, fixed subsets drawn from the seed (None: a whole split),
-  encoded in batches split over the processes. docs/evaluation.md gives the cost."""
+  """kNN top-1 of the current encoder every `every_steps` pretraining steps (eval/knn_top1),
+  a bank of config.knn_bank_size training and config.knn_test_size test images: subsets
+  fixed by the seed (None: a whole split). docs/evaluation.md gives the cost."""
 
   def __init__(self, run, every_steps):
     cfg = run.config
@@ -103,37 +78,30 @@ class Monitor:
 
   @classmethod
   def for_run(cls, run, explicit=()):
-    """A Monitor where config.knn_every_epochs is set, else None (and no cost at all). On
-    a dataset without labels it is an error where the command line asked for it (in
-    `explicit`), and off with a note where it is the recipe's default; so is a bank larger
-    than the training split (the recipe's bank is then the whole split)."""
+    """A Monitor where config.knn_every_epochs is set, else None. No labels, or a bank larger
+    than the training split: an error where the command line set it (`explicit`), else the
+    monitor off with a note / the whole split as its bank."""
     cfg = run.config
     every = cfg.get("knn_every_epochs")
     if not every:
       return None
-    if not run.train_src.num_classes:
-      if "knn_every_epochs" not in explicit:
-        run.notes.append(f"kNN monitor off: data.name={cfg.data.name!r} has no class labels")
-        return None
-      raise config_lib.ConfigError(
-          f"config.knn_every_epochs: data.name={cfg.data.name!r} has no class labels "
-          "for the kNN monitor; leave knn_every_epochs unset")
+    if not run.train_src.num_classes and "knn_every_epochs" not in explicit:
+      run.notes.append(f"kNN monitor off: data.name={cfg.data.name!r} has no class labels")
+      return None
+    cli.check(run.train_src.num_classes, "knn_every_epochs", f"data.name={cfg.data.name!r} "
+              "has no class labels for the kNN monitor; leave knn_every_epochs unset")
     bank = cfg.get("knn_bank_size")  # the recipe's, on a smaller split: the whole split
     checks.check("knn_bank_size" not in explicit or bank <= len(run.train_src), "knn_bank_size",
                  f"{bank} is larger than the {len(run.train_src)} training images; None for "
                  "the whole split")
     return cls(run, max(1, round(every * run.durations.steps_per_epoch)))
 
-  def due(self, step):
-    return step % self.every_steps == 0
-
   def __call__(self, step, params, logger):
     run, t0 = self.run, time.perf_counter()
     kw = dict(model=run.model, kind=MONITOR_FEATURES, mesh=run.mesh,
               image_size=run.config.data.image_size, batch_size=run.config.eval_batch_size,
               log=lambda _: None)
-    train = features_lib.extract(params, self.bank, **kw)
-    test = features_lib.extract(params, self.test, **kw)
+    train, test = (features_lib.extract(params, split, **kw) for split in (self.bank, self.test))
     top1 = knn_top1(train, test, k=MONITOR_K, temperature=MONITOR_TEMPERATURE,
                     num_classes=run.train_src.num_classes, mesh=run.mesh,
                     batch_size=run.config.eval_batch_size)
@@ -142,4 +110,3 @@ class Monitor:
                 f"{len(self.test)} test images; k={MONITOR_K}, T={MONITOR_TEMPERATURE}, "
                 f"{time.perf_counter() - t0:.0f} s)")
     return top1
-

@@ -1,9 +1,6 @@
-"""Linear probing (paper Sec. A.2): a linear head on frozen features, trained with LARS.
-
-The head is BatchNorm without affine parameters (the features' scale does not matter)
-followed by a linear layer, as the reference. Features are computed once, without
-augmentation (`features.extract`), so an epoch over them costs almost nothing; the
-reference recomputes them each epoch under RandomResizedCrop + flip.
+"""Linear probing (paper Sec. A.2): BatchNorm without affine parameters + a linear head,
+trained with LARS on frozen features computed once, without augmentation (the reference
+recomputes them each epoch under RandomResizedCrop + flip).
 """
 import functools
 from typing import Any
@@ -12,11 +9,10 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from mae_jax import data
-from mae_jax.evaluation import classifier, optimizers
+from mae_jax.evaluation import classifier, features, optimizers
 from mae_jax.train import config as config_lib, loop, program, sharding
 
 
@@ -78,21 +74,15 @@ def test_top1(state, model, test, mesh, batch_size):
 
   correct = program.jit(correct, mesh, in_shardings=(sharding.replicated(mesh),
                                                      sharding.batch_sharding(mesh)))
-  part = data.ProcessSlice.of_this_process(batch_size).local
-  total = 0
-  for start in range(0, len(feats_MD), batch_size):
-    rows = np.arange(start, start + batch_size)
-    valid = rows < len(feats_MD)
-    rows = np.where(valid, rows, 0)[part]
-    batch = {"x": feats_MD[rows], "label": labels_M[rows], "valid": valid[part]}
-    total += int(correct(state, sharding.global_batch(batch, mesh)))
-  return total / len(feats_MD)
+  batches = features.row_batches({"x": feats_MD, "label": labels_M}, batch_size, mesh)
+  return sum(int(correct(state, b)) for b in batches) / len(feats_MD)
 
 
-def job(train, cfg, *, num_classes, mesh, workdir, job_config):
-  """The loop's Job of a probe on train = (features (N, D), labels (N,)) in `workdir`;
-  `job_config` is what a resume is compared against (its encoder, features and classes
-  must match)."""
+def train_and_test(train, test, cfg, *, num_classes, mesh, eval_batch_size, workdir,
+                   job_config):
+  """Train the probe on train = (features (N, D), labels (N,)) in `workdir` (resuming its
+  checkpoints, refused where `job_config` has another encoder, features or classes); test
+  top-1 on test. None where the job stopped early."""
   feats_ND, labels_N = train
   dur = config_lib.durations(cfg, len(feats_ND))
   tx, schedule = optimizers.linprobe_optimizer(cfg.optim, cfg.batch_size, dur.warmup_steps,
@@ -102,7 +92,7 @@ def job(train, cfg, *, num_classes, mesh, workdir, job_config):
                         functools.partial(probe_step, model=model, tx=tx, schedule=schedule),
                         batch_keys=("x", "label"))
   arrays = {"x": feats_ND, "label": labels_N}
-  return loop.Job(
+  job = loop.Job(
       kind="linprobe", workdir=workdir, config=job_config, program=probe,
       total_steps=dur.total_steps, images_per_step=cfg.batch_size,
       batches=lambda start: sharding.device_batches(
@@ -115,18 +105,10 @@ def job(train, cfg, *, num_classes, mesh, workdir, job_config):
           f"{feats_ND.shape[1]}-dim features of {len(feats_ND)} examples"
           + (f"; resuming from step {restored}" if restored is not None else "")))
 
-
-def train_and_test(train, test, cfg, *, num_classes, mesh, eval_batch_size, workdir,
-                   job_config):
-  """Train the probe on train = (features (N, D), labels (N,)) in `workdir` (resuming it
-  where it holds checkpoints); test top-1 on test. None where the job stopped early."""
-  probe_job = job(train, cfg, num_classes=num_classes, mesh=mesh, workdir=workdir,
-                  job_config=job_config)
-
   def finish(outcome, logger):
-    top1 = test_top1(outcome.state, LinearProbe(num_classes), test, mesh, eval_batch_size)
+    top1 = test_top1(outcome.state, model, test, mesh, eval_batch_size)
     logger.info(f"linear probe: test top-1 {top1:.4f}")
     return {"top1": top1, "final_train_loss": outcome.final_loss,
-            "steps": probe_job.total_steps, "resumed_from": outcome.restored}
+            "steps": dur.total_steps, "resumed_from": outcome.restored}
 
-  return loop.run(probe_job, finish)[1]
+  return loop.run(job, finish)[1]

@@ -1,8 +1,6 @@
-"""LARS for the linear probe and layer-wise lr decay for fine-tuning (paper Sec. A.2, A.3).
-
-Both follow the reference implementation (facebookresearch/mae `util/lars.py`,
-`util/lr_decay.py`), written as optax transforms over our parameter pytrees, where the
-encoder blocks are stacked on a leading layer axis (`blocks/layers/...`, shape (depth, ...)).
+"""LARS for the linear probe and layer-wise lr decay for fine-tuning (paper Sec. A.2, A.3),
+as the reference's `util/lars.py` and `util/lr_decay.py`, over our parameter pytrees (the
+blocks stacked on a leading layer axis: `blocks/layers/...`, shape (depth, ...)).
 """
 import flax
 import jax
@@ -11,15 +9,13 @@ import optax
 
 from mae_jax.train import optim
 
-# Leaves at the bottom of the network for layer-wise decay (layer id 0); blocks are 1..depth,
-# everything else (final norms, head) depth + 1.
+# Leaves at the bottom of the network for layer-wise decay (layer 0).
 EMBED_LEAVES = ("patch_embed", "cls_token", "pos_embed")
 
 
 def scale_by_trust_ratio(trust_coefficient=0.001, weight_decay=0.0):
-  """The LARS direction: for leaves with ndim > 1, (g + wd * p) times the trust ratio
-  tc * ||p|| / ||g + wd * p|| (1 where either norm is zero); other leaves (biases, norm
-  parameters) pass unchanged, without decay or adaptation, as in the reference."""
+  """The LARS direction of leaves with ndim > 1: (g + wd * p) * tc * ||p|| / ||g + wd * p||
+  (1 where a norm is zero); biases and norm parameters pass unchanged, as in the reference."""
 
   def adapt(g, p):
     if g.ndim <= 1:
@@ -29,12 +25,12 @@ def scale_by_trust_ratio(trust_coefficient=0.001, weight_decay=0.0):
     ratio = jnp.where((p_norm > 0) & (g_norm > 0), trust_coefficient * p_norm / g_norm, 1.0)
     return g * ratio
 
-  def update(updates, state, params=None):
+  def direction(updates, params):
     if params is None:
       raise ValueError("LARS needs the parameters: tx.update(grads, state, params)")
-    return jax.tree.map(adapt, updates, params), state
+    return jax.tree.map(adapt, updates, params)
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+  return optax.stateless(direction)
 
 
 def lars(learning_rate, momentum=0.9, trust_coefficient=0.001, weight_decay=0.0):
@@ -46,26 +42,16 @@ def lars(learning_rate, momentum=0.9, trust_coefficient=0.001, weight_decay=0.0)
       optax.scale_by_learning_rate(learning_rate))
 
 
-def layer_id(path, depth):
-  """Layer of a parameter (path: tuple of names) for layer-wise decay: 0 for the patch
-  embedding and tokens, depth + 1 for everything above the blocks. Blocks are stacked, so
-  their id is per slice of the leading axis: None here, see layerwise_scales."""
-  if path[0] in EMBED_LEAVES:
-    return 0
-  if path[0] == "blocks":
-    return None
-  return depth + 1
-
-
 def layerwise_scales(params, depth, decay):
-  """Per-leaf lr multipliers decay ** (depth + 1 - layer): a float for unstacked leaves, an
-  array (depth, 1, ..., 1) for the stacked blocks (block i is layer i + 1)."""
+  """Per-leaf lr multipliers decay ** (depth + 1 - layer): layer 0 for the patch embedding
+  and tokens, depth + 1 above the blocks; the stacked blocks (block i is layer i + 1) get
+  an array (depth, 1, ..., 1)."""
   block_scales_L = decay ** (depth - jnp.arange(depth, dtype=jnp.float32))
 
   def scale(path, leaf):
-    layer = layer_id(path, depth)
-    if layer is None:
+    if path[0] == "blocks":
       return block_scales_L.reshape((depth,) + (1,) * (leaf.ndim - 1))
+    layer = 0 if path[0] in EMBED_LEAVES else depth + 1
     return jnp.float32(decay ** (depth + 1 - layer))
 
   flat = flax.traverse_util.flatten_dict(params)
@@ -74,18 +60,13 @@ def layerwise_scales(params, depth, decay):
 
 def scale_by_tree(scales):
   """Multiply each update leaf by the matching leaf of `scales` (broadcasting)."""
-
-  def update(updates, state, params=None):
-    del params
-    return jax.tree.map(lambda u, s: u * s.astype(u.dtype), updates, scales), state
-
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+  return optax.stateless(
+      lambda updates, _: jax.tree.map(lambda u, s: u * s.astype(u.dtype), updates, scales))
 
 
 def finetune_optimizer(cfg, params, depth, global_batch_size, warmup_steps, total_steps):
-  """(tx, schedule): AdamW (no decay on biases, norms, tokens) with lr = base_lr * batch /
-  256, warmup then cosine, every update (decay included, as torch's AdamW with per-group
-  lr) scaled by its layer's decay ** (depth + 1 - layer)."""
+  """(tx, schedule): AdamW (no decay on biases, norms, tokens), lr = base_lr * batch / 256,
+  warmup then cosine, each update (decay included, as torch's per-group lr) layer-scaled."""
   peak = optim.scaled_lr(cfg.base_lr, global_batch_size)
   schedule = optim.lr_schedule(peak, warmup_steps, total_steps, cfg.min_lr)
   tx = optax.chain(

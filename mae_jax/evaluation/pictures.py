@@ -1,8 +1,6 @@
-"""Reconstruction grids: rows = original, masked input, reconstruction, reconstruction with
-the visible patches pasted back (the paper's Figure 2 layout), each row named and the
-target stated on the picture, as a PNG (local or gs://) or an image for TensorBoard. The
-trainer draws them while it runs and at its end; `python -m mae_jax.visualize` for any
-model."""
+"""Reconstruction grids (the paper's Figure 2 layout: original, masked input, reconstruction,
+visible patches pasted back), rows named and the target stated, as a PNG or for TensorBoard.
+"""
 import io
 
 import numpy as np
@@ -10,13 +8,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mae_jax import paths as paths_lib
 from mae_jax.model.patches import unpatchify
-
-
-def reconstruction_rows(images_BHWC, pred_BHWC, mask_BHW1):
-  """Four (B, H, W, C) float [0, 1] rows; mask is 1 on masked pixels."""
-  masked_input = images_BHWC * (1 - mask_BHW1) + 0.5 * mask_BHW1  # grey holes
-  pasted = images_BHWC * (1 - mask_BHW1) + pred_BHWC * mask_BHW1
-  return [images_BHWC, masked_input, np.clip(pred_BHWC, 0, 1), np.clip(pasted, 0, 1)]
 
 
 # What each row shows, written beside it: the third row's visible patches are predictions
@@ -54,16 +45,14 @@ def labelled(image, row_names, title, pad=6):
   `title` above, black on white."""
   font = ImageFont.load_default()
   text_w = int(max(font.getlength(t) for t in (*row_names, ""))) + 2 * pad
-  title_h = TITLE_HEIGHT
-  out = Image.new(image.mode, (text_w + image.width, title_h + image.height), 255 if
-                  image.mode == "L" else (255, 255, 255))
-  out.paste(image, (text_w, title_h))
+  white, ink = (255, 0) if image.mode == "L" else ((255, 255, 255), (0, 0, 0))
+  out = Image.new(image.mode, (text_w + image.width, TITLE_HEIGHT + image.height), white)
+  out.paste(image, (text_w, TITLE_HEIGHT))
   draw = ImageDraw.Draw(out)
-  ink = 0 if image.mode == "L" else (0, 0, 0)
   draw.text((pad, pad), title, fill=ink, font=font)
   row_h = image.height / len(row_names)
   for r, name in enumerate(row_names):
-    draw.text((pad, title_h + (r + 0.5) * row_h - 6), name, fill=ink, font=font)
+    draw.text((pad, TITLE_HEIGHT + (r + 0.5) * row_h - 6), name, fill=ink, font=font)
   return out
 
 
@@ -76,21 +65,19 @@ def reconstruction_picture(images_u8_BHWC, pred_BNP, mask_BN, patch_size, title=
   pred = np.asarray(unpatchify(np.asarray(pred_BNP), patch_size, grid_size, c))
   mask_BNP = np.repeat(np.asarray(mask_BN)[:, :, None], patch_size**2 * c, axis=-1)
   mask = np.asarray(unpatchify(mask_BNP, patch_size, grid_size, c))
-  rows = reconstruction_rows(images_u8_BHWC.astype(np.float32) / 255.0, pred, mask)
-  if scale is None:  # small images are blown up for viewing, large ones kept as they are
-    scale = max(1, 112 // h)
+  images = images_u8_BHWC.astype(np.float32) / 255.0
+  masked_input = images * (1 - mask) + 0.5 * mask  # grey holes
+  pasted = images * (1 - mask) + pred * mask
+  rows = [images, masked_input, np.clip(pred, 0, 1), np.clip(pasted, 0, 1)]
+  scale = max(1, 112 // h) if scale is None else scale  # small images blown up for viewing
   return labelled(grid(rows, scale=scale), ROW_NAMES, title)
-
-
-def save_png(image, path):
-  png = io.BytesIO()
-  image.save(png, format="PNG")
-  paths_lib.write_atomic(path, png.getvalue())  # local or gs://
-  return path
 
 
 def save_reconstructions(images_u8_BHWC, pred_BNP, mask_BN, patch_size, path, title="",
                          scale=None):
   """reconstruction_picture as a PNG at `path` (local or gs://)."""
-  return save_png(reconstruction_picture(images_u8_BHWC, pred_BNP, mask_BN, patch_size,
-                                         title, scale), path)
+  png = io.BytesIO()
+  reconstruction_picture(images_u8_BHWC, pred_BNP, mask_BN, patch_size, title,
+                         scale).save(png, format="PNG")
+  paths_lib.write_atomic(path, png.getvalue())
+  return path

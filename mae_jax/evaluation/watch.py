@@ -1,12 +1,6 @@
-"""Watching a pretraining run learn: reconstructions of fixed test images in TensorBoard
-every `vis_every_steps` steps.
-
-The images are chosen once from the seed and masked the same way each time, so the pictures
-differ only by the model. Their program (the trainer's eval step on that one batch) is
-built once, so no call compiles; a call only dispatches it, and a background thread waits
-for the result, draws the labelled grid (evaluation.pictures) and hands it to the logger,
-so the train step's pipeline does not wait for the picture. A picture that fails is one
-line in the log; training goes on.
+"""Reconstructions of fixed test images (masked the same way each time) in TensorBoard every
+`vis_every_steps` steps, drawn on a background thread so that training never waits for a
+picture; a failed picture is a line in the log.
 """
 import concurrent.futures
 import time
@@ -14,9 +8,8 @@ import time
 import jax
 import numpy as np
 
-from mae_jax import data
 from mae_jax.data import augment as augment_lib
-from mae_jax.evaluation import pictures
+from mae_jax.evaluation import features, knn, pictures
 from mae_jax.train import sharding
 
 VIS_STREAM = 2**31 - 2  # fold_in data of the pictures' masks: apart from steps and the eval
@@ -25,10 +18,8 @@ VIS_STREAM = 2**31 - 2  # fold_in data of the pictures' masks: apart from steps 
 def fixed_images(source, count, seed, image_size):
   """uint8 (n, S, S, C): `count` test images (all where the split has fewer) chosen from
   `seed`, in index order, at the model's size."""
-  n = min(count, len(source))
-  rows = np.sort(np.random.default_rng([seed, VIS_STREAM]).choice(len(source), n,
-                                                                  replace=False))
-  images, _ = source.batch(rows)
+  chosen = knn.seeded_subset(source, count, seed, VIS_STREAM)
+  images, _ = chosen.batch(np.arange(len(chosen)))
   return augment_lib.augment_batch(images, None, augment_lib.AUGMENTS["none"], image_size,
                                    None)
 
@@ -41,13 +32,8 @@ class ReconstructionMonitor:
     self.run, self.every_steps = run, every_steps
     self.images = fixed_images(run.test_src, cfg.num_vis_images, cfg.seed,
                                cfg.data.image_size)
-    n = len(self.images)
-    size = -(-n // run.mesh.devices.size) * run.mesh.devices.size  # padded: split evenly
-    padded = np.zeros((size, *self.images.shape[1:]), np.uint8)
-    padded[:n] = self.images
-    part = data.ProcessSlice.of_this_process(size).local
-    self.batch = sharding.global_batch({"image": padded[part], "valid": (np.arange(size)
-                                                                         < n)[part]}, run.mesh)
+    size = -(-len(self.images) // run.mesh.devices.size) * run.mesh.devices.size  # padded
+    self.batch = next(features.row_batches({"image": self.images}, size, run.mesh))
     self.fn = run.eval_step(np.zeros(self.images.shape[1:], np.float32))
     self.rng = None  # made at the first picture: nothing runs before the run's checks
     self.note = pictures.target_note(cfg.model.norm_pix_loss)
