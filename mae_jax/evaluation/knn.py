@@ -88,8 +88,8 @@ class Monitor:
     if not run.train_src.num_classes and "knn_every_epochs" not in explicit:
       run.notes.append(f"kNN monitor off: data.name={cfg.data.name!r} has no class labels")
       return None
-    cli.check(run.train_src.num_classes, "knn_every_epochs", f"data.name={cfg.data.name!r} "
-              "has no class labels for the kNN monitor; leave knn_every_epochs unset")
+    checks.check(run.train_src.num_classes, "knn_every_epochs", f"data.name={cfg.data.name!r} "
+                 "has no class labels for the kNN monitor; leave knn_every_epochs unset")
     bank = cfg.get("knn_bank_size")  # the recipe's, on a smaller split: the whole split
     checks.check("knn_bank_size" not in explicit or bank <= len(run.train_src), "knn_bank_size",
                  f"{bank} is larger than the {len(run.train_src)} training images; None for "
