@@ -1,11 +1,8 @@
-"""Several processes, one run: jax.distributed start-up and stops all processes agree on.
-
-`initialize` joins JAX's distributed runtime where this process is one of several (flags,
-SLURM, Open MPI, a Cloud TPU VM), before anything touches a device. JAX's cluster detection
-finds the coordinator and ids; `launch_kind` only decides whether to ask it, where JAX's
-answer would be wrong (test_multihost.py::test_where_jax_cluster_detection_falls_short).
-`GracefulStop` turns SIGTERM / SIGINT into a stop at a step every process agrees on.
-"""
+"""Several processes, one run: `initialize` joins JAX's distributed runtime (before anything
+touches a device) and `GracefulStop` turns SIGTERM / SIGINT into a stop at a step every
+process agrees on. JAX's cluster detection finds the coordinator and ids; `launch_kind` only
+decides whether to ask it, where JAX's answer would be wrong
+(test_multihost.py::test_where_jax_cluster_detection_falls_short)."""
 import dataclasses
 import os
 import signal
@@ -17,9 +14,6 @@ import jax
 from jax.experimental import multihost_utils
 
 from mae_jax import checks
-
-KINDS = ("flags", "slurm", "ompi", "tpu")  # what makes a run multi-process, in the order tried
-
 
 class DistributedError(ValueError):
   """Flags for the distributed runtime that cannot work; one line naming the flag."""
@@ -50,13 +44,13 @@ def _in_cloud_tpu_vm(env):
   environment (more than one worker: TPU_WORKER_HOSTNAMES=localhost is a single host,
   mae_jax.tools.cli.NO_TPU_HOST_ENV)."""
   workers = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-  return (checks.has_tpu_chips() or len(workers) > 1
-          or any(env.get(name) for name in ("TPU_PROCESS_ADDRESSES",
-                                            "MEGASCALE_COORDINATOR_ADDRESS")))
+  return bool(checks.has_tpu_chips() or len(workers) > 1 or env.get("TPU_PROCESS_ADDRESSES")
+              or env.get("MEGASCALE_COORDINATOR_ADDRESS"))
 
 
 def launch_kind(opts: Options, env: Mapping[str, str] = os.environ) -> str | None:
-  """Why this process is one of several (one of KINDS), or None for a lone process."""
+  """Why this process is one of several ("flags", "slurm", "ompi" or "tpu", tried in that
+  order), or None for a lone process."""
   if opts.mode == "off":
     return None
   if any(v is not None for v in (opts.coordinator_address, opts.num_processes, opts.process_id)):
@@ -97,8 +91,7 @@ def initialize(opts: Options, env: Mapping[str, str] = os.environ) -> str | None
   try:
     jax.distributed.initialize(
         coordinator_address=opts.coordinator_address, num_processes=opts.num_processes,
-        process_id=opts.process_id, local_device_ids=ids,
-        initialization_timeout=opts.init_timeout,
+        process_id=opts.process_id, local_device_ids=ids, initialization_timeout=opts.init_timeout,
         heartbeat_timeout_seconds=opts.heartbeat_timeout,
         shutdown_timeout_seconds=opts.shutdown_timeout)
   except (ValueError, TypeError) as e:  # arguments neither given nor detectable
@@ -127,23 +120,20 @@ def _say(message):
 
 class GracefulStop:
   """SIGTERM / SIGINT -> stop after a step all processes agree on (a context manager).
-
   Alone, a signal sets a flag read at the next step; with the distributed runtime JAX's
   preemption service takes SIGTERM (SIGINT is passed on as one) and `reached(step)` is
-  True on every process at the same step. A second Ctrl-C ends the process at once.
-  """
+  True on every process at the same step. A second Ctrl-C ends the process at once."""
 
   def __init__(self):
     self.signal_name = None  # the first signal received, e.g. "SIGTERM"
     self._previous = {}
-    self._shared = (jax.distributed.is_initialized()
-                    and jax.config.jax_enable_preemption_service)
+    self._shared = jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service
 
   def __enter__(self):
     if threading.current_thread() is not threading.main_thread():
       return self  # Python lets only the main thread handle signals
-    signums = [signal.SIGINT] + ([] if self._shared else [signal.SIGTERM])
-    for signum in signums:  # with the service, SIGTERM belongs to JAX's handler
+    # with the preemption service, SIGTERM belongs to JAX's handler
+    for signum in [signal.SIGINT] + ([] if self._shared else [signal.SIGTERM]):
       self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
@@ -155,8 +145,7 @@ class GracefulStop:
   def _handle(self, signum, frame):
     del frame
     name = signal.Signals(signum).name
-    if self.signal_name is None:
-      self.signal_name = name
+    self.signal_name = self.signal_name or name
     if signum == signal.SIGINT:
       signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next Ctrl-C ends the process
       _say(f"{name}: saving a checkpoint at the next step all processes reach, then "
@@ -168,9 +157,7 @@ class GracefulStop:
 
   def reached(self, step: int) -> bool:
     """Whether to save `step` and stop; called once per step, on every process."""
-    if self._shared:
-      if multihost_utils.reached_preemption_sync_point(step):
-        self.signal_name = self.signal_name or "SIGTERM"
-        return True
-      return False
-    return self.signal_name is not None
+    if self._shared and multihost_utils.reached_preemption_sync_point(step):
+      self.signal_name = self.signal_name or "SIGTERM"
+      return True
+    return not self._shared and self.signal_name is not None

@@ -1,11 +1,9 @@
 """Run logging (process 0): progress lines with ETA, TensorBoard events and metrics.jsonl
-in the workdir, and W&B where config.logging.wandb names a project.
-
-metrics.jsonl gets one JSON object per logged step, each one write (a killed run leaves no
-half record); a resumed run logs its steps after the checkpoint again, with the same
-values. A gs:// workdir has no appendable files: the logs are staged locally and copied
-whole at each checkpoint (`sync`), at most `sync_secs` after a record and at close.
-"""
+(one JSON object per logged step, one write each: a killed run leaves no half record) in
+the workdir, and W&B where config.logging.wandb names a project. A resumed run logs its
+steps after the checkpoint again, with the same values. A gs:// workdir has no appendable
+files: the logs are staged locally and copied whole at each checkpoint (`sync`), at most
+`sync_secs` after a record and at close."""
 import json
 import os
 import secrets
@@ -21,24 +19,22 @@ from mae_jax import paths
 
 
 def _fmt_duration(seconds):
-  seconds = int(max(0, seconds))
-  h, rem = divmod(seconds, 3600)
+  h, rem = divmod(int(max(0, seconds)), 3600)
   m, s = divmod(rem, 60)
   return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
 
 
 def summary_writer_class():
-  """tensorboardX's SummaryWriter, imported lazily (only process 0 writes) and without
-  torch: tensorboardX imports torch where installed only to accept torch tensors, which
-  costs seconds at every start."""
-  if "torch" in sys.modules:
-    from tensorboardX import SummaryWriter
-    return SummaryWriter
-  sys.modules["torch"] = None  # makes `import torch` raise ImportError for a moment
+  """tensorboardX's SummaryWriter, imported lazily (only process 0 writes) and without torch,
+  which it imports where installed only to accept torch tensors (seconds at every start)."""
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError for a moment
   try:
     from tensorboardX import SummaryWriter
   finally:
-    del sys.modules["torch"]
+    if hide:
+      del sys.modules["torch"]
   return SummaryWriter
 
 
@@ -80,10 +76,9 @@ class WandbRun:
   def log(self, step, record):
     """`record` ({tag: value}, or a function making it) at training step `step`."""
     with self.lock:
-      if self.run is None:
-        return
       try:
-        self.run.log({"step": int(step), **(record() if callable(record) else record)})
+        if self.run is not None:
+          self.run.log({"step": int(step), **(record() if callable(record) else record)})
       except Exception as e:  # pylint: disable=broad-except (logging never loses the run)
         self.say(f"W&B logging failed at step {step} ({type(e).__name__}: {e}); W&B is "
                  "off for the rest of this launch, TensorBoard goes on")
@@ -100,14 +95,12 @@ class WandbRun:
 
 
 class Logger:
-  """Writes scalars to TensorBoard (and to W&B once `start_wandb` is called) and reports
-  progress of a run of `total_steps`."""
+  """Scalars to TensorBoard (and W&B after `start_wandb`); progress of a run of `total_steps`."""
 
   def __init__(self, workdir, total_steps, start_step=0, stream=None, sync_secs=30):
     self.workdir, self.total_steps = workdir, total_steps
     self.stream = stream or sys.stdout
-    self.is_main = jax.process_index() == 0
-    self.tty = self.stream.isatty()
+    self.is_main, self.tty = jax.process_index() == 0, self.stream.isatty()
     self.writer = self.wandb = None
     self.remote = paths.join(workdir) if paths.is_gcs(workdir) else None
     self.sync_secs, self._synced = sync_secs, time.monotonic()
@@ -135,10 +128,9 @@ class Logger:
 
   def sync(self):
     """Copy the staged event files and metrics.jsonl to the gs:// workdir."""
-    if not (self.remote and self.writer):
-      return
-    self.writer.flush()
-    self._upload()
+    if self.remote and self.writer:
+      self.writer.flush()
+      self._upload()
 
   def _upload(self):
     for name in sorted(os.listdir(self.staging)):
@@ -169,8 +161,7 @@ class Logger:
     if not self.is_main:
       return
     elapsed = time.perf_counter() - self._t0
-    done = max(1, step - self._s0)
-    rate = done / elapsed if elapsed > 0 else 0.0
+    rate = max(1, step - self._s0) / elapsed if elapsed > 0 else 0.0
     eta = (self.total_steps - step) / rate if rate else 0.0
     text = (f"step {step}/{self.total_steps}  loss {metrics['loss']:.4f}  "
             f"lr {metrics['lr']:.2e}  grad_norm {metrics['grad_norm']:.3f}  "
@@ -178,19 +169,16 @@ class Logger:
     if metrics.get("input_wait") is not None:
       text += f"  input wait {metrics['input_wait']:.0%}"
     if self.tty:
-      width = 24
-      filled = int(width * step / max(1, self.total_steps))
-      bar = "#" * filled + "." * (width - filled)
+      filled = int(24 * step / max(1, self.total_steps))  # a bar 24 characters wide
       end = "\n" if step >= self.total_steps else ""
-      self.stream.write(f"\r[{bar}] {text}" + end)
+      self.stream.write(f"\r[{'#' * filled}{'.' * (24 - filled)}] {text}{end}")
     else:
       self.stream.write(text + "\n")
     self.stream.flush()
 
   def info(self, message):
     if self.is_main:
-      prefix = "\n" if self.tty else ""
-      self.stream.write(prefix + message + "\n")
+      self.stream.write(("\n" if self.tty else "") + message + "\n")
       self.stream.flush()
 
   def close(self):
@@ -213,9 +201,8 @@ class InputWait:
   def __init__(self, warn_above: float, suggestions: str | None = None):
     self.warn_above, self.warned = warn_above, False
     self.suggestions = suggestions or "more data.num_workers or data.worker_processes"
-    self.first_step = None
     self.total_wait = self.interval_wait = 0.0
-    self.t_start = self.t_interval = None
+    self.first_step = self.t_start = self.t_interval = None
 
   def start(self) -> None:
     self.t_start = self.t_interval = time.perf_counter()
@@ -235,9 +222,8 @@ class InputWait:
     return share
 
   def total_share(self) -> float | None:
-    if self.t_start is None:
-      return None
-    return self.total_wait / max(time.perf_counter() - self.t_start, 1e-9)
+    return (None if self.t_start is None
+            else self.total_wait / max(time.perf_counter() - self.t_start, 1e-9))
 
   def advice(self, share: float, step: int) -> str | None:
     """The one-time note when `share` passes the threshold after the warm-up (else

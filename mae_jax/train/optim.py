@@ -15,8 +15,7 @@ def scaled_lr(base_lr, global_batch_size):
 def decay_mask(params):
   """Pytree of bools: True where weight decay applies (kernels of linear layers)."""
   flat = flax.traverse_util.flatten_dict(params)
-  return flax.traverse_util.unflatten_dict(
-      {path: path[-1] not in NO_DECAY_LEAVES for path in flat})
+  return flax.traverse_util.unflatten_dict({p: p[-1] not in NO_DECAY_LEAVES for p in flat})
 
 
 def lr_schedule(peak_lr, warmup_steps, total_steps, min_lr=0.0):

@@ -1,7 +1,6 @@
 """Parameter directories: mae_jax's format for weights without a training state (imported
 official / Hugging Face weights, exports of a run): DIR/params/ (Orbax StandardCheckpointer,
-the params pytree) + DIR/model.json ({"model": MaskedAutoencoder fields, ...}).
-"""
+the params pytree) + DIR/model.json ({"model": MaskedAutoencoder fields, ...})."""
 import json
 
 import flax
@@ -47,8 +46,7 @@ def read_meta(directory):
   except (OSError, ValueError) as e:
     raise ParamsError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
   if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
-    raise ParamsError(f"{path}: expected a JSON object with the model's fields under "
-                      "'model'")
+    raise ParamsError(f"{path}: expected a JSON object with the model's fields under 'model'")
   return meta
 
 
@@ -56,8 +54,7 @@ def shape_mismatches(tree, reference, complete=True):
   """'path (shape) vs (reference shape)' for each leaf of `tree` that differs from
   `reference`, plus the reference's leaves `tree` lacks when `complete`."""
   got = {p: tuple(np.shape(v)) for p, v in flax.traverse_util.flatten_dict(tree).items()}
-  want = {p: tuple(np.shape(v))
-          for p, v in flax.traverse_util.flatten_dict(reference).items()}
+  want = {p: tuple(np.shape(v)) for p, v in flax.traverse_util.flatten_dict(reference).items()}
   bad = [f"{'/'.join(p)} {s} vs {want.get(p, 'absent')}" for p, s in got.items()
          if want.get(p) != s]
   return bad + ([f"{'/'.join(p)} absent vs {s}" for p, s in want.items() if p not in got]
@@ -65,19 +62,19 @@ def shape_mismatches(tree, reference, complete=True):
 
 
 def load_params(path, target=None):
-  """(params, model fields) of a parameter directory; MaskedAutoencoder(**fields) is the
-  model they belong to.
-
-  target: optional pytree of arrays / jax.ShapeDtypeStruct (with shardings) to restore
-  onto, e.g. jax.eval_shape of the model's init with the trainer's shardings; stored
-  shapes that differ from it are listed in the error.
-  """
+  """(params, model fields) of a parameter directory (MaskedAutoencoder(**fields) is their
+  model), restored onto `target` where given (arrays or ShapeDtypeStructs with shardings,
+  e.g. pretrained.abstract_params); stored shapes that differ from it are listed."""
   meta = read_meta(path)
   params_path = paths.absolute(paths.join(path, PARAMS_DIR))
   with ocp.StandardCheckpointer() as checkpointer:
     if target is not None:
       target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-      stored = _params_metadata(checkpointer, params_path)
+      try:
+        stored = checkpointer.metadata(params_path).item_metadata.tree
+      except Exception as e:  # a missing or damaged params/ directory
+        raise ParamsError(f"{params_path}: missing or damaged parameters ("
+                          f"{short_reason(e, 200)})") from None
       bad = shape_mismatches(stored, target)
       if bad:
         shown = "; ".join(bad[:20]) + (f"; ... ({len(bad)} in all)" if len(bad) > 20 else "")
@@ -90,11 +87,3 @@ def load_params(path, target=None):
                         f"restored ({short_reason(e, 200)})") from None
   check_finite_tree(params, f"{params_path}: damaged parameters", ParamsError)
   return params, meta["model"]
-
-
-def _params_metadata(checkpointer, params_path):
-  try:
-    return checkpointer.metadata(params_path).item_metadata.tree
-  except Exception as e:  # a missing or damaged params/ directory
-    raise ParamsError(f"{params_path}: missing or damaged parameters ("
-                      f"{short_reason(e, 200)})") from None

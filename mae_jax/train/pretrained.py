@@ -5,10 +5,8 @@ checkpoint (`python -m mae_jax.convert import ...`).
   pre = pretrained.load("out/mae_visualize_large")  # an imported official / HF model
   out = pre.model.apply({"params": pre.params}, normalized_images, rngs={"mask": rng})
 
-Only the params are read, never the optimizer state; with a `mesh` they arrive in their
-training layout on it. Converted checkpoints take ImageNet's mean and std, a workdir its
-dataset's.
-"""
+Only the params are read, never the optimizer state, in their training layout on `mesh`;
+converted checkpoints take ImageNet's mean and std, a workdir its dataset's."""
 import dataclasses
 import functools
 
@@ -41,10 +39,6 @@ class Pretrained:
   config: ml_collections.ConfigDict | None = None  # the run's config (workdirs only)
 
 
-def is_converted(path):
-  return param_dirs.is_params_dir(path)
-
-
 def is_workdir(path):
   return paths.isfile(paths.join(path, "config.json"))
 
@@ -52,19 +46,16 @@ def is_workdir(path):
 def load(path, step=None, mesh=None):
   """The model, params and input statistics stored at `path`; the params in their
   training layout on `mesh` (None: the first device)."""
-  if is_converted(path):
+  if param_dirs.is_params_dir(path):
     return load_converted(path, mesh)
-  if is_workdir(path):
-    return load_workdir(path, step, mesh)
-  raise PretrainedError(f"{path}: neither a train.py workdir (config.json + checkpoints/) "
-                        "nor a converted checkpoint (model.json + params/)")
+  return load_workdir(path, step, mesh)  # model_of refuses a path that holds neither
 
 
 def model_of(path, platform=None):
   """(model, the run's config or None) stored at `path`, without reading any params; its
   kernels are those of `platform` (None: the platform of jax.devices())."""
   platform = platform or jax.devices()[0].platform
-  if is_converted(path):
+  if param_dirs.is_params_dir(path):
     fields = param_dirs.read_meta(path)["model"]
     math = {k: v for k, v in fields.items() if k not in sizes.COMPUTE_FIELDS + ("platform",)}
     return MaskedAutoencoder(**math, kernels=sizes.kernels_of(fields, platform)), None
@@ -86,8 +77,7 @@ def init_params(model, rng):
 
 
 def abstract_params(model, mesh=None):
-  """ShapeDtypeStructs of the model's params, with their training layout on `mesh` (the
-  first device where None)."""
+  """ShapeDtypeStructs of the params, in their training layout on `mesh` (None: first device)."""
   abstract = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, sharding.state_shardings(abstract, mesh or one_device_mesh()))
@@ -95,8 +85,7 @@ def abstract_params(model, mesh=None):
 
 def one_device_mesh():
   """The mesh of params loaded without one: the first device."""
-  return sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1}),
-                            jax.devices()[:1])
+  return sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1}), jax.devices()[:1])
 
 
 def random_params(model, seed, mesh=None):
@@ -121,9 +110,8 @@ def load_converted(path, mesh=None):
 
 
 def restore_params(path, model, step=None, mesh=None):
-  """(params, step) of a workdir's checkpoint (the latest where step is None): an Orbax
-  partial restore of the params alone, after the manifest check; nothing in the workdir is
-  written, so a run still writing there is left alone."""
+  """(params, step) of a workdir's checkpoint (the latest where step is None): its params
+  alone, after the manifest check; nothing is written, so a run still writing is left alone."""
   directory = paths.absolute(paths.join(path, "checkpoints"))
   steps = checkpoints.complete_steps(directory)
   step = (steps[-1] if steps else None) if step is None else step

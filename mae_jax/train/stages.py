@@ -2,8 +2,7 @@
 trains at 16 px, then at 24 px from half of the steps on; `mask_ratio` takes (fraction,
 ratio) pairs the same way; empty: data.image_size and model.mask_ratio throughout. Each
 stage has its own compiled step over the same parameters (the position tables are fixed
-sin-cos of the grid). Evaluation, pictures and kNN stay at data.image_size.
-"""
+sin-cos of the grid). Evaluation, pictures and kNN stay at data.image_size."""
 import dataclasses
 import math
 
@@ -58,8 +57,7 @@ def _pairs(config, field, check_value):
 
 def check(config, patch_size):
   """ConfigError (one line naming the field) for a schedule that cannot work: pairs out of
-  order, a resolution the patch size does not divide, a ratio outside (0, 1) or one that
-  leaves no patch visible at some resolution of the run."""
+  order, a resolution the patch does not divide, a ratio outside (0, 1) or leaving no patch."""
 
   def resolution(name, size):
     if not (isinstance(size, int) and not isinstance(size, bool) and size >= patch_size

@@ -1,8 +1,5 @@
-"""Pure training and evaluation steps: (state, batch, rng) -> (state, metrics).
-
-They are plain functions of their arguments, jitted once by the trainer with explicit
-shardings and the old state donated; tests call them without jit too.
-"""
+"""Pure training and evaluation steps: (state, batch, rng) -> (state, metrics), jitted once
+by the trainer with explicit shardings and the old state donated; tests call them as is."""
 from typing import Any
 
 import flax
@@ -47,27 +44,16 @@ def loss_fn(params, model, images_BHWC, noise_BN, norm_pix_loss):
   return mae.mae_loss(out["pred"], target, out["mask"]), out
 
 
-def mask_noise(model, rng, batch_size):
-  """The step's masking noise (B, N) for the whole global batch, by the model's strategy."""
-  return masking.make_noise(model.mask_strategy, rng, batch_size, model.grid_size,
-                            model.mask_ratio)
-
-
 def micro_batches(x, accum_steps):
   """(B, ...) -> (accum_steps, B / accum_steps, ...); micro-batch i holds rows i, i + A, ...
-
-  Rows stay on the device that holds them (the batch axis is sharded in contiguous
-  blocks), so splitting needs no communication.
-  """
+  so rows stay on their device (the batch axis is sharded in contiguous blocks)."""
   return jnp.swapaxes(x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 0, 1)
 
 
 def loss_and_grads(params, model, images_BHWC, noise_BN, norm_pix_loss, accum_steps=1):
   """Mean loss and gradients over `accum_steps` micro-batches, scanned inside the step.
-
-  Every sample masks the same number of patches, so the mean of the micro-batch losses
-  is the full batch's loss and accumulation changes the result only by rounding.
-  """
+  Every sample masks the same number of patches, so the mean of the micro-batch losses is
+  the full batch's loss: accumulation changes the result only by rounding."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if accum_steps == 1:
     (loss, _), grads = grad_fn(params, model, images_BHWC, noise_BN, norm_pix_loss)
@@ -86,13 +72,12 @@ def loss_and_grads(params, model, images_BHWC, noise_BN, norm_pix_loss, accum_st
 def train_step(state, batch, base_rng, *, model, tx, schedule, mean, std, norm_pix_loss,
                accum_steps=1, skip_nonfinite=False):
   """One AdamW step on the masked-patch MSE; returns (new state, metrics).
-
   metrics["nonfinite"] is 1 where the loss, a gradient or a new parameter is not finite;
   with skip_nonfinite such an update is dropped (the step advances, state.skipped counts
-  it). accum_steps > 1: the batch as that many micro-batches, one update.
-  """
+  it). accum_steps > 1: the batch as that many micro-batches, one update."""
   images = normalize(batch["image"], mean, std)
-  noise = mask_noise(model, step_rngs(base_rng, state.step)["mask"], images.shape[0])
+  noise = masking.make_noise(model.mask_strategy, step_rngs(base_rng, state.step)["mask"],
+                             images.shape[0], model.grid_size, model.mask_ratio)  # (B, N)
   loss, grads = loss_and_grads(state.params, model, images, noise, norm_pix_loss,
                                accum_steps)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -103,15 +88,9 @@ def train_step(state, batch, base_rng, *, model, tx, schedule, mean, std, norm_p
     params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                      (params, opt_state), (state.params, state.opt_state))
     skipped = skipped + (~finite).astype(jnp.int32)
-  metrics = {
-      "loss": loss,
-      "lr": schedule(state.step),
-      "grad_norm": optax.tree.norm(grads),
-      "param_norm": optax.tree.norm(params),
-      "update_norm": optax.tree.norm(updates),
-      "nonfinite": (~finite).astype(jnp.int32),
-      "skipped": skipped,
-  }
+  metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads),
+             "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates),
+             "nonfinite": (~finite).astype(jnp.int32), "skipped": skipped}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                     skipped=skipped), metrics
 
@@ -132,8 +111,7 @@ def denormalize_pred(pred_BNP, images_BHWC, patch_size, norm_pix_loss):
 def eval_step(params, batch, rng, *, model, mean, std, baseline_HWC, norm_pix_loss=False):
   """Masked-patch squared error on [0, 1] pixels for one batch, with the masks of `rng`:
   sums over masked pixels of valid examples for the model and for `baseline_HWC` (e.g. the
-  per-pixel mean), their count, and the reconstructions (B, N, p*p*C) with their masks.
-  """
+  per-pixel mean), their count, and the reconstructions (B, N, p*p*C) with their masks."""
   images = normalize(batch["image"], mean, std)
   out = model.apply({"params": params}, images, rngs={"mask": rng})
   pred = denormalize_pred(out["pred"], images, model.patch_size, norm_pix_loss)

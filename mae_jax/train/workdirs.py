@@ -1,10 +1,7 @@
-"""A run's workdir: one run at a time (its lock, local or on Cloud Storage), and the
-config of each launch (config.json, configs/launch-NNN-step-S.json).
-
-The lock is taken before anything in the workdir is touched (Orbax's clean-up of temporary
-directories would otherwise delete a live run's checkpoint in progress); every job that
-trains takes it (mae_jax.train.loop).
-"""
+"""A run's workdir: one run at a time (its lock, local or on Cloud Storage), and each
+launch's config (config.json, configs/launch-NNN-step-S.json). Every job that trains takes
+the lock (mae_jax.train.loop) before touching the workdir: Orbax's clean-up of temporary
+directories would otherwise delete a live run's checkpoint in progress."""
 import contextlib
 import errno
 import fcntl
@@ -35,8 +32,7 @@ def launch_configs(workdir):
 
 def save_config(config, workdir, start_step=0, job="pretrain"):
   """Record this launch's config with its `job` kind (process 0): config.json is the first
-  launch's, never overwritten; each launch adds configs/launch-NNN-step-S.json (S: the step
-  it started from)."""
+  launch's, never overwritten; each adds configs/launch-NNN-step-S.json (S: its start step)."""
   if jax.process_index() != 0:
     return
   text = json.dumps({**json.loads(config.to_json_best_effort()), "job": job}, indent=2,
@@ -67,8 +63,6 @@ def load_config_dict(workdir):
   return saved
 
 
-# --- One run per workdir ---------------------------------------------------------------
-
 LOCK_FILE = "run.lock"
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
@@ -82,21 +76,24 @@ def _holder_of(text):
     return f"an unreadable holder ({text[:80]!r})"
 
 
+def _me():
+  return json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+
+
 class WorkdirLock:
   """WORKDIR/run.lock, naming its holder (host, pid, start), held by one run's process 0
   with a POSIX record lock, which the kernel (or NFS server) drops however the holder dies:
   a file left by a killed run is taken over, with a note. Without POSIX locks, a holder
-  alive on this host, or on another (not checkable), keeps the workdir.
-  """
+  alive on this host, or on another (not checkable), keeps the workdir."""
+  ADVICE = "wait for it to finish, stop it, or choose another --workdir"
 
   def __init__(self, workdir):
-    self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
-    self.fd = None
+    self.path = paths.join(paths.absolute(workdir), LOCK_FILE)
+    self.fd = None  # the open lock file (GcsWorkdirLock: the contents it wrote)
     self.note = None  # what was taken over, for the run's log
 
   def acquire(self):
-    me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                     "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
     while self.fd is None:
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
       try:
@@ -115,19 +112,21 @@ class WorkdirLock:
         os.close(fd)
         continue
       previous = _read_fd(fd)
-      if previous.strip():
-        self.note = (f"took over {self.path}, left by a run that is no longer running "
-                     f"({_holder_of(previous)})")
+      self.note = self._took_over(previous) if previous.strip() else None
       os.ftruncate(fd, 0)
-      os.pwrite(fd, me.encode(), 0)
+      os.pwrite(fd, _me().encode(), 0)
       os.fsync(fd)
       self.fd = fd
     return self
 
+  def _took_over(self, previous):
+    return (f"took over {self.path}, left by a run that is no longer running "
+            f"({_holder_of(previous)})")
+
   def _in_use(self, contents):
     return CheckpointError(
         f"{os.path.dirname(self.path)} is in use by another run ({_holder_of(contents)}; "
-        f"lock {self.path}): wait for it to finish, stop it, or choose another --workdir")
+        f"lock {self.path}): {self.ADVICE}")
 
   def _check_by_contents(self, contents):
     """Without POSIX locks: refuse a holder that lives, or that cannot be checked."""
@@ -172,10 +171,8 @@ def _same_file(fd, path):
 def _alive(pid):
   try:
     os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
+  except OSError as e:  # signal 0 fails with ESRCH (no such process) or EPERM (alive)
+    return e.errno != errno.ESRCH
   return True
 
 
@@ -183,18 +180,14 @@ class GcsWorkdirLock(WorkdirLock):
   """WORKDIR/run.lock on Cloud Storage (no record locks): a launch finding one refuses
   unless its holder ran on this host and is gone; one of another host is named, to be
   removed by hand once that run is known to be over."""
-
-  def __init__(self, workdir):  # pylint: disable=super-init-not-called
-    self.path = paths.join(workdir, LOCK_FILE)
-    self.fd = None
-    self.note = None
+  ADVICE = ("wait for it to finish or stop it; if it ran on a machine that is gone, remove "
+            "that lock object")
 
   def acquire(self):
     """Create the lock object where none exists, or replace a dead holder's lock while it
     is the generation read: one request with a precondition each, so of racing launches
     one wins and the others find its lock."""
-    me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                     "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+    me = _me()
     while not paths.create_new(self.path, me):
       try:
         previous, generation = paths.read_generation(self.path)
@@ -203,24 +196,15 @@ class GcsWorkdirLock(WorkdirLock):
       previous = previous.decode(errors="replace")
       self._check_by_contents(previous)  # raises unless the holder is gone
       if paths.replace_generation(self.path, me, generation):
-        self.note = (f"took over {self.path}, left by a run that is no longer running "
-                     f"({_holder_of(previous)})")
+        self.note = self._took_over(previous)
         break
       # replaced or removed meanwhile (another launch took it over): look again
     self.fd = me
     return self
 
-  def _in_use(self, contents):
-    return CheckpointError(
-        f"{self.path.rsplit('/', 1)[0]} is in use by another run ({_holder_of(contents)}; lock "
-        f"{self.path}): wait for it to finish or stop it; if it ran on a machine that is "
-        "gone, remove that lock object")
-
   def release(self):
-    if self.fd is None:
-      return
-    with contextlib.suppress(OSError, FileNotFoundError):
-      if paths.read_text(self.path) == self.fd:
+    with contextlib.suppress(OSError):  # FileNotFoundError included
+      if self.fd is not None and paths.read_text(self.path) == self.fd:
         paths.resolve(self.path).unlink()
     self.fd = None
 
