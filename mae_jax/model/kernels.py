@@ -1,13 +1,10 @@
 """How the layers compute, chosen once for the devices a program is built for: `Kernels`.
 
-The model classes carry what defines the math (sizes, dtype, param dtype); how it runs is one
-`Kernels` object they hand down to their layers: the matmul kernel of every Dense layer (a
-`dot_general`), the attention implementation, and the block stacks' remat policy and scan
-unrolling. `Kernels.of(platform, ...)` resolves the config's choices (model.matmul,
-model.attn_impl, model.remat, model.unroll) for the platform of the devices the program is
-compiled for, never the host's default backend, so a TPU program compiled on a CPU host is
-the TPU program. mae_jax.train.program and mae_jax.model.sizes.build_model call it; nothing
-else decides.
+The model classes carry what defines the math (sizes, dtypes); one `Kernels` object says how
+it runs: every Dense layer's `dot_general`, the attention implementation, the block stacks'
+remat policy and scan unrolling. `Kernels.of` resolves the config's choices for the platform
+of the devices the program is compiled for, never the host's default backend, so a TPU
+program compiled on a CPU host is the TPU program.
 """
 import dataclasses
 
@@ -30,18 +27,13 @@ def token_matmul(x_BTI, w_IO):
   return jnp.dot(x_BTI, w_IO)
 
 
-def _token_matmul_fwd(x_BTI, w_IO):
-  return jnp.dot(x_BTI, w_IO), (x_BTI, w_IO)
-
-
 def _token_matmul_bwd(res, g_BTO):
   x_BTI, w_IO = res
-  x_MI = x_BTI.reshape(-1, x_BTI.shape[-1])
-  g_MO = g_BTO.reshape(-1, g_BTO.shape[-1])
+  x_MI, g_MO = (a.reshape(-1, a.shape[-1]) for a in (x_BTI, g_BTO))
   return jnp.dot(g_BTO, w_IO.T), jnp.dot(x_MI.T, g_MO)
 
 
-token_matmul.defvjp(_token_matmul_fwd, _token_matmul_bwd)
+token_matmul.defvjp(lambda x_BTI, w_IO: (jnp.dot(x_BTI, w_IO), (x_BTI, w_IO)), _token_matmul_bwd)
 
 
 def cpu_dot_general(lhs, rhs, dimension_numbers, precision=None,
@@ -70,12 +62,6 @@ def resolve_matmul(matmul, platform):
   return matmul
 
 
-
-
-ATTENTIONS = ("xla", "cudnn", "auto")
-REMATS = ("none", "full", "dots")  # vit.REMAT_POLICIES
-
-
 @dataclasses.dataclass(frozen=True)
 class Kernels:
   """How the layers of a model compute (not what: the values do not depend on it).
@@ -84,7 +70,7 @@ class Kernels:
   gradient). attention: jax.nn.dot_product_attention's implementation, or "auto": cuDNN's
   fused attention where it applies (bfloat16 / float16, a head dim that is a multiple of 8
   and at most 128), else XLA's; `of` gives "auto" only for GPUs. remat: the block stacks'
-  recompute policy (REMATS); unroll: unroll their scans.
+  recompute policy (vit.REMAT_POLICIES); unroll: unroll their scans.
   """
   matmul: str = "xla"
   attention: str = "xla"

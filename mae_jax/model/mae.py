@@ -3,18 +3,14 @@
 `MaskedAutoencoder.__call__` reconstructs (pretraining); `encode` gives features of the
 whole unmasked image (evaluation). `mae_loss` is the per-patch MSE over masked patches.
 """
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 
 from mae_jax.model import masking, patches, posembed
-from mae_jax.model.kernels import Kernels
-from mae_jax.model.vit import (DEFAULT_KERNELS, BlockStack, dense, encoder_of, layer_norm,
-                               token_init)
+from mae_jax.model.vit import BlockStack, Layer, dense, encoder_of, layer_norm, token_init
 
 
-class MaskedAutoencoder(nn.Module):
+class MaskedAutoencoder(Layer):
   """MAE over (B, H, W, C) normalized images; parameter names follow the reference."""
   image_size: int = 224
   patch_size: int = 16
@@ -28,11 +24,6 @@ class MaskedAutoencoder(nn.Module):
   decoder_heads: int = 16
   mask_ratio: float = 0.75
   mask_strategy: str = "random"
-  dtype: Any = jnp.float32        # compute dtype
-  param_dtype: Any = jnp.float32  # parameters stay float32
-  # How it computes (matmul, attention, remat, unroll), not what: chosen for the devices
-  # where the program is built (kernels.Kernels.of)
-  kernels: Kernels = DEFAULT_KERNELS
 
   @property
   def grid_size(self):
@@ -43,31 +34,30 @@ class MaskedAutoencoder(nn.Module):
     return self.grid_size[0] * self.grid_size[1]
 
   def setup(self):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    ops = dict(kw, kernels=self.kernels)
     self.encoder = encoder_of(self)
     nn.share_scope(self, self.encoder)  # the encoder's parameters at the top level
-    self.decoder_embed = dense(self.decoder_width, "decoder_embed", **ops)
+    self.decoder_embed = dense(self.decoder_width, "decoder_embed", **self.ops)
     self.mask_token = self.param("mask_token", token_init, (1, 1, self.decoder_width),
                                  self.param_dtype)
-    self.decoder_blocks = BlockStack(
-        self.decoder_depth, self.decoder_heads, int(self.decoder_width * self.mlp_ratio),
-        **ops)
-    self.decoder_norm = layer_norm("decoder_norm", **kw)
-    self.decoder_pred = dense(self.patch_size**2 * self.channels, "decoder_pred", **ops)
+    self.decoder_blocks = BlockStack(self.decoder_depth, self.decoder_heads,
+                                     int(self.decoder_width * self.mlp_ratio), **self.ops)
+    self.decoder_norm = layer_norm("decoder_norm", self.dtype, self.param_dtype)
+    self.decoder_pred = dense(self.patch_size**2 * self.channels, "decoder_pred", **self.ops)
+
+  def mask(self, batch, noise_BN=None):
+    """masking.mask_from_noise's (keep_idx (B, K), mask (B, N), restore_idx (B, N)).
+    Without `noise`, it is drawn from the 'mask' RNG stream by `mask_strategy`."""
+    if noise_BN is None:
+      noise_BN = masking.make_noise(self.mask_strategy, self.make_rng("mask"), batch,
+                                    self.grid_size, self.mask_ratio)
+    return masking.mask_from_noise(noise_BN, masking.num_visible(self.num_patches,
+                                                                 self.mask_ratio))
 
   def encode_masked(self, images_BHWC, noise_BN=None):
-    """Encoder on the visible patches only.
-
-    Returns (latent (B, 1+K, D) with the cls token first, mask (B, N), restore_idx (B, N)).
-    Without `noise`, it is drawn from the 'mask' RNG stream by `mask_strategy`.
-    """
+    """Encoder on the visible patches only: (latent (B, 1+K, D) with the cls token first,
+    mask (B, N), restore_idx (B, N))."""
     x_BND = self.encoder.embed(images_BHWC)
-    if noise_BN is None:
-      noise_BN = masking.make_noise(self.mask_strategy, self.make_rng("mask"),
-                                    x_BND.shape[0], self.grid_size, self.mask_ratio)
-    num_keep = masking.num_visible(self.num_patches, self.mask_ratio)
-    keep_idx_BK, mask_BN, restore_idx_BN = masking.mask_from_noise(noise_BN, num_keep)
+    keep_idx_BK, mask_BN, restore_idx_BN = self.mask(x_BND.shape[0], noise_BN)
     x_BKD = masking.gather_tokens(x_BND, keep_idx_BK)
     return self.encoder(self.encoder.prepend_cls(x_BKD)), mask_BN, restore_idx_BN
 
@@ -111,13 +101,8 @@ class AllTokensMAE(MaskedAutoencoder):
   def __call__(self, images_BHWC, noise_BN=None):
     x_BND = self.encoder.embed(images_BHWC)
     b, n = x_BND.shape[:2]
-    if noise_BN is None:
-      noise_BN = masking.make_noise(self.mask_strategy, self.make_rng("mask"), b,
-                                    self.grid_size, self.mask_ratio)
-    _, mask_BN, _ = masking.mask_from_noise(
-        noise_BN, masking.num_visible(n, self.mask_ratio))
-    pos_ND = self.encoder.position_table()[1:]
-    fill = (self.encoder_mask_token + pos_ND).astype(self.dtype)
+    _, mask_BN, _ = self.mask(b, noise_BN)
+    fill = (self.encoder_mask_token + self.encoder.position_table()[1:]).astype(self.dtype)
     x_BND = jnp.where(mask_BN[:, :, None] > 0, fill, x_BND)
     latent = self.encoder(self.encoder.prepend_cls(x_BND))
     identity_BN = jnp.broadcast_to(jnp.arange(n), (b, n))
@@ -130,11 +115,9 @@ ENCODERS = {"visible": MaskedAutoencoder, "all": AllTokensMAE}
 
 
 def patch_targets(images_BHWC, patch_size, norm_pix_loss):
-  """Reconstruction targets (B, N, p*p*C), float32.
-
-  With norm_pix_loss each patch is normalized by its own mean and (unbiased, as the
-  reference's torch.var) variance, eps 1e-6 (paper Sec. 3, "Reconstruction target").
-  """
+  """Reconstruction targets (B, N, p*p*C), float32. With norm_pix_loss each patch is
+  normalized by its own mean and (unbiased, as the reference's torch.var) variance, eps 1e-6
+  (paper Sec. 3, "Reconstruction target")."""
   target = patches.patchify(images_BHWC.astype(jnp.float32), patch_size)
   if norm_pix_loss:
     mean = target.mean(axis=-1, keepdims=True)

@@ -23,11 +23,8 @@ def random_noise(rng, batch, grid_size, mask_ratio):
 
 
 def block_noise(rng, batch, grid_size, mask_ratio, block=2):
-  """A coarse uniform field upsampled by `block`, plus small jitter.
-
-  Patches of one block share a noise level, so whole blocks are masked together
-  (large contiguous holes); the jitter breaks ties inside the block at the boundary.
-  """
+  """A coarse uniform field upsampled by `block`, plus small jitter: the patches of a block
+  share a noise level, so they are masked together (large holes); the jitter breaks ties."""
   del mask_ratio
   gh, gw = grid_size
   coarse_rng, jitter_rng = jax.random.split(rng)
@@ -39,11 +36,9 @@ def block_noise(rng, batch, grid_size, mask_ratio, block=2):
 
 
 def grid_noise(rng, batch, grid_size, mask_ratio):
-  """A fixed regular pattern: keep one patch of every s x s cell, s = round(1/sqrt(1-r)).
-
-  At mask ratio 0.75 this keeps the patches at even (row, col), the paper's grid-wise
-  sampling; patches outside the pattern follow in raster order if K asks for more.
-  """
+  """A fixed regular pattern: keep one patch of every s x s cell, s = round(1/sqrt(1-r)); at
+  ratio 0.75 the patches at even (row, col), the paper's grid-wise sampling. Patches outside
+  the pattern follow in raster order if K asks for more."""
   del rng
   gh, gw = grid_size
   stride = max(1, round(1 / math.sqrt(1 - mask_ratio)))
@@ -64,12 +59,8 @@ def center_noise(rng, batch, grid_size, mask_ratio):
   return jnp.broadcast_to(jnp.asarray(noise, jnp.float32), (batch, gh * gw))
 
 
-STRATEGIES = {
-    "random": random_noise,
-    "block": block_noise,
-    "grid": grid_noise,
-    "center": center_noise,
-}
+STRATEGIES = {"random": random_noise, "block": block_noise, "grid": grid_noise,
+              "center": center_noise}
 
 
 def make_noise(strategy, rng, batch, grid_size, mask_ratio):

@@ -11,17 +11,12 @@ def patchify(x_BHWC, patch_size):
   """(B, H, W, C) -> (B, N, p*p*C) with N = (H/p) * (W/p)."""
   b, h, w, c = x_BHWC.shape
   p = patch_size
-  gh, gw = h // p, w // p
-  x = x_BHWC.reshape(b, gh, p, gw, p, c)
-  x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))  # (B, gh, gw, p, p, C)
-  return x.reshape(b, gh * gw, p * p * c)
+  x = jnp.transpose(x_BHWC.reshape(b, h // p, p, w // p, p, c), (0, 1, 3, 2, 4, 5))
+  return x.reshape(b, (h // p) * (w // p), p * p * c)  # from (B, H/p, W/p, p, p, C)
 
 
 def unpatchify(x_BND, patch_size, grid_size, channels):
   """(B, N, p*p*C) -> (B, H, W, C); grid_size = (gh, gw)."""
-  b = x_BND.shape[0]
-  p = patch_size
-  gh, gw = grid_size
-  x = x_BND.reshape(b, gh, gw, p, p, channels)
-  x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))  # (B, gh, p, gw, p, C)
-  return x.reshape(b, gh * p, gw * p, channels)
+  (gh, gw), p, b = grid_size, patch_size, x_BND.shape[0]
+  x = jnp.transpose(x_BND.reshape(b, gh, gw, p, p, channels), (0, 1, 3, 2, 4, 5))
+  return x.reshape(b, gh * p, gw * p, channels)  # from (B, gh, p, gw, p, C)

@@ -10,22 +10,11 @@ from mae_jax.train import stages
 
 # name -> (width, depth, heads); MLP ratio 4 throughout (ViT, Dosovitskiy et al. Table 1).
 # "Mu" is not from the paper: a micro encoder for CPU demos on 28 x 28 images.
-SIZES = {
-    "Mu": (128, 4, 4),
-    "Ti": (192, 12, 3),
-    "S": (384, 12, 6),
-    "B": (768, 12, 12),
-    "L": (1024, 24, 16),
-    "H": (1280, 32, 16),
-}
+SIZES = {"Mu": (128, 4, 4), "Ti": (192, 12, 3), "S": (384, 12, 6), "B": (768, 12, 12),
+         "L": (1024, 24, 16), "H": (1280, 32, 16)}
 # Friendly aliases for the paper's presets.
-PRESETS = {
-    "vit_tiny": "Ti/16",
-    "vit_small": "S/16",
-    "vit_base": "B/16",
-    "vit_large": "L/16",
-    "vit_huge": "H/14",
-}
+PRESETS = {"vit_tiny": "Ti/16", "vit_small": "S/16", "vit_base": "B/16", "vit_large": "L/16",
+           "vit_huge": "H/14"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -104,7 +93,11 @@ def check(config, explicit=()):
                  f"{kw['image_size']}")
     checks.check(False, "data.image_size", f"{kw['image_size']} is not a positive multiple of "
                  f"the patch size {kw['patch_size']} ({patch_field})")
-  _check_widths(kw)
+  for width, why in (("width", " (2D sin-cos)"), ("decoder_width", "")):
+    checks.check(kw[width] % 4 == 0, f"model.{width}", f"{kw[width]} must be divisible by 4{why}")
+  for width, heads in (("width", "num_heads"), ("decoder_width", "decoder_heads")):
+    checks.check(kw[width] % kw[heads] == 0, f"model.{heads}",
+                 f"{kw[heads]} does not divide {width} {kw[width]}")
   checks.check(checks.is_number(m.mask_ratio) and 0 < m.mask_ratio < 1, "model.mask_ratio",
                f"{m.mask_ratio} must be in (0, 1)")
   num_patches = (kw["image_size"] // kw["patch_size"])**2
@@ -113,27 +106,12 @@ def check(config, explicit=()):
   stages.check(config, kw["patch_size"])  # config.schedule's sizes and ratios
 
 
-def _check_widths(kw):
-  """Widths that the 2D sin-cos embedding and the heads can split."""
-  checks.check(kw["width"] % 4 == 0, "model.width",
-               f"{kw['width']} must be divisible by 4 (2D sin-cos)")
-  checks.check(kw["decoder_width"] % 4 == 0, "model.decoder_width",
-               f"{kw['decoder_width']} must be divisible by 4")
-  checks.check(kw["width"] % kw["num_heads"] == 0, "model.num_heads",
-               f"{kw['num_heads']} does not divide width {kw['width']}")
-  checks.check(kw["decoder_width"] % kw["decoder_heads"] == 0, "model.decoder_heads",
-               f"{kw['decoder_heads']} does not divide decoder_width {kw['decoder_width']}")
-
-
 # Fields that fix the shapes of the saved parameters and optimizer state: model_kwargs key
 # -> config path.
 SHAPE_FIELDS = {
-    "width": "model.width", "depth": "model.depth", "num_heads": "model.num_heads",
-    "patch_size": "model.patch_size", "mlp_ratio": "model.mlp_ratio",
-    "decoder_width": "model.decoder_width", "decoder_depth": "model.decoder_depth",
-    "decoder_heads": "model.decoder_heads", "image_size": "data.image_size",
-    "channels": "data.channels",
-}
+    **{f: f"model.{f}" for f in ("width", "depth", "num_heads", "patch_size", "mlp_ratio",
+                                 "decoder_width", "decoder_depth", "decoder_heads")},
+    "image_size": "data.image_size", "channels": "data.channels"}
 
 
 def model_shape(config):

@@ -5,6 +5,7 @@ Initialization follows the reference MAE: xavier-uniform kernels, zero biases,
 LayerNorm eps 1e-6. Compute runs in `dtype`, parameters stay in `param_dtype`;
 attention logits and softmax are float32.
 """
+import dataclasses
 from typing import Any
 
 from absl import logging
@@ -17,7 +18,6 @@ from mae_jax.model import kernels as kernels_lib, patches, posembed
 Dtype = Any
 xavier = nn.initializers.xavier_uniform()
 token_init = nn.initializers.normal(stddev=0.02)  # cls and mask tokens
-LN_EPS = 1e-6
 DEFAULT_KERNELS = kernels_lib.Kernels()  # XLA's matmul and attention, no remat, scanned
 
 
@@ -28,34 +28,42 @@ def dense(features, name, dtype, param_dtype, kernels=DEFAULT_KERNELS, kernel_in
 
 
 def batch_split(x):
-  """x with its leading axis named "batch": split over the mesh's batch axes in every
-  program mae_jax.train.program builds (sharding.LOGICAL_RULES), unconstrained elsewhere (a
-  plain model.apply). See sharding.LOGICAL_RULES for why."""
+  """x with its leading axis named "batch": split over the mesh's batch axes in the programs
+  of mae_jax.train.program, unconstrained in a plain model.apply (sharding.LOGICAL_RULES)."""
   return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
 
 
 def layer_norm(name, dtype, param_dtype):
   """LayerNorm with the two-pass variance of the reference (torch): Flax's default
   E[x^2] - E[x]^2 loses float32 precision on tokens whose mean dwarfs their spread."""
-  return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, dtype=dtype,
+  return nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=dtype,
                       param_dtype=param_dtype, name=name)
 
 
-class Attention(nn.Module):
+class Layer(nn.Module):
+  """The keyword-only fields of every model module; `ops` hands them to its sublayers."""
+  _: dataclasses.KW_ONLY
+  dtype: Dtype = jnp.float32        # compute dtype
+  param_dtype: Dtype = jnp.float32  # parameters stay float32
+  # How it computes (matmul, attention, remat, unroll), not what: chosen for the devices
+  # where the program is built (kernels.Kernels.of)
+  kernels: kernels_lib.Kernels = DEFAULT_KERNELS
+
+  @property
+  def ops(self):
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels)
+
+
+class Attention(Layer):
   """Multi-head self-attention with a fused qkv projection (the reference layout)."""
   num_heads: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  kernels: kernels_lib.Kernels = DEFAULT_KERNELS  # how it computes (matmul, attention)
 
   @nn.compact
   def __call__(self, x_BTD):
     b, t, d = x_BTD.shape
     h = self.num_heads
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels)
-    qkv = batch_split(dense(3 * d, "qkv", **kw)(x_BTD))
-    q, k, v = jnp.split(qkv.reshape(b, t, 3, h, d // h), 3, axis=2)
-    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+    qkv = batch_split(dense(3 * d, "qkv", **self.ops)(x_BTD))
+    q, k, v = (y[:, :, 0] for y in jnp.split(qkv.reshape(b, t, 3, h, d // h), 3, axis=2))
     impl = self.kernels.attention_for(q.dtype, d // h)
     try:
       out_BTHK = jax.nn.dot_product_attention(q, k, v, implementation=impl)
@@ -64,31 +72,24 @@ class Attention(nn.Module):
         raise
       logging.warning("cuDNN attention does not apply here (%s); using XLA's", e)
       out_BTHK = jax.nn.dot_product_attention(q, k, v, implementation="xla")
-    return dense(d, "proj", **kw)(out_BTHK.reshape(b, t, d))
+    return dense(d, "proj", **self.ops)(out_BTHK.reshape(b, t, d))
 
 
 def gelu(x):
-  """Exact GELU as the reference computes it: x / 2 * (1 + erf(x / sqrt(2))).
-
-  jax.nn.gelu(approximate=False) takes the erfc form, which XLA's CPU backend evaluates
-  more slowly: with this one train steps on 2 cores ran 0.98 to 1.10x as fast, about 1.05x
-  typically (docs/benchmarks.md). Within 1e-6 of the float64 values in float32.
-  """
+  """Exact GELU as the reference computes it, x / 2 * (1 + erf(x / sqrt(2))): within 1e-6 of
+  float64 in float32. jax.nn.gelu(approximate=False) takes the erfc form, which XLA's CPU
+  backend runs more slowly (train steps about 1.05x slower on 2 cores, docs/benchmarks.md)."""
   return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.5 ** 0.5, x.dtype)))
 
 
-class Mlp(nn.Module):
+class Mlp(Layer):
   """fc1 -> exact GELU -> fc2."""
   hidden_dim: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  kernels: kernels_lib.Kernels = DEFAULT_KERNELS
 
   @nn.compact
   def __call__(self, x_BTD):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels)
-    y = batch_split(gelu(dense(self.hidden_dim, "fc1", **kw)(x_BTD)))
-    return dense(x_BTD.shape[-1], "fc2", **kw)(y)
+    y = batch_split(gelu(dense(self.hidden_dim, "fc1", **self.ops)(x_BTD)))
+    return dense(x_BTD.shape[-1], "fc2", **self.ops)(y)
 
 
 def drop_path(y_BTD, rate, rng):
@@ -99,52 +100,38 @@ def drop_path(y_BTD, rate, rng):
   return jnp.where(keep_B11, y_BTD / keep.astype(y_BTD.dtype), jnp.zeros_like(y_BTD))
 
 
-class Block(nn.Module):
+class Block(Layer):
   """Pre-LN transformer block: x + attn(ln(x)); x + mlp(ln(x))."""
   num_heads: int
   mlp_dim: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  kernels: kernels_lib.Kernels = DEFAULT_KERNELS
 
   @nn.compact
   def __call__(self, x_BTD, drop_rate=None):
     """drop_rate: this block's drop-path rate (scanned in by BlockStack), None = none."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    ops = dict(kw, kernels=self.kernels)
     branch = lambda y: y if drop_rate is None else drop_path(y, drop_rate,
                                                               self.make_rng("dropout"))
     x_BTD = batch_split(x_BTD)
-    y = layer_norm("norm1", **kw)(x_BTD)
-    x_BTD = x_BTD + branch(Attention(self.num_heads, name="attn", **ops)(y))
-    y = layer_norm("norm2", **kw)(x_BTD)
-    x_BTD = x_BTD + branch(Mlp(self.mlp_dim, name="mlp", **ops)(y))
+    y = layer_norm("norm1", self.dtype, self.param_dtype)(x_BTD)
+    x_BTD = x_BTD + branch(Attention(self.num_heads, name="attn", **self.ops)(y))
+    y = layer_norm("norm2", self.dtype, self.param_dtype)(x_BTD)
+    x_BTD = x_BTD + branch(Mlp(self.mlp_dim, name="mlp", **self.ops)(y))
     return x_BTD, None
 
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
 
 
-class BlockStack(nn.Module):
-  """`depth` Blocks with parameters stacked on a leading layer axis.
-
-  The stack is an nn.scan (one compiled block, fast compiles); kernels.unroll unrolls it
-  in the compiled program without changing the parameter layout. kernels.remat names a
-  policy in REMAT_POLICIES. `drop_path` > 0 drops residual branches when called with
-  deterministic=False (rates rising linearly from 0 at the first block to drop_path at
-  the last, as the reference's fine-tuning; needs a 'dropout' RNG).
-  """
+class BlockStack(Layer):
+  """`depth` Blocks, their parameters stacked on a leading layer axis by an nn.scan (one
+  compiled block, fast compiles); kernels.unroll unrolls it without changing that layout,
+  kernels.remat names a REMAT_POLICIES policy. With drop_path > 0 and deterministic=False,
+  residual branches are dropped at rates rising linearly from 0 at the first block to
+  drop_path at the last (the reference's fine-tuning; needs a 'dropout' RNG)."""
   depth: int
   num_heads: int
   mlp_dim: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
   drop_path: float = 0.0  # stochastic-depth rate of the last block; 0 = off
-  kernels: kernels_lib.Kernels = DEFAULT_KERNELS
 
   @nn.compact
   def __call__(self, x_BTD, deterministic=True):
@@ -157,10 +144,7 @@ class BlockStack(nn.Module):
     rates_L = None  # per-block drop-path rates, scanned over with the parameters
     if self.drop_path > 0 and not deterministic:
       rates_L = jnp.linspace(0.0, self.drop_path, self.depth, dtype=jnp.float32)
-    x_BTD, _ = stack(self.num_heads, self.mlp_dim, dtype=self.dtype,
-                     param_dtype=self.param_dtype, kernels=self.kernels,
-                     name="layers")(x_BTD, rates_L)
-    return x_BTD
+    return stack(self.num_heads, self.mlp_dim, name="layers", **self.ops)(x_BTD, rates_L)[0]
 
 
 # The fields an owner (MAE, classifier) passes on to its Encoder.
@@ -168,14 +152,14 @@ ENCODER_FIELDS = ("image_size", "patch_size", "channels", "width", "depth", "num
                   "mlp_ratio", "dtype", "param_dtype", "kernels")
 
 
-class Encoder(nn.Module):
+class Encoder(Layer):
   """The ViT encoder: patch embedding, cls token, position embedding, blocks, final norm.
 
-  One module for the MAE, its all-token variant and the fine-tuning classifier. Owners
-  attach it with `nn.share_scope`, so its parameters sit at the owner's top level under
-  the reference's names (`patch_embed`, `cls_token`, `blocks`, `norm`, and `pos_embed`
-  when learned): the names the converter and existing checkpoints use. Parameters are
-  created only by the methods called, so a classifier that pools without `norm` has none.
+  One module for the MAE, its all-token variant and the classifier. Owners attach it with
+  `nn.share_scope`, so its parameters sit at their top level under the reference's names
+  (`patch_embed`, `cls_token`, `blocks`, `norm`, `pos_embed` when learned), which the
+  converter and checkpoints use. Only the methods called create parameters: a classifier
+  that pools without `norm` has none.
   """
   image_size: int
   patch_size: int
@@ -186,33 +170,20 @@ class Encoder(nn.Module):
   mlp_ratio: float = 4.0
   drop_path: float = 0.0          # stochastic depth of the last block (fine-tuning)
   learned_pos_embed: bool = False  # a trained `pos_embed`, initialized from the sin-cos table
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  kernels: kernels_lib.Kernels = DEFAULT_KERNELS
-
-  @property
-  def grid_size(self):
-    return (self.image_size // self.patch_size,) * 2
 
   def setup(self):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.patch_embed = dense(self.width, "patch_embed", kernels=self.kernels, **kw)
+    self.patch_embed = dense(self.width, "patch_embed", **self.ops)
     self.cls_token = self.param("cls_token", token_init, (1, 1, self.width), self.param_dtype)
     if self.learned_pos_embed:
-      table = lambda _, shape, dtype: self.sincos_table().reshape(shape).astype(dtype)
-      self.pos_embed = self.param("pos_embed", table, (1, self.num_tokens, self.width),
-                                  self.param_dtype)
+      table = lambda _, dtype: self.sincos_table()[None].astype(dtype)
+      self.pos_embed = self.param("pos_embed", table, self.param_dtype)
     self.blocks = BlockStack(self.depth, self.num_heads, int(self.width * self.mlp_ratio),
-                             drop_path=self.drop_path, kernels=self.kernels, **kw)
-    self.norm = layer_norm("norm", **kw)
-
-  @property
-  def num_tokens(self):
-    return 1 + self.grid_size[0] * self.grid_size[1]
+                             drop_path=self.drop_path, **self.ops)
+    self.norm = layer_norm("norm", self.dtype, self.param_dtype)
 
   def sincos_table(self):
     """The fixed 2D sin-cos position embedding (1 + N, D), cls position first."""
-    return posembed.sincos_2d(self.width, self.grid_size)
+    return posembed.sincos_2d(self.width, (self.image_size // self.patch_size,) * 2)
 
   def position_table(self):
     """The position embedding in use (1 + N, D): learned, or the fixed table."""
@@ -239,9 +210,6 @@ class Encoder(nn.Module):
 
 
 def encoder_of(owner, **overrides):
-  """An Encoder with `owner`'s ENCODER_FIELDS. The owner's setup assigns it and shares its
-  scope, so the parameter names stay flat:
-      self.encoder = encoder_of(self)
-      nn.share_scope(self, self.encoder)
-  """
+  """An Encoder with `owner`'s ENCODER_FIELDS, which the owner's setup assigns to
+  `self.encoder` and attaches with `nn.share_scope(self, self.encoder)`: flat parameter names."""
   return Encoder(**{f: getattr(owner, f) for f in ENCODER_FIELDS}, **overrides)
