@@ -333,3 +333,54 @@ def test_two_processes_read_their_parts_of_a_prepared_dataset(tmp_path):
       diff = np.abs(parts[p][f"image{step}"].astype(int) - np.asarray(crops["image"]))
       assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
   assert not set(reads[0]["reads"][0]) & set(reads[1]["reads"][0])
+
+
+KNN_WORKER = r"""
+import sys
+import jax
+address, pid, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(address, num_processes=2, process_id=pid)
+import numpy as np
+from ml_collections import config_dict
+from mae_jax.evaluation import knn
+from mae_jax.train import sharding
+rng = np.random.default_rng(0)
+train = (rng.normal(size=(40, 8)).astype(np.float32), rng.integers(0, 3, 40))
+test = (rng.normal(size=(11, 8)).astype(np.float32), rng.integers(0, 3, 11))
+mesh = sharding.make_mesh(config_dict.ConfigDict({"data": -1, "fsdp": 1}))
+top1 = knn.knn_top1(train, test, k=5, temperature=0.07, num_classes=3, mesh=mesh,
+                    batch_size=4)
+open(f"{out}/knn{pid}.txt", "w").write(repr(top1))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_knn_top1(tmp_path):
+  """kNN top-1 over a mesh of two real processes (each holding half of every padded test
+  batch, counting on the devices) is the accuracy a brute-force vote in numpy gives."""
+  address = f"localhost:{free_port()}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  procs = [subprocess.Popen([sys.executable, "-c", KNN_WORKER, address, str(p),
+                             str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for p in range(2)]
+  try:
+    outputs = [p.communicate(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for _, e in outputs)
+  rng = np.random.default_rng(0)  # the workers' features
+  train_x, train_y = rng.normal(size=(40, 8)), rng.integers(0, 3, 40)
+  test_x, test_y = rng.normal(size=(11, 8)), rng.integers(0, 3, 11)
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  sim = unit(test_x) @ unit(train_x).T
+  top = np.argsort(-sim, axis=1)[:, :5]
+  votes = np.zeros((11, 3))
+  for i in range(11):
+    np.add.at(votes[i], train_y[top[i]], np.exp(sim[i, top[i]] / 0.07))
+  want = np.mean(votes.argmax(1) == test_y)
+  assert 0 < want < 1  # a vote that can be wrong both ways
+  for p in range(2):
+    assert float((tmp_path / f"knn{p}.txt").read_text()) == pytest.approx(want, abs=1e-9)
