@@ -293,6 +293,23 @@ with open(f"{out}/reads{pid}.json", "w") as f:
 """
 
 
+def run_two_workers(script, *args):
+  """`python -c script ADDRESS PROCESS_ID *args` as two real processes of one
+  jax.distributed runtime on localhost, two CPU devices each; both must exit 0."""
+  address = f"localhost:{free_port()}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  procs = [subprocess.Popen([sys.executable, "-c", script, address, str(p), *args], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for p in range(2)]
+  try:
+    outputs = [p.communicate(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for _, e in outputs)
+
+
 @pytest.mark.slow
 def test_two_processes_read_their_parts_of_a_prepared_dataset(tmp_path):
   """Two real processes (jax.distributed on localhost) each decode only the records of
@@ -301,19 +318,7 @@ def test_two_processes_read_their_parts_of_a_prepared_dataset(tmp_path):
   write_jpeg_folder(tmp_path / "in", counts=(("train", 20), ("val", 4)), size=(40, 50))
   assert prepare.main(["--folder", str(tmp_path / "in"), "--out", str(tmp_path / "ds"),
                        "--shard_size", "6", "--processes", "1"]) == 0
-  address = f"localhost:{free_port()}"
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  procs = [subprocess.Popen([sys.executable, "-c", PREPARED_WORKER, address, str(p),
-                             str(tmp_path / "ds"), str(tmp_path)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for p in range(2)]
-  try:
-    outputs = [p.communicate(timeout=240) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for _, e in outputs)
+  run_two_workers(PREPARED_WORKER, str(tmp_path / "ds"), str(tmp_path))
   one = data.load_source(config_dict.ConfigDict(dict(
       name="prepared", data_dir=str(tmp_path / "ds"), manual_dir=None, channels=3)), "train")
   want = data.make_train_batches(one, image_size=16, global_batch_size=8, seed=5,
@@ -359,18 +364,7 @@ open(f"{out}/knn{pid}.txt", "w").write(repr(top1))
 def test_two_processes_agree_on_knn_top1(tmp_path):
   """kNN top-1 over a mesh of two real processes (each holding half of every padded test
   batch, counting on the devices) is the accuracy a brute-force vote in numpy gives."""
-  address = f"localhost:{free_port()}"
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  procs = [subprocess.Popen([sys.executable, "-c", KNN_WORKER, address, str(p),
-                             str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for p in range(2)]
-  try:
-    outputs = [p.communicate(timeout=240) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for _, e in outputs)
+  run_two_workers(KNN_WORKER, str(tmp_path))
   rng = np.random.default_rng(0)  # the workers' features
   train_x, train_y = rng.normal(size=(40, 8)), rng.integers(0, 3, 40)
   test_x, test_y = rng.normal(size=(11, 8)), rng.integers(0, 3, 11)
