@@ -22,6 +22,7 @@ from mae_jax.data import device_resize, pipeline
 from mae_jax.model import sizes
 from mae_jax.tools import prepare
 from mae_jax.train import checkpoints, distributed, optim, sharding, train_step as ts
+from mae_jax.train import workdirs
 from test_prepare import write_jpeg_folder
 from trainproc import (TrainProcess, checkpoint_steps, free_port, kill_started, launch_group,
                        scalars, wait_all)
@@ -291,6 +292,40 @@ np.savez(f"{out}/p{pid}.npz", **saved)
 with open(f"{out}/reads{pid}.json", "w") as f:
   json.dump({"process_index": jax.process_index(), "reads": reads}, f)
 """
+
+
+@pytest.mark.slow
+def test_wandb_that_cannot_start_stops_every_process_at_once(tmp_path, monkeypatch):
+  """W&B starts on process 0 only; where it cannot (online, no API key), every process
+  stops with one line and exit 2 before the first step, not process 1 by a peer failure
+  once the heartbeat times out (60 s here)."""
+  monkeypatch.setenv("WANDB_MODE", "online")
+  monkeypatch.delenv("WANDB_API_KEY", raising=False)
+  for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "HOME"):  # no stored login
+    monkeypatch.setenv(name, str(tmp_path))
+  procs = launch_group(tmp_path / "run", tmp_path, 2, 2, dict(SHORT, **{"logging.wandb": "x"}),
+                       ["--heartbeat_timeout=60", "--shutdown_timeout=20", "--init_timeout=120"])
+  assert wait_all(procs, timeout=200) == [2, 2], "\n".join(p.describe() for p in procs)
+  p0, p1 = procs
+  assert p0.stderr.startswith("error: config.logging.wandb='x': W&B did not start ("), p0.stderr
+  assert p1.stderr == ("error: config.logging.wandb='x': W&B did not start on process 0 "
+                       "(its log says why)\n"), p1.stderr
+  assert checkpoint_steps(tmp_path / "run") == []
+
+
+@pytest.mark.slow
+def test_a_held_workdir_stops_every_process_at_once(tmp_path):
+  """Only process 0 takes the workdir's lock; where another run holds it, every process
+  stops with one line and exit 2 (process 1 told by process 0), and nothing is written."""
+  (tmp_path / "run").mkdir()
+  with workdirs.WorkdirLock(tmp_path / "run"):
+    procs = launch_group(tmp_path / "run", tmp_path, 2, 2, SHORT, HEARTBEAT)
+    assert wait_all(procs, timeout=200) == [2, 2], "\n".join(p.describe() for p in procs)
+  p0, p1 = procs
+  assert f"is in use by another run (pid {os.getpid()}" in p0.stderr, p0.stderr
+  assert p1.stderr == (f"error: {tmp_path / 'run'} is in use by another run (process 0 names "
+                       "it)\n"), p1.stderr
+  assert sorted(os.listdir(tmp_path / "run")) == ["checkpoints"]  # the write probe's folder
 
 
 def run_two_workers(script, *args):

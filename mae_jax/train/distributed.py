@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 
 from mae_jax import checks
 
@@ -100,6 +101,14 @@ def initialize(opts: Options, env: Mapping[str, str] = os.environ) -> str | None
 
 
 PEER_ERRORS = (jax.errors.JaxRuntimeError,)  # what a collective raises when a peer is gone
+
+
+def failed_on_process_0(failed: bool) -> bool:
+  """Process 0's `failed`, on every process (a collective: every process calls it), so
+  that all of a run stop together where only process 0 can tell (its lock, W&B)."""
+  if jax.process_count() == 1:
+    return failed
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
 
 
 def is_multiprocess():

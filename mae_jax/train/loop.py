@@ -185,14 +185,19 @@ def run_locked(job, lock, finish):
 
 def start_wandb(job, logger):
   """Where config.logging.wandb names a project: the same scalars and pictures in that W&B
-  project, in the run of this workdir (one line and exit 2 where W&B cannot start)."""
+  project, in the run of this workdir; where W&B cannot start (on process 0, the one that
+  logs), one line and exit 2 on every process."""
   project = wandb_project(job.config)
   if not project:
     return
+  error = None
   try:
     logger.start_wandb(project, job.kind, json.loads(job.config.to_json_best_effort()))
   except WandbStartError as e:
-    raise config_lib.ConfigError(f"config.logging.wandb={project!r}: {e}") from None
+    error = e
+  if distributed.failed_on_process_0(error is not None):
+    why = error or "W&B did not start on process 0 (its log says why)"
+    raise config_lib.ConfigError(f"config.logging.wandb={project!r}: {why}") from None
 
 
 def steps(job, state, ckpt, logger, stop=None, input_wait=None):

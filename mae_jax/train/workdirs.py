@@ -12,9 +12,9 @@ import socket
 import time
 
 import jax
-import numpy as np
 
 from mae_jax import paths
+from mae_jax.train import distributed
 from mae_jax.train.checkpoints import CheckpointError
 
 CONFIG_HISTORY = "configs"  # WORKDIR/configs/launch-NNN-step-S.json, one per launch
@@ -218,12 +218,9 @@ def lock_workdir(workdir):
       lock = (GcsWorkdirLock if paths.is_gcs(workdir) else WorkdirLock)(workdir).acquire()
     except CheckpointError as e:
       error = e
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    taken = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
-    if taken and error is None:
-      error = CheckpointError(f"{paths.absolute(workdir)} is in use by another run "
-                              "(process 0 names it)")
+  if distributed.failed_on_process_0(error is not None) and error is None:
+    error = CheckpointError(f"{paths.absolute(workdir)} is in use by another run "
+                            "(process 0 names it)")
   if error is not None:
     raise error
   return lock
