@@ -166,6 +166,8 @@ def test_finetune_end_to_end_saves_a_loadable_classifier(run_dir):
 @pytest.mark.parametrize("flags,message", [
     (["--mode", "knnn"], "--mode: 'knnn' is not valid"),
     (["--mode", "knn", "--config.knn.kk=3"], "config.knn.kk: unknown field 'kk'"),
+    (["--mode", "knn", "--num_processes=2", "--process_id=2"],
+     "--process_id=2: must be in [0, --num_processes=2)"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, flags, message):
   """The command's flag parsing and checks, in-process (as its __main__ runs them)."""

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -292,6 +293,49 @@ np.savez(f"{out}/p{pid}.npz", **saved)
 with open(f"{out}/reads{pid}.json", "w") as f:
   json.dump({"process_index": jax.process_index(), "reads": reads}, f)
 """
+
+
+EVAL_FLAGS = ["--mode", "knn,linprobe", "--config.eval_batch_size=32",
+              "--config.linprobe.batch_size=16", "--config.linprobe.num_steps=6",
+              "--config.linprobe.log_every_steps=3"]
+
+
+def evaluate_process(workdir, devices, flags=()):
+  """`python -m mae_jax.evaluate` on `workdir` over `devices` CPU devices."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.Popen([sys.executable, "-m", "mae_jax.evaluate", "--workdir", str(workdir),
+                           *EVAL_FLAGS, *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_as_one(runs, tmp_path):
+  """kNN and the linear probe (a job on the loop) of one pretraining, by two processes of
+  two devices each and by one of four: the same top-1s and the same probe losses."""
+  root, _, _ = runs
+  for name in ("one", "two"):
+    shutil.copytree(root / "one", tmp_path / name)  # the 4-device run's checkpoint, twice
+  address = f"localhost:{free_port()}"
+  procs = [evaluate_process(tmp_path / "one", 4)] + [
+      evaluate_process(tmp_path / "two", 2, [f"--coordinator_address={address}",
+                                              "--num_processes=2", f"--process_id={i}",
+                                              *HEARTBEAT]) for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(e[-3000:] for _, e in outputs)
+  assert "knn: top-1" in outputs[1][0] and "top-1" not in outputs[2][0]  # process 0 reports
+  for mode in ("knn", "linprobe"):
+    one, two = (json.loads((tmp_path / n / f"eval_{mode}.json").read_text())
+                for n in ("one", "two"))
+    assert two["top1"] == pytest.approx(one["top1"], abs=1e-9), (mode, one, two)
+  losses = [scalars(tmp_path / n / "linprobe") for n in ("one", "two")]
+  assert sorted(losses[0]) == sorted(losses[1]) == [3, 6]
+  np.testing.assert_allclose([losses[1][s] for s in (3, 6)], [losses[0][s] for s in (3, 6)],
+                             rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -4,6 +4,9 @@
       [--config.init=random] [--config.linprobe.features=pixels] [--config.FIELD=VALUE ...]
   python -m mae_jax.evaluate --workdir DIR --mode finetune
 
+Several processes: as train.py (--coordinator_address, --num_processes, --process_id, or
+nothing more under srun, mpirun or on a Cloud TPU VM).
+
 DIR is a pretraining workdir (config.json + checkpoints/ of train.py), or any directory
 with --config.params=IMPORT_DIR (an output of `python -m mae_jax.convert import`) and
 --config.data.name=.... Results go to DIR/eval_<name>.json and are printed; fine-tuning
@@ -26,7 +29,7 @@ from mae_jax.evaluation import linprobe
 from mae_jax.model import vit
 from mae_jax.train import checkpoints, config as config_lib, loop, param_dirs, pretrained, sharding, workdirs
 from mae_jax.model.mae import MaskedAutoencoder
-from mae_jax.tools import cli
+from mae_jax.tools import cli, pretrain
 
 MODES = ("knn", "linprobe", "finetune")
 INITS = ("pretrained", "random")
@@ -352,8 +355,14 @@ def command(config, workdir, modes):
 def main(argv):
   del argv
   from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  from mae_jax.train import distributed  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
-  sys.exit(command(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.mode))
+  pretrain.join_distributed()
+  try:
+    code = command(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.mode)
+  except distributed.PEER_ERRORS as e:
+    pretrain.exit_on_peer_failure(e)
+  sys.exit(code)
 
 
 def define_flags():
@@ -363,6 +372,7 @@ def define_flags():
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Pretraining workdir; results go here.", required=True)
   flags.DEFINE_string("mode", None, f"Comma-separated: {', '.join(MODES)}.", required=True)
+  pretrain.define_distributed_flags()
 
 
 def flag_failure(error, argv):

@@ -40,6 +40,12 @@ def define_flags():
   """The command's flags."""
   define_recipe_flag()
   flags.DEFINE_string("workdir", None, "Checkpoints, logs and results go here.", required=True)
+  define_distributed_flags()
+
+
+def define_distributed_flags():
+  """How a process joins a multi-process run (mae_jax.train.distributed.Options); shared by
+  the commands that train (train.py, mae_jax.evaluate)."""
   flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                     "Join jax.distributed: auto = when the flags below, SLURM (srun), Open MPI "
                     "or a Cloud TPU VM say this is one of several processes.")
@@ -71,9 +77,9 @@ def explicit_fields():
   return tuple(config_flags.get_override_values(FLAGS["config"]))
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # keep library INFO chatter out of the run's output
+def join_distributed():
+  """jax.distributed.initialize where the flags or the environment say this process is one
+  of several; a bad flag is one line and exit 2. Before anything touches a device."""
   from mae_jax.train import distributed
   try:
     distributed.initialize(distributed.Options(
@@ -83,9 +89,25 @@ def main(argv):
   except distributed.DistributedError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+def exit_on_peer_failure(error):
+  """A collective that failed in a multi-process run (most likely a peer died): one line,
+  exit 1 at once (at a normal exit JAX would wait shutdown_timeout for the dead process)."""
+  from mae_jax.train import distributed
+  if not distributed.is_multiprocess():
+    raise error
+  print(f"error: {distributed.peer_failure(error)}", file=sys.stderr, flush=True)
+  os._exit(1)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # keep library INFO chatter out of the run's output
+  join_distributed()
   from mae_jax import trainer
   from mae_jax.data import DatasetError
-  from mae_jax.train import loop
+  from mae_jax.train import distributed, loop
   from mae_jax.train.checkpoints import CheckpointError
   from mae_jax.train.param_dirs import ParamsError
   from mae_jax.train.config import ConfigError
@@ -102,10 +124,7 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   except distributed.PEER_ERRORS as e:
-    if not distributed.is_multiprocess():
-      raise
-    print(f"error: {distributed.peer_failure(e)}", file=sys.stderr, flush=True)
-    os._exit(1)  # not sys.exit: at exit JAX would wait shutdown_timeout for the dead process
+    exit_on_peer_failure(e)
 
 
 def run():
