@@ -70,7 +70,6 @@ class ConversionError(ValueError):
   """A checkpoint that does not fit: names what is missing, unexpected or misshapen."""
 
 
-# ---------------------------------------------------------------------------
 # The canonical (official) layout.
 
 
@@ -118,15 +117,13 @@ def check_keys(state, shapes, optional=POS_EMBED_KEYS, what="checkpoint"):
       ("missing", set(shapes) - set(state) - set(optional)),
       ("unexpected", set(state) - set(shapes)), ("wrong shape", wrong)) if names]
   if problems:
-    raise ConversionError(f"{what} does not match the architecture:\n  " +
-                          "\n  ".join(problems))
+    raise ConversionError(f"{what} does not match the architecture:\n  " + "\n  ".join(problems))
 
 
 def has_decoder(state):
   return any(k.split(".")[0] in DECODER_TOP for k in state)
 
 
-# ---------------------------------------------------------------------------
 # Architecture inference.
 
 
@@ -171,8 +168,7 @@ def _check_heads(heads, width, flag):
 
 
 def encoder_heads(fields, num_heads=None, variant=None):
-  """(encoder heads, where they came from): given, from --variant (checked against the
-  tensors) or the size table."""
+  """(encoder heads, where from): given, from --variant (checked on the tensors) or SIZES."""
   source = "given"
   if num_heads is None and variant:
     try:
@@ -206,7 +202,6 @@ def resolve_heads(fields, num_heads=None, decoder_heads=None, variant=None):
         f"{fields['decoder_width']}, {decoder_heads} heads (heads: {dec_source})")
 
 
-# ---------------------------------------------------------------------------
 # Official state dict <-> MaskedAutoencoder params.
 
 
@@ -289,10 +284,8 @@ def _params_to_state(params, fields):
   return state
 
 
-# ---------------------------------------------------------------------------
-# Fine-tuned classifiers: the official fine-tuning's ViT (global-pool `fc_norm` + `head`,
-# or the cls token after `norm` + `head`; a trained `pos_embed`) <-> the classifier
-# directories of `evaluation.finetune` (params/ + classifier.json).
+# Fine-tuned classifiers: the official fine-tuning's ViT (`fc_norm` or `norm`, `head`, a trained
+# `pos_embed`) <-> the classifier directories of `evaluation.finetune` (classifier.json).
 
 CLASSIFIER_FIELDS = ("num_classes", "image_size", "patch_size", "channels", "width", "depth",
                      "num_heads", "mlp_ratio", "pool", "learned_pos_embed")
@@ -309,8 +302,7 @@ def classifier_shapes(fields):
 
 
 def classifier_fields(state, hints, variant=None):
-  """ViTClassifier fields of a fine-tuned state dict: shapes, heads from hints/variant,
-  the pool from which norm it holds."""
+  """ViTClassifier fields of a fine-tuned state dict; the pool from the norm it holds."""
   fields = infer_shapes(state, hints.get("image_size"))
   fields["num_heads"], _ = encoder_heads(fields, hints.get("num_heads"), variant)
   fields.update(num_classes=int(np.shape(state["head.weight"])[0]),
@@ -349,7 +341,6 @@ def check_pos_embed(state, fields):
             f"{err:.3g}); pass --no_check_pos_embed to load anyway and use sin-cos")
 
 
-# ---------------------------------------------------------------------------
 # Hugging Face names <-> official names.
 
 QKV = ("query", "key", "value")
@@ -367,9 +358,7 @@ HF_TOP = {
     "cls_token": "{vit}embeddings.cls_token", "pos_embed": "{vit}embeddings.position_embeddings",
     "patch_embed.proj": "{vit}embeddings.patch_embeddings.projection",
     "norm": "{vit}layernorm", "blocks": "{vit}encoder.layer",
-    "mask_token": "decoder.mask_token", "decoder_pos_embed": "decoder.decoder_pos_embed",
-    "decoder_embed": "decoder.decoder_embed", "decoder_blocks": "decoder.decoder_layers",
-    "decoder_norm": "decoder.decoder_norm", "decoder_pred": "decoder.decoder_pred",
+    **{k: f"decoder.{k}" for k in DECODER_TOP}, "decoder_blocks": "decoder.decoder_layers",
 }
 # Official name -> hub name inside a block (after 'blocks.3.'); q/k/v: the split attn.qkv.
 HF_BLOCK = {"norm1": "layernorm_before", "attn.proj": "attention.output.dense",
@@ -388,8 +377,7 @@ def _rename(name, table):
 
 
 def _rename_in_block(name, table):
-  """'blocks.3.attn.query.weight' <-> 'blocks.3.attention.attention.query.weight'; a name
-  not in `table` passes through."""
+  """'blocks.3.attn.query.weight' <-> 'blocks.3.attention.attention.query.weight'."""
   stack, idx, rest = name.split(".", 2)
   return f"{stack}.{idx}.{_rename(rest, table) or rest}"
 
@@ -441,7 +429,6 @@ def official_to_hf(state, prefix="vit."):
   return out
 
 
-# ---------------------------------------------------------------------------
 # Files.
 
 
@@ -455,8 +442,7 @@ def _torch():
 
 
 def _to_numpy(state, error):
-  """A loaded state dict of floating-point torch tensors -> float32 numpy; `error` if it is
-  not a dict of tensors."""
+  """A loaded dict of floating-point torch tensors -> float32 numpy; else `error`."""
   if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
     raise ConversionError(error)
   for name, value in state.items():
@@ -500,8 +486,7 @@ def read_official(path):
 
 
 def write_official(state, path):
-  """{name: array} -> .pth with the state dict under "model", as the official files
-  (`path` local or gs://)."""
+  """{name: array} -> .pth (local or gs://), the state dict under "model" as officially."""
   torch = _torch()
   data = io.BytesIO()
   torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}}, data)
@@ -567,14 +552,6 @@ def read_hf(directory):
   return state, config
 
 
-def _square(value, name):
-  if isinstance(value, (list, tuple)):
-    if len(set(value)) != 1:
-      raise ConversionError(f"config.json {name}={value}: mae_jax needs square sizes")
-    value = value[0]
-  return int(value)
-
-
 def hf_config_fields(config):
   """ViTMAEConfig dict -> the MaskedAutoencoder fields it fixes (checked where it must)."""
   if config.get("hidden_act", "gelu") != "gelu" or not config.get("qkv_bias", True):
@@ -583,7 +560,10 @@ def hf_config_fields(config):
   eps = config.get("layer_norm_eps", 1e-12)
   if abs(eps - 1e-6) > 1e-9:
     print(f"note: config.json has layer_norm_eps={eps}; mae_jax uses the official 1e-6")
-  return dict(image_size=_square(config.get("image_size", 224), "image_size"),
+  size = config.get("image_size", 224)
+  if isinstance(size, (list, tuple)) and len(set(size)) != 1:
+    raise ConversionError(f"config.json image_size={size}: mae_jax needs square sizes")
+  return dict(image_size=int(size[0] if isinstance(size, (list, tuple)) else size),
               num_heads=config.get("num_attention_heads"),
               decoder_heads=config.get("decoder_num_attention_heads"),
               mask_ratio=float(config.get("mask_ratio", 0.75)),
@@ -622,7 +602,6 @@ def write_hf(state, fields, directory, norm_pix_loss=False):
                      json.dumps(hf_config(fields, with_decoder, norm_pix_loss), indent=2))
 
 
-# ---------------------------------------------------------------------------
 # State dict -> params with a model, and back.
 
 
@@ -657,8 +636,7 @@ def abstract_params(fields):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _init_decoder(fields_items, rng):
-  params = _init(dict(fields_items), rng)
-  return {k: v for k, v in params.items() if k in DECODER_TOP}
+  return {k: v for k, v in _init(dict(fields_items), rng).items() if k in DECODER_TOP}
 
 
 def init_decoder(fields, seed):
@@ -686,7 +664,6 @@ def convert_state(state, fields, seed=0, check_pos=True):
   return params, False
 
 
-# ---------------------------------------------------------------------------
 # Import / export of whole checkpoints.
 
 
@@ -697,8 +674,7 @@ def _read_hf_source(path):
   except (TypeError, ValueError) as e:  # a field of another type than ViTMAEConfig's
     if isinstance(e, ConversionError):
       raise
-    raise ConversionError(f"{path}/config.json: a field has an unexpected value ({e})"
-                          ) from None
+    raise ConversionError(f"{path}/config.json: a field has an unexpected value ({e})") from None
   for name, value in hints.items():
     if name != "mask_ratio" and value is not None and (
         not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -714,8 +690,7 @@ def guess_format(path):
   return "hf" if os.path.isdir(path) or not os.path.splitext(path)[1] else "official"
 
 
-def import_checkpoint(src, out, fmt=None, *, variant=None, seed=0, check_pos=True,
-                      **hints):
+def import_checkpoint(src, out, fmt=None, *, variant=None, seed=0, check_pos=True, **hints):
   """Convert `src` (official .pth or HF directory) into an import directory `out`; returns
   (params, meta). hints: HINT_FLAGS (None = infer)."""
   fmt = fmt or guess_format(src)
@@ -757,27 +732,12 @@ def import_classifier(state, out, hints, variant, src):
   return params, {"model": fields, "source": source}
 
 
-def export_classifier(directory, out, fmt, overwrite):
-  """A classifier directory (fine-tuning's output or an import) -> an official .pth."""
-  from mae_jax.evaluation import finetune  # pylint: disable=g-import-not-at-top
-  if fmt != "official":
-    raise ConversionError(f"{directory} holds a classifier: it exports to the official "
-                          ".pth format only (--format official)")
-  _check_new_output(out, fmt, overwrite)  # before anything is read
-  model, params = finetune.load(directory)
-  state = params_to_classifier(params, {f: getattr(model, f) for f in CLASSIFIER_FIELDS})
-  write_official(state, out)
-  print(f"wrote {out} (official, fine-tuned classifier, {model.num_classes} classes)")
-  return state
-
-
 # format -> writer(state, fields, out, norm_pix_loss)
 WRITERS = {"official": lambda state, _, out, __: write_official(state, out), "hf": write_hf}
 
 
 def _taken(path):
-  """Whether anything is at `path` (on gs://: an object or objects below it; locally a
-  broken link counts too)."""
+  """Anything at `path`: on gs:// an object or objects below it; locally even a broken link."""
   return paths.exists(path) if paths.is_gcs(path) else os.path.lexists(path)
 
 
@@ -788,9 +748,8 @@ def _refuse_taken(out):
 
 
 def _check_gcs_output(out, is_file=False):
-  """Write and delete a probe object under a gs:// output directory (beside an output
-  file): a missing bucket, missing credentials or an unreachable server is one
-  ConversionError before anything is read."""
+  """Write and delete a probe object in a gs:// output directory (beside an output file), so
+  a missing bucket, credentials or server is one ConversionError before anything is read."""
   folder = os.fspath(paths.resolve(out).parent) if is_file else out
   try:
     paths.write_probe(folder)
@@ -852,9 +811,17 @@ def export_checkpoint(params_dir, out, fmt=None, with_decoder=None, overwrite=Fa
   with_decoder=None: only a decoder that came from a checkpoint."""
   fmt = fmt or guess_format(out)
   from mae_jax.evaluation import finetune  # pylint: disable=g-import-not-at-top
-  if paths.isfile(paths.join(params_dir, finetune.CLASSIFIER_FILE)):
-    return export_classifier(params_dir, out, fmt, overwrite)
+  is_classifier = paths.isfile(paths.join(params_dir, finetune.CLASSIFIER_FILE))
+  if is_classifier and fmt != "official":
+    raise ConversionError(f"{params_dir} holds a classifier: it exports to the official "
+                          ".pth format only (--format official)")
   _check_new_output(out, fmt, overwrite)  # before anything is read
+  if is_classifier:  # fine-tuning's output or an import
+    model, params = finetune.load(params_dir)
+    state = params_to_classifier(params, {f: getattr(model, f) for f in CLASSIFIER_FIELDS})
+    write_official(state, out)
+    print(f"wrote {out} (official, fine-tuned classifier, {model.num_classes} classes)")
+    return state
   params, fields, meta = _export_source(params_dir)
   if with_decoder is None:
     with_decoder = meta.get("decoder_from_checkpoint", True)
@@ -864,7 +831,6 @@ def export_checkpoint(params_dir, out, fmt=None, with_decoder=None, overwrite=Fa
   return state
 
 
-# ---------------------------------------------------------------------------
 # Command line.
 
 
