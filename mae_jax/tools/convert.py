@@ -70,19 +70,18 @@ class ConversionError(ValueError):
   """A checkpoint that does not fit: names what is missing, unexpected or misshapen."""
 
 
-# ---------------------------------------------------------------------------
 # The canonical (official) layout.
 
 
+def _wb(name, *shape):
+  """A layer's weight (out, ...) and bias (out,): linear, conv or layer norm."""
+  return {f"{name}.weight": shape, f"{name}.bias": shape[:1]}
+
+
 def _block_shapes(prefix, d, hidden):
-  return {
-      f"{prefix}.norm1.weight": (d,), f"{prefix}.norm1.bias": (d,),
-      f"{prefix}.attn.qkv.weight": (3 * d, d), f"{prefix}.attn.qkv.bias": (3 * d,),
-      f"{prefix}.attn.proj.weight": (d, d), f"{prefix}.attn.proj.bias": (d,),
-      f"{prefix}.norm2.weight": (d,), f"{prefix}.norm2.bias": (d,),
-      f"{prefix}.mlp.fc1.weight": (hidden, d), f"{prefix}.mlp.fc1.bias": (hidden,),
-      f"{prefix}.mlp.fc2.weight": (d, hidden), f"{prefix}.mlp.fc2.bias": (d,),
-  }
+  layers = {"norm1": (d,), "attn.qkv": (3 * d, d), "attn.proj": (d, d), "norm2": (d,),
+            "mlp.fc1": (hidden, d), "mlp.fc2": (d, hidden)}
+  return {k: v for n, s in layers.items() for k, v in _wb(f"{prefix}.{n}", *s).items()}
 
 
 def official_shapes(fields, with_decoder):
@@ -90,20 +89,18 @@ def official_shapes(fields, with_decoder):
   d, p, c = fields["width"], fields["patch_size"], fields["channels"]
   tokens = 1 + (fields["image_size"] // p)**2
   shapes = {"cls_token": (1, 1, d), "pos_embed": (1, tokens, d),
-            "patch_embed.proj.weight": (d, c, p, p), "patch_embed.proj.bias": (d,)}
+            **_wb("patch_embed.proj", d, c, p, p)}
   for i in range(fields["depth"]):
     shapes.update(_block_shapes(f"blocks.{i}", d, int(d * fields["mlp_ratio"])))
-  shapes.update({"norm.weight": (d,), "norm.bias": (d,)})
+  shapes.update(_wb("norm", d))
   if not with_decoder:
     return shapes
   dd = fields["decoder_width"]
   shapes.update({"mask_token": (1, 1, dd), "decoder_pos_embed": (1, tokens, dd),
-                 "decoder_embed.weight": (dd, d), "decoder_embed.bias": (dd,)})
+                 **_wb("decoder_embed", dd, d)})
   for i in range(fields["decoder_depth"]):
     shapes.update(_block_shapes(f"decoder_blocks.{i}", dd, int(dd * fields["mlp_ratio"])))
-  shapes.update({"decoder_norm.weight": (dd,), "decoder_norm.bias": (dd,),
-                 "decoder_pred.weight": (p * p * c, dd), "decoder_pred.bias": (p * p * c,)})
-  return shapes
+  return {**shapes, **_wb("decoder_norm", dd), **_wb("decoder_pred", p * p * c, dd)}
 
 
 def _listing(names, limit=40):
@@ -114,27 +111,19 @@ def _listing(names, limit=40):
 
 def check_keys(state, shapes, optional=POS_EMBED_KEYS, what="checkpoint"):
   """Raise ConversionError naming every missing, unexpected or misshapen tensor."""
-  problems = []
-  missing = set(shapes) - set(state) - set(optional)
-  unexpected = set(state) - set(shapes)
   wrong = [f"{k} {tuple(np.shape(state[k]))} (expected {shapes[k]})"
            for k in state if k in shapes and tuple(np.shape(state[k])) != tuple(shapes[k])]
-  if missing:
-    problems.append(f"missing {len(missing)}: {_listing(missing)}")
-  if unexpected:
-    problems.append(f"unexpected {len(unexpected)}: {_listing(unexpected)}")
-  if wrong:
-    problems.append(f"wrong shape {len(wrong)}: {_listing(wrong)}")
+  problems = [f"{kind} {len(names)}: {_listing(names)}" for kind, names in (
+      ("missing", set(shapes) - set(state) - set(optional)),
+      ("unexpected", set(state) - set(shapes)), ("wrong shape", wrong)) if names]
   if problems:
-    raise ConversionError(f"{what} does not match the architecture:\n  " +
-                          "\n  ".join(problems))
+    raise ConversionError(f"{what} does not match the architecture:\n  " + "\n  ".join(problems))
 
 
 def has_decoder(state):
   return any(k.split(".")[0] in DECODER_TOP for k in state)
 
 
-# ---------------------------------------------------------------------------
 # Architecture inference.
 
 
@@ -173,9 +162,15 @@ def infer_shapes(state, image_size=None):
   return fields
 
 
-def _heads_from_variant(fields, variant):
-  """Encoder heads from --variant (checked against the tensors), else the size table."""
-  if variant:
+def _check_heads(heads, width, flag):
+  if width % heads:
+    raise ConversionError(f"{flag}={heads} does not divide the width {width}")
+
+
+def encoder_heads(fields, num_heads=None, variant=None):
+  """(encoder heads, where from): given, from --variant (checked on the tensors) or SIZES."""
+  source = "given"
+  if num_heads is None and variant:
     try:
       kw = sizes.decode_variant(variant)
     except ValueError as e:
@@ -183,23 +178,10 @@ def _heads_from_variant(fields, variant):
     got = {k: fields[k] for k in ("width", "depth", "patch_size")}
     if any(kw[k] != v for k, v in got.items()):
       raise ConversionError(f"--variant {variant} means {kw}, but the checkpoint has {got}")
-    return kw["num_heads"], f"variant {variant}"
+    num_heads, source = kw["num_heads"], f"variant {variant}"
   for name, (width, depth, heads) in sizes.SIZES.items():
-    if (width, depth) == (fields["width"], fields["depth"]):
-      return heads, f"the {name} size ({width} wide, {depth} deep)"
-  return None, None
-
-
-def _check_heads(heads, width, flag):
-  if width % heads:
-    raise ConversionError(f"{flag}={heads} does not divide the width {width}")
-
-
-def encoder_heads(fields, num_heads=None, variant=None):
-  """(encoder heads, where they came from): given, from --variant or the size table."""
-  source = "given"
-  if num_heads is None:
-    num_heads, source = _heads_from_variant(fields, variant)
+    if num_heads is None and (width, depth) == (fields["width"], fields["depth"]):
+      num_heads, source = heads, f"the {name} size ({width} wide, {depth} deep)"
   if num_heads is None:
     raise ConversionError(
         f"cannot infer the number of heads of a {fields['width']}-wide, "
@@ -211,9 +193,8 @@ def encoder_heads(fields, num_heads=None, variant=None):
 def resolve_heads(fields, num_heads=None, decoder_heads=None, variant=None):
   """Fill num_heads / decoder_heads, which shapes cannot tell; prints what it assumed."""
   num_heads, source = encoder_heads(fields, num_heads, variant)
-  dec_source = "given"
-  if decoder_heads is None:
-    decoder_heads, dec_source = OFFICIAL_DECODER_HEADS, "the official MAE decoder"
+  dec_source = "given" if decoder_heads is not None else "the official MAE decoder"
+  decoder_heads = OFFICIAL_DECODER_HEADS if decoder_heads is None else decoder_heads
   _check_heads(decoder_heads, fields["decoder_width"], "decoder_heads")
   fields.update(num_heads=num_heads, decoder_heads=decoder_heads)
   print(f"encoder: {fields['depth']} blocks x {fields['width']}, {num_heads} heads "
@@ -221,20 +202,17 @@ def resolve_heads(fields, num_heads=None, decoder_heads=None, variant=None):
         f"{fields['decoder_width']}, {decoder_heads} heads (heads: {dec_source})")
 
 
-# ---------------------------------------------------------------------------
 # Official state dict <-> MaskedAutoencoder params.
 
 
 def conv_to_kernel(w_DCpp):
   """Conv weight (D, C, p, p) -> linear kernel (p*p*C, D) over patchify rows."""
-  d = w_DCpp.shape[0]
-  return np.transpose(w_DCpp, (2, 3, 1, 0)).reshape(-1, d)
+  return np.transpose(w_DCpp, (2, 3, 1, 0)).reshape(-1, w_DCpp.shape[0])
 
 
 def kernel_to_conv(kernel_PD, patch_size, channels):
   """Inverse of conv_to_kernel."""
-  d = kernel_PD.shape[1]
-  w = np.reshape(kernel_PD, (patch_size, patch_size, channels, d))
+  w = np.reshape(kernel_PD, (patch_size, patch_size, channels, kernel_PD.shape[1]))
   return np.transpose(w, (3, 2, 0, 1))
 
 
@@ -271,16 +249,13 @@ def official_to_params(state, fields):
 
 def _state_to_params(state):
   """Official names -> the params pytree, block tensors stacked on a layer axis."""
-  flat, stacked = {}, {}
+  leaves = {}  # path -> {layer (None outside a stack): array}
   for name, value in state.items():
     path, layer, value = _to_jax_leaf(name, np.asarray(value, np.float32))
-    if layer is None:
-      flat[path] = value
-    else:
-      stacked.setdefault(path, {})[layer] = value
-  for path, layers in stacked.items():
-    flat[path] = np.stack([layers[i] for i in range(len(layers))])
-  return flax.traverse_util.unflatten_dict(flat)
+    leaves.setdefault(path, {})[layer] = value
+  return flax.traverse_util.unflatten_dict({
+      path: layers[None] if None in layers else np.stack([layers[i] for i in range(len(layers))])
+      for path, layers in leaves.items()})
 
 
 def params_to_official(params, fields, with_decoder=True):
@@ -289,8 +264,12 @@ def params_to_official(params, fields, with_decoder=True):
     params = {k: v for k, v in params.items() if k not in DECODER_TOP}
   state = _params_to_state(params, fields)
   state.update(sincos_tables(fields, with_decoder))
-  shapes = official_shapes(fields, with_decoder)
-  check_keys(state, shapes, optional=(), what="exported state")
+  return _in_order(state, official_shapes(fields, with_decoder), "exported state")
+
+
+def _in_order(state, shapes, what):
+  """`state` checked against `shapes` (nothing optional), contiguous, in their order."""
+  check_keys(state, shapes, optional=(), what=what)
   return {k: np.ascontiguousarray(state[k]) for k in shapes}
 
 
@@ -299,28 +278,17 @@ def _params_to_state(params, fields):
   state = {}
   for path, value in flax.traverse_util.flatten_dict(params).items():
     value = np.asarray(value, np.float32)
-    if path[0] in STACKS:
-      for i, layer_value in enumerate(value):
-        name, v = _from_jax_leaf((path[0], str(i), *path[2:]), layer_value, fields)
-        state[name] = v
-    else:
-      name, v = _from_jax_leaf(path, value, fields)
-      state[name] = v
+    leaves = ([((path[0], str(i), *path[2:]), v) for i, v in enumerate(value)]
+              if path[0] in STACKS else [(path, value)])
+    state.update(_from_jax_leaf(p, v, fields) for p, v in leaves)
   return state
 
 
-# ---------------------------------------------------------------------------
-# Fine-tuned classifiers: the official fine-tuning's ViT (global-pool `fc_norm` + `head`,
-# or the cls token after `norm` + `head`; a trained `pos_embed`) <-> the classifier
-# directories of `evaluation.finetune` (params/ + classifier.json).
+# Fine-tuned classifiers: the official fine-tuning's ViT (`fc_norm` or `norm`, `head`, a trained
+# `pos_embed`) <-> the classifier directories of `evaluation.finetune` (classifier.json).
 
 CLASSIFIER_FIELDS = ("num_classes", "image_size", "patch_size", "channels", "width", "depth",
                      "num_heads", "mlp_ratio", "pool", "learned_pos_embed")
-
-
-def is_classifier(state):
-  """A fine-tuned classifier's state dict: a head and no decoder."""
-  return "head.weight" in state and not has_decoder(state)
 
 
 def classifier_shapes(fields):
@@ -329,14 +297,12 @@ def classifier_shapes(fields):
   d = fields["width"]
   if fields["pool"] == "avg":  # the encoder's final norm is replaced by fc_norm after pooling
     del shapes["norm.weight"], shapes["norm.bias"]
-    shapes.update({"fc_norm.weight": (d,), "fc_norm.bias": (d,)})
-  shapes.update({"head.weight": (fields["num_classes"], d), "head.bias": (fields["num_classes"],)})
-  return shapes
+    shapes.update(_wb("fc_norm", d))
+  return {**shapes, **_wb("head", fields["num_classes"], d)}
 
 
 def classifier_fields(state, hints, variant=None):
-  """ViTClassifier fields of a fine-tuned state dict: shapes, heads from hints/variant,
-  the pool from which norm it holds."""
+  """ViTClassifier fields of a fine-tuned state dict; the pool from the norm it holds."""
   fields = infer_shapes(state, hints.get("image_size"))
   fields["num_heads"], _ = encoder_heads(fields, hints.get("num_heads"), variant)
   fields.update(num_classes=int(np.shape(state["head.weight"])[0]),
@@ -347,20 +313,12 @@ def classifier_fields(state, hints, variant=None):
   return {k: fields[k] for k in CLASSIFIER_FIELDS}
 
 
-def classifier_to_params(state, fields):
-  """Fine-tuned state dict -> ViTClassifier params (pos_embed kept as the trained table)."""
-  check_keys(state, classifier_shapes(fields), optional=(), what="fine-tuned checkpoint")
-  return _state_to_params(state)
-
-
 def params_to_classifier(params, fields):
   """ViTClassifier params -> the official fine-tuned state dict, file order; a classifier
   with a fixed position embedding writes the sin-cos table it used."""
   state = _params_to_state(params, fields)
   state.setdefault("pos_embed", sincos_tables(fields, with_decoder=False)["pos_embed"])
-  shapes = classifier_shapes(fields)
-  check_keys(state, shapes, optional=(), what="exported classifier")
-  return {k: np.ascontiguousarray(state[k]) for k in shapes}
+  return _in_order(state, classifier_shapes(fields), "exported classifier")
 
 
 def sincos_tables(fields, with_decoder=True):
@@ -383,42 +341,29 @@ def check_pos_embed(state, fields):
             f"{err:.3g}); pass --no_check_pos_embed to load anyway and use sin-cos")
 
 
-# ---------------------------------------------------------------------------
 # Hugging Face names <-> official names.
 
+QKV = ("query", "key", "value")
 # transformers>=5 in-memory names and its save_pretrained spelling -> the hub names.
 HF_ALIASES = (
     (r"^(vit\.)?layers\.", r"\1encoder.layer."),
     (r"^decoder\.decoder_encoder\.layer\.", "decoder.decoder_layers."),
-    (r"\.attention\.q_proj\.", ".attention.attention.query."),
-    (r"\.attention\.k_proj\.", ".attention.attention.key."),
-    (r"\.attention\.v_proj\.", ".attention.attention.value."),
+    *((rf"\.attention\.{x[0]}_proj\.", f".attention.attention.{x}.") for x in QKV),
     (r"\.attention\.o_proj\.", ".attention.output.dense."),
     (r"\.mlp\.fc1\.", ".intermediate.dense."),
     (r"\.mlp\.fc2\.", ".output.dense."),
 )
 # Official module -> hub name; "{vit}" is "vit." in ViTMAEForPreTraining, "" in ViTMAEModel.
 HF_TOP = {
-    "cls_token": "{vit}embeddings.cls_token",
-    "pos_embed": "{vit}embeddings.position_embeddings",
+    "cls_token": "{vit}embeddings.cls_token", "pos_embed": "{vit}embeddings.position_embeddings",
     "patch_embed.proj": "{vit}embeddings.patch_embeddings.projection",
-    "norm": "{vit}layernorm",
-    "blocks": "{vit}encoder.layer",
-    "mask_token": "decoder.mask_token",
-    "decoder_pos_embed": "decoder.decoder_pos_embed",
-    "decoder_embed": "decoder.decoder_embed",
-    "decoder_blocks": "decoder.decoder_layers",
-    "decoder_norm": "decoder.decoder_norm",
-    "decoder_pred": "decoder.decoder_pred",
+    "norm": "{vit}layernorm", "blocks": "{vit}encoder.layer",
+    **{k: f"decoder.{k}" for k in DECODER_TOP}, "decoder_blocks": "decoder.decoder_layers",
 }
-HF_BLOCK = {
-    "norm1": "layernorm_before",
-    "attn.proj": "attention.output.dense",
-    "norm2": "layernorm_after",
-    "mlp.fc1": "intermediate.dense",
-    "mlp.fc2": "output.dense",
-}
-QKV = ("query", "key", "value")
+# Official name -> hub name inside a block (after 'blocks.3.'); q/k/v: the split attn.qkv.
+HF_BLOCK = {"norm1": "layernorm_before", "attn.proj": "attention.output.dense",
+            "norm2": "layernorm_after", "mlp.fc1": "intermediate.dense",
+            "mlp.fc2": "output.dense", **{f"attn.{x}": f"attention.attention.{x}" for x in QKV}}
 
 
 def _rename(name, table):
@@ -431,12 +376,10 @@ def _rename(name, table):
   return None
 
 
-def _hf_block_name(name, inverse_block):
-  """'blocks.3.attention.attention.query.weight' -> 'blocks.3.attn.query.weight'."""
+def _rename_in_block(name, table):
+  """'blocks.3.attn.query.weight' <-> 'blocks.3.attention.attention.query.weight'."""
   stack, idx, rest = name.split(".", 2)
-  m = re.match(r"attention\.attention\.(query|key|value)\.(.*)", rest)
-  rest = f"attn.{m.group(1)}.{m.group(2)}" if m else _rename(rest, inverse_block) or rest
-  return f"{stack}.{idx}.{rest}"
+  return f"{stack}.{idx}.{_rename(rest, table) or rest}"
 
 
 def _fuse_qkv(state):
@@ -444,14 +387,11 @@ def _fuse_qkv(state):
   out = {}
   for name, value in state.items():
     m = re.match(r"(.*\.attn)\.(query|key|value)\.(weight|bias)$", name)
-    if not m:
-      out[name] = value
-      continue
-    parts = [f"{m.group(1)}.{x}.{m.group(3)}" for x in QKV]
-    if all(p in state for p in parts):
+    parts = [f"{m.group(1)}.{x}.{m.group(3)}" for x in QKV] if m else []
+    if parts and all(p in state for p in parts):
       out[f"{m.group(1)}.qkv.{m.group(3)}"] = np.concatenate([state[p] for p in parts])
-    else:
-      out[name] = value  # reported as unexpected, with qkv as missing
+    else:  # a lone query/key/value stays: unexpected, with qkv missing
+      out[name] = value
   return out
 
 
@@ -467,7 +407,7 @@ def hf_to_official(state):
       name = re.sub(pattern, repl, name)
     new = _rename(name, inverse_top)
     if new is not None and new.split(".")[0] in STACKS:
-      new = _hf_block_name(new, inverse_block)
+      new = _rename_in_block(new, inverse_block)
     out[new or name] = value
   return _fuse_qkv(out)
 
@@ -475,14 +415,6 @@ def hf_to_official(state):
 def _split_qkv(name, value):
   stem, _, leaf = name.rpartition(".attn.qkv.")
   return {f"{stem}.attn.{x}.{leaf}": v for x, v in zip(QKV, np.split(value, 3))}
-
-
-def _hub_block_name(name):
-  """'blocks.3.attn.query.weight' -> 'blocks.3.attention.attention.query.weight'."""
-  stack, idx, rest = name.split(".", 2)
-  m = re.match(r"attn\.(query|key|value)\.(.*)", rest)
-  rest = f"attention.attention.{m.group(1)}.{m.group(2)}" if m else _rename(rest, HF_BLOCK)
-  return f"{stack}.{idx}.{rest}"
 
 
 def official_to_hf(state, prefix="vit."):
@@ -493,11 +425,10 @@ def official_to_hf(state, prefix="vit."):
   for name, value in state.items():
     split = _split_qkv(name, value) if ".attn.qkv." in name else {name: value}
     for n, v in split.items():
-      out[_rename(_hub_block_name(n) if n.split(".")[0] in STACKS else n, top)] = v
+      out[_rename(_rename_in_block(n, HF_BLOCK) if n.split(".")[0] in STACKS else n, top)] = v
   return out
 
 
-# ---------------------------------------------------------------------------
 # Files.
 
 
@@ -510,10 +441,14 @@ def _torch():
   return torch
 
 
-def _to_numpy(value, name):
-  if not value.is_floating_point():
-    raise ConversionError(f"{name}: expected a floating-point tensor, got {value.dtype}")
-  return value.detach().cpu().float().numpy()
+def _to_numpy(state, error):
+  """A loaded dict of floating-point torch tensors -> float32 numpy; else `error`."""
+  if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+    raise ConversionError(error)
+  for name, value in state.items():
+    if not value.is_floating_point():
+      raise ConversionError(f"{name}: expected a floating-point tensor, got {value.dtype}")
+  return {k: v.detach().cpu().float().numpy() for k, v in state.items()}
 
 
 def _torch_load(path):
@@ -528,38 +463,30 @@ def _torch_load(path):
   try:
     with torch.serialization.safe_globals([argparse.Namespace]):
       return torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
+  except Exception as e:  # torch raises EOFError, KeyError, RuntimeError ... on bad bytes
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-    if found:  # a whole file whose pickle names a class: refused, never executed
+    if found and isinstance(e, pickle.UnpicklingError):  # a class named: refused, never run
       raise ConversionError(f"{path}: holds a {found.group(1)} object, not only tensors; "
                             "mae_jax loads tensors only: re-save just the state dict "
                             "(torch.save({'model': model.state_dict()}, path))") from None
-    raise ConversionError(_not_torch(path, e)) from None
-  except Exception as e:  # torch raises EOFError, KeyError, RuntimeError ... on bad bytes
-    raise ConversionError(_not_torch(path, e)) from None
-
-
-def _not_torch(path, error):
-  size = os.path.getsize(path)
-  text = " ".join(str(error).split()).split(". ")[0][:120]
-  reason = type(error).__name__ + (f": {text}" if text else "")
-  return (f"{path}: not a readable PyTorch checkpoint ({size} bytes; {reason}); expected a "
-          "whole file written by torch.save: is it empty, truncated or of another format?")
+    text = " ".join(str(e).split()).split(". ")[0][:120]
+    reason = type(e).__name__ + (f": {text}" if text else "")
+    raise ConversionError(
+        f"{path}: not a readable PyTorch checkpoint ({os.path.getsize(path)} bytes; {reason}); "
+        "expected a whole file written by torch.save: is it empty, truncated or of another "
+        "format?") from None
 
 
 def read_official(path):
   """Official .pth -> {name: float32 array} (the state dict under "model")."""
   ckpt = _torch_load(path)
+  keys = list(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
   state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-  if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
-    keys = list(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-    raise ConversionError(f"{path}: expected a state dict under 'model', found {keys}")
-  return {k: _to_numpy(v, k) for k, v in state.items()}
+  return _to_numpy(state, f"{path}: expected a state dict under 'model', found {keys}")
 
 
 def write_official(state, path):
-  """{name: array} -> .pth with the state dict under "model", as the official files
-  (`path` local or gs://)."""
+  """{name: array} -> .pth (local or gs://), the state dict under "model" as officially."""
   torch = _torch()
   data = io.BytesIO()
   torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}}, data)
@@ -606,10 +533,7 @@ def _read_weight_file(path):
       raise ConversionError(f"{path}: not a readable safetensors file ("
                             f"{' '.join(str(e).split())[:120]}); is it truncated?") from None
     return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
-  state = _torch_load(path)
-  if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
-    raise ConversionError(f"{path}: expected a state dict of tensors")
-  return {k: _to_numpy(v, k) for k, v in state.items()}
+  return _to_numpy(_torch_load(path), f"{path}: expected a state dict of tensors")
 
 
 def read_hf(directory):
@@ -623,18 +547,9 @@ def read_hf(directory):
     raise ConversionError(f"{directory}: no config.json (expected a Hugging Face "
                           "ViTMAE directory)")
   config = _read_json(config_path, "Hugging Face config")
-  state = {}
-  for name in _hf_weight_files(directory):
-    state.update(_read_weight_file(os.path.join(directory, name)))
+  state = {k: v for name in _hf_weight_files(directory)
+           for k, v in _read_weight_file(os.path.join(directory, name)).items()}
   return state, config
-
-
-def _square(value, name):
-  if isinstance(value, (list, tuple)):
-    if len(set(value)) != 1:
-      raise ConversionError(f"config.json {name}={value}: mae_jax needs square sizes")
-    value = value[0]
-  return int(value)
 
 
 def hf_config_fields(config):
@@ -645,37 +560,38 @@ def hf_config_fields(config):
   eps = config.get("layer_norm_eps", 1e-12)
   if abs(eps - 1e-6) > 1e-9:
     print(f"note: config.json has layer_norm_eps={eps}; mae_jax uses the official 1e-6")
-  return dict(image_size=_square(config.get("image_size", 224), "image_size"),
+  size = config.get("image_size", 224)
+  if isinstance(size, (list, tuple)) and len(set(size)) != 1:
+    raise ConversionError(f"config.json image_size={size}: mae_jax needs square sizes")
+  return dict(image_size=int(size[0] if isinstance(size, (list, tuple)) else size),
               num_heads=config.get("num_attention_heads"),
               decoder_heads=config.get("decoder_num_attention_heads"),
-              mask_ratio=float(config.get("mask_ratio", 0.75)))
+              mask_ratio=float(config.get("mask_ratio", 0.75)),
+              decoder_width=config.get("decoder_hidden_size"),
+              decoder_depth=config.get("decoder_num_hidden_layers"))
 
 
 def hf_config(fields, with_decoder, norm_pix_loss=False):
   """A ViTMAEConfig dict (config.json) for MaskedAutoencoder `fields`."""
+  f = fields
   return {
       "architectures": ["ViTMAEForPreTraining" if with_decoder else "ViTMAEModel"],
-      "model_type": "vit_mae",
-      "hidden_size": fields["width"], "num_hidden_layers": fields["depth"],
-      "num_attention_heads": fields["num_heads"],
-      "intermediate_size": int(fields["width"] * fields["mlp_ratio"]),
-      "decoder_hidden_size": fields["decoder_width"],
-      "decoder_num_hidden_layers": fields["decoder_depth"],
-      "decoder_num_attention_heads": fields["decoder_heads"],
-      "decoder_intermediate_size": int(fields["decoder_width"] * fields["mlp_ratio"]),
+      "model_type": "vit_mae", "hidden_size": f["width"], "num_hidden_layers": f["depth"],
+      "num_attention_heads": f["num_heads"], "intermediate_size": int(f["width"] * f["mlp_ratio"]),
+      "decoder_hidden_size": f["decoder_width"], "decoder_num_hidden_layers": f["decoder_depth"],
+      "decoder_num_attention_heads": f["decoder_heads"],
+      "decoder_intermediate_size": int(f["decoder_width"] * f["mlp_ratio"]),
       "hidden_act": "gelu", "layer_norm_eps": 1e-6, "qkv_bias": True,
       "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-      "initializer_range": 0.02, "image_size": fields["image_size"],
-      "patch_size": fields["patch_size"], "num_channels": fields["channels"],
-      "mask_ratio": fields["mask_ratio"], "norm_pix_loss": bool(norm_pix_loss),
+      "initializer_range": 0.02, "image_size": f["image_size"], "patch_size": f["patch_size"],
+      "num_channels": f["channels"], "mask_ratio": f["mask_ratio"],
+      "norm_pix_loss": bool(norm_pix_loss),
   }
 
 
 def write_hf(state, fields, directory, norm_pix_loss=False):
-  """Official state dict -> HF directory (config.json + model.safetensors, hub names).
-
-  With the decoder it is a ViTMAEForPreTraining, without it a ViTMAEModel.
-  """
+  """Official state dict -> HF directory (config.json + model.safetensors, hub names): a
+  ViTMAEForPreTraining with the decoder, a ViTMAEModel without."""
   from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
   with_decoder = has_decoder(state)
   paths.makedirs(directory)
@@ -686,17 +602,13 @@ def write_hf(state, fields, directory, norm_pix_loss=False):
                      json.dumps(hf_config(fields, with_decoder, norm_pix_loss), indent=2))
 
 
-# ---------------------------------------------------------------------------
 # State dict -> params with a model, and back.
 
 
 def model_fields(state, hints, variant=None):
-  """MaskedAutoencoder fields of an official state dict.
-
-  hints: values the tensors cannot give (num_heads, decoder_heads, image_size without a
-  pos_embed, mask_ratio, and decoder_width/depth for an encoder-only checkpoint), from
-  flags or an HF config.json; None means "not given".
-  """
+  """MaskedAutoencoder fields of an official state dict. hints (from flags or an HF
+  config.json; None: not given) give what the tensors cannot: num_heads, decoder_heads,
+  image_size without a pos_embed, mask_ratio, an encoder-only file's decoder_width/depth."""
   hints = {k: v for k, v in hints.items() if v is not None}
   fields = infer_shapes(state, hints.get("image_size"))
   if hints.get("image_size", fields["image_size"]) != fields["image_size"]:
@@ -724,23 +636,18 @@ def abstract_params(fields):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _init_decoder(fields_items, rng):
-  params = _init(dict(fields_items), rng)
-  return {k: v for k, v in params.items() if k in DECODER_TOP}
+  return {k: v for k, v in _init(dict(fields_items), rng).items() if k in DECODER_TOP}
 
 
 def init_decoder(fields, seed):
-  """The decoder and mask token of MaskedAutoencoder(**fields).init with `seed`.
-
-  Only these leaves leave the compiled init, so XLA drops the rest: fast at any size.
-  """
+  """The decoder and mask token of MaskedAutoencoder(**fields).init with `seed`; only these
+  leaves leave the compiled init, so XLA drops the rest: fast at any size."""
   return _init_decoder(tuple(sorted(fields.items())), jax.random.key(seed))
 
 
 def convert_state(state, fields, seed=0, check_pos=True):
-  """Official state dict -> (params, decoder_from_checkpoint).
-
-  An encoder-only checkpoint gets a freshly initialized decoder (seeded), and says so.
-  """
+  """Official state dict -> (params, decoder_from_checkpoint); an encoder-only checkpoint
+  gets a freshly initialized decoder (seeded), and says so."""
   if check_pos:
     check_pos_embed(state, fields)
   params = jax.tree.map(jnp.asarray, official_to_params(state, fields))
@@ -757,12 +664,7 @@ def convert_state(state, fields, seed=0, check_pos=True):
   return params, False
 
 
-# ---------------------------------------------------------------------------
 # Import / export of whole checkpoints.
-
-
-def _read_official_source(path):
-  return read_official(path), {}, None
 
 
 def _read_hf_source(path):
@@ -772,10 +674,7 @@ def _read_hf_source(path):
   except (TypeError, ValueError) as e:  # a field of another type than ViTMAEConfig's
     if isinstance(e, ConversionError):
       raise
-    raise ConversionError(f"{path}/config.json: a field has an unexpected value ({e})"
-                          ) from None
-  hints.update(decoder_width=config.get("decoder_hidden_size"),
-               decoder_depth=config.get("decoder_num_hidden_layers"))
+    raise ConversionError(f"{path}/config.json: a field has an unexpected value ({e})") from None
   for name, value in hints.items():
     if name != "mask_ratio" and value is not None and (
         not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -783,36 +682,31 @@ def _read_hf_source(path):
   return hf_to_official(state), hints, config.get("norm_pix_loss")
 
 
-READERS = {"official": _read_official_source, "hf": _read_hf_source}
+# format -> reader of (official state dict, hints, norm_pix_loss)
+READERS = {"official": lambda path: (read_official(path), {}, None), "hf": _read_hf_source}
 
 
 def guess_format(path):
   return "hf" if os.path.isdir(path) or not os.path.splitext(path)[1] else "official"
 
 
-def import_checkpoint(src, out, fmt=None, *, variant=None, seed=0, check_pos=True,
-                      **hints):
-  """Convert `src` (official .pth or HF directory) into an import directory `out`.
-
-  hints: num_heads, decoder_heads, image_size, mask_ratio, decoder_width, decoder_depth
-  (None = infer). Returns (params, meta).
-  """
+def import_checkpoint(src, out, fmt=None, *, variant=None, seed=0, check_pos=True, **hints):
+  """Convert `src` (official .pth or HF directory) into an import directory `out`; returns
+  (params, meta). hints: HINT_FLAGS (None = infer)."""
   fmt = fmt or guess_format(src)
   if paths.is_gcs(src):
     raise ConversionError(f"{src}: convert import reads a local file or directory; copy it "
                           "here first (gcloud storage cp)")
   if not os.path.lexists(src):
     raise ConversionError(f"{src}: not found")
-  if _taken(out):  # before any reading: a taken output fails at once
-    raise param_dirs.ParamsError(f"{paths.absolute(out)} already exists; choose a new "
-                                 "output directory")
+  _refuse_taken(out)  # before any reading: a taken output fails at once
   if paths.is_gcs(out):
     _check_gcs_output(out)
   else:
     cli.check_output_dir(out, "out")
   state, file_hints, norm_pix_loss = READERS[fmt](src)
   file_hints.update({k: v for k, v in hints.items() if v is not None})
-  if is_classifier(state):
+  if "head.weight" in state and not has_decoder(state):  # a fine-tuned classifier
     return import_classifier(state, out, file_hints, variant, src)
   fields = model_fields(state, file_hints, variant)
   params, from_checkpoint = convert_state(state, fields, seed, check_pos)
@@ -829,48 +723,33 @@ def import_classifier(state, out, hints, variant, src):
   """A fine-tuned state dict -> a classifier directory (`finetune.load` reads it)."""
   from mae_jax.evaluation import classifier, finetune  # pylint: disable=g-import-not-at-top
   fields = classifier_fields(state, hints, variant)
-  params = classifier_to_params(state, fields)
-  if _taken(out):
-    raise param_dirs.ParamsError(f"{paths.absolute(out)} already exists; choose a new "
-                                 "output directory")
+  check_keys(state, classifier_shapes(fields), optional=(), what="fine-tuned checkpoint")
+  params = _state_to_params(state)  # pos_embed kept: the trained table
+  _refuse_taken(out)
   source = {"format": "official", "path": os.path.abspath(src)}
   finetune.save(out, params, classifier.ViTClassifier(**fields), {"source": source})
   print(f"wrote {out}/params (Orbax) and {out}/classifier.json")
   return params, {"model": fields, "source": source}
 
 
-def export_classifier(directory, out, fmt, overwrite):
-  """A classifier directory (fine-tuning's output or an import) -> an official .pth."""
-  from mae_jax.evaluation import finetune  # pylint: disable=g-import-not-at-top
-  if fmt != "official":
-    raise ConversionError(f"{directory} holds a classifier: it exports to the official "
-                          ".pth format only (--format official)")
-  _check_new_output(out, fmt, overwrite)  # before anything is read
-  model, params = finetune.load(directory)
-  state = params_to_classifier(params, {f: getattr(model, f) for f in CLASSIFIER_FIELDS})
-  write_official(state, out)
-  print(f"wrote {out} (official, fine-tuned classifier, {model.num_classes} classes)")
-  return state
-
-
-def _write_official(state, fields, out, norm_pix_loss):
-  del fields, norm_pix_loss
-  write_official(state, out)
-
-
-WRITERS = {"official": _write_official, "hf": write_hf}
+# format -> writer(state, fields, out, norm_pix_loss)
+WRITERS = {"official": lambda state, _, out, __: write_official(state, out), "hf": write_hf}
 
 
 def _taken(path):
-  """Whether anything is at `path` (on gs://: an object or objects below it; locally a
-  broken link counts too)."""
+  """Anything at `path`: on gs:// an object or objects below it; locally even a broken link."""
   return paths.exists(path) if paths.is_gcs(path) else os.path.lexists(path)
 
 
+def _refuse_taken(out):
+  if _taken(out):
+    raise param_dirs.ParamsError(f"{paths.absolute(out)} already exists; choose a new "
+                                 "output directory")
+
+
 def _check_gcs_output(out, is_file=False):
-  """Write and delete a probe object under a gs:// output directory (beside an output
-  file): a missing bucket, missing credentials or an unreachable server is one
-  ConversionError before anything is read."""
+  """Write and delete a probe object in a gs:// output directory (beside an output file), so
+  a missing bucket, credentials or server is one ConversionError before anything is read."""
   folder = os.fspath(paths.resolve(out).parent) if is_file else out
   try:
     paths.write_probe(folder)
@@ -884,14 +763,14 @@ def _check_gcs_output(out, is_file=False):
 
 def _check_new_output(out, fmt, overwrite):
   """Refuse an output that is taken (without --overwrite) or cannot be written."""
-  if paths.is_gcs(out):
-    if paths.exists(out) and not overwrite:
-      raise ConversionError(f"{out} exists; pass --overwrite to replace it")
-    return _check_gcs_output(out, is_file=fmt == "official")
-  taken = os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out))
+  gcs = paths.is_gcs(out)
+  taken = paths.exists(out) if gcs else os.path.isfile(out) or (
+      os.path.isdir(out) and os.listdir(out))
   if taken and not overwrite:
     raise ConversionError(f"{out} exists; pass --overwrite to replace it")
-  if fmt == "official":
+  if gcs:
+    _check_gcs_output(out, is_file=fmt == "official")
+  elif fmt == "official":
     cli.check_output_file(out, "out")
   elif os.path.isfile(out):
     raise ConversionError(f"{out} is a file; --format hf writes a directory")
@@ -923,8 +802,7 @@ def _export_source(path):
                           "from `convert import`) nor a train.py workdir (config.json + "
                           "checkpoints/)")
   meta = read_meta(path)
-  params, fields = load_params(path)
-  return params, fields, meta
+  return (*load_params(path), meta)
 
 
 def export_checkpoint(params_dir, out, fmt=None, with_decoder=None, overwrite=False):
@@ -933,9 +811,17 @@ def export_checkpoint(params_dir, out, fmt=None, with_decoder=None, overwrite=Fa
   with_decoder=None: only a decoder that came from a checkpoint."""
   fmt = fmt or guess_format(out)
   from mae_jax.evaluation import finetune  # pylint: disable=g-import-not-at-top
-  if paths.isfile(paths.join(params_dir, finetune.CLASSIFIER_FILE)):
-    return export_classifier(params_dir, out, fmt, overwrite)
+  is_classifier = paths.isfile(paths.join(params_dir, finetune.CLASSIFIER_FILE))
+  if is_classifier and fmt != "official":
+    raise ConversionError(f"{params_dir} holds a classifier: it exports to the official "
+                          ".pth format only (--format official)")
   _check_new_output(out, fmt, overwrite)  # before anything is read
+  if is_classifier:  # fine-tuning's output or an import
+    model, params = finetune.load(params_dir)
+    state = params_to_classifier(params, {f: getattr(model, f) for f in CLASSIFIER_FIELDS})
+    write_official(state, out)
+    print(f"wrote {out} (official, fine-tuned classifier, {model.num_classes} classes)")
+    return state
   params, fields, meta = _export_source(params_dir)
   if with_decoder is None:
     with_decoder = meta.get("decoder_from_checkpoint", True)
@@ -945,8 +831,11 @@ def export_checkpoint(params_dir, out, fmt=None, with_decoder=None, overwrite=Fa
   return state
 
 
-# ---------------------------------------------------------------------------
 # Command line.
+
+
+HINT_FLAGS = ("num_heads", "decoder_heads", "decoder_width", "decoder_depth", "image_size",
+              "mask_ratio")
 
 
 def _parser():
@@ -958,10 +847,9 @@ def _parser():
   imp.add_argument("out", help="new output directory (params/ + model.json)")
   imp.add_argument("--format", choices=sorted(READERS), help="default: guessed from src")
   imp.add_argument("--variant", help="e.g. B/16, L/16, H/14: gives the heads of a .pth")
-  for flag in ("num_heads", "decoder_heads", "decoder_width", "decoder_depth",
-               "image_size"):
-    imp.add_argument(f"--{flag}", type=cli.positive_int)
-  imp.add_argument("--mask_ratio", type=cli.open_unit_float)
+  for flag in HINT_FLAGS:
+    imp.add_argument(f"--{flag}", type=cli.open_unit_float if flag == "mask_ratio" else
+                     cli.positive_int)
   imp.add_argument("--seed", type=cli.nonnegative_int, default=0,
                    help="decoder init of encoder-only files")
   imp.add_argument("--no_check_pos_embed", action="store_true")
@@ -974,21 +862,12 @@ def _parser():
   dec.add_argument("--with_decoder", action="store_true", default=None)
   dec.add_argument("--encoder_only", dest="with_decoder", action="store_false")
   exp.add_argument("--overwrite", action="store_true")
-  imp.set_defaults(run=_run_import)
-  exp.set_defaults(run=_run_export)
+  imp.set_defaults(run=lambda a: import_checkpoint(
+      a.src, a.out, a.format, variant=a.variant, seed=a.seed,
+      check_pos=not a.no_check_pos_embed, **{k: getattr(a, k) for k in HINT_FLAGS}))
+  exp.set_defaults(run=lambda a: export_checkpoint(
+      a.params, a.out, a.format, a.with_decoder, a.overwrite))
   return parser
-
-
-def _run_import(args):
-  import_checkpoint(args.src, args.out, args.format, variant=args.variant, seed=args.seed,
-                    check_pos=not args.no_check_pos_embed, num_heads=args.num_heads,
-                    decoder_heads=args.decoder_heads, decoder_width=args.decoder_width,
-                    decoder_depth=args.decoder_depth, image_size=args.image_size,
-                    mask_ratio=args.mask_ratio)
-
-
-def _run_export(args):
-  export_checkpoint(args.params, args.out, args.format, args.with_decoder, args.overwrite)
 
 
 def main(argv=None):
