@@ -79,6 +79,11 @@ METRICS = (
     ("wall_seconds", "wall s", "{:.0f}"),
 )
 PLOTTED = ("knn_top1", "linprobe_top1", "finetune_top1", "test_masked_mse", "images_per_sec")
+SEED_AXIS = "seed"  # an axis of this name is repetitions, summarized by mean +- spread
+SWEEP_KEYS = ("name", "base", "conv_base", "overrides", "conv_overrides", "eval_config",
+              "eval_overrides", "evals", "axes", "exclude", "points", "plot_x")
+DEFAULTS = {"base": "configs/default.py", "conv_base": "configs/conv_mae.py",
+            "eval_config": "configs/eval.py", "evals": "knn,linprobe"}
 
 
 class SweepError(ValueError):
@@ -89,8 +94,13 @@ class PointsFailedError(RuntimeError):
   """Some points ran but left no results (their log.txt says why)."""
 
 
-SWEEP_KEYS = ("name", "base", "conv_base", "overrides", "conv_overrides", "eval_config",
-              "eval_overrides", "evals", "axes", "exclude", "points", "plot_x")
+def call_file(path, function, what, module_name):
+  """function() of a Python file, its failures as one SweepError."""
+  try:
+    module = cli.load_python_file(path, what, module_name)
+    return cli.call_user_function(module, path, function, what)
+  except cli.UsageError as e:
+    raise SweepError(str(e)) from None
 
 
 def load_sweep(path):
@@ -98,15 +108,9 @@ def load_sweep(path):
   root = package_root(path)
   if root not in sys.path:  # sweep files share settings through their package (configs.ablations)
     sys.path.insert(0, root)
-  what = "a sweep file defining get_sweep()"
-  try:
-    sweep = cli.call_user_function(cli.load_python_file(path, what, "sweep_file"), path,
-                                   "get_sweep", what)
-  except cli.UsageError as e:
-    raise SweepError(str(e)) from None
+  sweep = call_file(path, "get_sweep", "a sweep file defining get_sweep()", "sweep_file")
   if not isinstance(sweep, dict):
     raise SweepError(f"{path}: get_sweep() returned a {type(sweep).__name__}; expected a dict")
-  sweep = dict(sweep)
   unknown = set(sweep) - set(SWEEP_KEYS)
   if unknown:
     raise SweepError(f"{path}: unknown sweep keys {sorted(map(str, unknown))}")
@@ -114,15 +118,11 @@ def load_sweep(path):
     raise SweepError(f"{path}: 'name' must be a non-empty file name ([A-Za-z0-9_.-])")
   if bool(sweep.get("axes")) == bool(sweep.get("points")):
     raise SweepError(f"{path}: give exactly one of 'axes' and 'points'")
-  sweep["path"] = os.path.abspath(path)  # relative recipe paths may be found beside it
-  sweep.setdefault("base", "configs/default.py")
-  sweep.setdefault("conv_base", "configs/conv_mae.py")
-  sweep.setdefault("eval_config", "configs/eval.py")
+  sweep = {**DEFAULTS, **sweep, "path": os.path.abspath(path)}  # recipes may be beside it
   check_types(sweep, path)
   for key in ("overrides", "conv_overrides", "eval_overrides"):
     sweep[key] = dict(sweep.get(key) or {})
-  evals = sweep.setdefault("evals", "knn,linprobe")
-  for e in filter(None, evals.split(",")):
+  for e in filter(None, sweep["evals"].split(",")):
     if e not in EVALS:
       raise SweepError(f"{path}: evals: {e!r} is not one of {', '.join(EVALS)}")
   return sweep
@@ -136,14 +136,13 @@ def _expect(ok, path, key, expected, value):
 def check_types(sweep, path):
   """Each key of a sweep holds the kind of value the sweep needs."""
   for key in ("base", "conv_base", "eval_config"):
-    _expect(isinstance(sweep[key], str) and sweep[key], path, key, "a recipe path",
-            sweep[key])
+    _expect(isinstance(sweep[key], str) and sweep[key], path, key, "a recipe path", sweep[key])
   for key in ("overrides", "conv_overrides", "eval_overrides"):
     value = sweep.get(key)
     _expect(value is None or isinstance(value, dict) and all(
         isinstance(k, str) for k in value), path, key, "a dict {config field: value}", value)
-  _expect(isinstance(sweep.get("evals", ""), str), path, "evals",
-          "a comma-separated string, e.g. 'knn,linprobe'", sweep.get("evals"))
+  _expect(isinstance(sweep["evals"], str), path, "evals",
+          "a comma-separated string, e.g. 'knn,linprobe'", sweep["evals"])
   _expect(isinstance(sweep.get("plot_x") or "", str), path, "plot_x", "a field name",
           sweep.get("plot_x"))
   axes = sweep.get("axes")
@@ -170,31 +169,30 @@ def check_types(sweep, path):
               "a dict {config field: value}", p.get("overrides"))
 
 
+def label_of(values):
+  """`field=value,...` of {config field: value}, each field by its last part."""
+  return ",".join(f"{f.split('.')[-1]}={fmt_value(v)}" for f, v in values.items())
+
+
 def expand_points(sweep):
   """[{"label", "program", "overrides", "values"}]: `values` are the point's axis values."""
   if sweep.get("axes"):
     fields = list(sweep["axes"])
-    points = []
-    for combo in itertools.product(*(sweep["axes"][f] for f in fields)):
-      values = dict(zip(fields, combo))
-      if any(all(values[f] == v for f, v in e.items()) for e in sweep.get("exclude") or ()):
-        continue
-      label = ",".join(f"{f.split('.')[-1]}={fmt_value(v)}" for f, v in values.items())
-      points.append({"label": label, "program": "mae", "overrides": values,
-                     "values": values})
+    combos = [dict(zip(fields, c)) for c in itertools.product(*sweep["axes"].values())]
+    points = [{"label": label_of(v), "program": "mae", "overrides": v, "values": v}
+              for v in combos if not any(all(v[f] == x for f, x in e.items())
+                                         for e in sweep.get("exclude") or ())]
     if not points:
       raise SweepError("exclude leaves no point to run")
     return points
   points = []
   for i, p in enumerate(sweep["points"]):
-    p = dict(p)
     if "label" not in p:
       raise SweepError(f"points[{i}] has no 'label'")
-    program = p.setdefault("program", "mae")
-    if program not in PROGRAMS:
-      raise SweepError(f"points[{i}]: program {program!r} is not one of {PROGRAMS}")
-    p["overrides"] = dict(p.get("overrides") or {})
-    p["values"] = {"point": p["label"]}
+    p = dict(p, program=p.get("program", "mae"), overrides=dict(p.get("overrides") or {}),
+             values={"point": p["label"]})
+    if p["program"] not in PROGRAMS:
+      raise SweepError(f"points[{i}]: program {p['program']!r} is not one of {PROGRAMS}")
     points.append(p)
   labels = [p["label"] for p in points]
   if len(set(labels)) != len(labels):
@@ -222,23 +220,19 @@ def package_root(path):
   return directory
 
 
-def resolve(path, sweep_path):
-  """A recipe path as given: absolute, relative to the working directory, or else relative
-  to the sweep file's package root (so configs/default.py is found beside configs/ablations
-  from any directory)."""
+def resolve(sweep, key):
+  """The recipe path of sweep[key] as given: absolute, relative to the working directory, or
+  else relative to the sweep file's package root (configs/default.py beside
+  configs/ablations, from any directory)."""
+  path = sweep[key]
   if os.path.isabs(path) or os.path.exists(path):
     return os.path.abspath(path)
-  return os.path.join(package_root(sweep_path), path)
+  return os.path.join(package_root(sweep["path"]), path)
 
 
 def recipe(path):
   """get_config() of a recipe file."""
-  what = "a recipe defining get_config()"
-  try:
-    return cli.call_user_function(cli.load_python_file(path, what, "sweep_recipe"), path,
-                                  "get_config", what)
-  except cli.UsageError as e:
-    raise SweepError(str(e)) from None
+  return call_file(path, "get_config", "a recipe defining get_config()", "sweep_recipe")
 
 
 def without_defaults(recipe_path, overrides):
@@ -275,32 +269,28 @@ def split_overrides(sweep, point):
 
 def point_commands(sweep, point, point_dir):
   """The subprocess argv lists that produce a point's results in point_dir."""
-  py, evals = sys.executable, sweep["evals"]
-  resolve_path = lambda key: resolve(sweep[key], sweep["path"])
-  eval_cfg = resolve_path("eval_config")
+  py, evals, conv = sys.executable, sweep["evals"], point["program"] == "conv"
+  eval_cfg = resolve(sweep, "eval_config")
   pretraining, evaluation = split_overrides(sweep, point)
-  eval_flags = flags("config", without_defaults(eval_cfg, evaluation))
-  if point["program"] == "conv":
-    base = resolve_path("conv_base")
-    return [[py, "-m", "mae_jax.conv_mae", "--config", base,
-             "--workdir", point_dir, *flags("config", without_defaults(base, pretraining)),
-             "--eval_config", eval_cfg, *flags("eval_config", without_defaults(eval_cfg,
-                                                                               evaluation)),
+  evaluation = without_defaults(eval_cfg, evaluation)
+  base = resolve(sweep, "conv_base" if conv else "base")
+  train = ["--config", base, "--workdir", point_dir,
+           *flags("config", without_defaults(base, pretraining))]
+  if conv:
+    return [[py, "-m", "mae_jax.conv_mae", *train, "--eval_config", eval_cfg,
+             *flags("eval_config", evaluation),
              "--mode", ",".join(e for e in evals.split(",") if e != "finetune")]]
-  base = resolve_path("base")
-  commands = [[py, "-m", "mae_jax.pretrain", "--config", base,
-               "--workdir", point_dir, *flags("config", without_defaults(base, pretraining))]]
+  commands = [[py, "-m", "mae_jax.pretrain", *train]]
   if evals:
     commands.append([py, "-m", "mae_jax.evaluate", "--workdir", point_dir, "--mode", evals,
-                     "--config", eval_cfg, *eval_flags])
+                     "--config", eval_cfg, *flags("config", evaluation)])
   return commands
 
 
 def portable(argv):
   """An argv as a point's hash sees it: the interpreter and the --workdir value left out, and
   a recipe file inside a Python package (configs/default.py) named relative to the directory
-  above the package. A point directory so keeps its name and its finished runs in another
-  checkout, on another machine, or copied into another sweep workdir."""
+  above the package, so a point directory keeps its name in another checkout or machine."""
   out = []
   for i, arg in enumerate(argv[1:], 1):
     if argv[i - 1] == "--workdir":
@@ -316,13 +306,6 @@ def portable(argv):
 def digest(commands):
   """Hash of argv lists, as `portable` writes them."""
   return hashlib.sha256(json.dumps([portable(c) for c in commands]).encode()).hexdigest()[:12]
-
-
-def point_dir(workdir, commands):
-  """DIR/points/<hash of the pretraining command>:
-  a point shared by several sweeps pretrains once, and changed evaluation settings reuse
-  the pretraining."""
-  return paths.join(workdir, "points", digest(commands[:1]))
 
 
 def finished_runs(directory):
@@ -345,13 +328,15 @@ def record_done(directory, commands, row, seconds):
 
 
 def plan(sweep, workdir):
-  """[(point, its directory, its commands)] in sweep order."""
+  """[(point, its directory, its commands)] in sweep order. The directory is
+  DIR/points/<hash of the pretraining command>: a point shared by several sweeps pretrains
+  once, and changed evaluation settings reuse the pretraining."""
   planned = []
   for point in expand_points(sweep):
     template = point_commands(sweep, point, "__DIR__")
-    directory = point_dir(workdir, template)
-    commands = [[directory if a == "__DIR__" else a for a in c] for c in template]
-    planned.append((point, directory, commands))
+    directory = paths.join(workdir, "points", digest(template[:1]))
+    planned.append((point, directory, [[directory if a == "__DIR__" else a for a in c]
+                                       for c in template]))
   return planned
 
 
@@ -371,15 +356,13 @@ def collect(sweep, point, directory):
   row = {"label": point["label"], "program": point["program"], **point["values"]}
   # An encoder evaluated at its random init owes nothing to the pretraining that shares its
   # directory: its row leaves the pretraining's figures and time out.
-  pretrained = point["program"] == "conv" or eval_init(sweep, point) != "random"
+  conv = point["program"] == "conv"
+  pretrained = conv or eval_init(sweep, point) != "random"
   if pretrained:
-    row.update(final_train_loss=summary.get("final_train_loss"),
-               test_masked_mse=summary.get("test_masked_mse"),
-               images_per_sec=summary.get("images_per_sec"))
+    row.update({k: summary.get(k) for k in ("final_train_loss", "test_masked_mse",
+                                            "images_per_sec")})
   wall = (summary.get("train_seconds") or 0.0) if pretrained else 0.0
-  evals = [e for e in sweep["evals"].split(",") if e]
-  if point["program"] == "conv":
-    evals = [e for e in evals if e != "finetune"]
+  evals = [e for e in sweep["evals"].split(",") if e and not (conv and e == "finetune")]
   names = result_names(sweep, point, evals)
   for e in evals:
     result = read_json(paths.join(directory, f"eval_{names[e]}.json"))
@@ -402,9 +385,9 @@ def result_names(sweep, point, evals):
   if point["program"] == "conv":
     return {e: e for e in evals}
   from mae_jax.tools.evaluate import result_name  # pylint: disable=g-import-not-at-top
-  fields = recipe(resolve(sweep["eval_config"], sweep["path"]))
+  fields = recipe(resolve(sweep, "eval_config"))
   evaluation = split_overrides(sweep, point)[1]
-  init = eval_init(sweep, point)
+  init = evaluation.get("init", fields.init)
   return {e: result_name(e, init, evaluation.get(f"{e}.features", fields[e].get("features")))
           for e in evals}
 
@@ -412,7 +395,7 @@ def result_names(sweep, point, evals):
 def eval_init(sweep, point):
   """The encoder a ViT point evaluates: "pretrained" or "random" (eval.init)."""
   evaluation = split_overrides(sweep, point)[1]
-  return evaluation.get("init", recipe(resolve(sweep["eval_config"], sweep["path"])).init)
+  return evaluation.get("init", recipe(resolve(sweep, "eval_config")).init)
 
 
 def run_point(point, directory, commands, log, index, total):
@@ -461,33 +444,43 @@ def point_log(path):
 def format_cell(value, formatter):
   if value is None or value == "":
     return "—"
-  if isinstance(value, str):
-    return value
-  return formatter.format(value)
+  return value if isinstance(value, str) else formatter.format(value)
+
+
+def mean_cell(mean, std, formatter):
+  """`mean ± std` formatted; the mean alone where std is None, "—" where the mean is."""
+  if mean is None:
+    return "—"
+  spread = "" if std is None else " ± " + format_cell(std, formatter)
+  return format_cell(mean, formatter) + spread
+
+
+def write_csv(path, header, rows):
+  """A CSV file (local or gs://) of a header and rows."""
+  f = io.StringIO(newline="")
+  csv.writer(f).writerows([header, *rows])
+  paths.write_atomic(path, f.getvalue())
+
+
+def markdown(title, header, rows, corner=False):
+  """A markdown table under a bold title; header and rows are lists of cells (`corner`: an
+  empty first header cell, above the rows' labels)."""
+  line = lambda cells: "| " + " | ".join(cells) + " |"
+  return "\n".join([f"**{title}**", "", ("| " if corner else "") + line(header),
+                    "|" + "---|" * (len(header) + corner), *map(line, rows)])
 
 
 def write_table(rows, columns, path_csv, path_md, title):
   """results.csv (raw values) and results.md (formatted) of the rows, in sweep order."""
   metrics = [m for m in METRICS if any(r.get(m[0]) is not None for r in rows)]
-  f = io.StringIO(newline="")
-  writer = csv.writer(f)
-  writer.writerow(["label", "program", *columns, *(m[0] for m in metrics)])
-  for r in rows:
-    writer.writerow([r["label"], r["program"], *(r.get(c, "") for c in columns),
-                     *("" if r.get(m[0]) is None else r[m[0]] for m in metrics)])
-  paths.write_atomic(path_csv, f.getvalue())
-  header = [c.split(".")[-1] for c in columns] + [m[1] for m in metrics]
-  lines = [f"**{title}**", "", "| " + " | ".join(header) + " |",
-           "|" + "---|" * len(header)]
-  for r in rows:
-    cells = [format_cell(r.get(c), "{}") for c in columns]
-    cells += [format_cell(r.get(m[0]), m[2]) for m in metrics]
-    lines.append("| " + " | ".join(cells) + " |")
-  paths.write_atomic(path_md, "\n".join(lines) + "\n")
-  return "\n".join(lines)
-
-
-SEED_AXIS = "seed"  # an axis of this name is repetitions, summarized by mean +- spread
+  write_csv(path_csv, ["label", "program", *columns, *(m[0] for m in metrics)],
+            [[r["label"], r["program"], *(r.get(c, "") for c in columns),
+              *("" if r.get(m[0]) is None else r[m[0]] for m in metrics)] for r in rows])
+  md = markdown(title, [c.split(".")[-1] for c in columns] + [m[1] for m in metrics],
+                [[format_cell(r.get(c), "{}") for c in columns]
+                 + [format_cell(r.get(m[0]), m[2]) for m in metrics] for r in rows])
+  paths.write_atomic(path_md, md + "\n")
+  return md
 
 
 def aggregate_seeds(rows, columns):
@@ -500,8 +493,8 @@ def aggregate_seeds(rows, columns):
     groups.setdefault(tuple(r.get(c) for c in others), []).append(r)
   out = []
   for key, members in groups.items():
-    label = ",".join(f"{c.split('.')[-1]}={fmt_value(v)}" for c, v in zip(others, key))
-    agg = {"label": label or "all", "program": members[0]["program"], **dict(zip(others, key)),
+    fixed = dict(zip(others, key))
+    agg = {"label": label_of(fixed) or "all", "program": members[0]["program"], **fixed,
            "seeds": len(members)}
     for name, *_ in METRICS:
       values = [m[name] for m in members if m.get(name) is not None]
@@ -529,18 +522,23 @@ def mean_curve(curves):
   return [(e, *mean_std([c[e] for c in by_epoch])) for e in epochs]
 
 
+def pyplot():
+  """matplotlib (headless) and its pyplot, imported only when a sweep plots."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return matplotlib, plt
+
+
 def write_curves(items, outdir, title):
   """finetune_curves.png (test top-1 against fine-tuning epoch, one line per item, a band
   of +- one standard deviation where the items are seed means) and its markdown table; the
   markdown, or "" where no item has a curve."""
-  items = [i for i in items if i.get("finetune_curve")]
-  if not items:
-    return ""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   curves = [(i["label"], [(p[0], p[1], p[2] if len(p) > 2 else None)
-                          for p in i["finetune_curve"]]) for i in items]
+                          for p in i["finetune_curve"]]) for i in items if i.get("finetune_curve")]
+  if not curves:
+    return ""
+  matplotlib, plt = pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
   for label, pts in curves:
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
@@ -549,23 +547,18 @@ def write_curves(items, outdir, title):
       ax.fill_between(xs, [y - p[2] for y, p in zip(ys, pts)],
                       [y + p[2] for y, p in zip(ys, pts)], alpha=0.2)
   ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-  ax.set_xlabel("fine-tuning epoch")
-  ax.set_ylabel("test top-1")
+  ax.set(xlabel="fine-tuning epoch", ylabel="test top-1")
   ax.set_title(title, fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
   save_png(fig, paths.join(outdir, "finetune_curves.png"))
   epochs = sorted({p[0] for _, pts in curves for p in pts})
-  lines = [f"**{title}: fine-tuning test top-1 after each epoch**", "",
-           "| | " + " | ".join(f"epoch {fmt_value(e)}" for e in epochs) + " |",
-           "|---|" + "---|" * len(epochs)]
-  for label, pts in curves:
-    at = {p[0]: p for p in pts}
-    cells = ["—" if e not in at else f"{at[e][1]:.1%}" + (
-        f" ± {at[e][2]:.1%}" if at[e][2] is not None else "") for e in epochs]
-    lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  at = [{p[0]: p[1:] for p in pts} for _, pts in curves]
+  return markdown(f"{title}: fine-tuning test top-1 after each epoch",
+                  [f"epoch {fmt_value(e)}" for e in epochs],
+                  [[label, *(mean_cell(*a.get(e, (None, None)), "{:.1%}") for e in epochs)]
+                   for (label, _), a in zip(curves, at)], corner=True)
 
 
 def write_seed_table(groups, columns, path_csv, title):
@@ -573,23 +566,15 @@ def write_seed_table(groups, columns, path_csv, title):
   `aggregate_seeds` rows, each metric as mean +- std; returns the markdown."""
   others = [c for c in columns if c != SEED_AXIS]
   metrics = [m for m in METRICS if any(g.get(m[0]) is not None for g in groups)]
-  f = io.StringIO(newline="")
-  writer = csv.writer(f)
-  writer.writerow([*others, "seeds", *(x for m in metrics for x in (m[0], m[0] + "_std"))])
-  for g in groups:
-    writer.writerow([*(g.get(c) for c in others), g["seeds"],
-                     *(x for m in metrics for x in (g.get(m[0], ""), g.get(m[0] + "_std", "")))])
-  paths.write_atomic(path_csv, f.getvalue())
-  header = [c.split(".")[-1] for c in others] + ["seeds"] + [m[1] for m in metrics]
-  lines = [f"**{title}: mean ± standard deviation over seeds**", "",
-           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for g in groups:
-    cells = [format_cell(g.get(c), "{}") for c in others] + [str(g["seeds"])]
-    cells += [format_cell(g.get(m[0]), m[2]) + (
-        "" if g.get(m[0] + "_std") is None else " ± " + format_cell(g[m[0] + "_std"], m[2]))
-              if g.get(m[0]) is not None else "—" for m in metrics]
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  stats = [x for m, *_ in metrics for x in (m, m + "_std")]
+  write_csv(path_csv, [*others, "seeds", *stats],
+            [[*(g.get(c) for c in others), g["seeds"], *(g.get(x, "") for x in stats)]
+             for g in groups])
+  return markdown(f"{title}: mean ± standard deviation over seeds",
+                  [c.split(".")[-1] for c in others] + ["seeds"] + [m[1] for m in metrics],
+                  [[format_cell(g.get(c), "{}") for c in others] + [str(g["seeds"])]
+                   + [mean_cell(g.get(m), g.get(m + "_std"), f) for m, _, f in metrics]
+                   for g in groups])
 
 
 def bar_names(rows, xs):
@@ -604,9 +589,7 @@ def write_plots(rows, x_field, outdir, title):
   """One PNG per metric present (<metric>.png: the metric against x_field; a line for
   numbers, bars for names; error bars where the rows carry `<metric>_std`) and summary.png
   with all of them side by side; the paths."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  matplotlib, plt = pyplot()
   rows = [r for r in rows if r.get(x_field) is not None]
   xs = [r[x_field] for r in rows]
   numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
@@ -630,8 +613,7 @@ def write_plots(rows, x_field, outdir, title):
       ax.set_xticks(range(len(pts)), [p[3] for p in pts], rotation=20, fontsize=7)
     if name.endswith("top1"):
       ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    ax.set_xlabel(x_field.split(".")[-1])
-    ax.set_ylabel(headers[name])
+    ax.set(xlabel=x_field.split(".")[-1], ylabel=headers[name])
     ax.grid(alpha=0.3)
 
   written = []
@@ -654,10 +636,9 @@ def write_plots(rows, x_field, outdir, title):
 
 def save_png(fig, path):
   """Write a matplotlib figure as a PNG to `path` (local or gs://), close it; the path."""
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   png = io.BytesIO()
   fig.savefig(png, format="png")
-  plt.close(fig)
+  pyplot()[1].close(fig)
   paths.write_atomic(path, png.getvalue())
   return path
 
@@ -724,36 +705,32 @@ def run_points(sweep, planned, only, collect_only, log):
   the labels of the selected points without)."""
   rows, failed = [], []
   for i, (point, directory, commands) in enumerate(planned, 1):
+    tag = f"[{i}/{len(planned)}] {point['label']}"
     row = collect(sweep, point, directory)
-    if not selects(point, only):
-      rows += [row] if row is not None else []
-      continue
-    if collect_only or (row is not None and is_done(directory, commands) is not None):
+    selected = selects(point, only)
+    if selected and (collect_only or row is not None and is_done(directory, commands) is not None):
       if row is None:
-        log(f"[{i}/{len(planned)}] {point['label']}: no results in {directory}")
-        failed.append(point["label"])
-        continue
+        log(f"{tag}: no results in {directory}")
+      elif not collect_only:
+        log(f"{tag}: done before, skipped")
+    elif selected:
+      wall = run_point(point, directory, commands, log, i, len(planned))
+      row = collect(sweep, point, directory) if wall is not None else None
+      if row is not None:
+        record_done(directory, commands, row, wall)
+        log(f"{tag}: " + ", ".join(f"{m[1]} {format_cell(row.get(m[0]), m[2])}"
+                                   for m in METRICS if row.get(m[0]) is not None))
+    if row is not None:
       rows.append(row)
-      if not collect_only:
-        log(f"[{i}/{len(planned)}] {point['label']}: done before, skipped")
-      continue
-    wall = run_point(point, directory, commands, log, i, len(planned))
-    row = collect(sweep, point, directory) if wall is not None else None
-    if row is None:
+    elif selected:
       failed.append(point["label"])
-      continue
-    record_done(directory, commands, row, wall)
-    rows.append(row)
-    log(f"[{i}/{len(planned)}] {point['label']}: " + ", ".join(
-        f"{m[1]} {format_cell(row.get(m[0]), m[2])}" for m in METRICS
-        if row.get(m[0]) is not None))
   return rows, failed
 
 
 def write_results(sweep, rows, outdir, log):
   """The table (mean ± spread over a seed axis, fine-tuning curves) and the plots."""
   columns = list(sweep["axes"]) if sweep.get("axes") else ["point"]
-  title = f"{sweep['name']}"
+  title = sweep["name"]
   table = write_table(rows, columns, paths.join(outdir, "results.csv"),
                       paths.join(outdir, "results.md"), title)
   x_field = sweep.get("plot_x") or columns[0]
@@ -778,7 +755,7 @@ def write_results(sweep, rows, outdir, log):
 
 def main(argv=None):
   p = cli.ArgumentParser(prog="python -m mae_jax.sweep", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("sweep", help="a sweep file (configs/ablations/*.py)")
   p.add_argument("--workdir", required=True, help="points and results go here")
   group = p.add_mutually_exclusive_group()
@@ -787,10 +764,9 @@ def main(argv=None):
   group.add_argument("--collect", action="store_true",
                      help="run nothing: tabulate the points that have results")
   p.add_argument("--only", action="append", default=[], metavar="SELECTOR",
-                 help="run only the points whose label is SELECTOR or has its "
-                      "comma-separated parts among its own (e.g. seed=1 or "
-                      "seed=1,init=random); repeat to narrow; the "
-                      "other points' finished results still go in the table. Lets "
+                 help="run only the points whose label is SELECTOR or has its comma-separated "
+                      "parts among its own (e.g. seed=1 or seed=1,init=random); repeat to "
+                      "narrow; the other points' finished results still go in the table. Lets "
                       "several launches, on one machine or several, share a sweep")
   args = p.parse_args(argv)
   try:
@@ -800,22 +776,14 @@ def main(argv=None):
       workdir = paths.absolute(args.workdir)
     except paths.PathError as e:
       raise SweepError(f"--workdir: {e}") from None
-    sweep = load_sweep(args.sweep)
-    run_sweep(sweep, workdir, commands_only=args.commands,
-              collect_only=args.collect, only=args.only,
-              log=lambda m: print(m, flush=True))
-  except SweepError as e:
+    run_sweep(load_sweep(args.sweep), workdir, commands_only=args.commands,
+              collect_only=args.collect, only=args.only, log=lambda m: print(m, flush=True))
+  except (SweepError, PointsFailedError) as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except PointsFailedError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(2 if isinstance(e, SweepError) else 1)
 
 
-def run():
-  """The console script `mae-sweep`."""
-  main()
-
+run = main  # the console script `mae-sweep` (argv from sys.argv)
 
 if __name__ == "__main__":
   run()
