@@ -14,38 +14,20 @@ A sweep file defines get_sweep() -> dict:
   eval_overrides  {field: value} of the evaluation recipe, for every point
   evals         evaluations per point: "knn,linprobe" (add ",finetune" for fine-tuning)
   axes          {config field: [values]}: every combination is a point, or
-  exclude       (with axes) [{axis: value, ...}]: the combinations that match every field
-                of one of these are left out (e.g. an arm that does not depend on an axis)
+  exclude       (with axes) [{axis: value, ...}]: combinations matching one are left out
   points        [{"label": str, "program": "mae" | "conv", "overrides": {...}}, ...]
-                A field named eval.FIELD (an axis or a point's override) is a field of the
-                evaluation recipe, e.g. "eval.init": ["pretrained", "random"] fine-tunes the
-                pretrained encoder and the same encoder from scratch. A point's seed seeds
-                its evaluation too, unless it sets eval.seed.
+                An eval.FIELD axis or override is a field of the evaluation recipe
+                ("eval.init": ["pretrained", "random"]); a point's seed seeds its evaluation.
   plot_x        the field on the plots' x axis (default: the first axis)
 
-Each point runs in DIR/points/<hash of its pretraining command>/ (sweeps sharing a DIR
-share identical points; overrides equal to the recipe's own values are dropped first; the
-hash names the shipped recipes by their place in the package, not by the checkout's path,
-so finished point directories copied into another machine's DIR count as done there) as
-subprocesses of the installed package: `python -m mae_jax.pretrain` (train.py) then
-`python -m mae_jax.evaluate`
-(ViT MAE) or `python -m mae_jax.conv_mae` (conv baseline); their output goes to the
-point's log.txt. A point whose results exist is not run again, a finished pretraining is
-not redone when only the evaluation settings changed, and an interrupted one resumes from
-its checkpoint: running the same command again resumes the sweep. --commands writes DIR/<name>/commands.sh instead, one line per point, for a cluster
-scheduler; run this command with --collect afterwards for the table.
-
-Outputs in DIR/<name>/: results.csv, results.md (a markdown table), one PNG per metric
-against plot_x (a line for numeric values, bars for names) and summary.png (all of them).
-A sweep with a `seed` axis also gets results_seeds.csv and a second table in results.md:
-each metric's mean ± sample standard deviation over the seeds of every other-axis value;
-its plots show those means with the deviations as error bars. Fine-tuning points also get
-finetune_curves.png and a table of test top-1 after each fine-tuning epoch (mean ± spread
-over seeds where there is a seed axis).
-
-DIR may be gs://BUCKET/PATH: the points' workdirs, their results and the table and plots
-are then objects there (mae_jax.paths), and a point's log.txt is uploaded when its
-commands end; ViT and conv points alike.
+Each point runs in DIR/points/<hash of its pretraining command>/ (shared by the sweeps of
+a DIR) as `python -m mae_jax.pretrain` then `python -m mae_jax.evaluate`, or
+`python -m mae_jax.conv_mae`, logging to its log.txt; running the same command again
+resumes the sweep. --commands writes DIR/<name>/commands.sh instead, one line per point, for
+a cluster scheduler; --collect afterwards makes the table. Outputs in DIR/<name>/:
+results.csv, results.md and PNG plots against plot_x (with a `seed` axis, mean ± standard
+deviation over the seeds too; with fine-tuning, finetune_curves.png). DIR may be
+gs://BUCKET/PATH. docs/ablations.md tells the rest.
 """
 import argparse
 import contextlib
@@ -194,8 +176,7 @@ def expand_points(sweep):
     if p["program"] not in PROGRAMS:
       raise SweepError(f"points[{i}]: program {p['program']!r} is not one of {PROGRAMS}")
     points.append(p)
-  labels = [p["label"] for p in points]
-  if len(set(labels)) != len(labels):
+  if len({p["label"] for p in points}) != len(points):
     raise SweepError("point labels must be unique")
   return points
 
@@ -221,9 +202,8 @@ def package_root(path):
 
 
 def resolve(sweep, key):
-  """The recipe path of sweep[key] as given: absolute, relative to the working directory, or
-  else relative to the sweep file's package root (configs/default.py beside
-  configs/ablations, from any directory)."""
+  """The recipe path sweep[key]: absolute, relative to the working directory, or else to
+  the sweep file's package root (configs/default.py beside configs/ablations)."""
   path = sweep[key]
   if os.path.isabs(path) or os.path.exists(path):
     return os.path.abspath(path)
@@ -255,9 +235,8 @@ def without_defaults(recipe_path, overrides):
 
 
 def split_overrides(sweep, point):
-  """(pretraining overrides, evaluation overrides) of a point: the sweep's, then the
-  point's own (eval.FIELD to the evaluation recipe as FIELD). The point's seed seeds its
-  evaluation as well, unless it sets eval.seed."""
+  """(pretraining, evaluation) overrides of a point: the sweep's, then its own (eval.FIELD to
+  the evaluation recipe); its seed seeds the evaluation too, unless it sets eval.seed."""
   own = point["overrides"]
   evaluation = {k[len(EVAL_PREFIX):]: v for k, v in own.items() if k.startswith(EVAL_PREFIX)}
   own = {k: v for k, v in own.items() if not k.startswith(EVAL_PREFIX)}
@@ -372,9 +351,8 @@ def collect(sweep, point, directory):
     if e == "finetune" and result.get("history"):
       row["finetune_curve"] = [(h["epoch"], h["top1"]) for h in result["history"]]
     wall += result.get("seconds") or 0.0
-  # Pretraining loop (where the encoder used it) + evaluations, as their own files record
-  # them (process start-up and the final reconstruction test left out): the same whichever
-  # run produced them.
+  # Pretraining loop (where used) + evaluations as their files record them (no start-up, no
+  # final reconstruction test): the same whichever run produced them.
   row["wall_seconds"] = round(wall, 1)
   return row
 
@@ -399,8 +377,7 @@ def eval_init(sweep, point):
 
 
 def run_point(point, directory, commands, log, index, total):
-  """Run a point's commands (a finished pretraining is not run again); the seconds they
-  took, or None if one failed."""
+  """Run a point's commands but a finished pretraining; their seconds, or None on a failure."""
   paths.makedirs(directory)
   wall = 0.0
   log_path = paths.join(directory, "log.txt")
@@ -410,23 +387,20 @@ def run_point(point, directory, commands, log, index, total):
       if what == "mae_jax.pretrain" and read_json(paths.join(directory, "summary.json")):
         continue  # pretraining finished earlier; only the evaluation is left
       log(f"[{index}/{total}] {point['label']}: {what} ...")
-      out.write(f"$ {shlex.join(argv)}\n")
-      out.flush()
+      print(f"$ {shlex.join(argv)}", file=out, flush=True)
       t0 = time.perf_counter()
       code = subprocess.call(argv, stdout=out, stderr=subprocess.STDOUT)
       wall += time.perf_counter() - t0
       if code != 0:
-        log(f"[{index}/{total}] {point['label']}: FAILED ({what} exit {code}); see "
-            f"{log_path}")
+        log(f"[{index}/{total}] {point['label']}: FAILED ({what} exit {code}); see {log_path}")
         return None
   return wall
 
 
 @contextlib.contextmanager
 def point_log(path):
-  """A text file to append a point's log to: `path` itself on a local disk; for gs://, a
-  local temporary file whose text is added to the object when the block ends (Cloud
-  Storage objects are replaced whole, never appended to)."""
+  """A text file to append a point's log to: `path` itself, or for gs:// (objects are
+  replaced whole, never appended to) a temporary file added to the object at the end."""
   if not paths.is_gcs(path):
     with open(path, "a") as out:
       yield out
@@ -484,9 +458,8 @@ def write_table(rows, columns, path_csv, path_md, title):
 
 
 def aggregate_seeds(rows, columns):
-  """Rows grouped over the seed axis, in sweep order: one row per value of the other axes
-  with `seeds` (how many), each metric's mean and its sample standard deviation
-  (`<metric>_std`, ddof=1; None for a single seed, which has no spread)."""
+  """Rows grouped over the seed axis, in sweep order: one per value of the other axes, with
+  `seeds` (how many) and each metric's mean and `<metric>_std` (see `mean_std`)."""
   others = [c for c in columns if c != SEED_AXIS]
   groups = {}
   for r in rows:
@@ -509,10 +482,9 @@ def aggregate_seeds(rows, columns):
 
 def mean_std(values):
   """(mean, sample standard deviation with ddof=1; None for a single value)."""
-  mean = sum(values) / len(values)
-  if len(values) == 1:
-    return mean, None
-  return mean, (sum((v - mean)**2 for v in values) / (len(values) - 1))**0.5
+  n = len(values)
+  mean = sum(values) / n
+  return mean, None if n == 1 else (sum((v - mean)**2 for v in values) / (n - 1))**0.5
 
 
 def mean_curve(curves):
@@ -531,9 +503,8 @@ def pyplot():
 
 
 def write_curves(items, outdir, title):
-  """finetune_curves.png (test top-1 against fine-tuning epoch, one line per item, a band
-  of +- one standard deviation where the items are seed means) and its markdown table; the
-  markdown, or "" where no item has a curve."""
+  """finetune_curves.png (test top-1 per fine-tuning epoch, one line per item, a +- std band
+  for seed means) and its markdown table; the markdown, or "" where no item has a curve."""
   curves = [(i["label"], [(p[0], p[1], p[2] if len(p) > 2 else None)
                           for p in i["finetune_curve"]]) for i in items if i.get("finetune_curve")]
   if not curves:
@@ -562,8 +533,7 @@ def write_curves(items, outdir, title):
 
 
 def write_seed_table(groups, columns, path_csv, title):
-  """results_seeds.csv (means and standard deviations) and the markdown table of
-  `aggregate_seeds` rows, each metric as mean +- std; returns the markdown."""
+  """results_seeds.csv and the markdown table (mean ± std) of `aggregate_seeds` rows."""
   others = [c for c in columns if c != SEED_AXIS]
   metrics = [m for m in METRICS if any(g.get(m[0]) is not None for g in groups)]
   stats = [x for m, *_ in metrics for x in (m, m + "_std")]
@@ -586,15 +556,13 @@ def bar_names(rows, xs):
 
 
 def write_plots(rows, x_field, outdir, title):
-  """One PNG per metric present (<metric>.png: the metric against x_field; a line for
-  numbers, bars for names; error bars where the rows carry `<metric>_std`) and summary.png
-  with all of them side by side; the paths."""
+  """<metric>.png per metric present (against x_field: a line for numbers, bars for names;
+  error bars from `<metric>_std`) and summary.png with all of them; the paths."""
   matplotlib, plt = pyplot()
   rows = [r for r in rows if r.get(x_field) is not None]
   xs = [r[x_field] for r in rows]
   numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
   names = bar_names(rows, xs)
-  headers = {m[0]: m[1] for m in METRICS}
   series = {}
   for name in PLOTTED:
     pts = [(x, r[name], r.get(f"{name}_std"), n) for x, r, n in zip(xs, rows, names)
@@ -613,7 +581,7 @@ def write_plots(rows, x_field, outdir, title):
       ax.set_xticks(range(len(pts)), [p[3] for p in pts], rotation=20, fontsize=7)
     if name.endswith("top1"):
       ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    ax.set(xlabel=x_field.split(".")[-1], ylabel=headers[name])
+    ax.set(xlabel=x_field.split(".")[-1], ylabel=dict(m[:2] for m in METRICS)[name])
     ax.grid(alpha=0.3)
 
   written = []
@@ -649,26 +617,22 @@ def make_outdir(workdir, outdir):
   try:
     paths.makedirs(outdir)
     paths.write_probe(outdir)
-  except FileNotFoundError:
-    raise SweepError(f"--workdir {workdir}: cannot make {outdir} there (" + (
-        f"bucket {paths.bucket(outdir)} does not exist)" if paths.is_gcs(outdir)
-        else "no such folder)")) from None
   except Exception as e:  # OSError locally; gcsfs, aiohttp and google-auth errors on gs://
-    reason = " ".join(str(getattr(e, "strerror", None) or e).split())[:200]
-    raise SweepError(f"--workdir {workdir}: cannot make {outdir} there "
-                     f"({type(e).__name__}: {reason})") from None
+    detail = " ".join(str(getattr(e, "strerror", None) or e).split())[:200]
+    reason = (f"{type(e).__name__}: {detail}" if not isinstance(e, FileNotFoundError)
+              else f"bucket {paths.bucket(outdir)} does not exist" if paths.is_gcs(outdir)
+              else "no such folder")
+    raise SweepError(f"--workdir {workdir}: cannot make {outdir} there ({reason})") from None
 
 
 def selects(point, only):
-  """Whether `point` is one of the points `only` names: each selector is its whole label
-  or some of its label's comma-separated parts (`seed=1`, `seed=1,init=random`); no
-  selectors select all."""
+  """Whether every selector of `only` names `point`: its whole label or some of the label's
+  comma-separated parts (`seed=1`, `seed=1,init=random`); no selectors select all."""
   parts = set(point["label"].split(","))
   return all(s == point["label"] or set(s.split(",")) <= parts for s in only)
 
 
-def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, only=(),
-              log=print):
+def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, only=(), log=print):
   """Run (or write the commands of) every point, then the table and plots; the rows.
   With `only`, the points it does not select are only collected (see `selects`)."""
   outdir = paths.join(workdir, sweep["name"])
