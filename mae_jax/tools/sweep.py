@@ -415,18 +415,13 @@ def point_log(path):
       paths.write_atomic(path, previous + out.read())
 
 
-def format_cell(value, formatter):
+def format_cell(value, formatter, std=None):
+  """A table cell: "—" for no value, a string as it is, else formatted (`± std` with one)."""
   if value is None or value == "":
     return "—"
-  return value if isinstance(value, str) else formatter.format(value)
-
-
-def mean_cell(mean, std, formatter):
-  """`mean ± std` formatted; the mean alone where std is None, "—" where the mean is."""
-  if mean is None:
-    return "—"
-  spread = "" if std is None else " ± " + format_cell(std, formatter)
-  return format_cell(mean, formatter) + spread
+  if isinstance(value, str):
+    return value
+  return formatter.format(value) + ("" if std is None else " ± " + formatter.format(std))
 
 
 def write_csv(path, header, rows):
@@ -525,11 +520,12 @@ def write_curves(items, outdir, title):
   fig.tight_layout()
   save_png(fig, paths.join(outdir, "finetune_curves.png"))
   epochs = sorted({p[0] for _, pts in curves for p in pts})
-  at = [{p[0]: p[1:] for p in pts} for _, pts in curves]
+  at = [{p[0]: p for p in pts} for _, pts in curves]
   return markdown(f"{title}: fine-tuning test top-1 after each epoch",
                   [f"epoch {fmt_value(e)}" for e in epochs],
-                  [[label, *(mean_cell(*a.get(e, (None, None)), "{:.1%}") for e in epochs)]
-                   for (label, _), a in zip(curves, at)], corner=True)
+                  [[label, *(format_cell(a[e][1], "{:.1%}", a[e][2]) if e in a else "—"
+                             for e in epochs)] for (label, _), a in zip(curves, at)],
+                  corner=True)
 
 
 def write_seed_table(groups, columns, path_csv, title):
@@ -543,7 +539,7 @@ def write_seed_table(groups, columns, path_csv, title):
   return markdown(f"{title}: mean ± standard deviation over seeds",
                   [c.split(".")[-1] for c in others] + ["seeds"] + [m[1] for m in metrics],
                   [[format_cell(g.get(c), "{}") for c in others] + [str(g["seeds"])]
-                   + [mean_cell(g.get(m), g.get(m + "_std"), f) for m, _, f in metrics]
+                   + [format_cell(g.get(m), f, g.get(m + "_std")) for m, _, f in metrics]
                    for g in groups])
 
 
@@ -560,15 +556,14 @@ def write_plots(rows, x_field, outdir, title):
   error bars from `<metric>_std`) and summary.png with all of them; the paths."""
   matplotlib, plt = pyplot()
   rows = [r for r in rows if r.get(x_field) is not None]
+  numeric = all(isinstance(r[x_field], (int, float)) and not isinstance(r[x_field], bool)
+                for r in rows)
+  rows = sorted(rows, key=lambda r: r[x_field]) if numeric else rows  # stable: ties keep order
   xs = [r[x_field] for r in rows]
-  numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
-  names = bar_names(rows, xs)
-  series = {}
-  for name in PLOTTED:
-    pts = [(x, r[name], r.get(f"{name}_std"), n) for x, r, n in zip(xs, rows, names)
-           if r.get(name) is not None]
-    if pts:
-      series[name] = sorted(pts, key=lambda p: p[0]) if numeric else pts
+  series = {name: [(x, r[name], r.get(f"{name}_std"), n)
+                   for x, r, n in zip(xs, rows, bar_names(rows, xs)) if r.get(name) is not None]
+            for name in PLOTTED}
+  series = {name: pts for name, pts in series.items() if pts}
 
   def draw(ax, name):
     pts = series[name]
