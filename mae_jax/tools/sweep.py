@@ -14,10 +14,12 @@ A sweep file defines get_sweep() -> dict:
   eval_overrides  {field: value} of the evaluation recipe, for every point
   evals         evaluations per point: "knn,linprobe" (add ",finetune" for fine-tuning)
   axes          {config field: [values]}: every combination is a point, or
-  exclude       (with axes) [{axis: value, ...}]: combinations matching one are left out
+  exclude       (with axes) [{axis: value, ...}]: the combinations that match every field
+                of one of these are left out
   points        [{"label": str, "program": "mae" | "conv", "overrides": {...}}, ...]
                 An eval.FIELD axis or override is a field of the evaluation recipe
-                ("eval.init": ["pretrained", "random"]); a point's seed seeds its evaluation.
+                ("eval.init": ["pretrained", "random"]); a point's seed seeds its
+                evaluation too, unless it sets eval.seed.
   plot_x        the field on the plots' x axis (default: the first axis)
 
 Each point runs in DIR/points/<hash of its pretraining command>/ (shared by the sweeps of
@@ -650,8 +652,7 @@ def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, only=(
 def write_commands(sweep, planned, outdir, log):
   """DIR/<name>/commands.sh: one shell line per planned point."""
   path = paths.join(outdir, "commands.sh")
-  lines = [f"# {sweep['name']}: one line per point; then: python -m mae_jax.sweep ... "
-           "--collect"]
+  lines = [f"# {sweep['name']}: one line per point; then: python -m mae_jax.sweep ... --collect"]
   for _, directory, commands in planned:  # train.py makes a gs:// workdir itself
     mkdir = "" if paths.is_gcs(directory) else f"mkdir -p {shlex.quote(directory)} && "
     lines.append(mkdir + " && ".join(shlex.join(c) for c in commands))
