@@ -15,37 +15,21 @@ A sweep file defines get_sweep() -> dict:
   evals         evaluations per point: "knn,linprobe" (add ",finetune" for fine-tuning)
   axes          {config field: [values]}: every combination is a point, or
   exclude       (with axes) [{axis: value, ...}]: the combinations that match every field
-                of one of these are left out (e.g. an arm that does not depend on an axis)
+                of one of these are left out
   points        [{"label": str, "program": "mae" | "conv", "overrides": {...}}, ...]
-                A field named eval.FIELD (an axis or a point's override) is a field of the
-                evaluation recipe, e.g. "eval.init": ["pretrained", "random"] fine-tunes the
-                pretrained encoder and the same encoder from scratch. A point's seed seeds
-                its evaluation too, unless it sets eval.seed.
+                An eval.FIELD axis or override is a field of the evaluation recipe
+                ("eval.init": ["pretrained", "random"]); a point's seed seeds its
+                evaluation too, unless it sets eval.seed.
   plot_x        the field on the plots' x axis (default: the first axis)
 
-Each point runs in DIR/points/<hash of its pretraining command>/ (sweeps sharing a DIR
-share identical points; overrides equal to the recipe's own values are dropped first; the
-hash names the shipped recipes by their place in the package, not by the checkout's path,
-so finished point directories copied into another machine's DIR count as done there) as
-subprocesses of the installed package: `python -m mae_jax.pretrain` (train.py) then
-`python -m mae_jax.evaluate`
-(ViT MAE) or `python -m mae_jax.conv_mae` (conv baseline); their output goes to the
-point's log.txt. A point whose results exist is not run again, a finished pretraining is
-not redone when only the evaluation settings changed, and an interrupted one resumes from
-its checkpoint: running the same command again resumes the sweep. --commands writes DIR/<name>/commands.sh instead, one line per point, for a cluster
-scheduler; run this command with --collect afterwards for the table.
-
-Outputs in DIR/<name>/: results.csv, results.md (a markdown table), one PNG per metric
-against plot_x (a line for numeric values, bars for names) and summary.png (all of them).
-A sweep with a `seed` axis also gets results_seeds.csv and a second table in results.md:
-each metric's mean ± sample standard deviation over the seeds of every other-axis value;
-its plots show those means with the deviations as error bars. Fine-tuning points also get
-finetune_curves.png and a table of test top-1 after each fine-tuning epoch (mean ± spread
-over seeds where there is a seed axis).
-
-DIR may be gs://BUCKET/PATH: the points' workdirs, their results and the table and plots
-are then objects there (mae_jax.paths), and a point's log.txt is uploaded when its
-commands end; ViT and conv points alike.
+Each point runs in DIR/points/<hash of its pretraining command>/ (shared by the sweeps of
+a DIR) as `python -m mae_jax.pretrain` then `python -m mae_jax.evaluate`, or
+`python -m mae_jax.conv_mae`, logging to its log.txt; running the same command again
+resumes the sweep. --commands writes DIR/<name>/commands.sh instead, one line per point, for
+a cluster scheduler; --collect afterwards makes the table. Outputs in DIR/<name>/:
+results.csv, results.md and PNG plots against plot_x (with a `seed` axis, mean ± standard
+deviation over the seeds too; with fine-tuning, finetune_curves.png). DIR may be
+gs://BUCKET/PATH. docs/ablations.md tells the rest.
 """
 import argparse
 import contextlib
@@ -79,6 +63,11 @@ METRICS = (
     ("wall_seconds", "wall s", "{:.0f}"),
 )
 PLOTTED = ("knn_top1", "linprobe_top1", "finetune_top1", "test_masked_mse", "images_per_sec")
+SEED_AXIS = "seed"  # an axis of this name is repetitions, summarized by mean +- spread
+SWEEP_KEYS = ("name", "base", "conv_base", "overrides", "conv_overrides", "eval_config",
+              "eval_overrides", "evals", "axes", "exclude", "points", "plot_x")
+DEFAULTS = {"base": "configs/default.py", "conv_base": "configs/conv_mae.py",
+            "eval_config": "configs/eval.py", "evals": "knn,linprobe"}
 
 
 class SweepError(ValueError):
@@ -89,8 +78,13 @@ class PointsFailedError(RuntimeError):
   """Some points ran but left no results (their log.txt says why)."""
 
 
-SWEEP_KEYS = ("name", "base", "conv_base", "overrides", "conv_overrides", "eval_config",
-              "eval_overrides", "evals", "axes", "exclude", "points", "plot_x")
+def call_file(path, function, what, module_name):
+  """function() of a Python file, its failures as one SweepError."""
+  try:
+    module = cli.load_python_file(path, what, module_name)
+    return cli.call_user_function(module, path, function, what)
+  except cli.UsageError as e:
+    raise SweepError(str(e)) from None
 
 
 def load_sweep(path):
@@ -98,15 +92,9 @@ def load_sweep(path):
   root = package_root(path)
   if root not in sys.path:  # sweep files share settings through their package (configs.ablations)
     sys.path.insert(0, root)
-  what = "a sweep file defining get_sweep()"
-  try:
-    sweep = cli.call_user_function(cli.load_python_file(path, what, "sweep_file"), path,
-                                   "get_sweep", what)
-  except cli.UsageError as e:
-    raise SweepError(str(e)) from None
+  sweep = call_file(path, "get_sweep", "a sweep file defining get_sweep()", "sweep_file")
   if not isinstance(sweep, dict):
     raise SweepError(f"{path}: get_sweep() returned a {type(sweep).__name__}; expected a dict")
-  sweep = dict(sweep)
   unknown = set(sweep) - set(SWEEP_KEYS)
   if unknown:
     raise SweepError(f"{path}: unknown sweep keys {sorted(map(str, unknown))}")
@@ -114,15 +102,11 @@ def load_sweep(path):
     raise SweepError(f"{path}: 'name' must be a non-empty file name ([A-Za-z0-9_.-])")
   if bool(sweep.get("axes")) == bool(sweep.get("points")):
     raise SweepError(f"{path}: give exactly one of 'axes' and 'points'")
-  sweep["path"] = os.path.abspath(path)  # relative recipe paths may be found beside it
-  sweep.setdefault("base", "configs/default.py")
-  sweep.setdefault("conv_base", "configs/conv_mae.py")
-  sweep.setdefault("eval_config", "configs/eval.py")
+  sweep = {**DEFAULTS, **sweep, "path": os.path.abspath(path)}  # recipes may be beside it
   check_types(sweep, path)
   for key in ("overrides", "conv_overrides", "eval_overrides"):
     sweep[key] = dict(sweep.get(key) or {})
-  evals = sweep.setdefault("evals", "knn,linprobe")
-  for e in filter(None, evals.split(",")):
+  for e in filter(None, sweep["evals"].split(",")):
     if e not in EVALS:
       raise SweepError(f"{path}: evals: {e!r} is not one of {', '.join(EVALS)}")
   return sweep
@@ -136,14 +120,13 @@ def _expect(ok, path, key, expected, value):
 def check_types(sweep, path):
   """Each key of a sweep holds the kind of value the sweep needs."""
   for key in ("base", "conv_base", "eval_config"):
-    _expect(isinstance(sweep[key], str) and sweep[key], path, key, "a recipe path",
-            sweep[key])
+    _expect(isinstance(sweep[key], str) and sweep[key], path, key, "a recipe path", sweep[key])
   for key in ("overrides", "conv_overrides", "eval_overrides"):
     value = sweep.get(key)
     _expect(value is None or isinstance(value, dict) and all(
         isinstance(k, str) for k in value), path, key, "a dict {config field: value}", value)
-  _expect(isinstance(sweep.get("evals", ""), str), path, "evals",
-          "a comma-separated string, e.g. 'knn,linprobe'", sweep.get("evals"))
+  _expect(isinstance(sweep["evals"], str), path, "evals",
+          "a comma-separated string, e.g. 'knn,linprobe'", sweep["evals"])
   _expect(isinstance(sweep.get("plot_x") or "", str), path, "plot_x", "a field name",
           sweep.get("plot_x"))
   axes = sweep.get("axes")
@@ -170,34 +153,32 @@ def check_types(sweep, path):
               "a dict {config field: value}", p.get("overrides"))
 
 
+def label_of(values):
+  """`field=value,...` of {config field: value}, each field by its last part."""
+  return ",".join(f"{f.split('.')[-1]}={fmt_value(v)}" for f, v in values.items())
+
+
 def expand_points(sweep):
   """[{"label", "program", "overrides", "values"}]: `values` are the point's axis values."""
   if sweep.get("axes"):
     fields = list(sweep["axes"])
-    points = []
-    for combo in itertools.product(*(sweep["axes"][f] for f in fields)):
-      values = dict(zip(fields, combo))
-      if any(all(values[f] == v for f, v in e.items()) for e in sweep.get("exclude") or ()):
-        continue
-      label = ",".join(f"{f.split('.')[-1]}={fmt_value(v)}" for f, v in values.items())
-      points.append({"label": label, "program": "mae", "overrides": values,
-                     "values": values})
+    combos = [dict(zip(fields, c)) for c in itertools.product(*sweep["axes"].values())]
+    points = [{"label": label_of(v), "program": "mae", "overrides": v, "values": v}
+              for v in combos if not any(all(v[f] == x for f, x in e.items())
+                                         for e in sweep.get("exclude") or ())]
     if not points:
       raise SweepError("exclude leaves no point to run")
     return points
   points = []
   for i, p in enumerate(sweep["points"]):
-    p = dict(p)
     if "label" not in p:
       raise SweepError(f"points[{i}] has no 'label'")
-    program = p.setdefault("program", "mae")
-    if program not in PROGRAMS:
-      raise SweepError(f"points[{i}]: program {program!r} is not one of {PROGRAMS}")
-    p["overrides"] = dict(p.get("overrides") or {})
-    p["values"] = {"point": p["label"]}
+    p = dict(p, program=p.get("program", "mae"), overrides=dict(p.get("overrides") or {}),
+             values={"point": p["label"]})
+    if p["program"] not in PROGRAMS:
+      raise SweepError(f"points[{i}]: program {p['program']!r} is not one of {PROGRAMS}")
     points.append(p)
-  labels = [p["label"] for p in points]
-  if len(set(labels)) != len(labels):
+  if len({p["label"] for p in points}) != len(points):
     raise SweepError("point labels must be unique")
   return points
 
@@ -222,23 +203,18 @@ def package_root(path):
   return directory
 
 
-def resolve(path, sweep_path):
-  """A recipe path as given: absolute, relative to the working directory, or else relative
-  to the sweep file's package root (so configs/default.py is found beside configs/ablations
-  from any directory)."""
+def resolve(sweep, key):
+  """The recipe path sweep[key]: absolute, relative to the working directory, or else to
+  the sweep file's package root (configs/default.py beside configs/ablations)."""
+  path = sweep[key]
   if os.path.isabs(path) or os.path.exists(path):
     return os.path.abspath(path)
-  return os.path.join(package_root(sweep_path), path)
+  return os.path.join(package_root(sweep["path"]), path)
 
 
 def recipe(path):
   """get_config() of a recipe file."""
-  what = "a recipe defining get_config()"
-  try:
-    return cli.call_user_function(cli.load_python_file(path, what, "sweep_recipe"), path,
-                                  "get_config", what)
-  except cli.UsageError as e:
-    raise SweepError(str(e)) from None
+  return call_file(path, "get_config", "a recipe defining get_config()", "sweep_recipe")
 
 
 def without_defaults(recipe_path, overrides):
@@ -261,9 +237,8 @@ def without_defaults(recipe_path, overrides):
 
 
 def split_overrides(sweep, point):
-  """(pretraining overrides, evaluation overrides) of a point: the sweep's, then the
-  point's own (eval.FIELD to the evaluation recipe as FIELD). The point's seed seeds its
-  evaluation as well, unless it sets eval.seed."""
+  """(pretraining, evaluation) overrides of a point: the sweep's, then its own (eval.FIELD to
+  the evaluation recipe); its seed seeds the evaluation too, unless it sets eval.seed."""
   own = point["overrides"]
   evaluation = {k[len(EVAL_PREFIX):]: v for k, v in own.items() if k.startswith(EVAL_PREFIX)}
   own = {k: v for k, v in own.items() if not k.startswith(EVAL_PREFIX)}
@@ -275,32 +250,28 @@ def split_overrides(sweep, point):
 
 def point_commands(sweep, point, point_dir):
   """The subprocess argv lists that produce a point's results in point_dir."""
-  py, evals = sys.executable, sweep["evals"]
-  resolve_path = lambda key: resolve(sweep[key], sweep["path"])
-  eval_cfg = resolve_path("eval_config")
+  py, evals, conv = sys.executable, sweep["evals"], point["program"] == "conv"
+  eval_cfg = resolve(sweep, "eval_config")
   pretraining, evaluation = split_overrides(sweep, point)
-  eval_flags = flags("config", without_defaults(eval_cfg, evaluation))
-  if point["program"] == "conv":
-    base = resolve_path("conv_base")
-    return [[py, "-m", "mae_jax.conv_mae", "--config", base,
-             "--workdir", point_dir, *flags("config", without_defaults(base, pretraining)),
-             "--eval_config", eval_cfg, *flags("eval_config", without_defaults(eval_cfg,
-                                                                               evaluation)),
+  evaluation = without_defaults(eval_cfg, evaluation)
+  base = resolve(sweep, "conv_base" if conv else "base")
+  train = ["--config", base, "--workdir", point_dir,
+           *flags("config", without_defaults(base, pretraining))]
+  if conv:
+    return [[py, "-m", "mae_jax.conv_mae", *train, "--eval_config", eval_cfg,
+             *flags("eval_config", evaluation),
              "--mode", ",".join(e for e in evals.split(",") if e != "finetune")]]
-  base = resolve_path("base")
-  commands = [[py, "-m", "mae_jax.pretrain", "--config", base,
-               "--workdir", point_dir, *flags("config", without_defaults(base, pretraining))]]
+  commands = [[py, "-m", "mae_jax.pretrain", *train]]
   if evals:
     commands.append([py, "-m", "mae_jax.evaluate", "--workdir", point_dir, "--mode", evals,
-                     "--config", eval_cfg, *eval_flags])
+                     "--config", eval_cfg, *flags("config", evaluation)])
   return commands
 
 
 def portable(argv):
   """An argv as a point's hash sees it: the interpreter and the --workdir value left out, and
   a recipe file inside a Python package (configs/default.py) named relative to the directory
-  above the package. A point directory so keeps its name and its finished runs in another
-  checkout, on another machine, or copied into another sweep workdir."""
+  above the package, so a point directory keeps its name in another checkout or machine."""
   out = []
   for i, arg in enumerate(argv[1:], 1):
     if argv[i - 1] == "--workdir":
@@ -316,13 +287,6 @@ def portable(argv):
 def digest(commands):
   """Hash of argv lists, as `portable` writes them."""
   return hashlib.sha256(json.dumps([portable(c) for c in commands]).encode()).hexdigest()[:12]
-
-
-def point_dir(workdir, commands):
-  """DIR/points/<hash of the pretraining command>:
-  a point shared by several sweeps pretrains once, and changed evaluation settings reuse
-  the pretraining."""
-  return paths.join(workdir, "points", digest(commands[:1]))
 
 
 def finished_runs(directory):
@@ -345,13 +309,15 @@ def record_done(directory, commands, row, seconds):
 
 
 def plan(sweep, workdir):
-  """[(point, its directory, its commands)] in sweep order."""
+  """[(point, its directory, its commands)] in sweep order. The directory is
+  DIR/points/<hash of the pretraining command>: a point shared by several sweeps pretrains
+  once, and changed evaluation settings reuse the pretraining."""
   planned = []
   for point in expand_points(sweep):
     template = point_commands(sweep, point, "__DIR__")
-    directory = point_dir(workdir, template)
-    commands = [[directory if a == "__DIR__" else a for a in c] for c in template]
-    planned.append((point, directory, commands))
+    directory = paths.join(workdir, "points", digest(template[:1]))
+    planned.append((point, directory, [[directory if a == "__DIR__" else a for a in c]
+                                       for c in template]))
   return planned
 
 
@@ -371,15 +337,13 @@ def collect(sweep, point, directory):
   row = {"label": point["label"], "program": point["program"], **point["values"]}
   # An encoder evaluated at its random init owes nothing to the pretraining that shares its
   # directory: its row leaves the pretraining's figures and time out.
-  pretrained = point["program"] == "conv" or eval_init(sweep, point) != "random"
+  conv = point["program"] == "conv"
+  pretrained = conv or eval_init(sweep, point) != "random"
   if pretrained:
-    row.update(final_train_loss=summary.get("final_train_loss"),
-               test_masked_mse=summary.get("test_masked_mse"),
-               images_per_sec=summary.get("images_per_sec"))
+    row.update({k: summary.get(k) for k in ("final_train_loss", "test_masked_mse",
+                                            "images_per_sec")})
   wall = (summary.get("train_seconds") or 0.0) if pretrained else 0.0
-  evals = [e for e in sweep["evals"].split(",") if e]
-  if point["program"] == "conv":
-    evals = [e for e in evals if e != "finetune"]
+  evals = [e for e in sweep["evals"].split(",") if e and not (conv and e == "finetune")]
   names = result_names(sweep, point, evals)
   for e in evals:
     result = read_json(paths.join(directory, f"eval_{names[e]}.json"))
@@ -389,9 +353,8 @@ def collect(sweep, point, directory):
     if e == "finetune" and result.get("history"):
       row["finetune_curve"] = [(h["epoch"], h["top1"]) for h in result["history"]]
     wall += result.get("seconds") or 0.0
-  # Pretraining loop (where the encoder used it) + evaluations, as their own files record
-  # them (process start-up and the final reconstruction test left out): the same whichever
-  # run produced them.
+  # Pretraining loop (where used) + evaluations as their files record them (no start-up, no
+  # final reconstruction test): the same whichever run produced them.
   row["wall_seconds"] = round(wall, 1)
   return row
 
@@ -402,9 +365,9 @@ def result_names(sweep, point, evals):
   if point["program"] == "conv":
     return {e: e for e in evals}
   from mae_jax.tools.evaluate import result_name  # pylint: disable=g-import-not-at-top
-  fields = recipe(resolve(sweep["eval_config"], sweep["path"]))
+  fields = recipe(resolve(sweep, "eval_config"))
   evaluation = split_overrides(sweep, point)[1]
-  init = eval_init(sweep, point)
+  init = evaluation.get("init", fields.init)
   return {e: result_name(e, init, evaluation.get(f"{e}.features", fields[e].get("features")))
           for e in evals}
 
@@ -412,12 +375,11 @@ def result_names(sweep, point, evals):
 def eval_init(sweep, point):
   """The encoder a ViT point evaluates: "pretrained" or "random" (eval.init)."""
   evaluation = split_overrides(sweep, point)[1]
-  return evaluation.get("init", recipe(resolve(sweep["eval_config"], sweep["path"])).init)
+  return evaluation.get("init", recipe(resolve(sweep, "eval_config")).init)
 
 
 def run_point(point, directory, commands, log, index, total):
-  """Run a point's commands (a finished pretraining is not run again); the seconds they
-  took, or None if one failed."""
+  """Run a point's commands but a finished pretraining; their seconds, or None on a failure."""
   paths.makedirs(directory)
   wall = 0.0
   log_path = paths.join(directory, "log.txt")
@@ -427,23 +389,20 @@ def run_point(point, directory, commands, log, index, total):
       if what == "mae_jax.pretrain" and read_json(paths.join(directory, "summary.json")):
         continue  # pretraining finished earlier; only the evaluation is left
       log(f"[{index}/{total}] {point['label']}: {what} ...")
-      out.write(f"$ {shlex.join(argv)}\n")
-      out.flush()
+      print(f"$ {shlex.join(argv)}", file=out, flush=True)
       t0 = time.perf_counter()
       code = subprocess.call(argv, stdout=out, stderr=subprocess.STDOUT)
       wall += time.perf_counter() - t0
       if code != 0:
-        log(f"[{index}/{total}] {point['label']}: FAILED ({what} exit {code}); see "
-            f"{log_path}")
+        log(f"[{index}/{total}] {point['label']}: FAILED ({what} exit {code}); see {log_path}")
         return None
   return wall
 
 
 @contextlib.contextmanager
 def point_log(path):
-  """A text file to append a point's log to: `path` itself on a local disk; for gs://, a
-  local temporary file whose text is added to the object when the block ends (Cloud
-  Storage objects are replaced whole, never appended to)."""
+  """A text file to append a point's log to: `path` itself, or for gs:// (objects are
+  replaced whole, never appended to) a temporary file added to the object at the end."""
   if not paths.is_gcs(path):
     with open(path, "a") as out:
       yield out
@@ -458,50 +417,54 @@ def point_log(path):
       paths.write_atomic(path, previous + out.read())
 
 
-def format_cell(value, formatter):
+def format_cell(value, formatter, std=None):
+  """A table cell: "—" for no value, a string as it is, else formatted (`± std` with one)."""
   if value is None or value == "":
     return "—"
   if isinstance(value, str):
     return value
-  return formatter.format(value)
+  return formatter.format(value) + ("" if std is None else " ± " + formatter.format(std))
+
+
+def write_csv(path, header, rows):
+  """A CSV file (local or gs://) of a header and rows."""
+  f = io.StringIO(newline="")
+  csv.writer(f).writerows([header, *rows])
+  paths.write_atomic(path, f.getvalue())
+
+
+def markdown(title, header, rows, corner=False):
+  """A markdown table under a bold title; header and rows are lists of cells (`corner`: an
+  empty first header cell, above the rows' labels)."""
+  line = lambda cells: "| " + " | ".join(cells) + " |"
+  return "\n".join([f"**{title}**", "", ("| " if corner else "") + line(header),
+                    "|" + "---|" * (len(header) + corner), *map(line, rows)])
 
 
 def write_table(rows, columns, path_csv, path_md, title):
   """results.csv (raw values) and results.md (formatted) of the rows, in sweep order."""
   metrics = [m for m in METRICS if any(r.get(m[0]) is not None for r in rows)]
-  f = io.StringIO(newline="")
-  writer = csv.writer(f)
-  writer.writerow(["label", "program", *columns, *(m[0] for m in metrics)])
-  for r in rows:
-    writer.writerow([r["label"], r["program"], *(r.get(c, "") for c in columns),
-                     *("" if r.get(m[0]) is None else r[m[0]] for m in metrics)])
-  paths.write_atomic(path_csv, f.getvalue())
-  header = [c.split(".")[-1] for c in columns] + [m[1] for m in metrics]
-  lines = [f"**{title}**", "", "| " + " | ".join(header) + " |",
-           "|" + "---|" * len(header)]
-  for r in rows:
-    cells = [format_cell(r.get(c), "{}") for c in columns]
-    cells += [format_cell(r.get(m[0]), m[2]) for m in metrics]
-    lines.append("| " + " | ".join(cells) + " |")
-  paths.write_atomic(path_md, "\n".join(lines) + "\n")
-  return "\n".join(lines)
-
-
-SEED_AXIS = "seed"  # an axis of this name is repetitions, summarized by mean +- spread
+  write_csv(path_csv, ["label", "program", *columns, *(m[0] for m in metrics)],
+            [[r["label"], r["program"], *(r.get(c, "") for c in columns),
+              *("" if r.get(m[0]) is None else r[m[0]] for m in metrics)] for r in rows])
+  md = markdown(title, [c.split(".")[-1] for c in columns] + [m[1] for m in metrics],
+                [[format_cell(r.get(c), "{}") for c in columns]
+                 + [format_cell(r.get(m[0]), m[2]) for m in metrics] for r in rows])
+  paths.write_atomic(path_md, md + "\n")
+  return md
 
 
 def aggregate_seeds(rows, columns):
-  """Rows grouped over the seed axis, in sweep order: one row per value of the other axes
-  with `seeds` (how many), each metric's mean and its sample standard deviation
-  (`<metric>_std`, ddof=1; None for a single seed, which has no spread)."""
+  """Rows grouped over the seed axis, in sweep order: one per value of the other axes, with
+  `seeds` (how many) and each metric's mean and `<metric>_std` (see `mean_std`)."""
   others = [c for c in columns if c != SEED_AXIS]
   groups = {}
   for r in rows:
     groups.setdefault(tuple(r.get(c) for c in others), []).append(r)
   out = []
   for key, members in groups.items():
-    label = ",".join(f"{c.split('.')[-1]}={fmt_value(v)}" for c, v in zip(others, key))
-    agg = {"label": label or "all", "program": members[0]["program"], **dict(zip(others, key)),
+    fixed = dict(zip(others, key))
+    agg = {"label": label_of(fixed) or "all", "program": members[0]["program"], **fixed,
            "seeds": len(members)}
     for name, *_ in METRICS:
       values = [m[name] for m in members if m.get(name) is not None]
@@ -516,10 +479,9 @@ def aggregate_seeds(rows, columns):
 
 def mean_std(values):
   """(mean, sample standard deviation with ddof=1; None for a single value)."""
-  mean = sum(values) / len(values)
-  if len(values) == 1:
-    return mean, None
-  return mean, (sum((v - mean)**2 for v in values) / (len(values) - 1))**0.5
+  n = len(values)
+  mean = sum(values) / n
+  return mean, None if n == 1 else (sum((v - mean)**2 for v in values) / (n - 1))**0.5
 
 
 def mean_curve(curves):
@@ -529,18 +491,22 @@ def mean_curve(curves):
   return [(e, *mean_std([c[e] for c in by_epoch])) for e in epochs]
 
 
-def write_curves(items, outdir, title):
-  """finetune_curves.png (test top-1 against fine-tuning epoch, one line per item, a band
-  of +- one standard deviation where the items are seed means) and its markdown table; the
-  markdown, or "" where no item has a curve."""
-  items = [i for i in items if i.get("finetune_curve")]
-  if not items:
-    return ""
+def pyplot():
+  """matplotlib (headless) and its pyplot, imported only when a sweep plots."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return matplotlib, plt
+
+
+def write_curves(items, outdir, title):
+  """finetune_curves.png (test top-1 per fine-tuning epoch, one line per item, a +- std band
+  for seed means) and its markdown table; the markdown, or "" where no item has a curve."""
   curves = [(i["label"], [(p[0], p[1], p[2] if len(p) > 2 else None)
-                          for p in i["finetune_curve"]]) for i in items]
+                          for p in i["finetune_curve"]]) for i in items if i.get("finetune_curve")]
+  if not curves:
+    return ""
+  matplotlib, plt = pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
   for label, pts in curves:
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
@@ -549,47 +515,34 @@ def write_curves(items, outdir, title):
       ax.fill_between(xs, [y - p[2] for y, p in zip(ys, pts)],
                       [y + p[2] for y, p in zip(ys, pts)], alpha=0.2)
   ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-  ax.set_xlabel("fine-tuning epoch")
-  ax.set_ylabel("test top-1")
+  ax.set(xlabel="fine-tuning epoch", ylabel="test top-1")
   ax.set_title(title, fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
   save_png(fig, paths.join(outdir, "finetune_curves.png"))
   epochs = sorted({p[0] for _, pts in curves for p in pts})
-  lines = [f"**{title}: fine-tuning test top-1 after each epoch**", "",
-           "| | " + " | ".join(f"epoch {fmt_value(e)}" for e in epochs) + " |",
-           "|---|" + "---|" * len(epochs)]
-  for label, pts in curves:
-    at = {p[0]: p for p in pts}
-    cells = ["—" if e not in at else f"{at[e][1]:.1%}" + (
-        f" ± {at[e][2]:.1%}" if at[e][2] is not None else "") for e in epochs]
-    lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  at = [{p[0]: p for p in pts} for _, pts in curves]
+  return markdown(f"{title}: fine-tuning test top-1 after each epoch",
+                  [f"epoch {fmt_value(e)}" for e in epochs],
+                  [[label, *(format_cell(a[e][1], "{:.1%}", a[e][2]) if e in a else "—"
+                             for e in epochs)] for (label, _), a in zip(curves, at)],
+                  corner=True)
 
 
 def write_seed_table(groups, columns, path_csv, title):
-  """results_seeds.csv (means and standard deviations) and the markdown table of
-  `aggregate_seeds` rows, each metric as mean +- std; returns the markdown."""
+  """results_seeds.csv and the markdown table (mean ± std) of `aggregate_seeds` rows."""
   others = [c for c in columns if c != SEED_AXIS]
   metrics = [m for m in METRICS if any(g.get(m[0]) is not None for g in groups)]
-  f = io.StringIO(newline="")
-  writer = csv.writer(f)
-  writer.writerow([*others, "seeds", *(x for m in metrics for x in (m[0], m[0] + "_std"))])
-  for g in groups:
-    writer.writerow([*(g.get(c) for c in others), g["seeds"],
-                     *(x for m in metrics for x in (g.get(m[0], ""), g.get(m[0] + "_std", "")))])
-  paths.write_atomic(path_csv, f.getvalue())
-  header = [c.split(".")[-1] for c in others] + ["seeds"] + [m[1] for m in metrics]
-  lines = [f"**{title}: mean ± standard deviation over seeds**", "",
-           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for g in groups:
-    cells = [format_cell(g.get(c), "{}") for c in others] + [str(g["seeds"])]
-    cells += [format_cell(g.get(m[0]), m[2]) + (
-        "" if g.get(m[0] + "_std") is None else " ± " + format_cell(g[m[0] + "_std"], m[2]))
-              if g.get(m[0]) is not None else "—" for m in metrics]
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  stats = [x for m, *_ in metrics for x in (m, m + "_std")]
+  write_csv(path_csv, [*others, "seeds", *stats],
+            [[*(g.get(c) for c in others), g["seeds"], *(g.get(x, "") for x in stats)]
+             for g in groups])
+  return markdown(f"{title}: mean ± standard deviation over seeds",
+                  [c.split(".")[-1] for c in others] + ["seeds"] + [m[1] for m in metrics],
+                  [[format_cell(g.get(c), "{}") for c in others] + [str(g["seeds"])]
+                   + [format_cell(g.get(m), f, g.get(m + "_std")) for m, _, f in metrics]
+                   for g in groups])
 
 
 def bar_names(rows, xs):
@@ -601,23 +554,18 @@ def bar_names(rows, xs):
 
 
 def write_plots(rows, x_field, outdir, title):
-  """One PNG per metric present (<metric>.png: the metric against x_field; a line for
-  numbers, bars for names; error bars where the rows carry `<metric>_std`) and summary.png
-  with all of them side by side; the paths."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  """<metric>.png per metric present (against x_field: a line for numbers, bars for names;
+  error bars from `<metric>_std`) and summary.png with all of them; the paths."""
+  matplotlib, plt = pyplot()
   rows = [r for r in rows if r.get(x_field) is not None]
+  numeric = all(isinstance(r[x_field], (int, float)) and not isinstance(r[x_field], bool)
+                for r in rows)
+  rows = sorted(rows, key=lambda r: r[x_field]) if numeric else rows  # stable: ties keep order
   xs = [r[x_field] for r in rows]
-  numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
-  names = bar_names(rows, xs)
-  headers = {m[0]: m[1] for m in METRICS}
-  series = {}
-  for name in PLOTTED:
-    pts = [(x, r[name], r.get(f"{name}_std"), n) for x, r, n in zip(xs, rows, names)
-           if r.get(name) is not None]
-    if pts:
-      series[name] = sorted(pts, key=lambda p: p[0]) if numeric else pts
+  series = {name: [(x, r[name], r.get(f"{name}_std"), n)
+                   for x, r, n in zip(xs, rows, bar_names(rows, xs)) if r.get(name) is not None]
+            for name in PLOTTED}
+  series = {name: pts for name, pts in series.items() if pts}
 
   def draw(ax, name):
     pts = series[name]
@@ -630,8 +578,7 @@ def write_plots(rows, x_field, outdir, title):
       ax.set_xticks(range(len(pts)), [p[3] for p in pts], rotation=20, fontsize=7)
     if name.endswith("top1"):
       ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    ax.set_xlabel(x_field.split(".")[-1])
-    ax.set_ylabel(headers[name])
+    ax.set(xlabel=x_field.split(".")[-1], ylabel=dict(m[:2] for m in METRICS)[name])
     ax.grid(alpha=0.3)
 
   written = []
@@ -654,10 +601,9 @@ def write_plots(rows, x_field, outdir, title):
 
 def save_png(fig, path):
   """Write a matplotlib figure as a PNG to `path` (local or gs://), close it; the path."""
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   png = io.BytesIO()
   fig.savefig(png, format="png")
-  plt.close(fig)
+  pyplot()[1].close(fig)
   paths.write_atomic(path, png.getvalue())
   return path
 
@@ -668,26 +614,22 @@ def make_outdir(workdir, outdir):
   try:
     paths.makedirs(outdir)
     paths.write_probe(outdir)
-  except FileNotFoundError:
-    raise SweepError(f"--workdir {workdir}: cannot make {outdir} there (" + (
-        f"bucket {paths.bucket(outdir)} does not exist)" if paths.is_gcs(outdir)
-        else "no such folder)")) from None
   except Exception as e:  # OSError locally; gcsfs, aiohttp and google-auth errors on gs://
-    reason = " ".join(str(getattr(e, "strerror", None) or e).split())[:200]
-    raise SweepError(f"--workdir {workdir}: cannot make {outdir} there "
-                     f"({type(e).__name__}: {reason})") from None
+    detail = " ".join(str(getattr(e, "strerror", None) or e).split())[:200]
+    reason = (f"{type(e).__name__}: {detail}" if not isinstance(e, FileNotFoundError)
+              else f"bucket {paths.bucket(outdir)} does not exist" if paths.is_gcs(outdir)
+              else "no such folder")
+    raise SweepError(f"--workdir {workdir}: cannot make {outdir} there ({reason})") from None
 
 
 def selects(point, only):
-  """Whether `point` is one of the points `only` names: each selector is its whole label
-  or some of its label's comma-separated parts (`seed=1`, `seed=1,init=random`); no
-  selectors select all."""
+  """Whether every selector of `only` names `point`: its whole label or some of the label's
+  comma-separated parts (`seed=1`, `seed=1,init=random`); no selectors select all."""
   parts = set(point["label"].split(","))
   return all(s == point["label"] or set(s.split(",")) <= parts for s in only)
 
 
-def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, only=(),
-              log=print):
+def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, only=(), log=print):
   """Run (or write the commands of) every point, then the table and plots; the rows.
   With `only`, the points it does not select are only collected (see `selects`)."""
   outdir = paths.join(workdir, sweep["name"])
@@ -710,8 +652,7 @@ def run_sweep(sweep, workdir, *, commands_only=False, collect_only=False, only=(
 def write_commands(sweep, planned, outdir, log):
   """DIR/<name>/commands.sh: one shell line per planned point."""
   path = paths.join(outdir, "commands.sh")
-  lines = [f"# {sweep['name']}: one line per point; then: python -m mae_jax.sweep ... "
-           "--collect"]
+  lines = [f"# {sweep['name']}: one line per point; then: python -m mae_jax.sweep ... --collect"]
   for _, directory, commands in planned:  # train.py makes a gs:// workdir itself
     mkdir = "" if paths.is_gcs(directory) else f"mkdir -p {shlex.quote(directory)} && "
     lines.append(mkdir + " && ".join(shlex.join(c) for c in commands))
@@ -724,36 +665,32 @@ def run_points(sweep, planned, only, collect_only, log):
   the labels of the selected points without)."""
   rows, failed = [], []
   for i, (point, directory, commands) in enumerate(planned, 1):
+    tag = f"[{i}/{len(planned)}] {point['label']}"
     row = collect(sweep, point, directory)
-    if not selects(point, only):
-      rows += [row] if row is not None else []
-      continue
-    if collect_only or (row is not None and is_done(directory, commands) is not None):
+    selected = selects(point, only)
+    if selected and (collect_only or row is not None and is_done(directory, commands) is not None):
       if row is None:
-        log(f"[{i}/{len(planned)}] {point['label']}: no results in {directory}")
-        failed.append(point["label"])
-        continue
+        log(f"{tag}: no results in {directory}")
+      elif not collect_only:
+        log(f"{tag}: done before, skipped")
+    elif selected:
+      wall = run_point(point, directory, commands, log, i, len(planned))
+      row = collect(sweep, point, directory) if wall is not None else None
+      if row is not None:
+        record_done(directory, commands, row, wall)
+        log(f"{tag}: " + ", ".join(f"{m[1]} {format_cell(row.get(m[0]), m[2])}"
+                                   for m in METRICS if row.get(m[0]) is not None))
+    if row is not None:
       rows.append(row)
-      if not collect_only:
-        log(f"[{i}/{len(planned)}] {point['label']}: done before, skipped")
-      continue
-    wall = run_point(point, directory, commands, log, i, len(planned))
-    row = collect(sweep, point, directory) if wall is not None else None
-    if row is None:
+    elif selected:
       failed.append(point["label"])
-      continue
-    record_done(directory, commands, row, wall)
-    rows.append(row)
-    log(f"[{i}/{len(planned)}] {point['label']}: " + ", ".join(
-        f"{m[1]} {format_cell(row.get(m[0]), m[2])}" for m in METRICS
-        if row.get(m[0]) is not None))
   return rows, failed
 
 
 def write_results(sweep, rows, outdir, log):
   """The table (mean ± spread over a seed axis, fine-tuning curves) and the plots."""
   columns = list(sweep["axes"]) if sweep.get("axes") else ["point"]
-  title = f"{sweep['name']}"
+  title = sweep["name"]
   table = write_table(rows, columns, paths.join(outdir, "results.csv"),
                       paths.join(outdir, "results.md"), title)
   x_field = sweep.get("plot_x") or columns[0]
@@ -778,7 +715,7 @@ def write_results(sweep, rows, outdir, log):
 
 def main(argv=None):
   p = cli.ArgumentParser(prog="python -m mae_jax.sweep", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("sweep", help="a sweep file (configs/ablations/*.py)")
   p.add_argument("--workdir", required=True, help="points and results go here")
   group = p.add_mutually_exclusive_group()
@@ -787,10 +724,9 @@ def main(argv=None):
   group.add_argument("--collect", action="store_true",
                      help="run nothing: tabulate the points that have results")
   p.add_argument("--only", action="append", default=[], metavar="SELECTOR",
-                 help="run only the points whose label is SELECTOR or has its "
-                      "comma-separated parts among its own (e.g. seed=1 or "
-                      "seed=1,init=random); repeat to narrow; the "
-                      "other points' finished results still go in the table. Lets "
+                 help="run only the points whose label is SELECTOR or has its comma-separated "
+                      "parts among its own (e.g. seed=1 or seed=1,init=random); repeat to "
+                      "narrow; the other points' finished results still go in the table. Lets "
                       "several launches, on one machine or several, share a sweep")
   args = p.parse_args(argv)
   try:
@@ -800,22 +736,14 @@ def main(argv=None):
       workdir = paths.absolute(args.workdir)
     except paths.PathError as e:
       raise SweepError(f"--workdir: {e}") from None
-    sweep = load_sweep(args.sweep)
-    run_sweep(sweep, workdir, commands_only=args.commands,
-              collect_only=args.collect, only=args.only,
-              log=lambda m: print(m, flush=True))
-  except SweepError as e:
+    run_sweep(load_sweep(args.sweep), workdir, commands_only=args.commands,
+              collect_only=args.collect, only=args.only, log=lambda m: print(m, flush=True))
+  except (SweepError, PointsFailedError) as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except PointsFailedError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(2 if isinstance(e, SweepError) else 1)
 
 
-def run():
-  """The console script `mae-sweep`."""
-  main()
-
+run = main  # the console script `mae-sweep` (argv from sys.argv)
 
 if __name__ == "__main__":
   run()
