@@ -295,9 +295,11 @@ with open(f"{out}/reads{pid}.json", "w") as f:
 """
 
 
-EVAL_FLAGS = ["--mode", "knn,linprobe", "--config.eval_batch_size=32",
+EVAL_FLAGS = ["--mode", "knn,linprobe,finetune", "--config.eval_batch_size=32",
               "--config.linprobe.batch_size=16", "--config.linprobe.num_steps=6",
-              "--config.linprobe.log_every_steps=3"]
+              "--config.linprobe.log_every_steps=3", "--config.finetune.batch_size=16",
+              "--config.finetune.num_steps=6", "--config.finetune.log_every_steps=3",
+              "--config.finetune.eval_every_epochs=0", "--config.finetune.optim.warmup_steps=2"]
 
 
 def evaluate_process(workdir, devices, flags=()):
@@ -311,8 +313,9 @@ def evaluate_process(workdir, devices, flags=()):
 
 @pytest.mark.slow
 def test_two_processes_evaluate_as_one(runs, tmp_path):
-  """kNN and the linear probe (a job on the loop) of one pretraining, by two processes of
-  two devices each and by one of four: the same top-1s and the same probe losses."""
+  """kNN, the linear probe and fine-tuning (jobs on the loop; fine-tuning with mixup,
+  RandAugment and drop-path) of one pretraining, by two processes of two devices each and
+  by one of four: the same top-1s and the same training losses."""
   root, _, _ = runs
   for name in ("one", "two"):
     shutil.copytree(root / "one", tmp_path / name)  # the 4-device run's checkpoint, twice
@@ -328,14 +331,15 @@ def test_two_processes_evaluate_as_one(runs, tmp_path):
       p.kill()
   assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(e[-3000:] for _, e in outputs)
   assert "knn: top-1" in outputs[1][0] and "top-1" not in outputs[2][0]  # process 0 reports
-  for mode in ("knn", "linprobe"):
+  for mode in ("knn", "linprobe", "finetune"):
     one, two = (json.loads((tmp_path / n / f"eval_{mode}.json").read_text())
                 for n in ("one", "two"))
     assert two["top1"] == pytest.approx(one["top1"], abs=1e-9), (mode, one, two)
-  losses = [scalars(tmp_path / n / "linprobe") for n in ("one", "two")]
-  assert sorted(losses[0]) == sorted(losses[1]) == [3, 6]
-  np.testing.assert_allclose([losses[1][s] for s in (3, 6)], [losses[0][s] for s in (3, 6)],
-                             rtol=1e-5)
+  for job in ("linprobe", "finetune"):
+    losses = [scalars(tmp_path / n / job) for n in ("one", "two")]
+    assert sorted(losses[0]) == sorted(losses[1]) == [3, 6], (job, losses)
+    np.testing.assert_allclose([losses[1][s] for s in (3, 6)],
+                               [losses[0][s] for s in (3, 6)], rtol=1e-5, err_msg=job)
 
 
 @pytest.mark.slow
